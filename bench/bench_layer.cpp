@@ -1,0 +1,90 @@
+// Layer forward on the standard shapes, next to one dense Eigen FFN doing the same active FLOPs.
+// Counters: GFLOP/s on active FLOPs (the expert projections that ran).
+#include <moe/moe.hpp>
+
+#include <benchmark/benchmark.h>
+
+namespace {
+
+struct shape {
+    const char* name;
+    moe::index tokens, d, ff, experts, k, shared_ff;
+};
+
+// The standard shapes (float32). decode_* use the mixtral weights.
+constexpr shape shapes[] = {
+    {"small", 512, 512, 1024, 8, 2, 0},      {"mixtral", 256, 1024, 2816, 8, 2, 0},
+    {"fine", 512, 1024, 512, 64, 8, 0},      {"fine_shared", 512, 1024, 512, 64, 8, 1024},
+    {"decode_t1", 1, 1024, 2816, 8, 2, 0},   {"decode_t8", 8, 1024, 2816, 8, 2, 0},
+};
+
+template <class Layer>
+void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
+    layer.randomize(1);
+    layer.set_threads(state.range(0));
+    const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
+    moe::matrix<float> y(s.tokens, s.d);
+    layer.forward(x, y);
+    for (auto _ : state) {
+        layer.forward(x, y);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    state.counters["GFLOP/s"] = benchmark::Counter(layer.active_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void layer_forward(benchmark::State& state, shape s) {
+    const moe::routers::softmax_topk router{.k = s.k, .normalize = true};
+    if (s.shared_ff > 0) {
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
+            {s.d, s.ff, s.experts, s.shared_ff}, router);
+        run_layer(state, layer, s);
+    } else {
+        moe::mixtral_layer<float> layer({s.d, s.ff, s.experts, 0}, router);
+        run_layer(state, layer, s);
+    }
+}
+
+// One dense SwiGLU FFN over T*k rows (plus the shared FFN's FLOPs folded in as extra rows' width):
+// the same active FLOPs as the layer, with no routing, dispatch or combine.
+void dense_ffn(benchmark::State& state, shape s) {
+    const moe::index rows = s.tokens * s.k;
+    const moe::matrix<float> x = moe::matrix<float>::Random(rows, s.d);
+    const moe::matrix<float> w_in = moe::matrix<float>::Random(2 * s.ff, s.d) * 0.03f;
+    const moe::matrix<float> w_out = moe::matrix<float>::Random(s.d, s.ff) * 0.03f;
+    const moe::matrix<float> xs = moe::matrix<float>::Random(s.tokens, s.d);
+    const moe::matrix<float> ws_in = moe::matrix<float>::Random(2 * s.shared_ff, s.d) * 0.03f;
+    const moe::matrix<float> ws_out = moe::matrix<float>::Random(s.d, s.shared_ff) * 0.03f;
+    moe::matrix<float> h(rows, 2 * s.ff), a(rows, s.ff), y(rows, s.d);
+    moe::matrix<float> hs(s.tokens, 2 * s.shared_ff), as(s.tokens, s.shared_ff), ys(s.tokens, s.d);
+    for (auto _ : state) {
+        h.noalias() = x * w_in.transpose();
+        a = h.leftCols(s.ff).array() / (1 + (-h.leftCols(s.ff).array()).exp()) * h.rightCols(s.ff).array();
+        y.noalias() = a * w_out.transpose();
+        if (s.shared_ff > 0) {
+            hs.noalias() = xs * ws_in.transpose();
+            as = hs.leftCols(s.shared_ff).array() / (1 + (-hs.leftCols(s.shared_ff).array()).exp()) *
+                 hs.rightCols(s.shared_ff).array();
+            ys.noalias() = as * ws_out.transpose();
+        }
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    const double flops = 2.0 * static_cast<double>(s.d) *
+                         (static_cast<double>(rows) * 3.0 * static_cast<double>(s.ff) +
+                          static_cast<double>(s.tokens) * 3.0 * static_cast<double>(s.shared_ff));
+    state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const bool registered = [] {
+    for (const shape& s : shapes) {
+        benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
+            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+        if (s.tokens > 8)
+            benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
+                ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+    return true;
+}();
+
+}  // namespace

@@ -1,0 +1,70 @@
+#pragma once
+/// \file
+/// The contracts of the layer's policies, as C++20 concepts with their rules in words.
+
+#include "moe/routing.hpp"
+#include "moe/types.hpp"
+
+#include <concepts>
+
+namespace moe {
+
+/// Router state for routers that keep none.
+struct no_router_state {
+    explicit no_router_state(index /*experts*/) {}
+};
+
+namespace detail {
+template <class R, class Scalar>
+struct router_state {
+    using type = no_router_state;
+};
+template <class R, class Scalar>
+    requires requires { typename R::template state<Scalar>; }
+struct router_state<R, Scalar> {
+    using type = typename R::template state<Scalar>;
+};
+}  // namespace detail
+
+/// The state a layer keeps for router `R` (e.g. a correction bias): `R::state<Scalar>` when the
+/// router declares one, else `no_router_state`. It is constructed from the number of experts.
+template <class R, class Scalar>
+using router_state_t = typename detail::router_state<R, Scalar>::type;
+
+/// A router turns router logits into a `routing`.
+///
+/// It must provide:
+/// - `static constexpr bool batch_dependent`: whether one token's choice can depend on the other
+///   tokens of the batch (capacity, Sinkhorn, expert choice). Such routing lets one request of a
+///   shared batch influence another; serve separate requests in separate batches when that matters.
+/// - `void validate(index experts) const`: throws `moe::value_error` naming the field and its value
+///   when its hyper-parameters do not fit `experts` routed experts. The layer calls it once.
+/// - `void route(const matrix<Scalar>& logits, routing<Scalar>& out) const`, or, with a nested
+///   `template <class Scalar> struct state` (constructible from the expert count),
+///   `void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const`.
+///   `logits` is T x E. The router fills the token side of `out`: `tokens`, `experts`, `scores`,
+///   `token_offsets`, `expert_ids` and `weights` (see `routing`); the layer derives the expert side.
+///   It may assume `out` keeps its buffers from the previous call (reuse them: no allocation in the
+///   steady state). Ties must go to the lower index so results are deterministic.
+template <class R, class Scalar>
+concept router = std::copy_constructible<R> &&
+    requires(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out,
+             index experts) {
+        { R::batch_dependent } -> std::convertible_to<bool>;
+        r.validate(experts);
+    } &&
+    (requires(const R& r, const matrix<Scalar>& logits, routing<Scalar>& out) { r.route(logits, out); } ||
+     requires(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out) {
+         r.route(logits, st, out);
+     });
+
+/// Calls the router with its state when it has one.
+template <class Scalar, router<Scalar> R>
+void route(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out) {
+    if constexpr (requires { r.route(logits, st, out); })
+        r.route(logits, st, out);
+    else
+        r.route(logits, out);
+}
+
+}  // namespace moe

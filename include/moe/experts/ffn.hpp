@@ -1,0 +1,82 @@
+#pragma once
+/// \file
+/// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernel that runs one expert
+/// over a block of rows: a GEMM for the (fused gate and up) input projection, one SIMD pass for the
+/// activation and product, a GEMM for the output projection.
+
+#include "moe/kernels/activations.hpp"
+#include "moe/types.hpp"
+
+#include <concepts>
+
+namespace moe {
+
+/// Weights of one FFN, stored [out_features, in_features] as checkpoints store them.
+template <class Scalar>
+struct ffn_weights {
+    /// Input projection, (gated ? 2*ff : ff) x d. Gated experts keep the gate rows first, then the up rows,
+    /// so both projections are one GEMM.
+    matrix<Scalar> in;
+    /// Output (down) projection, d x ff.
+    matrix<Scalar> out;
+};
+
+/// An expert FFN policy: `static constexpr bool gated` (output `W_out (act(W_gate x) * (W_up x))` when
+/// true, `W_out act(W_in x)` when false) and `activation act() const`. It holds no weights; the layer
+/// stores them in `ffn_weights` of the policy's layout.
+template <class X>
+concept expert_ffn = std::copy_constructible<X> && requires(const X& x) {
+    { X::gated } -> std::convertible_to<bool>;
+    { x.act() } -> std::same_as<activation>;
+};
+
+namespace experts {
+
+/// SwiGLU: `W_down (silu(W_gate x) * (W_up x))` (Mixtral, Qwen-MoE, OLMoE, DeepSeek).
+struct swiglu {
+    static constexpr bool gated = true;
+    [[nodiscard]] constexpr activation act() const { return activation::silu; }
+};
+
+/// GeGLU: `W_down (gelu(W_gate x) * (W_up x))`, erf gelu (Switch gated-gelu, T5 style).
+struct geglu {
+    static constexpr bool gated = true;
+    [[nodiscard]] constexpr activation act() const { return activation::gelu; }
+};
+
+/// MLP: `W_down act(W_up x)` (Switch, GShard, ViT-MoE).
+struct mlp {
+    activation function = activation::relu;
+    static constexpr bool gated = false;
+    [[nodiscard]] constexpr activation act() const { return function; }
+};
+
+static_assert(expert_ffn<swiglu> && expert_ffn<geglu> && expert_ffn<mlp>);
+
+}  // namespace experts
+
+/// Rows of the input projection of an expert of width `ff`.
+template <expert_ffn X>
+constexpr index ffn_in_rows(index ff) {
+    return X::gated ? 2 * ff : ff;
+}
+
+/// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch.
+template <expert_ffn X, class Scalar>
+void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
+                 Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out) {
+    const index n = x.rows(), ff = w.out.cols();
+    h.noalias() = x * w.in.transpose();
+    kernels::with_activation(expert.act(), [&]<activation A>() {
+        for (index r = 0; r < n; ++r) {
+            const Scalar* hr = h.row(r).data();
+            if constexpr (X::gated)
+                kernels::gated_activate<A>(hr, hr + ff, a.row(r).data(), ff);
+            else
+                kernels::activate<A>(hr, a.row(r).data(), ff);
+        }
+    });
+    out.noalias() = a * w.out.transpose();
+}
+
+}  // namespace moe

@@ -1,0 +1,192 @@
+#pragma once
+/// \file
+/// Loading one MoE layer of a HuggingFace checkpoint folder: `config.json` plus `model.safetensors`,
+/// or `model.safetensors.index.json` plus its shards. Shards are memory-mapped and opened only when
+/// one of the requested tensors lives in them, so loading a layer of a huge checkpoint costs that
+/// layer. Weights stored as F32, BF16, F16 or F64 are converted to the layer's scalar type.
+
+#include "moe/error.hpp"
+#include "moe/io/config.hpp"
+#include "moe/io/safetensors.hpp"
+#include "moe/layer.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <span>
+#include <sstream>
+#include <string>
+
+namespace moe::io {
+
+/// HuggingFace's tensor names of one MoE layer of a family.
+struct layer_tensor_names {
+    std::string prefix;  ///< e.g. "model.layers.3.mlp."
+    family kind;
+
+    [[nodiscard]] std::string router() const { return prefix + "gate.weight"; }
+    [[nodiscard]] std::string correction_bias() const { return prefix + "gate.e_score_correction_bias"; }
+    /// Gate, up and down projections of routed expert e.
+    [[nodiscard]] std::string expert_gate(index e) const { return expert(e) + (mixtral() ? "w1.weight" : "gate_proj.weight"); }
+    [[nodiscard]] std::string expert_up(index e) const { return expert(e) + (mixtral() ? "w3.weight" : "up_proj.weight"); }
+    [[nodiscard]] std::string expert_down(index e) const { return expert(e) + (mixtral() ? "w2.weight" : "down_proj.weight"); }
+    /// Gate, up and down projections of the shared FFN.
+    [[nodiscard]] std::string shared_gate_proj() const { return shared() + "gate_proj.weight"; }
+    [[nodiscard]] std::string shared_up_proj() const { return shared() + "up_proj.weight"; }
+    [[nodiscard]] std::string shared_down_proj() const { return shared() + "down_proj.weight"; }
+    /// Qwen2-MoE's shared-expert gate, [1, d].
+    [[nodiscard]] std::string shared_expert_gate() const { return prefix + "shared_expert_gate.weight"; }
+
+    /// The names for decoder layer `layer` of family `kind`.
+    static layer_tensor_names of(family kind, index layer) {
+        const std::string block = kind == family::mixtral ? "block_sparse_moe." : "mlp.";
+        return {"model.layers." + std::to_string(layer) + "." + block, kind};
+    }
+
+private:
+    [[nodiscard]] bool mixtral() const { return kind == family::mixtral; }
+    [[nodiscard]] std::string expert(index e) const { return prefix + "experts." + std::to_string(e) + "."; }
+    [[nodiscard]] std::string shared() const {
+        return prefix + (kind == family::qwen2_moe ? "shared_expert." : "shared_experts.");
+    }
+};
+
+/// A checkpoint folder: its config and its tensors, wherever they are stored.
+class checkpoint {
+public:
+    /// Opens `dir`: reads config.json and the shard index (if any). Throws `io_error` / `config_error`
+    /// naming the file and the problem.
+    explicit checkpoint(const std::filesystem::path& dir) : dir_(dir), config_(read_model_config(dir)) {
+        const auto index_file = dir / "model.safetensors.index.json";
+        const auto single = dir / "model.safetensors";
+        if (std::filesystem::exists(index_file)) {
+            read_index(index_file);
+        } else if (std::filesystem::exists(single)) {
+            single_ = "model.safetensors";
+        } else {
+            throw io_error(dir.string() + ": neither model.safetensors nor model.safetensors.index.json found");
+        }
+    }
+
+    [[nodiscard]] const model_config& config() const { return config_; }
+    [[nodiscard]] const std::filesystem::path& directory() const { return dir_; }
+
+    /// Whether the checkpoint holds tensor `name`.
+    [[nodiscard]] bool contains(const std::string& name) const {
+        return single_.empty() ? weight_map_.count(name) > 0 : file(single_).contains(name);
+    }
+
+    /// Reads tensor `name` of shape `shape` into `out` (converted to T). Throws `io_error` when the
+    /// tensor is missing or not floating-point, `shape_error` when its shape differs.
+    template <class T>
+    void read(const std::string& name, std::span<T> out, std::span<const std::int64_t> shape) const {
+        const safetensors_file& f = file(shard_of(name));
+        if (!f.contains(name)) throw io_error(f.path().string() + ": no tensor '" + name + "'");
+        f.read(name, out, shape);
+    }
+
+private:
+    static model_config read_model_config(const std::filesystem::path& dir) {
+        if (!std::filesystem::is_directory(dir)) throw io_error(dir.string() + ": not a model folder (no such directory)");
+        return read_config(dir / "config.json");
+    }
+
+    void read_index(const std::filesystem::path& index_file) {
+        std::ifstream in(index_file, std::ios::binary);
+        if (!in) throw io_error(index_file.string() + ": cannot open the file");
+        std::stringstream text;
+        text << in.rdbuf();
+        nlohmann::json j;
+        try {
+            j = nlohmann::json::parse(text.str());
+        } catch (const nlohmann::json::exception& e) {
+            throw io_error(index_file.string() + ": not valid JSON (" + e.what() + ")");
+        }
+        if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+            throw io_error(index_file.string() + ": no 'weight_map' object");
+        for (const auto& [name, shard] : j["weight_map"].items()) {
+            if (!shard.is_string())
+                throw io_error(index_file.string() + ": weight_map entry '" + name + "' is not a file name");
+            const auto file_name = shard.get<std::string>();
+            // Shards must be plain names inside the folder.
+            if (file_name.empty() || file_name.find('/') != std::string::npos || file_name == "." || file_name == "..")
+                throw io_error(index_file.string() + ": weight_map entry '" + name + "' names an invalid shard '" +
+                               file_name + "'");
+            weight_map_[name] = file_name;
+        }
+    }
+
+    [[nodiscard]] const std::string& shard_of(const std::string& name) const {
+        if (!single_.empty()) return single_;
+        const auto it = weight_map_.find(name);
+        if (it == weight_map_.end())
+            throw io_error((dir_ / "model.safetensors.index.json").string() + ": no tensor '" + name + "'");
+        return it->second;
+    }
+
+    [[nodiscard]] const safetensors_file& file(const std::string& shard) const {
+        auto it = open_.find(shard);
+        if (it == open_.end()) it = open_.emplace(shard, std::make_unique<safetensors_file>(dir_ / shard)).first;
+        return *it->second;
+    }
+
+    std::filesystem::path dir_;
+    model_config config_;
+    std::string single_;
+    std::map<std::string, std::string> weight_map_;
+    mutable std::map<std::string, std::unique_ptr<safetensors_file>> open_;
+};
+
+/// The layer shape of a config's MoE layers.
+inline layer_shape shape_of(const model_config& c) {
+    return {.d_model = c.hidden_size, .d_ff = c.expert_size, .n_experts = c.n_experts, .d_shared = c.shared_size};
+}
+
+/// Loads MoE layer `layer_index` of `ckpt` into `layer`, whose shape must be `shape_of(ckpt.config())`.
+/// Only that layer's tensors are read. Throws `config_error` when the layer is out of range or dense,
+/// `io_error` / `shape_error` naming the tensor when one is missing or has another shape.
+template <class Layer>
+void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
+    using Scalar = typename Layer::scalar_type;
+    const model_config& c = ckpt.config();
+    if (layer_index < 0 || layer_index >= c.n_layers)
+        throw config_error(ckpt.directory().string() + ": layer " + std::to_string(layer_index) +
+                           " is out of range (num_hidden_layers = " + std::to_string(c.n_layers) + ")");
+    if (!c.is_moe_layer(layer_index))
+        throw config_error(ckpt.directory().string() + ": layer " + std::to_string(layer_index) +
+                           " is a dense MLP layer, not an MoE layer");
+    const layer_shape expected = shape_of(c), actual = layer.shape();
+    if (actual.d_model != expected.d_model || actual.d_ff != expected.d_ff || actual.n_experts != expected.n_experts ||
+        actual.d_shared != expected.d_shared)
+        throw shape_error("load_layer: the layer's shape does not match " + ckpt.directory().string() + "/config.json");
+    const auto names = layer_tensor_names::of(c.kind, layer_index);
+    const index d = c.hidden_size;
+    const auto read = [&](const std::string& name, Scalar* out, index rows, index cols) {
+        const std::int64_t shape[2] = {rows, cols};
+        ckpt.read(name, std::span<Scalar>(out, static_cast<std::size_t>(rows * cols)), std::span<const std::int64_t>(shape));
+    };
+    const auto read_ffn = [&](ffn_weights<Scalar>& w, const std::string& gate, const std::string& up,
+                              const std::string& down) {
+        const index ff = w.out.cols();
+        read(gate, w.in.data(), ff, d);  // gate rows first, then up rows: one fused input projection
+        read(up, w.in.data() + ff * d, ff, d);
+        read(down, w.out.data(), d, ff);
+    };
+    read(names.router(), layer.router_weight().data(), c.n_experts, d);
+    for (index e = 0; e < c.n_experts; ++e)
+        read_ffn(layer.expert_weights(e), names.expert_gate(e), names.expert_up(e), names.expert_down(e));
+    if constexpr (Layer::shared_type::enabled)
+        read_ffn(layer.shared_weights(), names.shared_gate_proj(), names.shared_up_proj(), names.shared_down_proj());
+    if constexpr (Layer::shared_type::gated) read(names.shared_expert_gate(), layer.shared_gate().data(), 1, d);
+    if constexpr (requires { layer.router_state().bias; }) {
+        const std::int64_t shape[1] = {c.n_experts};
+        auto& bias = layer.router_state().bias;
+        ckpt.read(names.correction_bias(), std::span<Scalar>(bias.data(), static_cast<std::size_t>(bias.size())),
+                  std::span<const std::int64_t>(shape));
+    }
+}
+
+}  // namespace moe::io

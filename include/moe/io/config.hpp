@@ -1,0 +1,210 @@
+#pragma once
+/// \file
+/// A checkpoint's `config.json`: which MoE family it is and the hyper-parameters of its MoE layers,
+/// read with HuggingFace's key names for `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe` and `deepseek_v3`.
+
+#include "moe/error.hpp"
+#include "moe/types.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace moe::io {
+
+/// The checkpoint families moe can load, by `model_type`.
+enum class family { mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 };
+
+/// What a family's MoE layers compute, and which decoder layers are MoE.
+struct model_config {
+    family kind = family::mixtral;
+    std::string model_type;
+    index hidden_size = 0;        ///< d
+    index expert_size = 0;        ///< width of one routed expert
+    index n_experts = 0;          ///< routed experts E
+    index top_k = 0;              ///< `num_experts_per_tok`
+    index n_layers = 0;           ///< `num_hidden_layers`
+    bool sigmoid_scoring = false; ///< R2 (DeepSeek-V3) instead of R1
+    bool normalize = false;       ///< `norm_topk_prob` (always true for Mixtral)
+    double scale = 1.0;           ///< `routed_scaling_factor`
+    index n_group = 1;
+    index topk_group = 1;
+    index shared_size = 0;        ///< width of the shared FFN; 0 without
+    bool shared_gated = false;    ///< Qwen2-MoE's sigmoid `shared_expert_gate`
+
+    // Which layers are MoE (the others are dense MLPs).
+    index first_k_dense_replace = 0;
+    index moe_layer_freq = 1;
+    index decoder_sparse_step = 1;
+    std::vector<index> mlp_only_layers;
+
+    /// Whether decoder layer `layer` (0-based) is an MoE layer, following the family's modeling code.
+    [[nodiscard]] bool is_moe_layer(index layer) const {
+        if (layer < 0 || layer >= n_layers) return false;
+        switch (kind) {
+            case family::qwen2_moe:
+            case family::qwen3_moe:
+                return std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) == mlp_only_layers.end() &&
+                       (layer + 1) % decoder_sparse_step == 0;
+            case family::deepseek_v3: return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+            case family::mixtral:
+            case family::olmoe: break;
+        }
+        return true;
+    }
+};
+
+namespace detail {
+
+class config_reader {
+public:
+    config_reader(const nlohmann::json& j, std::string source) : j_(j), source_(std::move(source)) {}
+
+    [[nodiscard]] bool has(const char* key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+
+    /// A required integer in [min, max].
+    [[nodiscard]] index integer(const char* key, index min = 1, index max = index{1} << 40) const {
+        if (!has(key)) fail(key, "is missing");
+        return checked_integer(key, min, max);
+    }
+    /// An optional integer, `fallback` when absent.
+    [[nodiscard]] index integer_or(const char* key, index fallback, index min = 0) const {
+        return has(key) ? checked_integer(key, min, index{1} << 40) : fallback;
+    }
+    [[nodiscard]] bool boolean_or(const char* key, bool fallback) const {
+        if (!has(key)) return fallback;
+        if (!j_.at(key).is_boolean()) fail(key, "must be true or false, got " + j_.at(key).dump());
+        return j_.at(key).get<bool>();
+    }
+    [[nodiscard]] double number_or(const char* key, double fallback) const {
+        if (!has(key)) return fallback;
+        if (!j_.at(key).is_number()) fail(key, "must be a number, got " + j_.at(key).dump());
+        return j_.at(key).get<double>();
+    }
+    [[nodiscard]] std::string string_or(const char* key, const std::string& fallback) const {
+        if (!has(key)) return fallback;
+        if (!j_.at(key).is_string()) fail(key, "must be a string, got " + j_.at(key).dump());
+        return j_.at(key).get<std::string>();
+    }
+    [[nodiscard]] std::vector<index> integers_or_empty(const char* key) const {
+        std::vector<index> v;
+        if (!has(key)) return v;
+        if (!j_.at(key).is_array()) fail(key, "must be a list of integers, got " + j_.at(key).dump());
+        for (const auto& x : j_.at(key)) {
+            if (!x.is_number_integer()) fail(key, "must be a list of integers, got " + j_.at(key).dump());
+            v.push_back(x.get<index>());
+        }
+        return v;
+    }
+    [[noreturn]] void fail(const char* key, const std::string& what) const {
+        throw config_error(source_ + ": key '" + key + "' " + what);
+    }
+
+private:
+    [[nodiscard]] index checked_integer(const char* key, index min, index max) const {
+        const auto& v = j_.at(key);
+        if (!v.is_number_integer()) fail(key, "must be an integer, got " + v.dump());
+        const auto x = v.get<long long>();
+        if (x < min || x > max)
+            fail(key, "= " + std::to_string(x) + " is out of range [" + std::to_string(min) + ", " +
+                          std::to_string(max) + "]");
+        return static_cast<index>(x);
+    }
+
+    const nlohmann::json& j_;
+    std::string source_;
+};
+
+}  // namespace detail
+
+/// Parses a config.json object; `source` names it in error messages. Throws `config_error` naming the
+/// key for a missing, mistyped or out-of-range value, or an unsupported `model_type`. Optional keys
+/// take the defaults of HuggingFace's configuration classes.
+inline model_config parse_config(const nlohmann::json& j, const std::string& source = "config.json") {
+    if (!j.is_object()) throw config_error(source + ": not a JSON object");
+    const detail::config_reader r(j, source);
+    model_config c;
+    if (!r.has("model_type")) r.fail("model_type", "is missing");
+    c.model_type = r.string_or("model_type", "");
+    c.hidden_size = r.integer("hidden_size");
+    c.n_layers = r.integer("num_hidden_layers");
+    c.top_k = r.integer("num_experts_per_tok");
+    if (c.model_type == "mixtral") {
+        c.kind = family::mixtral;
+        c.expert_size = r.integer("intermediate_size");
+        c.n_experts = r.integer("num_local_experts");
+        c.normalize = true;  // Mixtral always renormalises its top-k weights
+    } else if (c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe") {
+        c.kind = c.model_type == "qwen2_moe" ? family::qwen2_moe : family::qwen3_moe;
+        c.expert_size = r.integer("moe_intermediate_size");
+        c.n_experts = r.integer("num_experts");
+        c.normalize = r.boolean_or("norm_topk_prob", false);
+        c.decoder_sparse_step = r.integer_or("decoder_sparse_step", 1, 1);
+        c.mlp_only_layers = r.integers_or_empty("mlp_only_layers");
+        if (c.kind == family::qwen2_moe) {
+            c.shared_size = r.integer("shared_expert_intermediate_size");
+            c.shared_gated = true;
+        }
+    } else if (c.model_type == "olmoe") {
+        c.kind = family::olmoe;
+        c.expert_size = r.integer("intermediate_size");
+        c.n_experts = r.integer("num_experts");
+        c.normalize = r.boolean_or("norm_topk_prob", false);
+    } else if (c.model_type == "deepseek_v3") {
+        c.kind = family::deepseek_v3;
+        c.expert_size = r.integer("moe_intermediate_size");
+        c.n_experts = r.integer("n_routed_experts");
+        c.sigmoid_scoring = true;
+        c.normalize = r.boolean_or("norm_topk_prob", true);
+        c.scale = r.number_or("routed_scaling_factor", 2.5);
+        c.n_group = r.integer_or("n_group", 8, 1);
+        c.topk_group = r.integer_or("topk_group", 4, 1);
+        c.shared_size = r.integer_or("n_shared_experts", 1, 1) * c.expert_size;
+        c.first_k_dense_replace = r.integer_or("first_k_dense_replace", 3);
+        c.moe_layer_freq = r.integer_or("moe_layer_freq", 1, 1);
+        if (r.string_or("scoring_func", "sigmoid") != "sigmoid")
+            r.fail("scoring_func", "= '" + r.string_or("scoring_func", "") + "' is not supported (only 'sigmoid')");
+        if (r.string_or("topk_method", "noaux_tc") != "noaux_tc")
+            r.fail("topk_method", "= '" + r.string_or("topk_method", "") + "' is not supported (only 'noaux_tc')");
+    } else {
+        r.fail("model_type", "= '" + c.model_type +
+                                 "' is not a supported MoE family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)");
+    }
+    if (c.top_k > c.n_experts)
+        r.fail("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the number of experts (" +
+                                          std::to_string(c.n_experts) + ")");
+    if (!(c.scale > 0) || !std::isfinite(c.scale))
+        r.fail("routed_scaling_factor", "= " + std::to_string(c.scale) + " must be a finite number > 0");
+    if (c.n_experts % c.n_group != 0)
+        r.fail("n_group", "= " + std::to_string(c.n_group) + " does not divide the number of experts (" +
+                              std::to_string(c.n_experts) + ")");
+    if (c.topk_group > c.n_group)
+        r.fail("topk_group", "= " + std::to_string(c.topk_group) + " exceeds n_group (" + std::to_string(c.n_group) + ")");
+    if (c.top_k > c.topk_group * (c.n_experts / c.n_group))
+        r.fail("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the experts of the " +
+                                          std::to_string(c.topk_group) + " eligible groups");
+    return c;
+}
+
+/// Reads and parses `path` (a config.json file, or a model folder holding one).
+inline model_config read_config(const std::filesystem::path& path) {
+    const auto file = std::filesystem::is_directory(path) ? path / "config.json" : path;
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw io_error(file.string() + ": cannot open the file");
+    std::stringstream text;
+    text << in.rdbuf();
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text.str());
+    } catch (const nlohmann::json::exception& e) {
+        throw config_error(file.string() + ": not valid JSON (" + e.what() + ")");
+    }
+    return parse_config(j, file.string());
+}
+
+}  // namespace moe::io

@@ -1,0 +1,97 @@
+#pragma once
+/// \file
+/// R3: expert capacity with token dropping (Switch, GShard, DeepSpeed, Megatron), applied after any
+/// token-choice router.
+
+#include "moe/concepts.hpp"
+#include "moe/error.hpp"
+#include "moe/routers/softmax_topk.hpp"
+#include "moe/routing.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moe::routers {
+
+/// Which assignments an over-full expert keeps.
+enum class drop_policy {
+    position,  ///< the lowest token indices (Switch, GShard)
+    probs,     ///< the largest combine weights; ties to the lower token index (DeepSpeed, Megatron)
+};
+
+/// Routes with `inner`, then caps every expert at C = ceil(capacity_factor * T * k / E) assignments
+/// (k = slots per token, T * k = all slots). Dropped slots get id `dropped_slot` and weight 0 and
+/// contribute nothing; kept weights are not renormalised.
+template <class Inner>
+struct capacity {
+    Inner inner{};
+    double capacity_factor = 1.0;
+    drop_policy policy = drop_policy::position;
+
+    static constexpr bool batch_dependent = true;
+
+    template <class Scalar>
+    struct state {
+        explicit state(index experts) : inner(experts) {}
+        router_state_t<Inner, Scalar> inner;
+        std::vector<index> count;   // assignments per expert so far
+        std::vector<index> order;   // slots of one expert, sorted for the probs policy
+    };
+
+    void validate(index experts) const {
+        inner.validate(experts);
+        if (!(capacity_factor > 0) || !std::isfinite(capacity_factor))
+            throw value_error("capacity: capacity_factor = " + std::to_string(capacity_factor) +
+                              " must be a finite number > 0");
+    }
+
+    /// C for `slots` assignments over `experts` experts.
+    [[nodiscard]] index expert_capacity(index slots, index experts) const {
+        return static_cast<index>(std::ceil(capacity_factor * static_cast<double>(slots) / static_cast<double>(experts)));
+    }
+
+    template <class Scalar>
+    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+        moe::route(inner, logits, st.inner, out);
+        const index e = out.experts;
+        const index cap = expert_capacity(out.slots(), e);
+        if (policy == drop_policy::position) {
+            // Slots are in token order, so the first `cap` seen per expert are the lowest tokens.
+            st.count.assign(static_cast<std::size_t>(e), 0);
+            for (std::size_t s = 0; s < out.expert_ids.size(); ++s) {
+                const auto id = out.expert_ids[s];
+                if (id < 0 || id >= e) continue;
+                if (st.count[static_cast<std::size_t>(id)]++ >= cap) drop(out, s);
+            }
+            return;
+        }
+        out.build_dispatch();
+        for (index x = 0; x < e; ++x) {
+            const index b = out.expert_offsets[static_cast<std::size_t>(x)];
+            const index n = out.expert_offsets[static_cast<std::size_t>(x) + 1] - b;
+            if (n <= cap) continue;
+            st.order.assign(out.row_slots.begin() + b, out.row_slots.begin() + b + n);
+            // Slot order is token order, so ties on the weight go to the lower slot (std::sort, unlike
+            // std::stable_sort, needs no buffer).
+            std::sort(st.order.begin(), st.order.end(), [&](index a, index c) {
+                const Scalar wa = out.weights[static_cast<std::size_t>(a)];
+                const Scalar wc = out.weights[static_cast<std::size_t>(c)];
+                return wa > wc || (wa == wc && a < c);
+            });
+            for (index j = cap; j < n; ++j) drop(out, static_cast<std::size_t>(st.order[static_cast<std::size_t>(j)]));
+        }
+    }
+
+private:
+    template <class Scalar>
+    static void drop(routing<Scalar>& out, std::size_t slot) {
+        out.expert_ids[slot] = dropped_slot;
+        out.weights[slot] = 0;
+    }
+};
+
+static_assert(router<capacity<softmax_topk>, float> && router<capacity<softmax_topk>, double>);
+
+}  // namespace moe::routers

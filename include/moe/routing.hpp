@@ -1,0 +1,91 @@
+#pragma once
+/// \file
+/// `routing`: the one contract between a router and the rest of the layer.
+///
+/// A router fills the *token side*: for each token, its slots (chosen expert and combine weight),
+/// plus the per-token routing scores. `build_dispatch` then derives the *expert side*: for each expert
+/// the contiguous, token-ordered list of slots it must process (a counting sort, O(T*k)). Experts,
+/// combine and losses read only this value, so every router works with every expert and loss.
+
+#include "moe/types.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace moe {
+
+/// Expert id of a slot whose assignment was dropped (capacity): it computes and adds nothing.
+inline constexpr std::int32_t dropped_slot = -1;
+
+template <class Scalar>
+struct routing {
+    index tokens = 0;   ///< T
+    index experts = 0;  ///< E (routed experts that compute; ids >= E are null experts)
+
+    /// Routing scores per token and expert (T x E'): softmax `p` or sigmoid `s`, as the router defines.
+    /// Losses and statistics read them; E' may exceed E for routers with null experts.
+    matrix<Scalar> scores;
+
+    /// Token side (CSR). Slots of token t are [token_offsets[t], token_offsets[t+1]), in selection order.
+    std::vector<index> token_offsets;
+    std::vector<std::int32_t> expert_ids;  ///< per slot: expert, or `dropped_slot`, or >= E (null)
+    std::vector<Scalar> weights;           ///< per slot: combine weight
+
+    /// Expert side, derived by `build_dispatch`. Rows of expert e are
+    /// [expert_offsets[e], expert_offsets[e+1]) of `row_slots`, ordered by token.
+    std::vector<index> expert_offsets;
+    std::vector<index> row_slots;  ///< row -> slot
+    std::vector<index> slot_rows;  ///< slot -> row, or -1 when the slot runs no expert
+    std::vector<index> slot_tokens;  ///< slot -> token
+
+    /// Total number of slots.
+    [[nodiscard]] index slots() const { return static_cast<index>(expert_ids.size()); }
+    /// Number of rows that run an expert (sum of the expert blocks).
+    [[nodiscard]] index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
+    /// Slots of token t.
+    [[nodiscard]] index begin(index t) const { return token_offsets[static_cast<std::size_t>(t)]; }
+    [[nodiscard]] index end(index t) const { return token_offsets[static_cast<std::size_t>(t + 1)]; }
+
+    /// Prepares the token side for `t` tokens with exactly `k` slots each (the common case).
+    void reset_fixed_k(index t, index e, index k) {
+        tokens = t;
+        experts = e;
+        token_offsets.resize(static_cast<std::size_t>(t + 1));
+        for (index i = 0; i <= t; ++i) token_offsets[static_cast<std::size_t>(i)] = i * k;
+        expert_ids.resize(static_cast<std::size_t>(t * k));
+        weights.resize(static_cast<std::size_t>(t * k));
+    }
+
+    /// Derives the expert side from the token side by a stable counting sort over expert ids.
+    void build_dispatch() {
+        const auto ne = static_cast<std::size_t>(experts);
+        expert_offsets.assign(ne + 1, 0);
+        slot_tokens.resize(expert_ids.size());
+        for (index t = 0; t < tokens; ++t)
+            for (index s = begin(t); s < end(t); ++s) slot_tokens[static_cast<std::size_t>(s)] = t;
+        for (auto id : expert_ids)
+            if (id >= 0 && id < experts) ++expert_offsets[static_cast<std::size_t>(id) + 1];
+        for (std::size_t e = 0; e < ne; ++e) expert_offsets[e + 1] += expert_offsets[e];
+        row_slots.resize(static_cast<std::size_t>(expert_offsets[ne]));
+        slot_rows.resize(expert_ids.size());
+        // Slots are visited in token order, so each expert's block is ordered by token.
+        std::vector<index>& next = cursor_;
+        next.assign(expert_offsets.begin(), expert_offsets.end() - 1);
+        for (std::size_t s = 0; s < expert_ids.size(); ++s) {
+            const auto id = expert_ids[s];
+            if (id >= 0 && id < experts) {
+                const index row = next[static_cast<std::size_t>(id)]++;
+                row_slots[static_cast<std::size_t>(row)] = static_cast<index>(s);
+                slot_rows[s] = row;
+            } else {
+                slot_rows[s] = -1;
+            }
+        }
+    }
+
+private:
+    std::vector<index> cursor_;  // scratch of build_dispatch, kept to avoid reallocation
+};
+
+}  // namespace moe

@@ -1,0 +1,99 @@
+#pragma once
+/// \file
+/// Routing statistics of one forward call (SEMANTICS, "Routing statistics").
+
+#include "moe/routing.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+struct routing_statistics {
+    index tokens = 0;
+    index experts = 0;
+    std::vector<index> load;               ///< c_e: assignments per expert (after drops)
+    index assignments = 0;                 ///< sum of the load
+    index dropped = 0;                     ///< slots dropped by capacity
+    index null_slots = 0;                  ///< slots that chose a null expert
+    std::vector<index> experts_per_token;  ///< histogram: [n] = tokens that ran n experts
+    double imbalance = 0;                  ///< max_e c_e / mean_e c_e (0 without assignments)
+    double max_vio = 0;                    ///< (max_e c_e - mean c) / mean c (0 without assignments)
+    double mean_entropy = 0;               ///< mean over tokens of the entropy (nats) of the row-normalised scores
+    double null_fraction = 0;              ///< null slots / all slots
+    index idle_experts = 0;                ///< experts with no assignment
+
+    /// The statistics as one JSON object.
+    [[nodiscard]] std::string to_json() const {
+        std::ostringstream o;
+        o.precision(9);
+        const auto list = [&](const std::vector<index>& v) {
+            o << '[';
+            for (std::size_t i = 0; i < v.size(); ++i) o << (i ? "," : "") << v[i];
+            o << ']';
+        };
+        o << "{\"tokens\":" << tokens << ",\"experts\":" << experts << ",\"load\":";
+        list(load);
+        o << ",\"assignments\":" << assignments << ",\"dropped\":" << dropped << ",\"null_slots\":" << null_slots
+          << ",\"experts_per_token\":";
+        list(experts_per_token);
+        o << ",\"imbalance\":" << imbalance << ",\"max_vio\":" << max_vio << ",\"mean_entropy\":" << mean_entropy
+          << ",\"null_fraction\":" << null_fraction << ",\"idle_experts\":" << idle_experts << '}';
+        return o.str();
+    }
+};
+
+/// Computes the statistics of a routing whose expert side is built.
+template <class Scalar>
+routing_statistics compute_statistics(const routing<Scalar>& r) {
+    routing_statistics s;
+    s.tokens = r.tokens;
+    s.experts = r.experts;
+    s.load.assign(static_cast<std::size_t>(r.experts), 0);
+    index most = 0;
+    for (index t = 0; t < r.tokens; ++t) most = std::max(most, r.end(t) - r.begin(t));
+    s.experts_per_token.assign(static_cast<std::size_t>(most) + 1, 0);
+    for (index t = 0; t < r.tokens; ++t) {
+        index ran = 0;
+        for (index slot = r.begin(t); slot < r.end(t); ++slot) {
+            const auto id = r.expert_ids[static_cast<std::size_t>(slot)];
+            if (id == dropped_slot) {
+                ++s.dropped;
+            } else if (id >= r.experts) {
+                ++s.null_slots;
+            } else {
+                ++s.load[static_cast<std::size_t>(id)];
+                ++ran;
+            }
+        }
+        ++s.experts_per_token[static_cast<std::size_t>(ran)];
+    }
+    for (auto c : s.load) {
+        s.assignments += c;
+        s.idle_experts += c == 0;
+    }
+    if (s.assignments > 0) {
+        const double mean = static_cast<double>(s.assignments) / static_cast<double>(r.experts);
+        const double max = static_cast<double>(*std::max_element(s.load.begin(), s.load.end()));
+        s.imbalance = max / mean;
+        s.max_vio = (max - mean) / mean;
+    }
+    if (r.slots() > 0) s.null_fraction = static_cast<double>(s.null_slots) / static_cast<double>(r.slots());
+    double entropy = 0;
+    for (index t = 0; t < r.scores.rows(); ++t) {
+        double sum = 0, h = 0;
+        for (index e = 0; e < r.scores.cols(); ++e) sum += static_cast<double>(r.scores(t, e));
+        for (index e = 0; e < r.scores.cols(); ++e) {
+            const double q = static_cast<double>(r.scores(t, e)) / sum;
+            if (q > 0) h -= q * std::log(q);
+        }
+        entropy += h;
+    }
+    if (r.scores.rows() > 0) s.mean_entropy = entropy / static_cast<double>(r.scores.rows());
+    return s;
+}
+
+}  // namespace moe

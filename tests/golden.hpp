@@ -1,0 +1,118 @@
+#pragma once
+// Test helpers: reading the golden files that tools/gen_golden.py writes (an independent float64
+// PyTorch implementation of SEMANTICS.md) and comparing the library with them.
+
+#include <moe/io/safetensors.hpp>
+#include <moe/moe.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace golden {
+
+inline const std::filesystem::path data_dir = MOE_TEST_DATA;
+
+/// Normalised error: max |a - b| / max |b| (max |a - b| when b is all zero).
+template <class A, class B>
+double relative_error(const A& a, const B& b) {
+    REQUIRE(a.rows() == b.rows());
+    REQUIRE(a.cols() == b.cols());
+    if (a.size() == 0) return 0;
+    const double diff = (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
+    const double scale = b.template cast<double>().cwiseAbs().maxCoeff();
+    return scale > 0 ? diff / scale : diff;
+}
+
+/// Reads a floating-point tensor of a safetensors file as a row-major matrix (rank 1 -> one column).
+template <class Scalar = float>
+moe::matrix<Scalar> read_matrix(const moe::io::safetensors_file& f, const std::string& name) {
+    const auto& info = f.info(name);
+    const moe::index cols = info.shape.size() >= 2 ? info.shape.back() : 1;
+    const moe::index rows = cols == 0 ? 0 : info.numel() / cols;
+    moe::matrix<Scalar> m(rows, cols);
+    f.read(name, std::span<Scalar>(m.data(), static_cast<std::size_t>(m.size())));
+    return m;
+}
+
+/// One layer case of tests/data/layer: its file and its options (the file's metadata).
+struct layer_case {
+    explicit layer_case(const std::string& name) : name(name), file(data_dir / "layer" / (name + ".safetensors")) {}
+
+    [[nodiscard]] std::string option(const std::string& key) const { return file.metadata().at(key); }
+    [[nodiscard]] moe::index integer(const std::string& key) const { return std::stol(option(key)); }
+    [[nodiscard]] double number(const std::string& key) const { return std::stod(option(key)); }
+    [[nodiscard]] bool flag(const std::string& key) const { return option(key) == "true"; }
+
+    [[nodiscard]] moe::layer_shape shape() const {
+        return {.d_model = integer("d"), .d_ff = integer("ff"), .n_experts = integer("E"), .d_shared = integer("shared_ff")};
+    }
+    [[nodiscard]] moe::routers::softmax_topk softmax_router() const {
+        return {.k = integer("k"), .normalize = flag("normalize"), .scale = number("scale")};
+    }
+    [[nodiscard]] moe::routers::sigmoid_topk sigmoid_router() const {
+        return {.k = integer("k"), .normalize = flag("normalize"), .scale = number("scale"),
+                .n_group = integer("n_group"), .topk_group = integer("topk_group")};
+    }
+    template <class Inner>
+    [[nodiscard]] moe::routers::capacity<Inner> with_capacity(Inner inner) const {
+        return {.inner = inner, .capacity_factor = number("capacity_factor"),
+                .policy = option("drop_policy") == "probs" ? moe::routers::drop_policy::probs
+                                                           : moe::routers::drop_policy::position};
+    }
+
+    /// Copies the case's weights into `layer`.
+    template <class Layer>
+    void load(Layer& layer) const {
+        using Scalar = typename Layer::scalar_type;
+        layer.router_weight() = read_matrix<Scalar>(file, "router.weight");
+        for (moe::index e = 0; e < shape().n_experts; ++e) {
+            const std::string p = "experts." + std::to_string(e) + ".";
+            layer.expert_weights(e).in = read_matrix<Scalar>(file, p + "in.weight");
+            layer.expert_weights(e).out = read_matrix<Scalar>(file, p + "out.weight");
+        }
+        if constexpr (Layer::shared_type::enabled) {
+            layer.shared_weights().in = read_matrix<Scalar>(file, "shared.in.weight");
+            layer.shared_weights().out = read_matrix<Scalar>(file, "shared.out.weight");
+        }
+        if constexpr (Layer::shared_type::gated) layer.shared_gate() = read_matrix<Scalar>(file, "shared.gate.weight").transpose();
+        if constexpr (requires { layer.router_state().bias; })
+            layer.router_state().bias = read_matrix<Scalar>(file, "router.bias");
+        if constexpr (requires { layer.router_state().inner.bias; })  // a capacity-limited router
+            layer.router_state().inner.bias = read_matrix<Scalar>(file, "router.bias");
+    }
+
+    /// Runs `layer` (loaded with this case) on the case's input and checks output, logits, chosen
+    /// experts, weights and loads against the reference.
+    template <class Layer>
+    void check(Layer& layer) const {
+        using Scalar = typename Layer::scalar_type;
+        INFO("layer case " << name);
+        const moe::matrix<Scalar> x = read_matrix<Scalar>(file, "x");
+        moe::matrix<Scalar> y(x.rows(), x.cols());
+        layer.forward(x, y);
+        CHECK(relative_error(y, read_matrix(file, "expected.y")) <= 2e-5);
+        CHECK(relative_error(layer.logits(), read_matrix(file, "expected.logits")) <= 2e-5);
+
+        const auto ids = file.read_integers("expected.ids");
+        const auto weights = read_matrix(file, "expected.weights");
+        const auto& r = layer.last_routing();
+        REQUIRE(r.slots() == static_cast<moe::index>(ids.size()));
+        moe::matrix<Scalar> got_weights(weights.rows(), weights.cols());
+        for (moe::index s = 0; s < r.slots(); ++s) {
+            INFO("slot " << s);
+            CHECK(r.expert_ids[static_cast<std::size_t>(s)] == ids[static_cast<std::size_t>(s)]);
+            got_weights.data()[s] = r.weights[static_cast<std::size_t>(s)];
+        }
+        CHECK(relative_error(got_weights, weights) <= 2e-5);
+        const auto load = file.read_integers("expected.load");
+        CHECK(layer.statistics().load == std::vector<moe::index>(load.begin(), load.end()));
+    }
+
+    std::string name;
+    moe::io::safetensors_file file;
+};
+
+}  // namespace golden

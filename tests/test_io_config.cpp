@@ -1,0 +1,84 @@
+#include <moe/io/config.hpp>
+
+#include <catch2/catch.hpp>
+
+using nlohmann::json;
+
+namespace {
+json mixtral() {
+    return {{"model_type", "mixtral"},  {"hidden_size", 32},        {"intermediate_size", 24},
+            {"num_local_experts", 4},   {"num_experts_per_tok", 2}, {"num_hidden_layers", 2}};
+}
+json deepseek() {
+    return {{"model_type", "deepseek_v3"}, {"hidden_size", 32},       {"moe_intermediate_size", 16},
+            {"n_routed_experts", 16},      {"num_experts_per_tok", 4}, {"num_hidden_layers", 4},
+            {"n_group", 4},                {"topk_group", 2},          {"first_k_dense_replace", 1},
+            {"n_shared_experts", 2}};
+}
+}  // namespace
+
+TEST_CASE("config.json of each family maps to the layer's hyper-parameters", "[io][config]") {
+    const auto m = moe::io::parse_config(mixtral());
+    CHECK(m.kind == moe::io::family::mixtral);
+    CHECK(m.normalize);
+    CHECK(m.expert_size == 24);
+    CHECK(m.is_moe_layer(1));
+    CHECK_FALSE(m.is_moe_layer(2));
+    const auto d = moe::io::parse_config(deepseek());
+    CHECK(d.sigmoid_scoring);
+    CHECK(d.scale == 2.5);  // HuggingFace's default routed_scaling_factor
+    CHECK(d.shared_size == 32);
+    CHECK_FALSE(d.is_moe_layer(0));
+    CHECK(d.is_moe_layer(3));
+    for (const char* dir : {"mixtral_f32", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}) {
+        const auto c = moe::io::read_config(std::filesystem::path(MOE_TEST_DATA) / "ckpt" / dir);
+        CHECK(c.is_moe_layer(1));
+    }
+    auto q = mixtral();
+    q["model_type"] = "qwen2_moe";
+    q["moe_intermediate_size"] = 8;
+    q["num_experts"] = 4;
+    q["shared_expert_intermediate_size"] = 12;
+    q["mlp_only_layers"] = {0};
+    const auto qc = moe::io::parse_config(q);
+    CHECK(qc.shared_gated);
+    CHECK_FALSE(qc.normalize);
+    CHECK_FALSE(qc.is_moe_layer(0));
+}
+
+TEST_CASE("broken config.json values are rejected naming the key", "[io][config][errors]") {
+    const auto fails_with = [](json j, const std::string& text) {
+        INFO(j.dump());
+        CHECK_THROWS_AS(moe::io::parse_config(j), moe::config_error);
+        CHECK_THROWS_WITH(moe::io::parse_config(j), Catch::Contains(text));
+    };
+    auto j = mixtral();
+    j.erase("hidden_size");
+    fails_with(j, "'hidden_size' is missing");
+    j = mixtral();
+    j["hidden_size"] = "32";
+    fails_with(j, "'hidden_size' must be an integer");
+    j = mixtral();
+    j["intermediate_size"] = -4;
+    fails_with(j, "'intermediate_size' = -4");
+    j = mixtral();
+    j["num_experts_per_tok"] = 5;
+    fails_with(j, "'num_experts_per_tok' = 5 exceeds");
+    j = mixtral();
+    j["model_type"] = "llama";
+    fails_with(j, "'llama' is not a supported");
+    j = deepseek();
+    j["n_group"] = 3;
+    fails_with(j, "'n_group' = 3");
+    j = deepseek();
+    j["topk_group"] = 5;
+    fails_with(j, "'topk_group' = 5");
+    j = deepseek();
+    j["scoring_func"] = "softmax";
+    fails_with(j, "'scoring_func'");
+    j = deepseek();
+    j["norm_topk_prob"] = 1;
+    fails_with(j, "'norm_topk_prob' must be true or false");
+    fails_with(json::array(), "not a JSON object");
+    CHECK_THROWS_AS(moe::io::read_config("/nonexistent/config.json"), moe::io_error);
+}

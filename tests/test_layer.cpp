@@ -1,0 +1,104 @@
+#include "golden.hpp"
+
+#include <moe/layer.hpp>
+
+
+
+TEST_CASE("layer matches the PyTorch reference for every expert type", "[layer]") {
+    {
+        const golden::layer_case c("geglu");
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::geglu> layer(c.shape(), c.softmax_router());
+        c.load(layer);
+        c.check(layer);
+    }
+    for (const char* name : {"mlp_relu", "mlp_gelu", "mlp_silu"}) {
+        const golden::layer_case c(name);
+        const auto act = c.option("activation") == "relu"   ? moe::activation::relu
+                         : c.option("activation") == "gelu" ? moe::activation::gelu
+                                                            : moe::activation::silu;
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::mlp> layer(c.shape(), c.softmax_router(), {act});
+        c.load(layer);
+        c.check(layer);
+    }
+    for (const char* name : {"swiglu_topk2", "t1"}) {
+        const golden::layer_case c(name);
+        moe::mixtral_layer<float> layer(c.shape(), c.softmax_router());
+        c.load(layer);
+        c.check(layer);
+    }
+}
+
+TEST_CASE("layer in double precision agrees with the reference more tightly", "[layer]") {
+    const golden::layer_case c("swiglu_topk2");
+    moe::mixtral_layer<double> layer(c.shape(), c.softmax_router());
+    c.load(layer);
+    const auto x = golden::read_matrix<double>(c.file, "x");
+    moe::matrix<double> y(x.rows(), x.cols());
+    layer.forward(x, y);
+    // The reference is float64 stored as float32: only that rounding remains.
+    CHECK(golden::relative_error(y, golden::read_matrix(c.file, "expected.y")) <= 1e-6);
+}
+
+namespace {
+moe::deepseek_v3_layer<float> random_deepseek(moe::index threads) {
+    moe::deepseek_v3_layer<float> layer({.d_model = 48, .d_ff = 32, .n_experts = 16, .d_shared = 64},
+                                        {.k = 4, .normalize = true, .scale = 2.5, .n_group = 4, .topk_group = 2});
+    layer.randomize(7);
+    layer.set_threads(threads);
+    return layer;
+}
+}  // namespace
+
+TEST_CASE("layer output is bitwise identical across runs and thread counts", "[layer][determinism]") {
+    const moe::matrix<float> x = moe::matrix<float>::Random(777, 48);
+    auto one = random_deepseek(1);
+    auto two = random_deepseek(2);
+    moe::matrix<float> y1(777, 48), y2(777, 48), y3(777, 48);
+    one.forward(x, y1);
+    two.forward(x, y2);
+    two.forward(x, y3);
+    CHECK(two.threads() == 2);
+    CHECK((y1.array() == y2.array()).all());
+    CHECK((y2.array() == y3.array()).all());
+    CHECK(y1.norm() > 0);
+}
+
+TEST_CASE("layer handles an empty batch and reuses its workspace across batch sizes", "[layer]") {
+    auto layer = random_deepseek(2);
+    moe::matrix<float> x0(0, 48), y0(0, 48);
+    layer.forward(x0, y0);
+    CHECK(layer.statistics().assignments == 0);
+    CHECK(layer.logits().rows() == 0);
+    const moe::matrix<float> big = moe::matrix<float>::Random(100, 48);
+    moe::matrix<float> ybig(100, 48), ysmall(3, 48);
+    layer.forward(big, ybig);
+    layer.forward(big.topRows(3), ysmall);
+    // A token's output does not depend on the others for a batch-independent router.
+    CHECK((ysmall.array() - ybig.topRows(3).array()).abs().maxCoeff() <= 1e-6f);
+}
+
+TEST_CASE("layer rejects bad shapes and sizes with typed errors", "[layer][errors]") {
+    auto layer = random_deepseek(1);
+    moe::matrix<float> x(4, 47), y(4, 48);
+    CHECK_THROWS_WITH(layer.forward(x, y), Catch::Contains("[4, 47]"));
+    moe::matrix<float> x2(4, 48), y2(5, 48);
+    CHECK_THROWS_AS(layer.forward(x2, y2), moe::shape_error);
+    CHECK_THROWS_WITH((moe::mixtral_layer<float>({.d_model = 0, .d_ff = 4, .n_experts = 2})), Catch::Contains("d_model = 0"));
+    CHECK_THROWS_WITH((moe::mixtral_layer<float>({.d_model = 4, .d_ff = 4, .n_experts = 2}, {.k = 3})),
+                      Catch::Contains("k = 3"));
+    CHECK_THROWS_WITH((moe::mixtral_layer<float>({.d_model = 4, .d_ff = 4, .n_experts = 2, .d_shared = 8})),
+                      Catch::Contains("no shared expert"));
+    CHECK_THROWS_WITH((moe::deepseek_v3_layer<float>({.d_model = 4, .d_ff = 4, .n_experts = 4})),
+                      Catch::Contains("d_shared = 0"));
+    CHECK_THROWS_AS(layer.set_threads(0), moe::value_error);
+}
+
+TEST_CASE("layer counts active FLOPs of the experts that ran", "[layer]") {
+    moe::mixtral_layer<float> layer({.d_model = 8, .d_ff = 16, .n_experts = 4}, {.k = 2});
+    layer.randomize(1);
+    const moe::matrix<float> x = moe::matrix<float>::Random(10, 8);
+    moe::matrix<float> y(10, 8);
+    layer.forward(x, y);
+    // 20 rows, each 2*d*(2*ff) for the fused gate/up projection and 2*d*ff for down.
+    CHECK(layer.active_flops() == 20.0 * (2 * 8 * 32 + 2 * 8 * 16));
+}

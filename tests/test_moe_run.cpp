@@ -1,0 +1,133 @@
+// moe-run as a user runs it: on every checkpoint case, at 1 and 2 threads, and on broken inputs.
+#include "golden.hpp"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include <sys/wait.h>
+
+namespace {
+namespace fs = std::filesystem;
+
+const fs::path ckpt_dir = golden::data_dir / "ckpt";
+
+struct temp_dir {
+    temp_dir() : path(fs::temp_directory_path() / ("moe_run_test_" + std::to_string(::getpid()))) {
+        fs::remove_all(path);
+        fs::create_directories(path);
+    }
+    ~temp_dir() { fs::remove_all(path); }
+    fs::path path;
+};
+
+struct result {
+    int status;
+    std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+result moe_run(const std::string& args, const temp_dir& tmp) {
+    const auto out = tmp.path / "stdout", err = tmp.path / "stderr";
+    const std::string cmd = std::string(MOE_RUN_PATH) + " " + args + " >" + out.string() + " 2>" + err.string();
+    const int raw = std::system(cmd.c_str());
+    return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, slurp(out), slurp(err)};
+}
+
+std::string case_args(const std::string& name, const fs::path& output, const std::string& input = "") {
+    const fs::path dir = ckpt_dir / name;
+    return "--model " + dir.string() + " --layer 1 --input " + (input.empty() ? (dir / "input.safetensors").string() : input) +
+           " --output " + output.string();
+}
+}  // namespace
+
+TEST_CASE("moe-run reproduces the PyTorch reference for every checkpoint case", "[moe-run]") {
+    temp_dir tmp;
+    for (const char* name : {"mixtral_f32", "mixtral_bf16", "mixtral_sharded", "qwen2_moe", "qwen3_moe", "olmoe",
+                             "deepseek_v3", "mixtral_t0", "mixtral_k_eq_e", "mixtral_ties", "deepseek_v3_sharded_f32"}) {
+        INFO("checkpoint case " << name);
+        const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
+        const auto r1 = moe_run(case_args(name, one) + " --threads 1", tmp);
+        REQUIRE(r1.status == 0);
+        CHECK(r1.err.empty());
+        REQUIRE(moe_run(case_args(name, two) + " --threads 2", tmp).status == 0);
+        const moe::io::safetensors_file got(one), got2(two);
+        const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
+        const moe::io::safetensors_file input(ckpt_dir / name / "input.safetensors");
+        CHECK(got.info("hidden_states").shape == input.info("hidden_states").shape);
+        CHECK(got.info("router_logits").shape == expected.info("router_logits").shape);
+        for (const char* tensor : {"hidden_states", "router_logits"}) {
+            INFO(tensor);
+            CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <= 2e-5);
+            const auto a = got.bytes(tensor), b = got2.bytes(tensor);
+            CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));  // bitwise, 1 vs 2 threads
+        }
+    }
+}
+
+TEST_CASE("moe-run prints statistics and timings on request", "[moe-run]") {
+    temp_dir tmp;
+    const auto r = moe_run(case_args("deepseek_v3", tmp.path / "o.safetensors") + " --stats --repeat 3", tmp);
+    REQUIRE(r.status == 0);
+    std::istringstream lines(r.out);
+    std::string timing, stats;
+    std::getline(lines, timing);
+    std::getline(lines, stats);
+    CHECK(timing.rfind("forward_ms_median=", 0) == 0);
+    const auto j = nlohmann::json::parse(stats);
+    CHECK(j["tokens"] == 40);
+    CHECK(j["assignments"] == 160);
+    CHECK(moe_run("--help", tmp).status == 0);
+}
+
+TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no output file", "[moe-run][errors]") {
+    temp_dir tmp;
+    const fs::path out = tmp.path / "out.safetensors";
+    const auto fails = [&](const std::string& args, int status, const std::string& text) {
+        INFO(args);
+        const auto r = moe_run(args, tmp);
+        CHECK(r.status == status);
+        CHECK(r.err.rfind("moe-run: error: ", 0) == 0);
+        CHECK(r.err.find(text) != std::string::npos);
+        CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+        CHECK_FALSE(fs::exists(out));
+    };
+    const std::string ok = case_args("mixtral_f32", out);
+    fails(ok + " --threads 0", 2, "--threads = 0");
+    fails(ok + " --frobnicate", 2, "unknown argument '--frobnicate'");
+    fails(ok + " --layer x", 2, "--layer expects an integer");
+    fails("--layer 1 --input a --output b", 2, "--model is required");
+    fails(ok + " --repeat", 2, "--repeat needs a value");
+    fails(case_args("does_not_exist", out), 1, "does_not_exist: not a model folder");
+    fails(case_args("deepseek_v3", out).replace(case_args("deepseek_v3", out).find("--layer 1"), 9, "--layer 0"), 1,
+          "dense MLP layer");
+    fails(ok + " --layer 9", 1, "out of range");
+    // Input of the wrong hidden size, missing tensor, non-finite value.
+    const fs::path bad = tmp.path / "bad.safetensors";
+    std::vector<float> v(3 * 5, 0.5f);
+    const moe::io::tensor_to_write wrong[] = {{.name = "hidden_states", .shape = {3, 5}, .values = v}};
+    moe::io::write_safetensors(bad, wrong);
+    fails(case_args("mixtral_f32", out, bad.string()), 1, "hidden size 5");
+    const moe::io::tensor_to_write other[] = {{.name = "x", .shape = {3, 5}, .values = v}};
+    moe::io::write_safetensors(bad, other);
+    fails(case_args("mixtral_f32", out, bad.string()), 1, "no tensor 'hidden_states'");
+    std::vector<float> nan(2 * 2 * 32, 0.25f);
+    nan[1 * 64 + 1 * 32 + 7] = std::numeric_limits<float>::quiet_NaN();
+    const moe::io::tensor_to_write with_nan[] = {{.name = "hidden_states", .shape = {2, 2, 32}, .values = nan}};
+    moe::io::write_safetensors(bad, with_nan);
+    fails(case_args("mixtral_f32", out, bad.string()), 1, "non-finite value (nan) at [1, 1, 7]");
+    // A shard listed in the index but absent.
+    const fs::path model = tmp.path / "model";
+    fs::create_directories(model);
+    fs::copy_file(ckpt_dir / "mixtral_sharded" / "config.json", model / "config.json");
+    fs::copy_file(ckpt_dir / "mixtral_sharded" / "model.safetensors.index.json", model / "model.safetensors.index.json");
+    fails("--model " + model.string() + " --layer 1 --input " + (ckpt_dir / "mixtral_sharded" / "input.safetensors").string() +
+              " --output " + out.string(),
+          1, "model-0000");
+}

@@ -1,0 +1,30 @@
+#include <moe/routing.hpp>
+
+#include <catch2/catch.hpp>
+
+TEST_CASE("build_dispatch groups slots per expert in token order", "[routing]") {
+    moe::routing<float> r;
+    r.reset_fixed_k(4, 3, 2);
+    r.expert_ids = {2, 0, 0, 1, moe::dropped_slot, 2, 2, 0};
+    r.build_dispatch();
+    CHECK(r.expert_offsets == std::vector<moe::index>{0, 3, 4, 7});
+    CHECK(r.row_slots == std::vector<moe::index>{1, 2, 7, 3, 0, 5, 6});
+    CHECK(r.slot_tokens == std::vector<moe::index>{0, 0, 1, 1, 2, 2, 3, 3});
+    CHECK(r.slot_rows[4] == -1);
+    for (moe::index row = 0; row < r.rows(); ++row) CHECK(r.slot_rows[r.row_slots[row]] == row);
+    CHECK(r.rows() == 7);
+    CHECK(r.slots() == 8);
+    CHECK(r.end(3) - r.begin(3) == 2);
+}
+
+TEST_CASE("build_dispatch skips null experts and handles no tokens", "[routing]") {
+    moe::routing<double> r;
+    r.reset_fixed_k(2, 2, 1);
+    r.expert_ids = {5, 1};  // id >= E: a null expert
+    r.build_dispatch();
+    CHECK(r.rows() == 1);
+    CHECK(r.slot_rows[0] == -1);
+    r.reset_fixed_k(0, 2, 1);
+    r.build_dispatch();
+    CHECK(r.rows() == 0);
+}
