@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 namespace {
@@ -130,4 +131,55 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     fails("--model " + model.string() + " --layer 1 --input " + (ckpt_dir / "mixtral_sharded" / "input.safetensors").string() +
               " --output " + out.string(),
           1, "model-0000");
+}
+
+TEST_CASE("moe-run reads only the requested layer of a huge checkpoint", "[moe-run][io]") {
+    // A single-file checkpoint whose first tensor is 64 GB of another layer (a hole in a sparse file),
+    // followed by the tensors of mixtral_f32's layer 1. Reading anything but layer 1 would take
+    // minutes and gigabytes; moe-run must finish with a small peak memory.
+    temp_dir tmp;
+    const fs::path model = tmp.path / "huge";
+    fs::create_directories(model);
+    fs::copy_file(ckpt_dir / "mixtral_f32" / "config.json", model / "config.json");
+    const moe::io::safetensors_file src(ckpt_dir / "mixtral_f32" / "model.safetensors");
+    const std::uint64_t hole = std::uint64_t{64} << 30;
+    nlohmann::json header;
+    header["model.layers.0.block_sparse_moe.huge"] = {
+        {"dtype", "F32"}, {"shape", {hole / 4}}, {"data_offsets", {0, hole}}};
+    std::uint64_t offset = hole;
+    std::vector<std::string> names;
+    for (const auto& name : src.names()) {
+        if (name.rfind("model.layers.1.", 0) != 0) continue;
+        const auto& info = src.info(name);
+        header[name] = {{"dtype", std::string(moe::io::dtype_name(info.type))}, {"shape", info.shape},
+                        {"data_offsets", {offset, offset + (info.end - info.begin)}}};
+        offset += info.end - info.begin;
+        names.push_back(name);
+    }
+    std::string text = header.dump();
+    text.resize((text.size() + 7) / 8 * 8, ' ');
+    {
+        std::ofstream out(model / "model.safetensors", std::ios::binary);
+        const std::uint64_t length = text.size();
+        out.write(reinterpret_cast<const char*>(&length), 8);
+        out.write(text.data(), static_cast<std::streamsize>(text.size()));
+        out.seekp(static_cast<std::streamoff>(8 + text.size() + hole));
+        for (const auto& name : names) {
+            const auto bytes = src.bytes(name);
+            out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+        }
+        REQUIRE(out.good());
+    }
+    REQUIRE(fs::file_size(model / "model.safetensors") > hole);
+    const fs::path output = tmp.path / "out.safetensors";
+    const auto r = moe_run("--model " + model.string() + " --layer 1 --input " +
+                               (ckpt_dir / "mixtral_f32" / "input.safetensors").string() + " --output " + output.string(),
+                           tmp);
+    REQUIRE(r.status == 0);
+    rusage usage{};
+    getrusage(RUSAGE_CHILDREN, &usage);
+    CHECK(usage.ru_maxrss < 200 * 1024);  // KiB: far below the 64 GB the other tensor holds
+    const moe::io::safetensors_file got(output), expected(ckpt_dir / "mixtral_f32" / "expected.safetensors");
+    CHECK(golden::relative_error(golden::read_matrix(got, "hidden_states"), golden::read_matrix(expected, "hidden_states")) <=
+          2e-5);
 }
