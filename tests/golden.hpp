@@ -78,10 +78,7 @@ struct layer_case {
             layer.shared_weights().out = read_matrix<Scalar>(file, "shared.out.weight");
         }
         if constexpr (Layer::shared_type::gated) layer.shared_gate() = read_matrix<Scalar>(file, "shared.gate.weight").transpose();
-        if constexpr (requires { layer.router_state().bias; })
-            layer.router_state().bias = read_matrix<Scalar>(file, "router.bias");
-        if constexpr (requires { layer.router_state().inner.bias; })  // a capacity-limited router
-            layer.router_state().inner.bias = read_matrix<Scalar>(file, "router.bias");
+        if (auto* bias = moe::correction_bias<Scalar>(layer.router_state())) *bias = read_matrix<Scalar>(file, "router.bias");
     }
 
     /// Runs `layer` (loaded with this case) on the case's input and checks output, logits, chosen

@@ -46,6 +46,11 @@ using router_state_t = typename detail::router_state<R, Scalar>::type;
 ///   `token_offsets`, `expert_ids` and `weights` (see `routing`); the layer derives the expert side.
 ///   It may assume `out` keeps its buffers from the previous call (reuse them: no allocation in the
 ///   steady state). Ties must go to the lower index so results are deterministic.
+///
+/// Optional: `index logit_rows(index experts) const` when the router weight has more rows than there
+/// are experts (null experts); on the state, `vector<Scalar>* correction_bias()` (a selection bias
+/// loaded from checkpoints) and `void add_statistics(routing_statistics&) const` (router diagnostics
+/// such as Sinkhorn's marginal error); a state constructor taking `(const R&, index experts)`.
 template <class R, class Scalar>
 concept router = std::copy_constructible<R> &&
     requires(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out,
@@ -57,6 +62,36 @@ concept router = std::copy_constructible<R> &&
      requires(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out) {
          r.route(logits, st, out);
      });
+
+/// Constructs the state of router `r` for `experts` experts: from (r, experts) when the state takes the
+/// router (e.g. `routers::any_router`), else from the expert count alone.
+template <class Scalar, class R>
+router_state_t<R, Scalar> make_router_state(const R& r, index experts) {
+    if constexpr (std::is_constructible_v<router_state_t<R, Scalar>, const R&, index>)
+        return router_state_t<R, Scalar>(r, experts);
+    else
+        return router_state_t<R, Scalar>(experts);
+}
+
+/// Rows of the router weight: `r.logit_rows(experts)` when the router has extra rows (null experts),
+/// else `experts`.
+template <class R>
+index logit_rows(const R& r, index experts) {
+    if constexpr (requires { r.logit_rows(experts); })
+        return r.logit_rows(experts);
+    else
+        return experts;
+}
+
+/// The correction bias of a router state (`sigmoid_topk`'s `e_score_correction_bias`), or nullptr when
+/// the router has none. A state exposes it with `vector<Scalar>* correction_bias()`.
+template <class Scalar, class State>
+vector<Scalar>* correction_bias(State& st) {
+    if constexpr (requires { { st.correction_bias() } -> std::same_as<vector<Scalar>*>; })
+        return st.correction_bias();
+    else
+        return nullptr;
+}
 
 /// Calls the router with its state when it has one.
 template <class Scalar, router<Scalar> R>

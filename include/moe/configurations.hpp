@@ -7,7 +7,10 @@
 #include "moe/experts/ffn.hpp"
 #include "moe/layer.hpp"
 #include "moe/routers/capacity.hpp"
+#include "moe/routers/expert_choice.hpp"
+#include "moe/routers/null_experts.hpp"
 #include "moe/routers/sigmoid_topk.hpp"
+#include "moe/routers/sinkhorn.hpp"
 #include "moe/routers/softmax_topk.hpp"
 #include "moe/shared_experts.hpp"
 
@@ -43,5 +46,17 @@ using qwen2_moe_layer =
 template <class Scalar, class... Losses>
 using deepseek_v3_layer =
     layer<Scalar, routers::sigmoid_topk, experts::swiglu, shared_experts::ungated<experts::swiglu>, Losses...>;
+
+/// AdaMoE: top-k over E real and N null experts (the router weight has E + N rows), SwiGLU experts.
+template <class Scalar, class... Losses>
+using adamoe_layer = layer<Scalar, routers::null_experts, experts::swiglu, shared_experts::none, Losses...>;
+
+/// Expert choice (Zhou et al. 2022): each expert takes its top tokens; the original uses MLP experts.
+template <class Scalar, class... Losses>
+using expert_choice_layer = layer<Scalar, routers::expert_choice, experts::mlp, shared_experts::none, Losses...>;
+
+/// S-BASE: Sinkhorn-balanced top-k routing, SwiGLU experts.
+template <class Scalar, class... Losses>
+using sbase_layer = layer<Scalar, routers::sinkhorn, experts::swiglu, shared_experts::none, Losses...>;
 
 }  // namespace moe

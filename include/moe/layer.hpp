@@ -52,7 +52,7 @@ public:
     explicit layer(layer_shape shape, Router router = {}, Expert expert = {}, Shared shared = {},
                    std::tuple<Losses...> losses = {})
         : shape_(shape), router_(router), expert_(expert), shared_(shared), losses_(losses),
-          router_state_(shape.n_experts > 0 ? shape.n_experts : 1), pool_(std::make_unique<detail::thread_pool>(1)) {
+          router_state_(make_router_state<Scalar>(router, shape.n_experts > 0 ? shape.n_experts : 1)), pool_(std::make_unique<detail::thread_pool>(1)) {
         const auto check = [](index v, const char* field, index min) {
             if (v < min)
                 throw value_error(std::string("layer: ") + field + " = " + std::to_string(v) + " must be >= " +
@@ -66,7 +66,7 @@ public:
             throw value_error("layer: d_shared = " + std::to_string(shape.d_shared) +
                               " but the layer has no shared expert");
         router_.validate(shape.n_experts);
-        router_weight_ = matrix<Scalar>::Zero(shape.n_experts, shape.d_model);
+        router_weight_ = matrix<Scalar>::Zero(logit_rows(router_, shape.n_experts), shape.d_model);
         experts_.resize(static_cast<std::size_t>(shape.n_experts));
         for (auto& w : experts_) zero(w, shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
         if constexpr (Shared::enabled) {
@@ -80,7 +80,7 @@ public:
     [[nodiscard]] const Expert& expert() const { return expert_; }
     [[nodiscard]] const Shared& shared() const { return shared_; }
 
-    /// Router weight W_r, E x d.
+    /// Router weight W_r, E x d (more rows for routers with null experts: see `logit_rows`).
     [[nodiscard]] matrix<Scalar>& router_weight() { return router_weight_; }
     [[nodiscard]] const matrix<Scalar>& router_weight() const { return router_weight_; }
     /// Router state (e.g. the correction bias of `sigmoid_topk`).
@@ -140,7 +140,7 @@ public:
                               std::to_string(d) + "]");
         if (y.rows() != t || y.cols() != d)
             throw shape_error("layer::forward: output is " + dims(y.rows(), y.cols()) + ", expected " + dims(t, d));
-        logits_.resize(t, shape_.n_experts);
+        logits_.resize(t, router_weight_.rows());
         compute_logits(x);
         moe::route(router_, logits_, router_state_, routing_);
         routing_.build_dispatch();
@@ -152,12 +152,16 @@ public:
                                       losses_);
     }
 
-    /// Router logits of the last forward call, T x E.
+    /// Router logits of the last forward call, T x (router weight rows).
     [[nodiscard]] const matrix<Scalar>& logits() const { return logits_; }
     /// Routing of the last forward call.
     [[nodiscard]] const routing<Scalar>& last_routing() const { return routing_; }
     /// Routing statistics of the last forward call.
-    [[nodiscard]] routing_statistics statistics() const { return compute_statistics(routing_); }
+    [[nodiscard]] routing_statistics statistics() const {
+        routing_statistics s = compute_statistics(routing_);
+        if constexpr (requires { router_state_.add_statistics(s); }) router_state_.add_statistics(s);
+        return s;
+    }
     /// Values of the loss terms for the last forward call, in the order of `Losses`.
     [[nodiscard]] const std::array<Scalar, sizeof...(Losses)>& loss_values() const { return loss_values_; }
 
@@ -190,7 +194,7 @@ private:
 
     // Logits per token chunk; each is a fixed-order dot product (see kernels/linear.hpp).
     void compute_logits(const const_matrix_ref<Scalar>& x) {
-        const index t = x.rows(), e = shape_.n_experts, d = shape_.d_model;
+        const index t = x.rows(), e = router_weight_.rows(), d = shape_.d_model;
         auto run = [&](index chunk, index) {
             const index first = chunk * chunk_rows, rows = std::min(chunk_rows, t - first);
             for (index i = first; i < first + rows; ++i)

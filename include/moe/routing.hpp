@@ -57,6 +57,24 @@ struct routing {
         weights.resize(static_cast<std::size_t>(t * k));
     }
 
+    /// Starts a token side with a variable number of slots per token: call `add_slot` for the slots
+    /// of token 0, then `end_token`, and so on for every token. Buffers keep their capacity.
+    void begin_tokens(index e) {
+        tokens = 0;
+        experts = e;
+        token_offsets.assign(1, 0);
+        expert_ids.clear();
+        weights.clear();
+    }
+    void add_slot(std::int32_t expert, Scalar weight) {
+        expert_ids.push_back(expert);
+        weights.push_back(weight);
+    }
+    void end_token() {
+        token_offsets.push_back(static_cast<index>(expert_ids.size()));
+        ++tokens;
+    }
+
     /// Derives the expert side from the token side by a stable counting sort over expert ids.
     void build_dispatch() {
         const auto ne = static_cast<std::size_t>(experts);

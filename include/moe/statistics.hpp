@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -25,6 +26,8 @@ struct routing_statistics {
     double mean_entropy = 0;               ///< mean over tokens of the entropy (nats) of the row-normalised scores
     double null_fraction = 0;              ///< null slots / all slots
     index idle_experts = 0;                ///< experts with no assignment
+    std::optional<index> sinkhorn_iterations;        ///< Sinkhorn routers: iterations run
+    std::optional<double> sinkhorn_marginal_error;   ///< Sinkhorn routers: max_e |T sum_t P_te - T/E| / (T/E)
 
     /// The statistics as one JSON object.
     [[nodiscard]] std::string to_json() const {
@@ -41,7 +44,10 @@ struct routing_statistics {
           << ",\"experts_per_token\":";
         list(experts_per_token);
         o << ",\"imbalance\":" << imbalance << ",\"max_vio\":" << max_vio << ",\"mean_entropy\":" << mean_entropy
-          << ",\"null_fraction\":" << null_fraction << ",\"idle_experts\":" << idle_experts << '}';
+          << ",\"null_fraction\":" << null_fraction << ",\"idle_experts\":" << idle_experts;
+        if (sinkhorn_iterations) o << ",\"sinkhorn_iterations\":" << *sinkhorn_iterations;
+        if (sinkhorn_marginal_error) o << ",\"sinkhorn_marginal_error\":" << *sinkhorn_marginal_error;
+        o << '}';
         return o.str();
     }
 };

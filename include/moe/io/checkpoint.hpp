@@ -175,16 +175,16 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         read(up, w.in.data() + ff * d, ff, d);
         read(down, w.out.data(), d, ff);
     };
-    read(names.router(), layer.router_weight().data(), c.n_experts, d);
+    // Routers with null experts have more rows than the config's experts; the shape check names the tensor.
+    read(names.router(), layer.router_weight().data(), layer.router_weight().rows(), d);
     for (index e = 0; e < c.n_experts; ++e)
         read_ffn(layer.expert_weights(e), names.expert_gate(e), names.expert_up(e), names.expert_down(e));
     if constexpr (Layer::shared_type::enabled)
         read_ffn(layer.shared_weights(), names.shared_gate_proj(), names.shared_up_proj(), names.shared_down_proj());
     if constexpr (Layer::shared_type::gated) read(names.shared_expert_gate(), layer.shared_gate().data(), 1, d);
-    if constexpr (requires { layer.router_state().bias; }) {
+    if (vector<Scalar>* bias = correction_bias<Scalar>(layer.router_state())) {
         const std::int64_t shape[1] = {c.n_experts};
-        auto& bias = layer.router_state().bias;
-        ckpt.read(names.correction_bias(), std::span<Scalar>(bias.data(), static_cast<std::size_t>(bias.size())),
+        ckpt.read(names.correction_bias(), std::span<Scalar>(bias->data(), static_cast<std::size_t>(bias->size())),
                   std::span<const std::int64_t>(shape));
     }
 }

@@ -35,6 +35,7 @@ struct capacity {
     template <class Scalar>
     struct state {
         explicit state(index experts) : inner(experts) {}
+        vector<Scalar>* correction_bias() { return moe::correction_bias<Scalar>(inner); }
         router_state_t<Inner, Scalar> inner;
         std::vector<index> count;   // assignments per expert so far
         std::vector<index> order;   // slots of one expert, sorted for the probs policy

@@ -30,6 +30,7 @@ struct sigmoid_topk {
     template <class Scalar>
     struct state {
         explicit state(index experts) : bias(vector<Scalar>::Zero(experts)) {}
+        vector<Scalar>* correction_bias() { return &bias; }
         vector<Scalar> bias;
         std::vector<Scalar> choice;           // c of one token
         std::vector<Scalar> group_score;      // per group

@@ -1,0 +1,100 @@
+#pragma once
+/// \file
+/// `any_router`: one of the built-in routers, chosen at run time (from a command line or a config)
+/// while the layer type stays the same.
+
+#include "moe/concepts.hpp"
+#include "moe/routers/capacity.hpp"
+#include "moe/routers/expert_choice.hpp"
+#include "moe/routers/null_experts.hpp"
+#include "moe/routers/sigmoid_topk.hpp"
+#include "moe/routers/sinkhorn.hpp"
+#include "moe/routers/softmax_topk.hpp"
+#include "moe/routers/top_p.hpp"
+#include "moe/statistics.hpp"
+
+#include <utility>
+#include <variant>
+
+namespace moe::routers {
+
+/// Holds any built-in router and forwards to it. `batch_dependent` is conservatively true for the
+/// type; `is_batch_dependent()` tells the held router's property.
+class any_router {
+public:
+    using variant = std::variant<softmax_topk, capacity<softmax_topk>, sigmoid_topk, capacity<sigmoid_topk>, top_p,
+                                 null_experts, sinkhorn, expert_choice>;
+
+    any_router() = default;
+    template <class R>
+        requires std::is_constructible_v<variant, R>
+    any_router(R r) : router_(std::move(r)) {}  // NOLINT(google-explicit-constructor): any router converts
+
+    static constexpr bool batch_dependent = true;
+
+    [[nodiscard]] bool is_batch_dependent() const {
+        return std::visit([](const auto& r) { return std::remove_cvref_t<decltype(r)>::batch_dependent; }, router_);
+    }
+    [[nodiscard]] const variant& get() const { return router_; }
+
+    [[nodiscard]] index logit_rows(index experts) const {
+        return std::visit([&](const auto& r) { return moe::logit_rows(r, experts); }, router_);
+    }
+    void validate(index experts) const {
+        std::visit([&](const auto& r) { r.validate(experts); }, router_);
+    }
+
+    /// The state of the held router (index i of `variant` at index i of `states`).
+    template <class Scalar>
+    class state {
+    public:
+        state(const any_router& r, index experts) { emplace<0>(r.router_.index(), experts); }
+
+        vector<Scalar>* correction_bias() {
+            return std::visit([](auto& s) { return moe::correction_bias<Scalar>(s); }, states_);
+        }
+        void add_statistics(routing_statistics& out) const {
+            std::visit([&](const auto& s) {
+                if constexpr (requires { s.add_statistics(out); }) s.add_statistics(out);
+            }, states_);
+        }
+
+    private:
+        friend any_router;
+        template <std::size_t... I>
+        static auto states_of(std::index_sequence<I...>)
+            -> std::variant<router_state_t<std::variant_alternative_t<I, variant>, Scalar>...>;
+        decltype(states_of(std::make_index_sequence<std::variant_size_v<variant>>())) states_{std::in_place_index<0>, 1};
+
+        template <std::size_t I>
+        void emplace(std::size_t which, index experts) {
+            if constexpr (I < std::variant_size_v<variant>) {
+                if (which == I)
+                    states_.template emplace<I>(experts);
+                else
+                    emplace<I + 1>(which, experts);
+            }
+        }
+    };
+
+    template <class Scalar>
+    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+        route_at<0>(logits, st, out);
+    }
+
+private:
+    template <std::size_t I, class Scalar>
+    void route_at(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+        if constexpr (I < std::variant_size_v<variant>) {
+            if (router_.index() != I) return route_at<I + 1>(logits, st, out);
+            if (st.states_.index() != I) st.template emplace<0>(I, logits.cols());
+            moe::route(std::get<I>(router_), logits, std::get<I>(st.states_), out);
+        }
+    }
+
+    variant router_ = softmax_topk{};
+};
+
+static_assert(router<any_router, float> && router<any_router, double>);
+
+}  // namespace moe::routers

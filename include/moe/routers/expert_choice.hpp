@@ -1,0 +1,71 @@
+#pragma once
+/// \file
+/// R7: expert choice routing ("Mixture-of-Experts with Expert Choice Routing", Zhou et al. 2022).
+
+#include "moe/concepts.hpp"
+#include "moe/error.hpp"
+#include "moe/kernels/select.hpp"
+#include "moe/routing.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moe::routers {
+
+/// p = softmax(z); each expert takes its C = min(T, ceil(capacity_factor * T / E)) tokens of highest
+/// p[:, e] (ties: lower token index), with w_te = p_te. A token gets 0 to E experts, its slots ordered
+/// by expert index. Every expert's bucket holds exactly C tokens. The choice depends on the whole
+/// batch (not causal): not for autoregressive decoding.
+struct expert_choice {
+    double capacity_factor = 1.0;
+
+    static constexpr bool batch_dependent = true;
+
+    template <class Scalar>
+    struct state {
+        explicit state(index) {}
+        std::vector<index> order;              // token indices, sorted per expert
+        std::vector<char> chosen;              // T x E: whether expert e took token t
+    };
+
+    void validate(index) const {
+        if (!(capacity_factor > 0) || !std::isfinite(capacity_factor))
+            throw value_error("expert_choice: capacity_factor = " + std::to_string(capacity_factor) +
+                              " must be a finite number > 0");
+    }
+
+    /// C for `tokens` tokens and `experts` experts.
+    [[nodiscard]] index bucket_size(index tokens, index experts) const {
+        const auto c = static_cast<index>(std::ceil(capacity_factor * static_cast<double>(tokens) / static_cast<double>(experts)));
+        return std::min(tokens, c);
+    }
+
+    template <class Scalar>
+    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+        const index t = logits.rows(), e = logits.cols(), c = bucket_size(t, e);
+        out.scores.resize(t, e);
+        for (index i = 0; i < t; ++i) kernels::softmax(logits.row(i).data(), out.scores.row(i).data(), e);
+        st.chosen.assign(static_cast<std::size_t>(t * e), char{0});
+        st.order.resize(static_cast<std::size_t>(t));
+        for (index x = 0; x < e; ++x) {
+            for (index i = 0; i < t; ++i) st.order[static_cast<std::size_t>(i)] = i;
+            const auto& p = out.scores;
+            std::partial_sort(st.order.begin(), st.order.begin() + c, st.order.end(), [&](index a, index b) {
+                return p(a, x) > p(b, x) || (p(a, x) == p(b, x) && a < b);
+            });
+            for (index j = 0; j < c; ++j) st.chosen[static_cast<std::size_t>(st.order[static_cast<std::size_t>(j)] * e + x)] = 1;
+        }
+        out.begin_tokens(e);
+        for (index i = 0; i < t; ++i) {
+            for (index x = 0; x < e; ++x)
+                if (st.chosen[static_cast<std::size_t>(i * e + x)]) out.add_slot(static_cast<std::int32_t>(x), out.scores(i, x));
+            out.end_token();
+        }
+    }
+};
+
+static_assert(router<expert_choice, float> && router<expert_choice, double>);
+
+}  // namespace moe::routers

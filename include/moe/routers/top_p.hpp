@@ -1,0 +1,66 @@
+#pragma once
+/// \file
+/// R4: top-p dynamic routing ("Harder Tasks Need More Experts: Dynamic Routing in MoE Models",
+/// Huang et al. 2024).
+
+#include "moe/concepts.hpp"
+#include "moe/error.hpp"
+#include "moe/kernels/select.hpp"
+#include "moe/routing.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moe::routers {
+
+/// p = softmax(z); the experts are taken in descending p (ties: lower index) until their cumulative
+/// probability reaches `threshold`, at least 1 and at most `max_k`; w = p of the chosen, divided by
+/// their sum when `normalize`. Each token therefore uses 1 to `max_k` experts.
+struct top_p {
+    double threshold = 0.9;
+    index max_k = 4;
+    bool normalize = false;
+
+    static constexpr bool batch_dependent = false;
+
+    template <class Scalar>
+    struct state {
+        explicit state(index) {}
+        std::vector<std::int32_t> order;  // the max_k best experts of one token
+    };
+
+    void validate(index experts) const {
+        if (!(threshold > 0 && threshold <= 1))
+            throw value_error("top_p: threshold = " + std::to_string(threshold) + " must be in (0, 1]");
+        if (max_k < 1 || max_k > experts)
+            throw value_error("top_p: max_k = " + std::to_string(max_k) + " must be in [1, " + std::to_string(experts) +
+                              "] (the number of experts)");
+    }
+
+    template <class Scalar>
+    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+        const index t = logits.rows(), e = logits.cols();
+        out.begin_tokens(e);
+        out.scores.resize(t, e);
+        st.order.resize(static_cast<std::size_t>(max_k));
+        for (index i = 0; i < t; ++i) {
+            const Scalar* p = out.scores.row(i).data();
+            kernels::softmax(logits.row(i).data(), out.scores.row(i).data(), e);
+            kernels::top_k(p, e, max_k, st.order.data());
+            index n = 0;
+            Scalar mass = 0;
+            while (n < max_k && (n == 0 || mass < static_cast<Scalar>(threshold))) mass += p[st.order[static_cast<std::size_t>(n++)]];
+            const Scalar f = normalize ? Scalar(1) / mass : Scalar(1);
+            for (index j = 0; j < n; ++j) {
+                const auto id = st.order[static_cast<std::size_t>(j)];
+                out.add_slot(id, p[id] * f);
+            }
+            out.end_token();
+        }
+    }
+};
+
+static_assert(router<top_p, float> && router<top_p, double>);
+
+}  // namespace moe::routers
