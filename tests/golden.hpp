@@ -56,6 +56,20 @@ struct layer_case {
         return {.k = integer("k"), .normalize = flag("normalize"), .scale = number("scale"),
                 .n_group = integer("n_group"), .topk_group = integer("topk_group")};
     }
+    [[nodiscard]] moe::routers::top_p top_p_router() const {
+        return {.threshold = number("threshold"), .max_k = integer("max_k"), .normalize = flag("normalize")};
+    }
+    [[nodiscard]] moe::routers::null_experts null_router() const {
+        return {.k = integer("k"), .nulls = integer("null_experts"), .normalize = flag("normalize")};
+    }
+    [[nodiscard]] moe::routers::sinkhorn sinkhorn_router() const {
+        return {.k = integer("k"), .iterations = integer("iterations"), .tolerance = number("tolerance"),
+                .gates = option("gates") == "plan" ? moe::routers::sinkhorn_gates::plan : moe::routers::sinkhorn_gates::softmax,
+                .normalize = flag("normalize"), .inference_topk = flag("inference_topk")};
+    }
+    [[nodiscard]] moe::routers::expert_choice expert_choice_router() const {
+        return {.capacity_factor = number("capacity_factor")};
+    }
     template <class Inner>
     [[nodiscard]] moe::routers::capacity<Inner> with_capacity(Inner inner) const {
         return {.inner = inner, .capacity_factor = number("capacity_factor"),
@@ -93,15 +107,24 @@ struct layer_case {
         CHECK(relative_error(y, read_matrix(file, "expected.y")) <= 2e-5);
         CHECK(relative_error(layer.logits(), read_matrix(file, "expected.logits")) <= 2e-5);
 
+        // Expected slots are [T, S] in selection order; routers with a variable number of slots per
+        // token pad with id -1 after `expected.slots` of them.
         const auto ids = file.read_integers("expected.ids");
         const auto weights = read_matrix(file, "expected.weights");
         const auto& r = layer.last_routing();
-        REQUIRE(r.slots() == static_cast<moe::index>(ids.size()));
-        moe::matrix<Scalar> got_weights(weights.rows(), weights.cols());
-        for (moe::index s = 0; s < r.slots(); ++s) {
-            INFO("slot " << s);
-            CHECK(r.expert_ids[static_cast<std::size_t>(s)] == ids[static_cast<std::size_t>(s)]);
-            got_weights.data()[s] = r.weights[static_cast<std::size_t>(s)];
+        const moe::index width = weights.cols();
+        REQUIRE(r.tokens == weights.rows());
+        std::vector<std::int64_t> slots(static_cast<std::size_t>(r.tokens), width);
+        if (file.contains("expected.slots")) slots = file.read_integers("expected.slots");
+        moe::matrix<Scalar> got_weights = moe::matrix<Scalar>::Zero(weights.rows(), width);
+        for (moe::index t = 0; t < r.tokens; ++t) {
+            INFO("token " << t);
+            REQUIRE(r.end(t) - r.begin(t) == slots[static_cast<std::size_t>(t)]);
+            for (moe::index j = 0; j < r.end(t) - r.begin(t); ++j) {
+                const auto s = static_cast<std::size_t>(r.begin(t) + j);
+                CHECK(r.expert_ids[s] == ids[static_cast<std::size_t>(t * width + j)]);
+                got_weights(t, j) = r.weights[s];
+            }
         }
         CHECK(relative_error(got_weights, weights) <= 2e-5);
         const auto load = file.read_integers("expected.load");

@@ -72,6 +72,36 @@ TEST_CASE("moe-run reproduces the PyTorch reference for every checkpoint case", 
     }
 }
 
+TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run][routers]") {
+    temp_dir tmp;
+    moe::index cases = 0;
+    for (const auto& entry : fs::directory_iterator(golden::data_dir / "overrides")) {
+        const fs::path dir = entry.path();
+        INFO("override case " << dir.filename().string());
+        std::ifstream args_file(dir / "args.json");
+        const auto args = nlohmann::json::parse(args_file);
+        std::string flags;
+        for (const auto& f : args["flags"]) flags += " " + f.get<std::string>();
+        const std::string common = "--model " + (ckpt_dir / args["model"].get<std::string>()).string() + " --layer " +
+                                   std::to_string(args["layer"].get<int>()) + " --input " +
+                                   (dir / "input.safetensors").string() + flags;
+        const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
+        const auto r = moe_run(common + " --output " + one.string(), tmp);
+        INFO(r.err);
+        REQUIRE(r.status == 0);
+        REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
+        const moe::io::safetensors_file got(one), got2(two), expected(dir / "expected.safetensors");
+        for (const char* tensor : {"hidden_states", "router_logits"}) {
+            INFO(tensor);
+            CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <= 2e-5);
+            const auto a = got.bytes(tensor), b = got2.bytes(tensor);
+            CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+        }
+        ++cases;
+    }
+    CHECK(cases >= 10);
+}
+
 TEST_CASE("moe-run prints statistics and timings on request", "[moe-run]") {
     temp_dir tmp;
     const auto r = moe_run(case_args("deepseek_v3", tmp.path / "o.safetensors") + " --stats --repeat 3", tmp);
@@ -109,6 +139,21 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     fails(case_args("deepseek_v3", out).replace(case_args("deepseek_v3", out).find("--layer 1"), 9, "--layer 0"), 1,
           "dense MLP layer");
     fails(ok + " --layer 9", 1, "out of range");
+    // Router overrides.
+    fails(ok + " --router bogus", 2, "--router = 'bogus' is not one of");
+    fails(ok + " --capacity-factor -1", 2, "--capacity-factor = -1 must be > 0");
+    fails(ok + " --capacity-factor abc", 2, "--capacity-factor expects a finite number");
+    fails(ok + " --null-experts 2", 2, "--null-experts applies only to --router null_experts");
+    fails(ok + " --router null_experts", 2, "needs --null-experts");
+    fails(ok + " --router top_p --top-p 1.5", 2, "--top-p = 1.5 must be in (0, 1]");
+    fails(ok + " --drop-policy probs", 2, "--drop-policy applies only to");
+    fails(ok + " --router expert_choice --sinkhorn-iters 3", 2, "--sinkhorn-* applies only to --router sinkhorn");
+    fails(ok + " --router sinkhorn --sinkhorn-iters 0", 2, "--sinkhorn-iters = 0 must be >= 1");
+    fails(ok + " --router top_p --max-k 9", 1, "max_k = 9");
+    // The router weight must have E + N rows for N null experts.
+    fails(ok + " --router null_experts --null-experts 2", 1, "model.layers.1.block_sparse_moe.gate.weight");
+    // (mixtral_null has no input file of its own: the router's shape is checked before the input is read.)
+    fails(case_args("mixtral_null", out) + " --router null_experts --null-experts 3", 1, "[6, 32]");
     // Input of the wrong hidden size, missing tensor, non-finite value.
     const fs::path bad = tmp.path / "bad.safetensors";
     std::vector<float> v(3 * 5, 0.5f);

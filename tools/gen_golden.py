@@ -3,7 +3,7 @@
 
 Run with Debian's PyTorch (the ``python3`` on PATH may lack torch)::
 
-    /usr/bin/python3 tools/gen_golden.py            # writes tests/data/{ckpt,layer}
+    /usr/bin/python3 tools/gen_golden.py            # writes tests/data/{ckpt,layer,overrides}
 
 Everything is computed in float64 from the values *as stored* (weights are rounded
 to their storage dtype F32/BF16/F16 first, inputs to F32); expected values are written
@@ -23,6 +23,22 @@ What is implemented (the spec the C++ library is tested against):
   more than C assignments keeps C of them: policy ``position`` keeps the lowest token
   indices, ``probs`` the largest final weights (ties -> lower token index). Dropped
   slots get id -1 / weight 0; kept weights are not renormalised.
+* R4 ``top_p`` ("Harder Tasks Need More Experts"): sort p descending; take the shortest
+  prefix with cumsum >= threshold, at least 1 and at most max_k experts; w = p of the
+  chosen, / their sum if normalize. Slots in selection order, padded with -1 / 0.
+* R5 ``null_experts`` (AdaMoE): the router has E + N rows, p = softmax over E + N,
+  I = top-k over E + N; a slot with id >= E is null (weight 0, computes nothing, id
+  kept); real weights w = p, / (sum of the real chosen p) if normalize (all-null: 0).
+* R6 ``sinkhorn`` (S-BASE / Megatron-LM, Selective Sinkhorn): K = exp(z - max z),
+  d1 = 1; per iteration d0 = 1 / (T (K d1 + 1e-8)), d1' = 1 / (E (d0^T K + 1e-8)),
+  err = mean|d1' - d1|, stop early if tolerance > 0 and err < tolerance;
+  P = diag(d0) K diag(d1); I = top-k of P_t; gates ``softmax``: w = p[I] (/ sum if
+  normalize), ``plan``: w = P_t[I] / sum P_t[I]. Also marginal_error = the largest
+  relative deviation of P's marginals from the balanced ones, max(max_e |T sum_t P_te -
+  T/E| / (T/E), max_t |T sum_e P_te - 1|), and the iteration count. ``inference_topk``: R1.
+* R7 ``expert_choice`` (Zhou et al. 2022): expert e takes its
+  C = min(T, ceil(capacity_factor T / E)) highest p[:, e] tokens; w_te = p_te; a token's
+  slots (0..E) are ordered by expert index, padded with -1 / 0.
 * Ties are broken by the lower index everywhere (experts, groups, tokens); this is
   done explicitly with a sort on (-score, index), never via torch.topk.
 * Experts: SwiGLU  W_down(silu(W_gate x) * W_up x); GeGLU the same with erf-GELU;
@@ -37,12 +53,20 @@ Outputs:
   olmoe / deepseek_v3 families, plus input.safetensors, expected.safetensors and
   args.json ({"layer": 1}).
 * ``tests/data/layer/<case>.safetensors``: library-API layer cases; options in
-  ``__metadata__``, weights, input and expected results in one file.
+  ``__metadata__``, weights, input and expected results in one file. Cases of the
+  routers R4-R7 carry the extra options and expected.slots (+ Sinkhorn statistics).
+* ``tests/data/overrides/<case>/``: moe-run runs with router flags on one of the
+  checkpoints above (args.json {"model", "layer", "flags"}, input.safetensors,
+  expected.safetensors); ``ckpt/mixtral_null`` (E = 4 + N = 2 gate rows) only serves
+  the null-experts override and has no input/expected/args of its own.
 
 Robustness: the C++ side computes in float32, so every random case is re-drawn
 (seed + 1, ...) until no discrete decision (top-k membership and order, group
 choice, capacity cut) is decided by a margin below MARGIN; exact ties (from
-duplicated router rows) are intended and are resolved by the lower index.
+duplicated router rows) are intended and are resolved by the lower index. Threshold
+decisions are guarded too: a top-p cumsum within MARGIN of the threshold, or a Sinkhorn
+error within SINKHORN_STOP_MARGIN (relative) of the tolerance, also forces a redraw.
+Sinkhorn's top-k is guarded on the row-normalised plan P_t / sum(P_t) (scale-free).
 """
 
 import argparse
@@ -58,6 +82,7 @@ from typing import List, Optional
 import torch
 
 MARGIN = 1e-4  # smallest accepted non-zero gap between scores at a discrete decision
+SINKHORN_STOP_MARGIN = 1e-2  # smallest accepted relative gap |err - tolerance| / tolerance
 MAX_ATTEMPTS = 64
 
 # --------------------------------------------------------------------------------------
@@ -131,6 +156,13 @@ class Decisions:
         self.ties_select = 0  # tokens where an exact tie straddled the top-k boundary
         self.ties_order = 0   # tokens where an exact tie decided the order of chosen ids
         self.dropped = 0
+        self.near_bounds = 0  # threshold decisions (top-p cumsum, Sinkhorn stop) too close
+
+    def bound(self, value: float, limit: float, margin: float = MARGIN) -> None:
+        """A `value >= limit` / `value < limit` decision; |value - limit| < margin
+        (equality included) counts as a near tie."""
+        if abs(value - limit) < margin:
+            self.near_bounds += 1
 
     def gap(self, a: float, b: float) -> None:
         if a != b:
@@ -158,7 +190,7 @@ class Decisions:
         return order[:k]
 
     def clean(self) -> bool:
-        return self.min_gap >= MARGIN
+        return self.min_gap >= MARGIN and self.near_bounds == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -243,6 +275,138 @@ def apply_capacity(ids, weights, E, capacity_factor, policy, dec):
     return ids, weights
 
 
+def route_top_p(logits, threshold, max_k, normalize, dec):
+    """R4 top-p ("Harder Tasks Need More Experts"): p = softmax(z); sort p descending
+    (ties -> lower index); n = length of the shortest prefix whose cumulative sum
+    reaches `threshold` (cumsum >= threshold), clamped to 1 <= n <= max_k; w = p of the
+    chosen, / sum(w) if normalize. Slots in selection order (descending p), padded with
+    id -1 / weight 0 up to max_k. Returns ids [T,max_k], weights [T,max_k], capped [T]
+    (True where max_k stopped the token before the threshold was reached)."""
+    T, E = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.full((T, max_k), -1, dtype=torch.int64)
+    weights = torch.zeros((T, max_k), dtype=torch.float64)
+    capped = torch.zeros(T, dtype=torch.bool)
+    for t in range(T):
+        p = probs[t].tolist()
+        order = sorted(range(E), key=lambda i: (-p[i], i))
+        total, n = 0.0, 0
+        for j in range(min(max_k, E)):
+            total += p[order[j]]
+            n = j + 1
+            if n == max_k:  # the cap decides; the comparison no longer matters
+                capped[t] = total < threshold
+                break
+            dec.bound(total, threshold)
+            if total >= threshold:
+                break
+        chosen = dec.rank(p, n, count_ties=True)  # == order[:n]; records its gaps
+        w = torch.tensor([p[i] for i in chosen], dtype=torch.float64)
+        if normalize:
+            w = w / w.sum()
+        ids[t, :n] = torch.tensor(chosen)
+        weights[t, :n] = w
+    return ids, weights, capped
+
+
+def route_null_experts(logits, k, E, normalize, dec):
+    """R5 null experts (AdaMoE): logits has E + N columns, p = softmax over all of them;
+    I = top-k over E + N (ties -> lower index), slots in selection order. A slot with
+    id >= E is null: id kept, weight 0 (it computes nothing). Real weights w = p; if
+    normalize they are divided by the sum of the real chosen p (all-null token: all 0)."""
+    T = logits.shape[0]
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.zeros((T, k), dtype=torch.int64)
+    weights = torch.zeros((T, k), dtype=torch.float64)
+    for t in range(T):
+        p = probs[t].tolist()
+        chosen = dec.rank(p, k, count_ties=True)
+        w = torch.tensor([p[i] if i < E else 0.0 for i in chosen], dtype=torch.float64)
+        if normalize and w.sum() > 0:
+            w = w / w.sum()
+        ids[t] = torch.tensor(chosen)
+        weights[t] = w
+    return ids, weights
+
+
+def sinkhorn_plan(logits, iterations, tolerance, dec):
+    """Sinkhorn-Knopp balancing of R6 (Megatron-LM `sinkhorn`): K = exp(z - max(z)), max
+    over the whole T x E matrix; d1 = ones(E); for i = 1..iterations:
+    d0 = 1 / (T (K d1 + 1e-8)); d1' = 1 / (E (d0^T K + 1e-8)); err = mean|d1' - d1|;
+    d1 = d1'; stop if tolerance > 0 and err < tolerance. Returns P = diag(d0) K diag(d1)
+    and the number of iterations run. Each stop test is guarded (relative margin)."""
+    T, E = logits.shape
+    K = torch.exp(logits - logits.max())
+    d0 = torch.ones(T, dtype=torch.float64)
+    d1 = torch.ones(E, dtype=torch.float64)
+    run = 0
+    for i in range(1, iterations + 1):
+        d0 = 1.0 / (T * (K @ d1 + 1e-8))
+        d1_new = 1.0 / (E * (d0 @ K + 1e-8))
+        err = (d1_new - d1).abs().mean().item()
+        d1 = d1_new
+        run = i
+        if tolerance > 0:
+            dec.bound(err / tolerance, 1.0, SINKHORN_STOP_MARGIN)
+            if err < tolerance:
+                break
+    return d0[:, None] * K * d1[None, :], run
+
+
+def route_sinkhorn(logits, k, iterations, tolerance, gates, normalize, dec):
+    """R6 Sinkhorn (S-BASE / Megatron-LM; Selective Sinkhorn): P = sinkhorn_plan(z);
+    I_t = top-k of P_t (ties -> lower index) in descending P order; gates `softmax`:
+    w = p[I_t] with p = softmax(z_t), / sum(w) if normalize; gates `plan`:
+    w = P_t[I_t] / sum(P_t[I_t]). marginal_error = max(max_e |T sum_t P_te - T/E| / (T/E),
+    max_t |T sum_e P_te - 1|): after the last column update the expert marginals are exact
+    up to eps, so the token marginals carry the remaining error. The top-k gaps are measured on P_t / sum(P_t). Returns ids, weights, stats."""
+    T, E = logits.shape
+    P, run = sinkhorn_plan(logits, iterations, tolerance, dec)
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.zeros((T, k), dtype=torch.int64)
+    weights = torch.zeros((T, k), dtype=torch.float64)
+    for t in range(T):
+        row = P[t] / P[t].sum()
+        chosen = dec.rank(row.tolist(), k, count_ties=True)
+        if gates == "softmax":
+            w = probs[t, chosen]
+            if normalize:
+                w = w / w.sum()
+        elif gates == "plan":
+            w = P[t, chosen] / P[t, chosen].sum()
+        else:
+            raise ValueError(gates)
+        ids[t] = torch.tensor(chosen)
+        weights[t] = w
+    target = T / E
+    column_error = ((T * P.sum(dim=0) - target).abs() / target).max()
+    row_error = (T * P.sum(dim=1) - 1.0).abs().max()
+    marginal_error = torch.maximum(column_error, row_error)
+    return ids, weights, {"marginal_error": marginal_error, "iterations": run,
+                          "row_error": row_error.item()}
+
+
+def route_expert_choice(logits, capacity_factor, dec):
+    """R7 expert choice (Zhou et al. 2022): p = softmax(z); every expert e takes the
+    C = min(T, ceil(capacity_factor * T / E)) tokens with the highest p[:, e] (ties ->
+    lower token index); w_te = p_te (no normalisation, no scale). A token gets 0..E
+    slots, ordered by expert index ascending, padded with id -1 / weight 0 up to E."""
+    T, E = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    C = min(T, math.ceil(Fraction(capacity_factor) * T / E))
+    chosen = [[] for _ in range(T)]
+    for e in range(E):  # ascending e, so each token's list is ordered by expert index
+        for t in dec.rank(probs[:, e].tolist(), C, ordered=False):
+            chosen[t].append(e)
+    ids = torch.full((T, E), -1, dtype=torch.int64)
+    weights = torch.zeros((T, E), dtype=torch.float64)
+    for t, experts in enumerate(chosen):
+        for s, e in enumerate(experts):
+            ids[t, s] = e
+            weights[t, s] = probs[t, e]
+    return ids, weights
+
+
 # --------------------------------------------------------------------------------------
 # Experts
 # --------------------------------------------------------------------------------------
@@ -294,11 +458,11 @@ def apply_expert(kind, activation, params, x):
 @dataclass
 class MoeSpec:
     """All parameters of one MoE layer (float64 values, already rounded as stored)."""
-    router: str                      # "softmax_topk" | "sigmoid_topk"
+    router: str                      # "softmax_topk" | "sigmoid_topk" | NEW_ROUTERS
     k: int
     normalize: bool
     scale: float
-    router_weight: torch.Tensor      # [E, d]
+    router_weight: torch.Tensor      # [E, d] ([E + N, d] with N null experts)
     router_bias: Optional[torch.Tensor] = None  # [E], sigmoid_topk only
     n_group: int = 1
     topk_group: int = 1
@@ -307,26 +471,53 @@ class MoeSpec:
     experts: list = field(default_factory=list)  # (gate, up, down) or (in, out) per expert
     shared: Optional[tuple] = None   # same kind as the routed experts
     shared_gate: Optional[torch.Tensor] = None   # [1, d]
-    capacity_factor: Optional[str] = None
+    capacity_factor: Optional[str] = None  # R3 factor (top-k routers) or R7's factor
     drop_policy: str = ""
+    threshold: float = 0.0           # R4
+    max_k: int = 0                   # R4
+    null_experts: int = 0            # R5: N
+    iterations: int = 8              # R6
+    tolerance: float = 0.0           # R6
+    gates: str = "softmax"           # R6: "softmax" | "plan"
+    inference_topk: bool = False     # R6: route with R1 (normalize) instead
 
     @property
     def E(self):
-        return self.router_weight.shape[0]
+        """Number of real experts (router rows minus null experts)."""
+        return self.router_weight.shape[0] - self.null_experts
+
+
+TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk")  # the routers R3 capacity applies to
+NEW_ROUTERS = ("top_p", "null_experts", "sinkhorn", "expert_choice")
 
 
 def moe_forward(x, spec: MoeSpec, dec: Decisions):
     """y_t = sum over kept (t, e) of w_te * Expert_e(x_t) + shared(x_t). x: [T, d] f64.
-    Returns dict with y [T,d], logits [T,E], ids [T,k], weights [T,k], load [E]."""
+    Returns dict with y [T,d], logits [T,E'], ids [T,S], weights [T,S], load [E] (real
+    experts), slots [T] (ids >= 0, null slots included); R1/R2: losses; R4: capped;
+    R6: marginal_error, iterations, row_error."""
     logits = x @ spec.router_weight.T
+    extra = {}
     if spec.router == "softmax_topk":
         ids, weights = route_softmax_topk(logits, spec.k, spec.normalize, spec.scale, dec)
     elif spec.router == "sigmoid_topk":
         ids, weights = route_sigmoid_topk(logits, spec.router_bias, spec.k, spec.n_group,
                                           spec.topk_group, spec.normalize, spec.scale, dec)
+    elif spec.router == "top_p":
+        ids, weights, extra["capped"] = route_top_p(logits, spec.threshold, spec.max_k,
+                                                    spec.normalize, dec)
+    elif spec.router == "null_experts":
+        ids, weights = route_null_experts(logits, spec.k, spec.E, spec.normalize, dec)
+    elif spec.router == "sinkhorn" and spec.inference_topk:
+        ids, weights = route_softmax_topk(logits, spec.k, spec.normalize, 1.0, dec)
+    elif spec.router == "sinkhorn":
+        ids, weights, extra = route_sinkhorn(logits, spec.k, spec.iterations, spec.tolerance,
+                                             spec.gates, spec.normalize, dec)
+    elif spec.router == "expert_choice":
+        ids, weights = route_expert_choice(logits, spec.capacity_factor, dec)
     else:
         raise ValueError(spec.router)
-    if spec.capacity_factor:
+    if spec.capacity_factor and spec.router in TOPK_ROUTERS:
         ids, weights = apply_capacity(ids, weights, spec.E, spec.capacity_factor,
                                       spec.drop_policy, dec)
 
@@ -341,13 +532,16 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
             sh = torch.sigmoid(x @ spec.shared_gate.T) * sh
         y = y + sh
     load = torch.tensor([int((ids == e).sum()) for e in range(spec.E)], dtype=torch.int64)
+    slots = (ids >= 0).sum(dim=1)
+    if spec.router not in TOPK_ROUTERS:
+        return dict(extra, y=y, logits=logits, ids=ids, weights=weights, load=load, slots=slots)
     # L1 (Switch form, alpha = 1) over the kept assignments, and L2 (beta = 1); SEMANTICS "Balancing losses".
     T, k = ids.shape
     P = torch.softmax(logits, dim=-1).mean(dim=0)
     load_balance = spec.E * (load.to(torch.float64) / (T * k) * P).sum()
     z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
     return {"y": y, "logits": logits, "ids": ids, "weights": weights, "load": load,
-            "load_balance": load_balance, "z_loss": z_loss}
+            "slots": slots, "load_balance": load_balance, "z_loss": z_loss}
 
 
 # --------------------------------------------------------------------------------------
@@ -367,14 +561,15 @@ def rand_input(g, T, d):
     return round_to(randn(g, T, d), "F32")
 
 
-def generate(name, build):
-    """Call build(generator) with seeds derived from `name` until its decisions are clean."""
+def generate(name, build, accept=None):
+    """Call build(generator) with seeds derived from `name` until its decisions are clean
+    (and, if given, accept(result) holds: the draw exercises the case's feature)."""
     base = zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
     for attempt in range(MAX_ATTEMPTS):
         g = torch.Generator().manual_seed(base + attempt)
         dec = Decisions()
         result = build(g, dec)
-        if dec.clean():
+        if dec.clean() and (accept is None or accept(result)):
             return result, dec, attempt
     raise RuntimeError(f"{name}: no clean draw in {MAX_ATTEMPTS} attempts")
 
@@ -410,9 +605,11 @@ def mixtral_router(g, E, d, dtype, tied):
     return w
 
 
-def build_mixtral(g, d, ff, E, k, dtype="F32", tied=False):
+def build_mixtral(g, d, ff, E, k, dtype="F32", tied=False, null_experts=0, null_bias=0.0):
     """Mixtral: block_sparse_moe.gate [E,d], experts.{e}.w1 (gate) / w3 (up) / w2 (down);
-    router R1 softmax top-k, always normalised, scale 1."""
+    router R1 softmax top-k, always normalised, scale 1. With `null_experts` N the gate
+    has E + N rows (config num_local_experts stays E) and `null_bias` is added to the
+    null rows' coordinate 0, so tokens with a large x_0 prefer the null experts."""
     config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
               "hidden_size": d, "intermediate_size": ff, "num_local_experts": E,
               "num_experts_per_tok": k, "num_hidden_layers": 2, "hidden_act": "silu",
@@ -421,7 +618,9 @@ def build_mixtral(g, d, ff, E, k, dtype="F32", tied=False):
     spec = None
     for layer in range(2):
         p = f"model.layers.{layer}.block_sparse_moe"
-        router = mixtral_router(g, E, d, dtype, tied)
+        router = mixtral_router(g, E + null_experts, d, dtype, tied)
+        if null_experts:
+            router[E:, 0] = round_to(router[E:, 0] + null_bias, dtype)
         tensors.append((f"{p}.gate.weight", dtype, router))
         experts = []
         for e in range(E):
@@ -603,7 +802,9 @@ def write_checkpoint(folder, config, tensors, sharded):
                 "weight_map": dict(sorted(weight_map.items()))})
 
 
-def gen_ckpt_case(root, name, builder, kwargs, shape, sharded):
+def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
+    """Write tests/data/ckpt/<name>/; if `registry` is given, keep the case's spec,
+    input and shape there for the override cases."""
     def build(g, dec):
         config, tensors, spec = builder(g, **kwargs)
         x = ckpt_input(g, name, shape)
@@ -625,6 +826,8 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded):
         ("topk_weights", "F32", out["weights"]),
     ], meta)
     write_json(os.path.join(folder, "args.json"), {"layer": 1})
+    if registry is not None:
+        registry[name] = {"spec": spec, "x": x, "shape": shape}
 
     info = f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
     if spec.router == "sigmoid_topk":
@@ -643,7 +846,9 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded):
 LAYER_DEFAULTS = dict(expert="swiglu", activation=None, router="softmax_topk", k=2,
                       normalize=True, scale=1.0, n_group=1, topk_group=1,
                       capacity_factor="", drop_policy="", shared="none", d=16, ff=16,
-                      shared_ff=0, E=4, T=24, tweak=None)
+                      shared_ff=0, E=4, T=24, tweak=None,
+                      threshold="", max_k=None, null_experts=0, iterations=8, tolerance=0.0,
+                      gates="softmax", inference_topk=False, iteration_sensitive=False)
 
 LAYER_CASES = [
     dict(name="swiglu_topk2", E=6, k=2, ff=24, T=32),
@@ -668,16 +873,41 @@ LAYER_CASES = [
     dict(name="k_eq_e", E=4, k=4, T=20),
     dict(name="t1", E=6, k=2, T=1),
     dict(name="ties", E=5, k=2, T=30, tweak="tied_rows"),
+    # R4-R7. For top-p and expert choice the routers do not read k; it is set to the
+    # slot width S of expected.ids (max_k, E). Options that do not apply keep defaults.
+    dict(name="top_p_09", router="top_p", E=8, k=3, threshold="0.9", max_k=3,
+         normalize=False, T=32, tweak="sharp_router"),
+    dict(name="top_p_normalize", router="top_p", E=6, k=4, threshold="0.6", max_k=4,
+         normalize=True, T=28),
+    dict(name="null_experts", router="null_experts", E=6, null_experts=2, k=2,
+         normalize=True, T=32, tweak="null_bias"),
+    dict(name="null_experts_raw", router="null_experts", E=6, null_experts=2, k=2,
+         normalize=False, T=32, tweak="null_bias"),
+    dict(name="sinkhorn_softmax", router="sinkhorn", E=6, k=2, iterations=8, tolerance=0.0,
+         gates="softmax", normalize=True, T=32, tweak="skew_expert0", iteration_sensitive=True),
+    dict(name="sinkhorn_plan", router="sinkhorn", E=6, k=2, iterations=50, tolerance=1e-4,
+         gates="plan", T=36, tweak="favour_expert0"),
+    dict(name="sinkhorn_inference", router="sinkhorn", E=6, k=2, inference_topk=True,
+         normalize=True, T=24),
+    dict(name="expert_choice", router="expert_choice", E=4, k=4, capacity_factor="1.0",
+         normalize=False, T=30),
+    dict(name="expert_choice_t1", router="expert_choice", E=4, k=4, capacity_factor="2.0",
+         normalize=False, T=1),
+    dict(name="expert_choice_cf2", router="expert_choice", expert="mlp", activation="relu",
+         E=8, k=8, capacity_factor="2.0", normalize=False, T=20),
 ]
 
 # Cases that must be drawn from the same weights and inputs.
-SAME_DATA = {"capacity_position": "capacity_pair", "capacity_probs": "capacity_pair"}
+SAME_DATA = {"capacity_position": "capacity_pair", "capacity_probs": "capacity_pair",
+             "null_experts": "null_pair", "null_experts_raw": "null_pair"}
 
 
 def layer_options(case):
     opt = dict(LAYER_DEFAULTS, **case)
     if opt["activation"] is None:
         opt["activation"] = "gelu" if opt["expert"] == "geglu" else "silu"
+    if opt["max_k"] is None:
+        opt["max_k"] = opt["k"]
     return opt
 
 
@@ -691,7 +921,7 @@ def rand_layer_expert(g, kind, d, ff):
 def build_layer(g, opt):
     """Draw weights and input for a layer case; returns (spec, x)."""
     d, E, T = opt["d"], opt["E"], opt["T"]
-    router = rand_linear(g, E, d)
+    router = rand_linear(g, E + opt["null_experts"], d)
     bias = round_to(randn(g, E, std=0.1), "F32") if opt["router"] == "sigmoid_topk" else None
     experts = [rand_layer_expert(g, opt["expert"], d, opt["ff"]) for _ in range(E)]
     shared = shared_gate = None
@@ -708,12 +938,26 @@ def build_layer(g, opt):
     elif opt["tweak"] == "tied_rows":
         assert E == 5
         router[4], router[3] = router[0].clone(), router[1].clone()
+    elif opt["tweak"] == "skew_expert0":
+        # favour_expert0 twice as strong: Sinkhorn is still moving after a few iterations
+        x[:, 0] += 2.0
+        router[:, 0] = 0.0
+        router[0, 0] = 2.0
+    elif opt["tweak"] == "sharp_router":
+        # logits 3x sharper: some tokens put >= 0.9 on one expert, others stay flat
+        router = round_to(3.0 * router, "F32")
+    elif opt["tweak"] == "null_bias":
+        # null rows read coordinate 0 strongly: tokens with a large x_0 pick null experts
+        router[E:, 0] = round_to(router[E:, 0] + 1.5, "F32")
     spec = MoeSpec(opt["router"], opt["k"], opt["normalize"], opt["scale"], router,
                    router_bias=bias, n_group=opt["n_group"], topk_group=opt["topk_group"],
                    expert=opt["expert"], activation=opt["activation"], experts=experts,
                    shared=shared, shared_gate=shared_gate,
                    capacity_factor=opt["capacity_factor"] or None,
-                   drop_policy=opt["drop_policy"])
+                   drop_policy=opt["drop_policy"], threshold=float(opt["threshold"] or 0),
+                   max_k=opt["max_k"], null_experts=opt["null_experts"],
+                   iterations=opt["iterations"], tolerance=float(opt["tolerance"]),
+                   gates=opt["gates"], inference_topk=opt["inference_topk"])
     return spec, x
 
 
@@ -735,6 +979,14 @@ def layer_file_tensors(spec, x, out):
         ts += [("shared.in.weight", "F32", w_in), ("shared.out.weight", "F32", w_out)]
         if spec.shared_gate is not None:
             ts.append(("shared.gate.weight", "F32", spec.shared_gate))
+    if spec.router in NEW_ROUTERS:
+        ts += [("expected.y", "F32", out["y"]), ("expected.logits", "F32", out["logits"]),
+               ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"]),
+               ("expected.slots", "I64", out["slots"]), ("expected.load", "I64", out["load"])]
+        if "marginal_error" in out:
+            ts += [("expected.marginal_error", "F32", out["marginal_error"]),
+                   ("expected.iterations", "I64", torch.tensor(out["iterations"]))]
+        return ts
     ts += [("expected.y", "F32", out["y"]), ("expected.logits", "F32", out["logits"]),
            ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"]),
            ("expected.load", "I64", out["load"]),
@@ -747,14 +999,62 @@ def layer_metadata(opt):
     keys = ["expert", "activation", "router", "k", "normalize", "scale", "n_group",
             "topk_group", "capacity_factor", "drop_policy", "shared", "d", "ff",
             "shared_ff", "E", "T"]
+    if opt["router"] in NEW_ROUTERS:
+        keys += ["threshold", "max_k", "null_experts", "iterations", "tolerance", "gates",
+                 "inference_topk"]
+
     def text(key, v):
         if isinstance(v, bool):
             return "true" if v else "false"
-        if key == "scale":
-            return repr(float(v))  # e.g. "1.0", "1.5", "2.5"
+        if key in ("scale", "tolerance"):
+            return repr(float(v))  # e.g. "1.0", "1.5", "2.5", "0.0001"
         return str(v)
 
     return {key: text(key, opt[key]) for key in keys}
+
+
+def router_features(spec, x, out, iteration_sensitive=False):
+    """Counts that show a case of R4-R7 exercises its router: (text, ok). ok is False
+    when the draw misses the feature (the case is then re-drawn). With
+    `iteration_sensitive`, a Sinkhorn case must also change some token's slots if one
+    iteration fewer were run (so the iteration count is tested)."""
+    slots = out["slots"].tolist()
+    hist = {n: slots.count(n) for n in sorted(set(slots))}
+    if spec.router == "top_p":
+        capped = int(out["capped"].sum())
+        return (f"slots per token {hist}, tokens stopped by max_k={spec.max_k} before "
+                f"the threshold: {capped}"), {1, 2, spec.max_k} <= set(hist)
+    if spec.router == "null_experts":
+        nulls = (out["ids"] >= spec.E).sum(dim=1).tolist()
+        none, one, every = nulls.count(0), nulls.count(1), nulls.count(spec.k)
+        return (f"tokens with 0 null slots: {none}, 1 null slot: {one}, all {spec.k} "
+                f"slots null: {every}, load {out['load'].tolist()}"), one > 0 and every > 0 and none > 0
+    if spec.router == "sinkhorn" and spec.inference_topk:
+        return "inference_topk: plain softmax top-k", True
+    if spec.router == "sinkhorn":
+        plain, _ = route_softmax_topk(out["logits"], spec.k, True, 1.0, Decisions())
+        changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, out["ids"]))
+        early = spec.tolerance > 0 and out["iterations"] < spec.iterations
+        # sensitivity: what one iteration fewer would change (informational)
+        ids1, w1, _ = route_sinkhorn(out["logits"], spec.k, out["iterations"] - 1, 0.0,
+                                     spec.gates, spec.normalize, Decisions())
+        moved = int((ids1 != out["ids"]).any(dim=1).sum())
+        dw = (w1 - out["weights"]).abs().max().item()
+        return (f"iterations run {out['iterations']} of {spec.iterations}"
+                f"{' (stopped by tolerance)' if early else ''}, marginal_error "
+                f"{out['marginal_error'].item():.3e} (row marginals: max_t |T sum_e P_te - 1| = "
+                f"{out['row_error']:.3e}), tokens whose expert set differs from softmax "
+                f"top-k: {changed}, load {out['load'].tolist()}; with one iteration fewer: "
+                f"{moved} tokens change slots, max |dw| {dw:.1e}"), \
+            changed > 0 and (spec.tolerance == 0 or early) and (moved > 0 or not iteration_sensitive)
+    if spec.router == "expert_choice":
+        T, E = out["ids"].shape
+        C = min(T, math.ceil(Fraction(spec.capacity_factor) * T / E))
+        zero, multi = hist.get(0, 0), sum(c for n, c in hist.items() if n > 1)
+        return (f"C={C}, tokens with 0 experts: {zero}, with >1 experts: {multi}, "
+                f"slots per token {hist}, load {out['load'].tolist()}"), \
+            T == 1 or (zero > 0 and multi > 0)
+    return "", True
 
 
 def gen_layer_cases(root):
@@ -770,19 +1070,25 @@ def gen_layer_cases(root):
             outs = []
             for opt in opts:
                 spec = MoeSpec(**dict(spec0.__dict__, capacity_factor=opt["capacity_factor"] or None,
-                                      drop_policy=opt["drop_policy"]))
+                                      drop_policy=opt["drop_policy"], normalize=opt["normalize"]))
                 case_dec = Decisions()
                 out = moe_forward(x, spec, case_dec)
                 dec.min_gap = min(dec.min_gap, case_dec.min_gap)
+                dec.near_bounds += case_dec.near_bounds
                 outs.append((opt, spec, out, case_dec))
             return x, outs
 
-        (x, outs), _, attempt = generate("layer/" + seed_name, build)
+        def accept(result):
+            return all(router_features(spec, result[0], out, opt["iteration_sensitive"])[1]
+                       for opt, spec, out, _ in result[1])
+
+        new = any(opt["router"] in NEW_ROUTERS for opt in opts)
+        (x, outs), _, attempt = generate("layer/" + seed_name, build, accept if new else None)
         for opt, spec, out, dec in outs:
             path = os.path.join(root, "layer", opt["name"] + ".safetensors")
             write_safetensors(path, layer_file_tensors(spec, x, out), layer_metadata(opt))
             info = f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
-            if opt["capacity_factor"]:
+            if opt["capacity_factor"] and opt["router"] in TOPK_ROUTERS:
                 C = math.ceil(Fraction(opt["capacity_factor"]) * opt["T"] * opt["k"] / opt["E"])
                 info += (f", capacity C={C}, dropped assignments: {dec.dropped}, "
                          f"load {out['load'].tolist()}")
@@ -793,7 +1099,168 @@ def gen_layer_cases(root):
                 assert dec.ties_select > 0
             if spec.router == "sigmoid_topk":
                 info += f", tokens whose selection the bias changed: {selection_changed_by_bias(x, spec)}"
+            if spec.router in NEW_ROUTERS:
+                text, ok = router_features(spec, x, out, opt["iteration_sensitive"])
+                info += ", " + text
+                assert ok
             results.append((path, info))
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# moe-run override cases
+# --------------------------------------------------------------------------------------
+
+# The only checkpoint written for the overrides: Mixtral with E = 4 real experts and
+# N = 2 null-expert gate rows; its default run is meaningless (no input/expected/args).
+NULL_CKPT = ("mixtral_null", dict(d=D, ff=16, E=4, k=2, null_experts=2, null_bias=1.5))
+
+# (case, checkpoint folder, flag alternatives, input). The first flag list whose run
+# exercises the case is written. input "ckpt": the checkpoint's own input (a fresh draw
+# of the same shape only if that input has a near tie or misses the feature); an int T:
+# a new [T, d] input drawn for the case.
+OVERRIDE_CASES = [
+    ("mixtral_capacity_position", "mixtral_f32",
+     [["--capacity-factor", "1.0"], ["--capacity-factor", "0.75"]], "ckpt"),
+    ("mixtral_capacity_probs", "mixtral_f32",
+     [["--capacity-factor", "1.0", "--drop-policy", "probs"],
+      ["--capacity-factor", "0.75", "--drop-policy", "probs"]], "ckpt"),
+    ("deepseek_capacity_probs", "deepseek_v3",
+     [["--capacity-factor", "1.0", "--drop-policy", "probs"]], "ckpt"),
+    ("expert_choice", "qwen3_moe", [["--router", "expert_choice", "--capacity-factor", "1.0"]],
+     "ckpt"),
+    ("expert_choice_t1", "olmoe", [["--router", "expert_choice", "--capacity-factor", "1.0"]],
+     "ckpt"),
+    ("sinkhorn_softmax", "mixtral_f32", [["--router", "sinkhorn", "--sinkhorn-iters", "10"]],
+     "ckpt"),
+    ("sinkhorn_plan", "qwen2_moe",
+     [["--router", "sinkhorn", "--sinkhorn-gates", "plan", "--sinkhorn-tolerance", "1e-3",
+       "--sinkhorn-iters", "100"]], "ckpt"),
+    ("top_p", "olmoe", [["--router", "top_p", "--top-p", "0.5", "--max-k", "3"]], 24),
+    ("null_experts", "mixtral_null", [["--router", "null_experts", "--null-experts", "2"]], 32),
+    ("softmax_topk_deepseek", "deepseek_v3", [["--router", "softmax_topk"]], "ckpt"),
+]
+
+RUN_FLAGS = ("--router", "--capacity-factor", "--drop-policy", "--sinkhorn-iters",
+             "--sinkhorn-tolerance", "--sinkhorn-gates", "--null-experts", "--top-p", "--max-k")
+
+
+def apply_flags(spec, flags):
+    """The layer moe-run runs for a checkpoint family's layer `spec` and router flags.
+
+    The family's settings stay: normalize = norm_topk_prob, k = num_experts_per_tok,
+    shared experts; scale (routed_scaling_factor) is applied only by R1 softmax_topk and
+    the family's own router. --capacity-factor is R7's factor with expert_choice and R3
+    capacity (--drop-policy, default position) with a top-k router. Defaults:
+    --sinkhorn-iters 8, --sinkhorn-tolerance 0, --sinkhorn-gates softmax, --max-k = k."""
+    assert len(flags) % 2 == 0
+    opts = dict(zip(flags[0::2], flags[1::2]))
+    assert set(opts) <= set(RUN_FLAGS), flags
+    router = opts.get("--router", spec.router)
+    new = dict(spec.__dict__, router=router)
+    if router in NEW_ROUTERS:
+        new["scale"] = 1.0
+    if "--capacity-factor" in opts:
+        new["capacity_factor"] = opts["--capacity-factor"]
+        if router in TOPK_ROUTERS:
+            new["drop_policy"] = opts.get("--drop-policy", "position")
+    new.update(iterations=int(opts.get("--sinkhorn-iters", "8")),
+               tolerance=float(opts.get("--sinkhorn-tolerance", "0")),
+               gates=opts.get("--sinkhorn-gates", "softmax"),
+               null_experts=int(opts.get("--null-experts", "0")),
+               threshold=float(opts.get("--top-p", "0")),
+               max_k=int(opts.get("--max-k", str(spec.k))))
+    out = MoeSpec(**new)
+    assert len(out.experts) == out.E
+    return out
+
+
+def override_run(spec, x, dec):
+    """Forward pass of an override case plus whether it exercises its feature."""
+    out = moe_forward(x, spec, dec)
+    if spec.capacity_factor and spec.router in TOPK_ROUTERS:
+        C = math.ceil(Fraction(spec.capacity_factor) * x.shape[0] * spec.k / spec.E)
+        text, ok = (f"capacity C={C}, dropped assignments: {dec.dropped}, "
+                    f"load {out['load'].tolist()}"), dec.dropped > 0
+    else:
+        text, ok = router_features(spec, x, out)
+    if spec.router == "top_p":  # also a token that --max-k stops before the threshold
+        ok = ok and bool(out["capped"].any())
+    return out, text, ok
+
+
+def gen_override_cases(root, registry):
+    """tests/data/overrides/<case>/ (+ tests/data/ckpt/mixtral_null/)."""
+    results = []
+    # The null-experts checkpoint, drawn together with the input of its override case.
+    null_name, null_kwargs = NULL_CKPT
+    (null_flags, null_T), = [(alt[0], src) for _, m, alt, src in OVERRIDE_CASES if m == null_name]
+
+    def build_null(g, dec):
+        config, tensors, spec = build_mixtral(g, **null_kwargs)
+        x = rand_input(g, null_T, null_kwargs["d"])
+        run = apply_flags(spec, null_flags)
+        return config, tensors, spec, x, override_run(run, x, dec)
+
+    (config, tensors, spec, x, _), _, attempt = generate(
+        "ckpt/" + null_name, build_null, lambda r: r[4][2])
+    folder = os.path.join(root, "ckpt", null_name)
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        os.remove(os.path.join(folder, f))
+    write_checkpoint(folder, config, tensors, False)
+    registry[null_name] = {"spec": spec, "x": x, "shape": tuple(x.shape)}
+    results.append((folder, f"seed attempt {attempt}; only for overrides/null_experts "
+                            f"(gate rows E + N = {spec.router_weight.shape[0]})"))
+
+    for case, model, alternatives, source in OVERRIDE_CASES:
+        base = registry[model]
+        chosen = None
+        if source == "ckpt" or model == null_name:  # the null input was drawn above
+            for flags in alternatives:
+                run = apply_flags(base["spec"], flags)
+                dec = Decisions()
+                out, text, ok = override_run(run, base["x"], dec)
+                if dec.clean() and ok:
+                    origin = ("copy of ckpt/%s/input.safetensors" % model
+                              if model != null_name else "drawn with ckpt/" + model)
+                    chosen = (flags, run, base["x"], base["shape"], out, text, dec, origin)
+                    break
+        if chosen is None:
+            flags = alternatives[0]
+            run = apply_flags(base["spec"], flags)
+            shape = base["shape"] if source == "ckpt" else (source, base["shape"][-1])
+
+            def build(g, dec, run=run, shape=shape):
+                x = rand_input(g, int(math.prod(shape[:-1])), shape[-1])
+                return (x,) + override_run(run, x, dec)
+
+            (x, out, text, _), dec, attempt = generate("overrides/" + case, build,
+                                                       lambda r: r[3])
+            chosen = (flags, run, x, shape, out, text, dec,
+                      f"drawn for this case (seed attempt {attempt})")
+        flags, run, x, shape, out, text, dec, origin = chosen
+
+        folder = os.path.join(root, "overrides", case)
+        os.makedirs(folder, exist_ok=True)
+        for f in os.listdir(folder):  # the case folder is owned by this script
+            os.remove(os.path.join(folder, f))
+        write_json(os.path.join(folder, "args.json"), {"model": model, "layer": 1, "flags": flags})
+        meta = {"case": case}
+        write_safetensors(os.path.join(folder, "input.safetensors"),
+                          [("hidden_states", "F32", x.reshape(shape))], dict(meta, input=origin))
+        write_safetensors(os.path.join(folder, "expected.safetensors"), [
+            ("hidden_states", "F32", out["y"].reshape(shape)),
+            ("router_logits", "F32", out["logits"]),
+        ], meta)
+        info = (f"{model} {' '.join(flags)}; input {origin}, T={x.shape[0]}; "
+                f"min decision gap {dec.min_gap:.2e}; {text or ''}")
+        if case == "softmax_topk_deepseek":
+            default = moe_forward(x, base["spec"], Decisions())
+            differ = sum(set(a.tolist()) != set(b.tolist())
+                         for a, b in zip(default["ids"], out["ids"]))
+            info += f"tokens whose expert set differs from the default sigmoid router: {differ}"
+        results.append((folder, info))
     return results
 
 
@@ -818,10 +1285,13 @@ def main():
             total += size
             print(f"    {os.path.relpath(p, root):60s} {size:8d} bytes")
 
+    registry = {}
     for name, builder, kwargs, shape, sharded in CKPT_CASES:
-        folder, info, _ = gen_ckpt_case(root, name, builder, kwargs, shape, sharded)
+        folder, info, _ = gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry)
         report(folder, info)
     for path, info in gen_layer_cases(root):
+        report(path, info)
+    for path, info in gen_override_cases(root, registry):
         report(path, info)
     print(f"total: {total} bytes")
 

@@ -27,7 +27,7 @@ struct routing_statistics {
     double null_fraction = 0;              ///< null slots / all slots
     index idle_experts = 0;                ///< experts with no assignment
     std::optional<index> sinkhorn_iterations;        ///< Sinkhorn routers: iterations run
-    std::optional<double> sinkhorn_marginal_error;   ///< Sinkhorn routers: max_e |T sum_t P_te - T/E| / (T/E)
+    std::optional<double> sinkhorn_marginal_error;   ///< Sinkhorn routers: the plan's largest marginal deviation
 
     /// The statistics as one JSON object.
     [[nodiscard]] std::string to_json() const {
