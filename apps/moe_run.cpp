@@ -51,12 +51,14 @@ struct arguments {
     std::optional<moe::index> sinkhorn_iters, null_experts, max_k;
 };
 
-moe::index parse_integer(const std::string& flag, const std::string& text, moe::index min) {
+moe::index parse_integer(const std::string& flag, const std::string& text, moe::index min,
+                         moe::index max = std::numeric_limits<moe::index>::max()) {
     moe::index v = 0;
     const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
     if (ec != std::errc{} || end != text.data() + text.size())
         throw argument_error(flag + " expects an integer, got '" + text + "'");
     if (v < min) throw argument_error(flag + " = " + text + " must be >= " + std::to_string(min));
+    if (v > max) throw argument_error(flag + " = " + text + " must be <= " + std::to_string(max));
     return v;
 }
 
@@ -106,7 +108,7 @@ arguments parse_arguments(int argc, char** argv) {
         else if (flag == "--layer") a.layer = parse_integer(flag, value, 0);
         else if (flag == "--input") a.input = value;
         else if (flag == "--output") a.output = value;
-        else if (flag == "--threads") a.threads = parse_integer(flag, value, 1);
+        else if (flag == "--threads") a.threads = parse_integer(flag, value, 1, moe::max_threads);
         else if (flag == "--repeat") a.repeat = parse_integer(flag, value, 0);
         else if (flag == "--router")
             a.router = parse_choice(flag, value, {"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"});

@@ -91,6 +91,15 @@ TEST_CASE("layer rejects bad shapes and sizes with typed errors", "[layer][error
     CHECK_THROWS_WITH((moe::deepseek_v3_layer<float>({.d_model = 4, .d_ff = 4, .n_experts = 4})),
                       Catch::Contains("d_shared = 0"));
     CHECK_THROWS_AS(layer.set_threads(0), moe::value_error);
+    CHECK_THROWS_WITH(layer.set_threads(5000), Catch::Contains("threads = 5000"));
+    // Weights replaced with the wrong shape are caught before any kernel reads them.
+    moe::matrix<float> ok_x(4, 48), ok_y(4, 48);
+    ok_x.setOnes();
+    layer.expert_weights(3).in = moe::matrix<float>::Random(65, 48);
+    CHECK_THROWS_WITH(layer.forward(ok_x, ok_y), Catch::Contains("expert 3's input weight is [65, 48], expected [64, 48]"));
+    layer.expert_weights(3).in = moe::matrix<float>::Random(64, 48);
+    layer.router_state().bias = moe::vector<float>::Zero(3);
+    CHECK_THROWS_WITH(layer.forward(ok_x, ok_y), Catch::Contains("the correction bias is [3, 1], expected [16, 1]"));
 }
 
 TEST_CASE("layer counts active FLOPs of the experts that ran", "[layer]") {

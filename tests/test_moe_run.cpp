@@ -131,6 +131,7 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     };
     const std::string ok = case_args("mixtral_f32", out);
     fails(ok + " --threads 0", 2, "--threads = 0");
+    fails(ok + " --threads 99999999999", 2, "--threads = 99999999999 must be <= 1024");
     fails(ok + " --frobnicate", 2, "unknown argument '--frobnicate'");
     fails(ok + " --layer x", 2, "--layer expects an integer");
     fails("--layer 1 --input a --output b", 2, "--model is required");

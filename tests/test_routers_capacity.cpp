@@ -46,6 +46,22 @@ TEST_CASE("capacity caps every expert at C and keeps the rest", "[routers][capac
     CHECK(capacity<softmax_topk>::batch_dependent);
 }
 
+TEST_CASE("capacity keeps the pre-drop counts and survives NaN weights", "[routers][capacity]") {
+    moe::matrix<double> logits = moe::matrix<double>::Random(20, 4);
+    logits.col(0).array() += 5.0;
+    const capacity<softmax_topk> router{.inner = {.k = 1}, .capacity_factor = 1.0, .policy = drop_policy::probs};
+    capacity<softmax_topk>::state<double> st(4);
+    moe::routing<double> r;
+    router.route(logits, st, r);
+    r.build_dispatch();
+    CHECK(r.routed_to(0) == 20);  // every token chose expert 0 ...
+    CHECK(r.expert_offsets[1] == 5);  // ... which keeps C = 5
+    logits(3, 0) = std::numeric_limits<double>::quiet_NaN();
+    router.route(logits, st, r);
+    r.build_dispatch();
+    CHECK(r.rows() <= 20);
+}
+
 TEST_CASE("capacity rejects a factor that is not positive and finite", "[routers][capacity]") {
     CHECK_THROWS_WITH((capacity<softmax_topk>{.capacity_factor = 0}.validate(4)), Catch::Contains("capacity_factor"));
     CHECK_THROWS_AS((capacity<softmax_topk>{.capacity_factor = -1}.validate(4)), moe::value_error);

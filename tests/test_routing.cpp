@@ -28,3 +28,23 @@ TEST_CASE("build_dispatch skips null experts and handles no tokens", "[routing]"
     r.build_dispatch();
     CHECK(r.rows() == 0);
 }
+
+TEST_CASE("bucket_size rounds decimal factors as written and clamps", "[routing]") {
+    CHECK(moe::bucket_size(1.1, 100, 10) == 11);  // 1.1 * 10 is 11.000000000000002 in binary
+    CHECK(moe::bucket_size(2.2, 100, 10) == 22);
+    CHECK(moe::bucket_size(1.25, 30, 4) == 10);   // 9.375 rounds up
+    CHECK(moe::bucket_size(0.5, 7, 4) == 1);
+    CHECK(moe::bucket_size(1e300, 30, 4) == 30);  // at most every item
+    CHECK(moe::sort_key(std::numeric_limits<float>::quiet_NaN()) == -std::numeric_limits<float>::infinity());
+    CHECK(moe::sort_key(2.5) == 2.5);
+}
+
+TEST_CASE("routed_to counts the router's choices before drops", "[routing]") {
+    moe::routing<float> r;
+    r.reset_fixed_k(2, 2, 1);
+    r.expert_ids = {0, moe::dropped_slot};
+    r.build_dispatch();
+    CHECK(r.routed_to(0) == 1);
+    r.routed = {2, 0};
+    CHECK(r.routed_to(0) == 2);
+}

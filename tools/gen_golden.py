@@ -517,6 +517,8 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
         ids, weights = route_expert_choice(logits, spec.capacity_factor, dec)
     else:
         raise ValueError(spec.router)
+    # The router's assignments before any capacity drop: what L1 counts (Switch, GShard).
+    routed = torch.tensor([int((ids == e).sum()) for e in range(spec.E)], dtype=torch.int64)
     if spec.capacity_factor and spec.router in TOPK_ROUTERS:
         ids, weights = apply_capacity(ids, weights, spec.E, spec.capacity_factor,
                                       spec.drop_policy, dec)
@@ -535,10 +537,11 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
     slots = (ids >= 0).sum(dim=1)
     if spec.router not in TOPK_ROUTERS:
         return dict(extra, y=y, logits=logits, ids=ids, weights=weights, load=load, slots=slots)
-    # L1 (Switch form, alpha = 1) over the kept assignments, and L2 (beta = 1); SEMANTICS "Balancing losses".
+    # L1 (Switch form, alpha = 1) over the assignments before capacity drops, as Switch's and
+    # GShard's auxiliary loss counts them, and L2 (beta = 1); SEMANTICS "Balancing losses".
     T, k = ids.shape
     P = torch.softmax(logits, dim=-1).mean(dim=0)
-    load_balance = spec.E * (load.to(torch.float64) / (T * k) * P).sum()
+    load_balance = spec.E * (routed.to(torch.float64) / (T * k) * P).sum()
     z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
     return {"y": y, "logits": logits, "ids": ids, "weights": weights, "load": load,
             "slots": slots, "load_balance": load_balance, "z_loss": z_loss}

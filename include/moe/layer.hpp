@@ -27,6 +27,9 @@
 
 namespace moe {
 
+/// Upper bound of `layer::set_threads`.
+inline constexpr index max_threads = 1024;
+
 /// Sizes of a layer.
 struct layer_shape {
     index d_model = 0;    ///< hidden size d
@@ -127,7 +130,9 @@ public:
 
     /// Worker threads for forward (the calling thread included); results do not depend on it.
     void set_threads(index threads) {
-        if (threads < 1) throw value_error("layer: threads = " + std::to_string(threads) + " must be >= 1");
+        if (threads < 1 || threads > max_threads)
+            throw value_error("layer: threads = " + std::to_string(threads) + " must be in [1, " +
+                              std::to_string(max_threads) + "]");
         if (threads != pool_->size()) pool_ = std::make_unique<detail::thread_pool>(threads);
     }
     [[nodiscard]] index threads() const { return pool_->size(); }
@@ -140,6 +145,7 @@ public:
                               std::to_string(d) + "]");
         if (y.rows() != t || y.cols() != d)
             throw shape_error("layer::forward: output is " + dims(y.rows(), y.cols()) + ", expected " + dims(t, d));
+        check_weights();
         logits_.resize(t, router_weight_.rows());
         compute_logits(x);
         moe::route(router_, logits_, router_state_, routing_);
@@ -180,6 +186,29 @@ public:
 private:
     static std::string dims(index r, index c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; }
 
+    // The weights are public members a user may replace; a wrong shape must not reach the kernels.
+    void check_weights() {
+        const index d = shape_.d_model;
+        const auto check = [&](const auto& m, index rows, index cols, const std::string& what) {
+            if (m.rows() != rows || m.cols() != cols)
+                throw shape_error("layer: " + what + " is " + dims(m.rows(), m.cols()) + ", expected " + dims(rows, cols));
+        };
+        check(router_weight_, logit_rows(router_, shape_.n_experts), d, "the router weight");
+        for (index e = 0; e < shape_.n_experts; ++e) {
+            const auto& w = experts_[static_cast<std::size_t>(e)];
+            check(w.in, ffn_in_rows<Expert>(shape_.d_ff), d, "expert " + std::to_string(e) + "'s input weight");
+            check(w.out, d, shape_.d_ff, "expert " + std::to_string(e) + "'s output weight");
+        }
+        if constexpr (Shared::enabled) {
+            check(shared_weights_.in, ffn_in_rows<decltype(shared_.expert)>(shape_.d_shared), d,
+                  "the shared expert's input weight");
+            check(shared_weights_.out, d, shape_.d_shared, "the shared expert's output weight");
+            if constexpr (Shared::gated) check(shared_gate_, d, 1, "the shared-expert gate");
+        }
+        if (const vector<Scalar>* bias = correction_bias<Scalar>(router_state_))
+            check(*bias, shape_.n_experts, 1, "the correction bias");
+    }
+
     void zero(ffn_weights<Scalar>& w, index ff, index in_rows) const {
         w.in = matrix<Scalar>::Zero(in_rows, shape_.d_model);
         w.out = matrix<Scalar>::Zero(shape_.d_model, ff);
@@ -207,14 +236,16 @@ private:
         const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
         expert_out_.resize(routing_.rows(), d);
         tasks_.clear();
+        // Shared-expert tasks (every token) first: the largest tasks start first and the small
+        // routed ones fill the gaps at the end.
+        if constexpr (Shared::enabled) {
+            shared_out_.resize(t, d);
+            for (index r = 0; r < t; r += chunk_rows) tasks_.push_back({e, r, std::min(chunk_rows, t - r)});
+        }
         for (index x_ = 0; x_ < e; ++x_) {
             const index b = routing_.expert_offsets[static_cast<std::size_t>(x_)];
             const index n = routing_.expert_offsets[static_cast<std::size_t>(x_) + 1] - b;
             for (index r = 0; r < n; r += chunk_rows) tasks_.push_back({x_, b + r, std::min(chunk_rows, n - r)});
-        }
-        if constexpr (Shared::enabled) {
-            shared_out_.resize(t, d);
-            for (index r = 0; r < t; r += chunk_rows) tasks_.push_back({e, r, std::min(chunk_rows, t - r)});
         }
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
         const std::size_t per_thread = static_cast<std::size_t>(chunk_rows * (d + 3 * widest));

@@ -10,6 +10,8 @@
 #include "moe/types.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <vector>
 
@@ -17,6 +19,22 @@ namespace moe {
 
 /// Expert id of a slot whose assignment was dropped (capacity): it computes and adds nothing.
 inline constexpr std::int32_t dropped_slot = -1;
+
+/// ceil(factor * items / experts), at most `items`: the bucket size of capacity routing and expert
+/// choice. A factor is meant as the decimal it was written as: 1.1 * 100 / 10 is 11, not the 12 its
+/// binary rounding would give, so a relative slack of 1e-9 is allowed before rounding up.
+inline index bucket_size(double factor, index items, index experts) {
+    const double exact = factor * static_cast<double>(items) / static_cast<double>(experts);
+    if (!(exact < static_cast<double>(items))) return items;  // also a NaN or huge factor
+    const double up = std::ceil(exact - 1e-9 * exact);
+    return up < 0 ? 0 : static_cast<index>(up);
+}
+
+/// A sort key that ranks NaN below every number, so comparisons stay a strict weak order.
+template <class Scalar>
+Scalar sort_key(Scalar v) {
+    return std::isnan(v) ? -std::numeric_limits<Scalar>::infinity() : v;
+}
 
 template <class Scalar>
 struct routing {
@@ -31,6 +49,9 @@ struct routing {
     std::vector<index> token_offsets;
     std::vector<std::int32_t> expert_ids;  ///< per slot: expert, or `dropped_slot`, or >= E (null)
     std::vector<Scalar> weights;           ///< per slot: combine weight
+    /// Assignments per expert as the router chose them, before capacity dropped any (L1 counts
+    /// these); empty when no capacity was applied, the expert blocks then hold the same counts.
+    std::vector<index> routed;
 
     /// Expert side, derived by `build_dispatch`. Rows of expert e are
     /// [expert_offsets[e], expert_offsets[e+1]) of `row_slots`, ordered by token.
@@ -43,6 +64,11 @@ struct routing {
     [[nodiscard]] index slots() const { return static_cast<index>(expert_ids.size()); }
     /// Number of rows that run an expert (sum of the expert blocks).
     [[nodiscard]] index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
+    /// Assignments of expert e before capacity drops (after `build_dispatch`).
+    [[nodiscard]] index routed_to(index e) const {
+        const auto i = static_cast<std::size_t>(e);
+        return routed.empty() ? expert_offsets[i + 1] - expert_offsets[i] : routed[i];
+    }
     /// Slots of token t.
     [[nodiscard]] index begin(index t) const { return token_offsets[static_cast<std::size_t>(t)]; }
     [[nodiscard]] index end(index t) const { return token_offsets[static_cast<std::size_t>(t + 1)]; }
@@ -55,6 +81,7 @@ struct routing {
         for (index i = 0; i <= t; ++i) token_offsets[static_cast<std::size_t>(i)] = i * k;
         expert_ids.resize(static_cast<std::size_t>(t * k));
         weights.resize(static_cast<std::size_t>(t * k));
+        routed.clear();
     }
 
     /// Starts a token side with a variable number of slots per token: call `add_slot` for the slots
@@ -65,6 +92,7 @@ struct routing {
         token_offsets.assign(1, 0);
         expert_ids.clear();
         weights.clear();
+        routed.clear();
     }
     void add_slot(std::int32_t expert, Scalar weight) {
         expert_ids.push_back(expert);

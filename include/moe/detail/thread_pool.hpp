@@ -18,18 +18,16 @@ class thread_pool {
 public:
     /// `threads` workers in all, the calling thread included.
     explicit thread_pool(index threads) {
-        for (index w = 1; w < threads; ++w) workers_.emplace_back([this, w] { work(w); });
+        try {
+            for (index w = 1; w < threads; ++w) workers_.emplace_back([this, w] { work(w); });
+        } catch (...) {
+            stop_and_join();  // no destructor runs for a half-built pool: stop the workers started
+            throw;
+        }
     }
     thread_pool(const thread_pool&) = delete;
     thread_pool& operator=(const thread_pool&) = delete;
-    ~thread_pool() {
-        {
-            std::lock_guard lock(mutex_);
-            stop_ = true;
-        }
-        wake_.notify_all();
-        for (auto& t : workers_) t.join();
-    }
+    ~thread_pool() { stop_and_join(); }
 
     [[nodiscard]] index size() const { return static_cast<index>(workers_.size()) + 1; }
 
@@ -59,6 +57,15 @@ public:
     }
 
 private:
+    void stop_and_join() {
+        {
+            std::lock_guard lock(mutex_);
+            stop_ = true;
+        }
+        wake_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
     void drain(index thread) {
         for (index t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
             try {

@@ -23,7 +23,8 @@ concept loss_term = std::copy_constructible<L> && requires(const L& l, const rou
 namespace losses {
 
 /// L1 load balance (Switch/GShard): `alpha * E * sum_e (c_e / (T*k)) * P_e`, with `c_e` the assignments
-/// of expert e that run (after capacity drops), T*k all slots, and `P_e = mean_t softmax(z_t)_e`.
+/// the router made to expert e (before capacity drops, as Switch and GShard count them), T*k all
+/// slots, and `P_e = mean_t softmax(z_t)_e`.
 /// Equals `alpha` at perfect balance. With `per_token` (HuggingFace Mixtral/Qwen/OLMoE) the counts are
 /// divided by T instead (alpha*k at balance).
 struct load_balance {
@@ -42,10 +43,7 @@ struct load_balance {
             mean_p += (p / p.sum()).matrix().transpose();
         }
         double sum = 0;
-        for (index x = 0; x < e; ++x)
-            sum += static_cast<double>(r.expert_offsets[static_cast<std::size_t>(x) + 1] -
-                                       r.expert_offsets[static_cast<std::size_t>(x)]) *
-                   mean_p[x];
+        for (index x = 0; x < e; ++x) sum += static_cast<double>(r.routed_to(x)) * mean_p[x];
         const double t = static_cast<double>(r.tokens);
         const double slots = per_token ? t : static_cast<double>(r.slots());
         return static_cast<Scalar>(alpha * static_cast<double>(e) * sum / (slots * t));

@@ -23,7 +23,8 @@ enum class drop_policy {
 
 /// Routes with `inner`, then caps every expert at C = ceil(capacity_factor * T * k / E) assignments
 /// (k = slots per token, T * k = all slots). Dropped slots get id `dropped_slot` and weight 0 and
-/// contribute nothing; kept weights are not renormalised.
+/// contribute nothing; kept weights are not renormalised. `routing::routed` keeps the counts before
+/// the drops (what the load-balancing loss counts).
 template <class Inner>
 struct capacity {
     Inner inner{};
@@ -48,9 +49,9 @@ struct capacity {
                               " must be a finite number > 0");
     }
 
-    /// C for `slots` assignments over `experts` experts.
+    /// C for `slots` assignments over `experts` experts (see `bucket_size`).
     [[nodiscard]] index expert_capacity(index slots, index experts) const {
-        return static_cast<index>(std::ceil(capacity_factor * static_cast<double>(slots) / static_cast<double>(experts)));
+        return bucket_size(capacity_factor, slots, experts);
     }
 
     template <class Scalar>
@@ -58,6 +59,9 @@ struct capacity {
         moe::route(inner, logits, st.inner, out);
         const index e = out.experts;
         const index cap = expert_capacity(out.slots(), e);
+        out.routed.assign(static_cast<std::size_t>(e), 0);
+        for (const auto id : out.expert_ids)
+            if (id >= 0 && id < e) ++out.routed[static_cast<std::size_t>(id)];
         if (policy == drop_policy::position) {
             // Slots are in token order, so the first `cap` seen per expert are the lowest tokens.
             st.count.assign(static_cast<std::size_t>(e), 0);
@@ -75,10 +79,10 @@ struct capacity {
             if (n <= cap) continue;
             st.order.assign(out.row_slots.begin() + b, out.row_slots.begin() + b + n);
             // Slot order is token order, so ties on the weight go to the lower slot (std::sort, unlike
-            // std::stable_sort, needs no buffer).
+            // std::stable_sort, needs no buffer). NaN weights rank last.
             std::sort(st.order.begin(), st.order.end(), [&](index a, index c) {
-                const Scalar wa = out.weights[static_cast<std::size_t>(a)];
-                const Scalar wc = out.weights[static_cast<std::size_t>(c)];
+                const Scalar wa = sort_key(out.weights[static_cast<std::size_t>(a)]);
+                const Scalar wc = sort_key(out.weights[static_cast<std::size_t>(c)]);
                 return wa > wc || (wa == wc && a < c);
             });
             for (index j = cap; j < n; ++j) drop(out, static_cast<std::size_t>(st.order[static_cast<std::size_t>(j)]));

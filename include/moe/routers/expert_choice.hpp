@@ -38,8 +38,7 @@ struct expert_choice {
 
     /// C for `tokens` tokens and `experts` experts.
     [[nodiscard]] index bucket_size(index tokens, index experts) const {
-        const auto c = static_cast<index>(std::ceil(capacity_factor * static_cast<double>(tokens) / static_cast<double>(experts)));
-        return std::min(tokens, c);
+        return moe::bucket_size(capacity_factor, tokens, experts);
     }
 
     template <class Scalar>
@@ -53,7 +52,8 @@ struct expert_choice {
             for (index i = 0; i < t; ++i) st.order[static_cast<std::size_t>(i)] = i;
             const auto& p = out.scores;
             std::partial_sort(st.order.begin(), st.order.begin() + c, st.order.end(), [&](index a, index b) {
-                return p(a, x) > p(b, x) || (p(a, x) == p(b, x) && a < b);
+                const Scalar pa = sort_key(p(a, x)), pb = sort_key(p(b, x));
+                return pa > pb || (pa == pb && a < b);
             });
             for (index j = 0; j < c; ++j) st.chosen[static_cast<std::size_t>(st.order[static_cast<std::size_t>(j)] * e + x)] = 1;
         }
