@@ -230,6 +230,8 @@ void run(const arguments& a) {
     const moe::io::model_config& c = ckpt.config();
     const moe::layer_shape shape = moe::io::shape_of(c);
     const moe::routers::any_router router = make_router(a, c);
+    router.validate(c.n_experts);
+    moe::io::check_layer(ckpt, a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
     using moe::routers::any_router;
     namespace se = moe::shared_experts;
     if (c.shared_size == 0) {

@@ -2,6 +2,8 @@
 
 #include <moe/io/checkpoint.hpp>
 
+#include <unistd.h>
+
 namespace {
 const std::filesystem::path ckpt_dir = golden::data_dir / "ckpt";
 
@@ -62,4 +64,22 @@ TEST_CASE("load_layer names the missing layer, tensor or shard", "[io][checkpoin
     const moe::io::checkpoint sharded(ckpt_dir / "mixtral_sharded");
     CHECK_THROWS_WITH(sharded.read<float>("model.nothing", out, shape), Catch::Contains("model.safetensors.index.json"));
     CHECK_THROWS_AS(moe::io::checkpoint(ckpt_dir / "does_not_exist"), moe::io_error);
+}
+
+TEST_CASE("check_layer rejects wrong shapes and integer weights from the headers alone", "[io][checkpoint][errors]") {
+    const moe::io::checkpoint mixtral(ckpt_dir / "mixtral_f32");
+    CHECK_NOTHROW(moe::io::check_layer(mixtral, 1, 4));
+    CHECK_THROWS_WITH(moe::io::check_layer(mixtral, 1, 6),
+                      Catch::Contains("'model.layers.1.block_sparse_moe.gate.weight' has shape [4, 32], expected [6, 32]"));
+    const auto dir = std::filesystem::temp_directory_path() / ("moe_check_layer_" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(ckpt_dir / "mixtral_f32" / "config.json", dir / "config.json",
+                               std::filesystem::copy_options::overwrite_existing);
+    const std::vector<std::int64_t> ints(4 * 32, 1);
+    const moe::io::tensor_to_write router[] = {
+        {.name = "model.layers.1.block_sparse_moe.gate.weight", .shape = {4, 32}, .type = moe::io::dtype::i64, .integers = ints}};
+    moe::io::write_safetensors(dir / "model.safetensors", router);
+    const moe::io::checkpoint ints_ckpt(dir);
+    CHECK_THROWS_WITH(moe::io::check_layer(ints_ckpt, 1, 4), Catch::Contains("has dtype I64"));
+    std::filesystem::remove_all(dir);
 }

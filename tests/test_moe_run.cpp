@@ -102,6 +102,28 @@ TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run]
     CHECK(cases >= 10);
 }
 
+TEST_CASE("moe-run is bitwise identical at 1, 2 and 3 threads on a long batch", "[moe-run][determinism]") {
+    // Long enough (T = 2 x 150) that logits, experts and combine all split into several tasks.
+    temp_dir tmp;
+    for (const char* name : {"deepseek_v3", "qwen2_moe"}) {
+        INFO(name);
+        std::vector<float> x(2 * 150 * 32);
+        for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+        const fs::path in = tmp.path / "long.safetensors";
+        const moe::io::tensor_to_write t[] = {{.name = "hidden_states", .shape = {2, 150, 32}, .values = x}};
+        moe::io::write_safetensors(in, t);
+        std::vector<std::string> outputs;
+        for (int threads : {1, 2, 3}) {
+            const fs::path out = tmp.path / ("out" + std::to_string(threads) + ".safetensors");
+            REQUIRE(moe_run(case_args(name, out, in.string()) + " --threads " + std::to_string(threads), tmp).status == 0);
+            outputs.push_back(slurp(out));
+        }
+        CHECK(outputs[0] == outputs[1]);
+        CHECK(outputs[0] == outputs[2]);
+        CHECK(outputs[0].size() > 2 * 150 * 32 * 4);
+    }
+}
+
 TEST_CASE("moe-run prints statistics and timings on request", "[moe-run]") {
     temp_dir tmp;
     const auto r = moe_run(case_args("deepseek_v3", tmp.path / "o.safetensors") + " --stats --repeat 3", tmp);

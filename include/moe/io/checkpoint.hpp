@@ -79,6 +79,13 @@ public:
         return single_.empty() ? weight_map_.count(name) > 0 : file(single_).contains(name);
     }
 
+    /// The header entry of tensor `name` (no data is read). Throws `io_error` when it is missing.
+    [[nodiscard]] const tensor_info& info(const std::string& name) const {
+        const safetensors_file& f = file(shard_of(name));
+        if (!f.contains(name)) throw io_error(f.path().string() + ": no tensor '" + name + "'");
+        return f.info(name);
+    }
+
     /// Reads tensor `name` of shape `shape` into `out` (converted to T). Throws `io_error` when the
     /// tensor is missing or not floating-point, `shape_error` when its shape differs.
     template <class T>
@@ -145,12 +152,11 @@ inline layer_shape shape_of(const model_config& c) {
     return {.d_model = c.hidden_size, .d_ff = c.expert_size, .n_experts = c.n_experts, .d_shared = c.shared_size};
 }
 
-/// Loads MoE layer `layer_index` of `ckpt` into `layer`, whose shape must be `shape_of(ckpt.config())`.
-/// Only that layer's tensors are read. Throws `config_error` when the layer is out of range or dense,
-/// `io_error` / `shape_error` naming the tensor when one is missing or has another shape.
-template <class Layer>
-void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
-    using Scalar = typename Layer::scalar_type;
+/// Checks, from the headers alone, that MoE layer `layer_index` of `ckpt` exists and that every tensor
+/// `load_layer` reads is present, floating-point and of the shape the config implies (the router with
+/// `router_rows` rows), so that a bad checkpoint fails before a layer is allocated. Throws
+/// `config_error` for a missing or dense layer, `io_error` / `shape_error` naming the tensor.
+inline void check_layer(const checkpoint& ckpt, index layer_index, index router_rows) {
     const model_config& c = ckpt.config();
     if (layer_index < 0 || layer_index >= c.n_layers)
         throw config_error(ckpt.directory().string() + ": layer " + std::to_string(layer_index) +
@@ -158,6 +164,40 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
     if (!c.is_moe_layer(layer_index))
         throw config_error(ckpt.directory().string() + ": layer " + std::to_string(layer_index) +
                            " is a dense MLP layer, not an MoE layer");
+    const auto names = layer_tensor_names::of(c.kind, layer_index);
+    const index d = c.hidden_size;
+    const auto expect = [&](const std::string& name, std::vector<std::int64_t> shape) {
+        const tensor_info& info = ckpt.info(name);
+        if (!detail::is_floating(info.type))
+            throw io_error(ckpt.directory().string() + ": tensor '" + name + "' has dtype " +
+                           std::string(dtype_name(info.type)) + "; weights must be F32, BF16, F16 or F64");
+        if (info.shape != shape)
+            throw shape_error(ckpt.directory().string() + ": tensor '" + name + "' has shape " +
+                              detail::format_shape(info.shape) + ", expected " + detail::format_shape(shape));
+    };
+    expect(names.router(), {router_rows, d});
+    for (index e = 0; e < c.n_experts; ++e) {
+        expect(names.expert_gate(e), {c.expert_size, d});
+        expect(names.expert_up(e), {c.expert_size, d});
+        expect(names.expert_down(e), {d, c.expert_size});
+    }
+    if (c.shared_size > 0) {
+        expect(names.shared_gate_proj(), {c.shared_size, d});
+        expect(names.shared_up_proj(), {c.shared_size, d});
+        expect(names.shared_down_proj(), {d, c.shared_size});
+    }
+    if (c.shared_gated) expect(names.shared_expert_gate(), {1, d});
+    if (c.sigmoid_scoring) expect(names.correction_bias(), {c.n_experts});
+}
+
+/// Loads MoE layer `layer_index` of `ckpt` into `layer`, whose shape must be `shape_of(ckpt.config())`.
+/// Only that layer's tensors are read. Throws `config_error` when the layer is out of range or dense,
+/// `io_error` / `shape_error` naming the tensor when one is missing or has another shape.
+template <class Layer>
+void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
+    using Scalar = typename Layer::scalar_type;
+    const model_config& c = ckpt.config();
+    check_layer(ckpt, layer_index, layer.router_weight().rows());
     const layer_shape expected = shape_of(c), actual = layer.shape();
     if (actual.d_model != expected.d_model || actual.d_ff != expected.d_ff || actual.n_experts != expected.n_experts ||
         actual.d_shared != expected.d_shared)
@@ -175,7 +215,6 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         read(up, w.in.data() + ff * d, ff, d);
         read(down, w.out.data(), d, ff);
     };
-    // Routers with null experts have more rows than the config's experts; the shape check names the tensor.
     read(names.router(), layer.router_weight().data(), layer.router_weight().rows(), d);
     for (index e = 0; e < c.n_experts; ++e)
         read_ffn(layer.expert_weights(e), names.expert_gate(e), names.expert_up(e), names.expert_down(e));

@@ -67,14 +67,17 @@ public:
 
     [[nodiscard]] bool has(const char* key) const { return j_.contains(key) && !j_.at(key).is_null(); }
 
+    /// Sizes beyond this are absurd for any model and are rejected before anything is allocated.
+    static constexpr index largest = index{1} << 24;
+
     /// A required integer in [min, max].
-    [[nodiscard]] index integer(const char* key, index min = 1, index max = index{1} << 40) const {
+    [[nodiscard]] index integer(const char* key, index min = 1, index max = largest) const {
         if (!has(key)) fail(key, "is missing");
         return checked_integer(key, min, max);
     }
     /// An optional integer, `fallback` when absent.
     [[nodiscard]] index integer_or(const char* key, index fallback, index min = 0) const {
-        return has(key) ? checked_integer(key, min, index{1} << 40) : fallback;
+        return has(key) ? checked_integer(key, min, largest) : fallback;
     }
     [[nodiscard]] bool boolean_or(const char* key, bool fallback) const {
         if (!has(key)) return fallback;
