@@ -5,6 +5,7 @@
 /// activation and product, a GEMM for the output projection.
 
 #include "moe/kernels/activations.hpp"
+#include "moe/kernels/linear.hpp"
 #include "moe/types.hpp"
 
 #include <concepts>
@@ -61,12 +62,26 @@ constexpr index ffn_in_rows(index ff) {
     return X::gated ? 2 * ff : ff;
 }
 
+/// Blocks of 2 to this many rows use the streaming kernel (`kernels::linear_rows`) instead of a GEMM,
+/// which would spend its time packing weights it uses for a few rows only (decoding: 3x faster at
+/// T=8 with the mixtral shape). A single row goes to Eigen's GEMV, which streams a little faster still.
+inline constexpr index streaming_rows = 8;
+
+/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d).
+template <class Scalar>
+void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Scalar>& w, Eigen::Map<matrix<Scalar>>& out) {
+    if (x.rows() > 1 && x.rows() <= streaming_rows)
+        kernels::linear_rows(x.data(), w.data(), out.data(), x.rows(), w.rows(), x.cols());
+    else
+        out.noalias() = x * w.transpose();
+}
+
 /// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch.
 template <expert_ffn X, class Scalar>
 void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
                  Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out) {
     const index n = x.rows(), ff = w.out.cols();
-    h.noalias() = x * w.in.transpose();
+    project(x, w.in, h);
     kernels::with_activation(expert.act(), [&]<activation A>() {
         for (index r = 0; r < n; ++r) {
             const Scalar* hr = h.row(r).data();
@@ -76,7 +91,7 @@ void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map
                 kernels::activate<A>(hr, a.row(r).data(), ff);
         }
     });
-    out.noalias() = a * w.out.transpose();
+    project(Eigen::Map<const matrix<Scalar>>(a.data(), n, ff), w.out, out);
 }
 
 }  // namespace moe
