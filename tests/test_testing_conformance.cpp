@@ -1,4 +1,5 @@
 #include <moe/layer.hpp>
+#include <moe/routers/any_router.hpp>
 #include <moe/routers/softmax_topk.hpp>
 #include <moe/testing/conformance.hpp>
 
@@ -53,4 +54,56 @@ TEST_CASE("check_thread_invariance compares 1 and 2 threads", "[testing]") {
     const moe::matrix<float> x = moe::matrix<float>::Random(200, 16);
     CHECK(moe::testing::check_thread_invariance(layer, x).ok());
     CHECK(layer.threads() == 1);
+}
+
+TEST_CASE("every built-in router passes the conformance checks and is thread-count invariant", "[testing][routers]") {
+    namespace r = moe::routers;
+    struct entry {
+        const char* name;
+        moe::routers::any_router router;
+        bool batch_dependent;
+        moe::testing::router_expectations expect;
+    };
+    const moe::index experts = 8, tokens = 300;
+    const entry entries[] = {
+        {"softmax_topk", r::softmax_topk{.k = 2, .normalize = true}, false, {.weight_sum = 1.0, .slots_per_token = 2}},
+        {"softmax_topk scaled", r::softmax_topk{.k = 3, .normalize = true, .scale = 2.0}, false, {.weight_sum = 2.0}},
+        {"sigmoid_topk", r::sigmoid_topk{.k = 2, .normalize = true, .scale = 1.0, .n_group = 4, .topk_group = 2}, false,
+         {.weight_sum = 1.0, .slots_per_token = 2}},
+        {"capacity", r::capacity<r::softmax_topk>{.inner = {.k = 2}, .capacity_factor = 0.8, .policy = r::drop_policy::probs},
+         true, {.slots_per_token = 2}},
+        {"top_p", r::top_p{.threshold = 0.6, .max_k = 4, .normalize = true}, false, {.weight_sum = 1.0}},
+        {"null_experts", r::null_experts{.k = 2, .nulls = 2}, false, {.weight_sum = 1.0, .slots_per_token = 2}},
+        {"sinkhorn", r::sinkhorn{.k = 2, .iterations = 5}, true, {.weight_sum = 1.0, .slots_per_token = 2}},
+        {"expert_choice", r::expert_choice{.capacity_factor = 2.0}, true, {.rows_per_expert = 75}},
+    };
+    for (const auto& e : entries) {
+        INFO(e.name);
+        CHECK(e.router.is_batch_dependent() == e.batch_dependent);
+        const moe::matrix<float> logits = moe::matrix<float>::Random(tokens, e.router.logit_rows(experts)) * 3.0f;
+        // Check the router itself (its own batch_dependent, not any_router's conservative one).
+        const auto report = std::visit(
+            [&](const auto& router) { return moe::testing::check_router(router, logits, experts, e.expect); },
+            e.router.get());
+        INFO(report.str());
+        CHECK(report.ok());
+        // Extreme logits: huge of both signs, all equal (ties everywhere), denormal. Invariants only:
+        // weights stay finite, ids valid and distinct, routing deterministic.
+        const moe::index rows = e.router.logit_rows(experts);
+        moe::matrix<float> huge(tokens, rows), equal = moe::matrix<float>::Constant(tokens, rows, 0.25f);
+        for (moe::index i = 0; i < huge.size(); ++i) huge.data()[i] = (i * 7919 % 3 == 0 ? -1e30f : 1e30f) * (1 + i % 5);
+        const moe::matrix<float> tiny = moe::matrix<float>::Random(tokens, rows) * 1e-39f;
+        for (const moe::matrix<float>* extreme : std::initializer_list<const moe::matrix<float>*>{&huge, &equal, &tiny}) {
+            const auto r2 = std::visit([&](const auto& router) { return moe::testing::check_router(router, *extreme, experts); },
+                                       e.router.get());
+            INFO(r2.str());
+            CHECK(r2.ok());
+        }
+        moe::layer<float, r::any_router, moe::experts::swiglu> layer({.d_model = 24, .d_ff = 16, .n_experts = experts}, e.router);
+        layer.randomize(11);
+        const moe::matrix<float> x = moe::matrix<float>::Random(tokens, 24);
+        const auto threads = moe::testing::check_thread_invariance(layer, x);
+        INFO(threads.str());
+        CHECK(threads.ok());
+    }
 }

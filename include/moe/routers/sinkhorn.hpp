@@ -122,6 +122,8 @@ private:
     }
 
     // Slots of token i: the k largest `select`, weighted by `gate` (divided by their sum if `norm`).
+    // With extreme logits the balanced plan can pick experts whose gates underflowed to 0; those
+    // weights stay 0 rather than becoming 0/0.
     template <class Scalar>
     void choose(routing<Scalar>& out, index i, const Scalar* select, const Scalar* gate, bool norm) const {
         std::int32_t* ids = out.expert_ids.data() + i * k;
@@ -129,7 +131,7 @@ private:
         kernels::top_k(select, out.experts, k, ids);
         Scalar sum = 0;
         for (index j = 0; j < k; ++j) sum += w[j] = gate[ids[j]];
-        if (norm)
+        if (norm && sum > 0)
             for (index j = 0; j < k; ++j) w[j] /= sum;
     }
 };

@@ -31,11 +31,11 @@ struct report {
 /// Properties a router declares, checked on top of the invariants every router has.
 struct router_expectations {
     /// Every token's weights on real experts sum to this (when it has any), e.g. 1 for normalised routers.
-    std::optional<double> weight_sum;
+    std::optional<double> weight_sum{};
     /// Every expert processes exactly this many rows (expert choice's bucket size C).
-    std::optional<index> rows_per_expert;
+    std::optional<index> rows_per_expert{};
     /// Every token has exactly this many slots (fixed-k routers).
-    std::optional<index> slots_per_token;
+    std::optional<index> slots_per_token{};
     /// Relative tolerance of `weight_sum`.
     double tolerance = 1e-5;
 };
