@@ -664,13 +664,9 @@ def build_qwen2_moe(g, d, ff, shared_ff, E, k, dtype="F32"):
     return config, tensors, spec
 
 
-def build_qwen3_moe(g, d, ff, E, k, dtype="F32"):
-    """Qwen3-MoE: mlp.gate, mlp.experts.{e}.*_proj; R1 with norm_topk_prob=true."""
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-              "hidden_size": d, "intermediate_size": 64, "moe_intermediate_size": ff,
-              "num_experts": E, "num_experts_per_tok": k, "norm_topk_prob": True,
-              "num_hidden_layers": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
-              "hidden_act": "silu", "torch_dtype": TORCH_DTYPE_NAME[dtype]}
+def softmax_swiglu_layers(g, d, ff, E, k, normalize, dtype):
+    """The unrelated embedding, then layers 0 and 1 with mlp.gate and mlp.experts.{e}.*_proj
+    (Qwen3-MoE and OLMoE names); returns the tensors and layer 1's MoeSpec (R1)."""
     tensors = embed_tensor(g, d, dtype)
     spec = None
     for layer in range(2):
@@ -682,7 +678,18 @@ def build_qwen3_moe(g, d, ff, E, k, dtype="F32"):
             ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
             tensors += ts
             experts.append(params)
-        spec = MoeSpec("softmax_topk", k, True, 1.0, router, experts=experts)
+        spec = MoeSpec("softmax_topk", k, normalize, 1.0, router, experts=experts)
+    return tensors, spec
+
+
+def build_qwen3_moe(g, d, ff, E, k, dtype="F32"):
+    """Qwen3-MoE: mlp.gate, mlp.experts.{e}.*_proj; R1 with norm_topk_prob=true."""
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+              "hidden_size": d, "intermediate_size": 64, "moe_intermediate_size": ff,
+              "num_experts": E, "num_experts_per_tok": k, "norm_topk_prob": True,
+              "num_hidden_layers": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "hidden_act": "silu", "torch_dtype": TORCH_DTYPE_NAME[dtype]}
+    tensors, spec = softmax_swiglu_layers(g, d, ff, E, k, normalize=True, dtype=dtype)
     return config, tensors, spec
 
 
@@ -693,18 +700,7 @@ def build_olmoe(g, d, ff, E, k, dtype="F32"):
               "hidden_size": d, "intermediate_size": ff, "num_experts": E,
               "num_experts_per_tok": k, "norm_topk_prob": False, "num_hidden_layers": 2,
               "hidden_act": "silu", "torch_dtype": TORCH_DTYPE_NAME[dtype]}
-    tensors = embed_tensor(g, d, dtype)
-    spec = None
-    for layer in range(2):
-        p = f"model.layers.{layer}.mlp"
-        router = rand_linear(g, E, d, dtype)
-        tensors.append((f"{p}.gate.weight", dtype, router))
-        experts = []
-        for e in range(E):
-            ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
-            tensors += ts
-            experts.append(params)
-        spec = MoeSpec("softmax_topk", k, False, 1.0, router, experts=experts)
+    tensors, spec = softmax_swiglu_layers(g, d, ff, E, k, normalize=False, dtype=dtype)
     return config, tensors, spec
 
 

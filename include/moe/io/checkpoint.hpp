@@ -13,11 +13,9 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <span>
-#include <sstream>
 #include <string>
 
 namespace moe::io {
@@ -102,16 +100,7 @@ private:
     }
 
     void read_index(const std::filesystem::path& index_file) {
-        std::ifstream in(index_file, std::ios::binary);
-        if (!in) throw io_error(index_file.string() + ": cannot open the file");
-        std::stringstream text;
-        text << in.rdbuf();
-        nlohmann::json j;
-        try {
-            j = nlohmann::json::parse(text.str());
-        } catch (const nlohmann::json::exception& e) {
-            throw io_error(index_file.string() + ": not valid JSON (" + e.what() + ")");
-        }
+        const nlohmann::json j = detail::read_json_file<io_error>(index_file);
         if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
             throw io_error(index_file.string() + ": no 'weight_map' object");
         for (const auto& [name, shard] : j["weight_map"].items()) {

@@ -61,6 +61,20 @@ struct model_config {
 
 namespace detail {
 
+/// Reads and parses a JSON file: `io_error` when it cannot be opened, `Error` when it is not JSON.
+template <class Error>
+nlohmann::json read_json_file(const std::filesystem::path& file) {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw io_error(file.string() + ": cannot open the file");
+    std::stringstream text;
+    text << in.rdbuf();
+    try {
+        return nlohmann::json::parse(text.str());
+    } catch (const nlohmann::json::exception& e) {
+        throw Error(file.string() + ": not valid JSON (" + e.what() + ")");
+    }
+}
+
 class config_reader {
 public:
     config_reader(const nlohmann::json& j, std::string source) : j_(j), source_(std::move(source)) {}
@@ -197,17 +211,7 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
 /// Reads and parses `path` (a config.json file, or a model folder holding one).
 inline model_config read_config(const std::filesystem::path& path) {
     const auto file = std::filesystem::is_directory(path) ? path / "config.json" : path;
-    std::ifstream in(file, std::ios::binary);
-    if (!in) throw io_error(file.string() + ": cannot open the file");
-    std::stringstream text;
-    text << in.rdbuf();
-    nlohmann::json j;
-    try {
-        j = nlohmann::json::parse(text.str());
-    } catch (const nlohmann::json::exception& e) {
-        throw config_error(file.string() + ": not valid JSON (" + e.what() + ")");
-    }
-    return parse_config(j, file.string());
+    return parse_config(detail::read_json_file<config_error>(file), file.string());
 }
 
 }  // namespace moe::io
