@@ -1138,6 +1138,9 @@ OVERRIDE_CASES = [
     ("top_p", "olmoe", [["--router", "top_p", "--top-p", "0.5", "--max-k", "3"]], 24),
     ("null_experts", "mixtral_null", [["--router", "null_experts", "--null-experts", "2"]], 32),
     ("softmax_topk_deepseek", "deepseek_v3", [["--router", "softmax_topk"]], "ckpt"),
+    # The families' own routers on a batch of a few hundred tokens (several 64-row tasks).
+    ("mixtral_bf16_t300", "mixtral_bf16", [[]], 300),
+    ("deepseek_v3_t300", "deepseek_v3", [[]], 300),
 ]
 
 RUN_FLAGS = ("--router", "--capacity-factor", "--drop-policy", "--sinkhorn-iters",
