@@ -191,6 +191,22 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     const moe::io::tensor_to_write with_nan[] = {{.name = "hidden_states", .shape = {2, 2, 32}, .values = nan}};
     moe::io::write_safetensors(bad, with_nan);
     fails(case_args("mixtral_f32", out, bad.string()), 1, "non-finite value (nan) at [1, 1, 7]");
+    std::vector<float> flat(32, 0.5f);
+    const moe::io::tensor_to_write rank_one[] = {{.name = "hidden_states", .shape = {32}, .values = flat}};
+    moe::io::write_safetensors(bad, rank_one);
+    fails(case_args("mixtral_f32", out, bad.string()), 1, "has rank 1");
+    std::vector<float> inf(3 * 32, 0.5f);
+    inf[2 * 32 + 5] = -std::numeric_limits<float>::infinity();
+    const moe::io::tensor_to_write with_inf[] = {{.name = "hidden_states", .shape = {3, 32}, .values = inf}};
+    moe::io::write_safetensors(bad, with_inf);
+    fails(case_args("mixtral_f32", out, bad.string()), 1, "non-finite value (-inf) at [2, 5]");
+    fs::resize_file(bad, fs::file_size(bad) - 7);  // truncated
+    fails(case_args("mixtral_f32", out, bad.string()), 1, bad.string());
+    // A config.json that is not JSON.
+    const fs::path broken = tmp.path / "broken";
+    fs::create_directories(broken);
+    std::ofstream(broken / "config.json") << "{\"model_type\": \"mixtral\",";
+    fails("--model " + broken.string() + " --layer 1 --input a --output " + out.string(), 1, "config.json: not valid JSON");
     // A shard listed in the index but absent.
     const fs::path model = tmp.path / "model";
     fs::create_directories(model);
