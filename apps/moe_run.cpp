@@ -12,13 +12,14 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
 
 constexpr const char* usage =
     "usage: moe-run --model DIR --layer L --input IN.safetensors --output OUT.safetensors\n"
-    "               [--threads N] [--repeat N] [--stats] [router overrides]\n"
+    "               [--threads N] [--repeat N] [--stats] [router overrides] [--backward ...]\n"
     "\n"
     "Runs MoE layer L of the HuggingFace checkpoint in DIR (config.json plus model.safetensors or\n"
     "model.safetensors.index.json and shards) on IN's `hidden_states` ([T, d] or [B, S, d]) and writes\n"
@@ -34,7 +35,14 @@ constexpr const char* usage =
     "  --sinkhorn-iters N (default 8)  --sinkhorn-tolerance X (default 0: run all iterations)\n"
     "  --sinkhorn-gates softmax|plan (default softmax)\n"
     "  --null-experts N        the router weight must have E+N rows\n"
-    "  --top-p P (default 0.9)  --max-k K (default the config's num_experts_per_tok)\n";
+    "  --top-p P (default 0.9)  --max-k K (default the config's num_experts_per_tok)\n"
+    "Backward:\n"
+    "  --backward   IN also holds `grad_output` (the shape of `hidden_states`); OUT also receives\n"
+    "               `grad_hidden_states` and `grad.<tensor>` for every trainable tensor of the layer:\n"
+    "               the gradient of sum(output * grad_output) plus the enabled losses\n"
+    "  --load-balance-coef A   add A * the load-balancing loss (Switch form); writes loss.load_balance\n"
+    "  --z-loss-coef B         add B * the router z-loss; writes loss.z_loss\n"
+    "  with --repeat, also prints backward_ms_median=<ms> (the backward alone)\n";
 
 /// Bad command-line arguments: exit code 2.
 struct argument_error : std::runtime_error {
@@ -44,7 +52,8 @@ struct argument_error : std::runtime_error {
 struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
-    bool stats = false;
+    bool stats = false, backward = false;
+    std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.
     std::string router, drop_policy, sinkhorn_gates;
     std::optional<double> capacity_factor, sinkhorn_tolerance, top_p;
@@ -89,15 +98,15 @@ arguments parse_arguments(int argc, char** argv) {
     static const char* const with_value[] = {
         "--model", "--layer", "--input", "--output", "--threads", "--repeat", "--router", "--capacity-factor",
         "--drop-policy", "--sinkhorn-iters", "--sinkhorn-tolerance", "--sinkhorn-gates", "--null-experts",
-        "--top-p", "--max-k"};
+        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef"};
     for (int i = 1; i < argc; ++i) {
         const std::string flag = argv[i];
         if (flag == "--help" || flag == "-h") {
             std::fputs(usage, stdout);
             std::exit(0);
         }
-        if (flag == "--stats") {
-            a.stats = true;
+        if (flag == "--stats" || flag == "--backward") {
+            (flag == "--stats" ? a.stats : a.backward) = true;
             continue;
         }
         if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value))
@@ -125,6 +134,10 @@ arguments parse_arguments(int argc, char** argv) {
         else if (flag == "--top-p") {
             a.top_p = parse_number(flag, value);
             if (*a.top_p <= 0 || *a.top_p > 1) throw argument_error(flag + " = " + value + " must be in (0, 1]");
+        } else if (flag == "--load-balance-coef" || flag == "--z-loss-coef") {
+            const double v = parse_number(flag, value);
+            if (v < 0) throw argument_error(flag + " = " + value + " must be >= 0");
+            (flag == "--z-loss-coef" ? a.z_loss_coef : a.load_balance_coef) = v;
         } else a.max_k = parse_integer(flag, value, 1);
     }
     for (const auto& [flag, missing] : {std::pair{"--model", a.model.empty()}, std::pair{"--layer", a.layer < 0},
@@ -142,6 +155,7 @@ arguments parse_arguments(int argc, char** argv) {
          "--router sinkhorn");
     only(a.null_experts.has_value(), "--null-experts", a.router == "null_experts", "--router null_experts");
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
+    only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
     return a;
 }
@@ -170,9 +184,9 @@ moe::routers::any_router make_router(const arguments& a, const moe::io::model_co
     return r::top_p{.threshold = a.top_p.value_or(0.9), .max_k = a.max_k.value_or(c.top_k), .normalize = c.normalize};
 }
 
-/// Reads `hidden_states` ([T, d] or [B, S, d]) as a T x d matrix; rejects other shapes and non-finite values.
-moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::index d, std::vector<std::int64_t>& shape) {
-    const std::string name = "hidden_states";
+/// Reads tensor `name` ([T, d] or [B, S, d]) as a T x d matrix; rejects other shapes and non-finite values.
+moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::index d, std::vector<std::int64_t>& shape,
+                                      const std::string& name) {
     const std::string where = in.path().string() + ": tensor '" + name + "'";
     shape = in.info(name).shape;
     if (shape.size() != 2 && shape.size() != 3)
@@ -196,32 +210,84 @@ moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::
     return x;
 }
 
+/// Reads tensor `name` of `in`, which must have `shape`, as a T x d matrix of finite values.
+moe::matrix<float> read_like(const moe::io::safetensors_file& in, const std::string& name,
+                             const std::vector<std::int64_t>& shape, moe::index d) {
+    std::vector<std::int64_t> got;
+    moe::matrix<float> m = read_hidden_states(in, d, got, name);
+    if (got != shape) {
+        const auto text = [](const std::vector<std::int64_t>& v) {
+            std::string s;
+            for (auto n : v) s += (s.empty() ? "" : ", ") + std::to_string(n);
+            return "[" + s + "]";
+        };
+        throw moe::shape_error(in.path().string() + ": tensor '" + name + "' is " + text(got) + ", 'hidden_states' is " +
+                               text(shape));
+    }
+    return m;
+}
+
+/// Median of `n` timed calls of `f`, in milliseconds.
+template <class F>
+double median_ms(moe::index n, F&& f) {
+    std::vector<double> ms;
+    for (moe::index i = 0; i < n; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        f();
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::nth_element(ms.begin(), ms.begin() + static_cast<std::ptrdiff_t>(ms.size() / 2), ms.end());
+    return ms[ms.size() / 2];
+}
+
 template <class Layer>
 void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer) {
     moe::io::load_layer(ckpt, a.layer, layer);
     layer.set_threads(a.threads);
+    layer.set_training(a.backward);
     const moe::io::safetensors_file in(a.input);
     std::vector<std::int64_t> shape;
-    const moe::matrix<float> x = read_hidden_states(in, layer.shape().d_model, shape);
-    moe::matrix<float> y(x.rows(), x.cols());
-    layer.forward(x, y);
-    if (a.repeat > 0) {
-        std::vector<double> ms;
-        for (moe::index i = 0; i < a.repeat; ++i) {
-            const auto start = std::chrono::steady_clock::now();
-            layer.forward(x, y);
-            ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-        }
-        std::nth_element(ms.begin(), ms.begin() + static_cast<std::ptrdiff_t>(ms.size() / 2), ms.end());
-        std::printf("forward_ms_median=%.4f\n", ms[ms.size() / 2]);
+    const moe::matrix<float> x = read_hidden_states(in, layer.shape().d_model, shape, "hidden_states");
+    moe::matrix<float> grad_output, grad_x;
+    if (a.backward) {
+        grad_output = read_like(in, "grad_output", shape, layer.shape().d_model);
+        grad_x.resize(x.rows(), x.cols());
     }
+    moe::matrix<float> y(x.rows(), x.cols());
+    if (a.repeat > 0) {
+        std::printf("forward_ms_median=%.4f\n", median_ms(a.repeat, [&] { layer.forward(x, y); }));
+        if (a.backward) {
+            // Each backward consumes its forward: time the pair and the forward alone, report the difference.
+            const double pair = median_ms(a.repeat, [&] {
+                layer.forward(x, y);
+                layer.backward(x, grad_output, grad_x);
+            });
+            const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
+            std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - forward));
+        }
+    }
+    layer.forward(x, y);
+    if (a.backward) layer.backward(x, grad_output, grad_x);
     if (a.stats) std::printf("%s\n", layer.statistics().to_json().c_str());
+
+    const auto tensor = [](std::string name, std::vector<std::int64_t> dims, const float* data, moe::index n) {
+        return moe::io::tensor_to_write{.name = std::move(name), .shape = std::move(dims), .type = moe::io::dtype::f32,
+                                        .values = std::span<const float>(data, static_cast<std::size_t>(n))};
+    };
     const auto& logits = layer.logits();
-    const moe::io::tensor_to_write out[] = {
-        {.name = "hidden_states", .shape = shape, .type = moe::io::dtype::f32,
-         .values = std::span<const float>(y.data(), static_cast<std::size_t>(y.size()))},
-        {.name = "router_logits", .shape = {logits.rows(), logits.cols()}, .type = moe::io::dtype::f32,
-         .values = std::span<const float>(logits.data(), static_cast<std::size_t>(logits.size()))}};
+    std::vector<moe::io::tensor_to_write> out = {tensor("hidden_states", shape, y.data(), y.size()),
+                                                 tensor("router_logits", {logits.rows(), logits.cols()}, logits.data(),
+                                                        logits.size())};
+    const auto& c = ckpt.config();
+    const auto params = moe::io::checkpoint_parameters(layer, c.kind, a.layer);
+    if (a.backward) {
+        out.push_back(tensor("grad_hidden_states", shape, grad_x.data(), grad_x.size()));
+        for (const auto& p : params)
+            out.push_back(tensor("grad." + p.name, {p.grad.rows(), p.grad.cols()}, p.grad.data(), p.grad.size()));
+        const auto& losses = layer.loss_values();  // load balance, z-loss
+        if (a.load_balance_coef) out.push_back(tensor("loss.load_balance", {}, &losses[0], 1));
+        if (a.z_loss_coef) out.push_back(tensor("loss.z_loss", {}, &losses[1], 1));
+    }
     moe::io::write_safetensors(a.output, out);
 }
 
@@ -234,14 +300,17 @@ void run(const arguments& a) {
     moe::io::check_layer(ckpt, a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
     using moe::routers::any_router;
     namespace se = moe::shared_experts;
+    using lb = moe::losses::load_balance;
+    using zl = moe::losses::z_loss;
+    const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
     if (c.shared_size == 0) {
-        moe::layer<float, any_router, moe::experts::swiglu> layer(shape, router);
+        moe::layer<float, any_router, moe::experts::swiglu, se::none, lb, zl> layer(shape, router, {}, {}, losses);
         run(a, ckpt, layer);
     } else if (c.shared_gated) {
-        moe::layer<float, any_router, moe::experts::swiglu, se::sigmoid_gated<>> layer(shape, router);
+        moe::layer<float, any_router, moe::experts::swiglu, se::sigmoid_gated<>, lb, zl> layer(shape, router, {}, {}, losses);
         run(a, ckpt, layer);
     } else {
-        moe::layer<float, any_router, moe::experts::swiglu, se::ungated<>> layer(shape, router);
+        moe::layer<float, any_router, moe::experts::swiglu, se::ungated<>, lb, zl> layer(shape, router, {}, {}, losses);
         run(a, ckpt, layer);
     }
 }

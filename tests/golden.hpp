@@ -77,6 +77,19 @@ struct layer_case {
                                                            : moe::routers::drop_policy::position};
     }
 
+    /// The case's router (any of the built-in ones), with capacity when the case has a drop policy.
+    [[nodiscard]] moe::routers::any_router router() const {
+        const std::string kind = option("router");
+        const bool capped = !option("drop_policy").empty();
+        if (kind == "softmax_topk") return capped ? moe::routers::any_router(with_capacity(softmax_router())) : softmax_router();
+        if (kind == "sigmoid_topk") return capped ? moe::routers::any_router(with_capacity(sigmoid_router())) : sigmoid_router();
+        if (kind == "top_p") return top_p_router();
+        if (kind == "null_experts") return null_router();
+        if (kind == "sinkhorn") return sinkhorn_router();
+        REQUIRE(kind == "expert_choice");
+        return expert_choice_router();
+    }
+
     /// Copies the case's weights into `layer`.
     template <class Layer>
     void load(Layer& layer) const {
@@ -103,6 +116,7 @@ struct layer_case {
         INFO("layer case " << name);
         const moe::matrix<Scalar> x = read_matrix<Scalar>(file, "x");
         moe::matrix<Scalar> y(x.rows(), x.cols());
+        layer.set_training(true);
         layer.forward(x, y);
         CHECK(relative_error(y, read_matrix(file, "expected.y")) <= 2e-5);
         CHECK(relative_error(layer.logits(), read_matrix(file, "expected.logits")) <= 2e-5);
@@ -129,6 +143,24 @@ struct layer_case {
         CHECK(relative_error(got_weights, weights) <= 2e-5);
         const auto load = file.read_integers("expected.load");
         CHECK(layer.statistics().load == std::vector<moe::index>(load.begin(), load.end()));
+        check_backward(layer, x);
+    }
+
+    /// The gradients of sum(y * grad_output) with respect to the input and every parameter of the
+    /// layer (after a training forward on `x`), against PyTorch autograd.
+    template <class Layer>
+    void check_backward(Layer& layer, const moe::matrix<typename Layer::scalar_type>& x) const {
+        using Scalar = typename Layer::scalar_type;
+        const moe::matrix<Scalar> g = read_matrix<Scalar>(file, "grad_output");
+        moe::matrix<Scalar> grad_x(x.rows(), x.cols());
+        layer.backward(x, g, grad_x);
+        CHECK(relative_error(grad_x, read_matrix(file, "grad.x")) <= 1e-4);
+        const auto params = layer.parameters();
+        REQUIRE(!params.empty());
+        for (const auto& p : params) {
+            INFO("gradient of " << p.name);
+            CHECK(relative_error(p.grad, read_matrix(file, "grad." + p.name)) <= 1e-4);
+        }
     }
 
     std::string name;

@@ -1,6 +1,7 @@
 #include "golden.hpp"
 
 #include <moe/layer.hpp>
+#include <moe/testing/gradient_check.hpp>
 
 
 
@@ -110,4 +111,42 @@ TEST_CASE("layer counts active FLOPs of the experts that ran", "[layer]") {
     layer.forward(x, y);
     // 20 rows, each 2*d*(2*ff) for the fused gate/up projection and 2*d*ff for down.
     CHECK(layer.active_flops() == 20.0 * (2 * 8 * 32 + 2 * 8 * 16));
+}
+
+TEST_CASE("layer backward agrees with finite differences for every expert type, shared experts and losses",
+          "[layer][backward]") {
+    using namespace moe;
+    const matrix<double> x = matrix<double>::Random(13, 6);
+    const layer_shape small{.d_model = 6, .d_ff = 5, .n_experts = 4};
+    const auto check = [&](auto& layer, std::uint64_t seed) {
+        layer.randomize(seed);
+        const auto rep = testing::layer_gradient_check(layer, x, seed);
+        INFO(rep.str());
+        CHECK(rep.ok());
+    };
+    {
+        layer<double, routers::softmax_topk, experts::swiglu, shared_experts::none, losses::load_balance, losses::z_loss>
+            l(small, {.k = 2, .normalize = true}, {}, {}, {{.alpha = 0.3}, {.beta = 0.2}});
+        check(l, 1);
+    }
+    {
+        layer<double, routers::softmax_topk, experts::geglu> l(small, {.k = 2, .normalize = false, .scale = 1.5});
+        check(l, 2);
+    }
+    for (auto act : {activation::relu, activation::gelu, activation::silu}) {
+        layer<double, routers::softmax_topk, experts::mlp> l(small, {.k = 1}, {act});
+        check(l, 3);
+    }
+    {
+        layer<double, routers::sigmoid_topk, experts::swiglu, shared_experts::sigmoid_gated<>> l(
+            {.d_model = 6, .d_ff = 5, .n_experts = 8, .d_shared = 7},
+            {.k = 3, .normalize = true, .scale = 2.5, .n_group = 4, .topk_group = 2});
+        check(l, 4);
+    }
+    {
+        layer<double, routers::sigmoid_topk, experts::swiglu, shared_experts::ungated<>, losses::load_balance> l(
+            {.d_model = 6, .d_ff = 5, .n_experts = 4, .d_shared = 7}, {.k = 2, .normalize = false, .n_group = 1},
+            {}, {}, {{.alpha = 0.5, .per_token = true}});
+        check(l, 5);
+    }
 }

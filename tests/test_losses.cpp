@@ -32,3 +32,66 @@ TEST_CASE("load balance equals alpha at perfect balance, alpha*k per token", "[l
     CHECK(moe::losses::load_balance{.alpha = 0.5, .per_token = true}.value(r, z) == Approx(1.0));
     CHECK(moe::losses::z_loss{.beta = 1.0}.value(r, z) == Approx(std::log(4.0) * std::log(4.0)));
 }
+
+TEST_CASE("load-balance and z-loss values and gradients match PyTorch autograd for every router", "[losses][backward]") {
+    std::size_t cases = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(golden::data_dir / "layer")) {
+        const golden::layer_case c(entry.path().stem().string());
+        INFO("layer case " << c.name);
+        ++cases;
+        const auto x = golden::read_matrix(c.file, "x");
+        const auto w = golden::read_matrix(c.file, "router.weight");
+        // Row by row, so identical router rows (the ties case) give identical logits, as in the layer.
+        moe::matrix<float> logits(x.rows(), w.rows());
+        for (moe::index i = 0; i < x.rows(); ++i)
+            for (moe::index e = 0; e < w.rows(); ++e) logits(i, e) = x.row(i).dot(w.row(e));
+        const moe::routers::any_router r = c.router();
+        auto state = moe::make_router_state<float>(r, c.shape().n_experts);
+        if (auto* bias = moe::correction_bias<float>(state)) *bias = golden::read_matrix(c.file, "router.bias");
+        moe::routing<float> routing;
+        moe::route(r, logits, state, routing);
+        routing.build_dispatch();
+
+        const auto check = [&](const auto& loss, const std::string& name) {
+            INFO(name);
+            CHECK(loss.value(routing, logits) == Approx(golden::read_matrix(c.file, "expected." + name)(0, 0)).epsilon(2e-5));
+            moe::matrix<float> gz = moe::matrix<float>::Zero(logits.rows(), logits.cols());
+            loss.gradient(routing, logits, gz);
+            const moe::matrix<float> grad_x = gz * w, grad_w = gz.transpose() * x;
+            const auto expected_x = golden::read_matrix(c.file, "grad_" + name + ".x");
+            const auto expected_w = golden::read_matrix(c.file, "grad_" + name + ".router.weight");
+            if (expected_w.cwiseAbs().maxCoeff() < 1e-12f) {
+                // Equal counts for every expert (expert choice, k = E): L1 is constant, its gradient 0.
+                CHECK(grad_w.cwiseAbs().maxCoeff() < 1e-6f);
+                CHECK(grad_x.cwiseAbs().maxCoeff() < 1e-6f);
+            } else {
+                CHECK(golden::relative_error(grad_x, expected_x) <= 1e-4);
+                CHECK(golden::relative_error(grad_w, expected_w) <= 1e-4);
+            }
+        };
+        check(moe::losses::load_balance{.alpha = 1.0}, "load_balance");
+        check(moe::losses::z_loss{.beta = 1.0}, "z_loss");
+    }
+    CHECK(cases >= 25);
+}
+
+TEST_CASE("bias update moves the bias of over- and under-loaded experts by gamma", "[losses]") {
+    moe::routing<double> r;
+    r.reset_fixed_k(3, 4, 2);
+    r.expert_ids = {0, 1, 0, 2, 0, 1};  // counts 3, 2, 1, 0 (mean 1.5)
+    r.build_dispatch();
+    moe::losses::bias_update u(0.25);
+    u.observe(r);
+    u.observe(r);  // a step of two micro-batches: counts 6, 4, 2, 0 (mean 3)
+    CHECK(u.counts() == std::vector<moe::index>{6, 4, 2, 0});
+    moe::vector<double> bias = moe::vector<double>::Constant(4, 1.0);
+    u.apply(bias);
+    CHECK(bias[0] == 0.75);
+    CHECK(bias[1] == 0.75);
+    CHECK(bias[2] == 1.25);
+    CHECK(bias[3] == 1.25);
+    CHECK(u.counts().empty());
+    moe::vector<double> wrong(3);
+    u.observe(r);
+    CHECK_THROWS_AS(u.apply(wrong), moe::shape_error);
+}

@@ -102,6 +102,84 @@ TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run]
     CHECK(cases >= 12);
 }
 
+TEST_CASE("moe-run --backward reproduces PyTorch autograd for every checkpoint and override case",
+          "[moe-run][backward]") {
+    temp_dir tmp;
+    moe::index cases = 0;
+    for (const char* kind : {"ckpt", "overrides"}) {
+        for (const auto& entry : fs::directory_iterator(golden::data_dir / kind)) {
+            const fs::path dir = entry.path();
+            if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // ckpt/mixtral_null: no input of its own
+            INFO(kind << " case " << dir.filename().string());
+            std::ifstream args_file(dir / "args.json");
+            const auto args = nlohmann::json::parse(args_file);
+            std::string flags;
+            for (const char* key : {"flags", "backward_flags"})
+                if (args.contains(key))
+                    for (const auto& f : args[key]) flags += " " + f.get<std::string>();
+            const fs::path model = args.contains("model") ? ckpt_dir / args["model"].get<std::string>() : dir;
+            const std::string common = "--model " + model.string() + " --layer " + std::to_string(args["layer"].get<int>()) +
+                                       " --input " + (dir / "input.safetensors").string() + flags;
+            const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
+            const auto r = moe_run(common + " --output " + one.string(), tmp);
+            INFO(r.err);
+            REQUIRE(r.status == 0);
+            REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
+            const moe::io::safetensors_file got(one), got2(two), expected(dir / "expected_backward.safetensors");
+            CHECK(got.names() == expected.names());
+            for (const auto& tensor : expected.names()) {
+                INFO(tensor);
+                REQUIRE(got.contains(tensor));
+                CHECK(got.info(tensor).shape == expected.info(tensor).shape);
+                const bool forward = tensor == "hidden_states" || tensor == "router_logits";
+                CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <=
+                      (forward ? 2e-5 : 1e-4));
+                const auto a = got.bytes(tensor), b = got2.bytes(tensor);
+                CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));  // bitwise, 1 vs 2 threads
+            }
+            ++cases;
+        }
+    }
+    CHECK(cases >= 23);
+}
+
+TEST_CASE("moe-run --backward prints the backward time and rejects a missing or misshapen grad_output",
+          "[moe-run][backward][errors]") {
+    temp_dir tmp;
+    const fs::path out = tmp.path / "o.safetensors";
+    const auto r = moe_run(case_args("qwen2_moe", out) + " --backward --repeat 2", tmp);
+    REQUIRE(r.status == 0);
+    CHECK(r.out.find("forward_ms_median=") != std::string::npos);
+    CHECK(r.out.find("backward_ms_median=") != std::string::npos);
+    fs::remove(out);
+
+    const moe::io::safetensors_file input(ckpt_dir / "qwen2_moe" / "input.safetensors");
+    const auto x = golden::read_matrix(input, "hidden_states");
+    const auto write = [&](const std::string& name, std::vector<std::int64_t> shape) {
+        const fs::path p = tmp.path / "in.safetensors";
+        const std::vector<moe::io::tensor_to_write> t = {
+            {.name = "hidden_states", .shape = input.info("hidden_states").shape,
+             .values = std::span<const float>(x.data(), static_cast<std::size_t>(x.size()))},
+            {.name = name, .shape = std::move(shape), .values = std::span<const float>(x.data(), static_cast<std::size_t>(x.size()))}};
+        moe::io::write_safetensors(p, t);
+        return p.string();
+    };
+    const auto missing = moe_run(case_args("qwen2_moe", out, write("other", {x.rows(), x.cols()})) + " --backward", tmp);
+    CHECK(missing.status == 1);
+    CHECK(missing.err.find("grad_output") != std::string::npos);
+    CHECK(!fs::exists(out));
+    const auto misshapen = moe_run(case_args("qwen2_moe", out, write("grad_output", {x.rows(), x.cols()})) + " --backward", tmp);
+    CHECK(misshapen.status == 1);
+    CHECK(misshapen.err.find("grad_output") != std::string::npos);
+    CHECK(!fs::exists(out));
+    const auto without = moe_run(case_args("qwen2_moe", out) + " --z-loss-coef 0.1", tmp);
+    CHECK(without.status == 2);
+    CHECK(without.err.find("--backward") != std::string::npos);
+    const auto negative = moe_run(case_args("qwen2_moe", out) + " --backward --load-balance-coef -1", tmp);
+    CHECK(negative.status == 2);
+    CHECK(!fs::exists(out));
+}
+
 TEST_CASE("moe-run is bitwise identical at 1, 2 and 3 threads on a long batch", "[moe-run][determinism]") {
     // Long enough (T = 2 x 150) that logits, experts and combine all split into several tasks.
     temp_dir tmp;

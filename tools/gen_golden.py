@@ -45,19 +45,37 @@ What is implemented (the spec the C++ library is tested against):
   MLP W_down act(W_up x) with act in relu / gelu (erf) / silu.
 * Layer: y_t = sum over kept slots (t, e) of w_te * Expert_e(x_t) + shared(x_t),
   where shared is ungated, or gated by sigmoid(x . w_g) (Qwen2-MoE).
+* Losses, for every router (alpha = beta = 1): L1 = E * sum_e (routed_e / slots) * P_e,
+  routed_e = assignments to real expert e before capacity drops, slots = T * k for
+  R1/R2 (with or without R3) else the slots filled (null slots included),
+  P_e = mean_t softmax(z_t[:E])_e; L2 = mean_t logsumexp(z_t)^2 over all columns;
+  both 0 when T == 0.
+* Backward: torch.autograd in float64 through the functions above, with the selection
+  (ids, capacity drops, top-p / expert-choice sets, Sinkhorn's d0 / d1) constant. With
+  grad_output g (its own generator, seeded from "grad/" + case), L_y = sum(y * g);
+  gradients of L_y, L1 and L2 with respect to the input and every trainable tensor
+  (not the correction bias). Null slots and dropped assignments pass no gradient; with
+  R3 and normalize the kept weight's denominator still holds the dropped p.
 
 Outputs:
 
 * ``tests/data/ckpt/<case>/``: a HuggingFace-style model folder (config.json,
   model.safetensors or an index + 2 shards) for the mixtral / qwen2_moe / qwen3_moe /
-  olmoe / deepseek_v3 families, plus input.safetensors, expected.safetensors and
-  args.json ({"layer": 1}).
+  olmoe / deepseek_v3 families, plus input.safetensors (hidden_states, grad_output),
+  expected.safetensors, args.json ({"layer": 1, "backward_flags": [...]}) and
+  expected_backward.safetensors: hidden_states, router_logits, grad_hidden_states and
+  grad.<checkpoint name> of every trainable layer-1 tensor for the loss
+  L_y + A L1 + B L2 (A, B = BACKWARD_COEFS, the run's --load-balance-coef and
+  --z-loss-coef), plus the scalars loss.load_balance = A L1, loss.z_loss = B L2.
 * ``tests/data/layer/<case>.safetensors``: library-API layer cases; options in
   ``__metadata__``, weights, input and expected results in one file. Cases of the
   routers R4-R7 carry the extra options and expected.slots (+ Sinkhorn statistics).
+  Backward: grad_output, grad.x and grad.<parameter> of L_y (gated in.weight: [gate;
+  up] gradients), grad_load_balance.{x, router.weight} of L1, grad_z_loss.{...} of L2.
 * ``tests/data/overrides/<case>/``: moe-run runs with router flags on one of the
-  checkpoints above (args.json {"model", "layer", "flags"}, input.safetensors,
-  expected.safetensors); ``ckpt/mixtral_null`` (E = 4 + N = 2 gate rows) only serves
+  checkpoints above (args.json {"model", "layer", "flags", "backward_flags"},
+  input.safetensors, expected.safetensors, expected_backward.safetensors as for
+  ckpt); ``ckpt/mixtral_null`` (E = 4 + N = 2 gate rows) only serves
   the null-experts override and has no input/expected/args of its own.
 
 Robustness: the C++ side computes in float32, so every random case is re-drawn
@@ -195,7 +213,20 @@ class Decisions:
 
 # --------------------------------------------------------------------------------------
 # Routers
+#
+# Every router returns weights that are torch functions of the logits, so autograd
+# differentiates them as SEMANTICS "Backward" says: the selection (ids, drops, Sinkhorn's
+# d0 / d1) is computed from plain Python floats or detached values and is a constant; the
+# gradient flows through p (or s) of the chosen experts, the normalisation and the scale.
 # --------------------------------------------------------------------------------------
+
+def stack_rows(rows, width):
+    """[T, width] f64 weights from per-token rows (1-D tensors of length <= width, padded
+    with 0 on the right), assembled with torch ops so autograd sees through them."""
+    if not rows:
+        return torch.zeros((0, width), dtype=torch.float64)
+    return torch.stack([torch.cat([r, r.new_zeros(width - r.shape[0])]) for r in rows])
+
 
 def route_softmax_topk(logits, k, normalize, scale, dec):
     """R1: p = softmax(z); I = top-k(p) (ties -> lower index); w = p[I];
@@ -203,16 +234,15 @@ def route_softmax_topk(logits, k, normalize, scale, dec):
     T = logits.shape[0]
     probs = torch.softmax(logits, dim=-1)
     ids = torch.zeros((T, k), dtype=torch.int64)
-    weights = torch.zeros((T, k), dtype=torch.float64)
+    rows = []
     for t in range(T):
-        p = probs[t].tolist()
-        chosen = dec.rank(p, k, count_ties=True)
-        w = torch.tensor([p[i] for i in chosen], dtype=torch.float64)
+        chosen = dec.rank(probs[t].tolist(), k, count_ties=True)
+        w = probs[t, chosen]
         if normalize:
             w = w / w.sum()
         ids[t] = torch.tensor(chosen)
-        weights[t] = w * scale
-    return ids, weights
+        rows.append(w * scale)
+    return ids, stack_rows(rows, k)
 
 
 def route_sigmoid_topk(logits, bias, k, n_group, topk_group, normalize, scale, dec):
@@ -225,11 +255,11 @@ def route_sigmoid_topk(logits, bias, k, n_group, topk_group, normalize, scale, d
     s_all = torch.sigmoid(logits)
     c_all = s_all + bias
     ids = torch.zeros((T, k), dtype=torch.int64)
-    weights = torch.zeros((T, k), dtype=torch.float64)
+    rows = []
     assert E % n_group == 0
     gsize = E // n_group
     for t in range(T):
-        s, c = s_all[t].tolist(), c_all[t].tolist()
+        c = c_all[t].tolist()
         if n_group > 1:
             assert gsize >= 2 and k <= topk_group * gsize
             gscore = []
@@ -241,19 +271,20 @@ def route_sigmoid_topk(logits, bias, k, n_group, topk_group, normalize, scale, d
         else:
             eligible = list(range(E))
         chosen = dec.rank(c, k, candidates=eligible, count_ties=True)
-        w = torch.tensor([s[i] for i in chosen], dtype=torch.float64)
+        w = s_all[t, chosen]
         if normalize:
             w = w / (w.sum() + 1e-20)
         ids[t] = torch.tensor(chosen)
-        weights[t] = w * scale
-    return ids, weights
+        rows.append(w * scale)
+    return ids, stack_rows(rows, k)
 
 
 def apply_capacity(ids, weights, E, capacity_factor, policy, dec):
     """R3: C = ceil(capacity_factor * T * k / E) (exact rational arithmetic). An expert
     with more than C assignments keeps C: `position` keeps the lowest token indices,
     `probs` the largest final weights (ties -> lower token index). Dropped slots become
-    id -1 / weight 0; kept weights are not renormalised."""
+    id -1 / weight 0 (written into a clone: no gradient reaches them); kept weights are
+    not renormalised, so with normalize their denominator still holds the dropped p."""
     T, k = ids.shape
     C = math.ceil(Fraction(capacity_factor) * T * k / E)
     ids, weights = ids.clone(), weights.clone()
@@ -285,7 +316,7 @@ def route_top_p(logits, threshold, max_k, normalize, dec):
     T, E = logits.shape
     probs = torch.softmax(logits, dim=-1)
     ids = torch.full((T, max_k), -1, dtype=torch.int64)
-    weights = torch.zeros((T, max_k), dtype=torch.float64)
+    rows = []
     capped = torch.zeros(T, dtype=torch.bool)
     for t in range(T):
         p = probs[t].tolist()
@@ -301,12 +332,12 @@ def route_top_p(logits, threshold, max_k, normalize, dec):
             if total >= threshold:
                 break
         chosen = dec.rank(p, n, count_ties=True)  # == order[:n]; records its gaps
-        w = torch.tensor([p[i] for i in chosen], dtype=torch.float64)
+        w = probs[t, chosen]
         if normalize:
             w = w / w.sum()
         ids[t, :n] = torch.tensor(chosen)
-        weights[t, :n] = w
-    return ids, weights, capped
+        rows.append(w)
+    return ids, stack_rows(rows, max_k), capped
 
 
 def route_null_experts(logits, k, E, normalize, dec):
@@ -317,16 +348,16 @@ def route_null_experts(logits, k, E, normalize, dec):
     T = logits.shape[0]
     probs = torch.softmax(logits, dim=-1)
     ids = torch.zeros((T, k), dtype=torch.int64)
-    weights = torch.zeros((T, k), dtype=torch.float64)
+    rows = []
     for t in range(T):
-        p = probs[t].tolist()
-        chosen = dec.rank(p, k, count_ties=True)
-        w = torch.tensor([p[i] if i < E else 0.0 for i in chosen], dtype=torch.float64)
+        chosen = dec.rank(probs[t].tolist(), k, count_ties=True)
+        real = torch.tensor([i < E for i in chosen])
+        w = torch.where(real, probs[t, chosen], torch.zeros((), dtype=torch.float64))
         if normalize and w.sum() > 0:
             w = w / w.sum()
         ids[t] = torch.tensor(chosen)
-        weights[t] = w
-    return ids, weights
+        rows.append(w)
+    return ids, stack_rows(rows, k)
 
 
 def sinkhorn_plan(logits, iterations, tolerance, dec):
@@ -334,15 +365,19 @@ def sinkhorn_plan(logits, iterations, tolerance, dec):
     over the whole T x E matrix; d1 = ones(E); for i = 1..iterations:
     d0 = 1 / (T (K d1 + 1e-8)); d1' = 1 / (E (d0^T K + 1e-8)); err = mean|d1' - d1|;
     d1 = d1'; stop if tolerance > 0 and err < tolerance. Returns P = diag(d0) K diag(d1)
-    and the number of iterations run. Each stop test is guarded (relative margin)."""
+    and the number of iterations run. Each stop test is guarded (relative margin).
+    Backward: d0, d1 (and the shift max(z), which cancels in every ratio of P's entries)
+    are constants, computed from detached values as Megatron-LM does; only K carries a
+    gradient, so P_t[I] / sum(P_t[I]) = softmax over I of (z_t + log d1)."""
     T, E = logits.shape
-    K = torch.exp(logits - logits.max())
+    K = torch.exp(logits - logits.max().detach())
+    Kc = K.detach()
     d0 = torch.ones(T, dtype=torch.float64)
     d1 = torch.ones(E, dtype=torch.float64)
     run = 0
     for i in range(1, iterations + 1):
-        d0 = 1.0 / (T * (K @ d1 + 1e-8))
-        d1_new = 1.0 / (E * (d0 @ K + 1e-8))
+        d0 = 1.0 / (T * (Kc @ d1 + 1e-8))
+        d1_new = 1.0 / (E * (d0 @ Kc + 1e-8))
         err = (d1_new - d1).abs().mean().item()
         d1 = d1_new
         run = i
@@ -364,7 +399,7 @@ def route_sinkhorn(logits, k, iterations, tolerance, gates, normalize, dec):
     P, run = sinkhorn_plan(logits, iterations, tolerance, dec)
     probs = torch.softmax(logits, dim=-1)
     ids = torch.zeros((T, k), dtype=torch.int64)
-    weights = torch.zeros((T, k), dtype=torch.float64)
+    rows = []
     for t in range(T):
         row = P[t] / P[t].sum()
         chosen = dec.rank(row.tolist(), k, count_ties=True)
@@ -377,7 +412,8 @@ def route_sinkhorn(logits, k, iterations, tolerance, gates, normalize, dec):
         else:
             raise ValueError(gates)
         ids[t] = torch.tensor(chosen)
-        weights[t] = w
+        rows.append(w)
+    weights = stack_rows(rows, k)
     target = T / E
     column_error = ((T * P.sum(dim=0) - target).abs() / target).max()
     row_error = (T * P.sum(dim=1) - 1.0).abs().max()
@@ -399,12 +435,10 @@ def route_expert_choice(logits, capacity_factor, dec):
         for t in dec.rank(probs[:, e].tolist(), C, ordered=False):
             chosen[t].append(e)
     ids = torch.full((T, E), -1, dtype=torch.int64)
-    weights = torch.zeros((T, E), dtype=torch.float64)
     for t, experts in enumerate(chosen):
-        for s, e in enumerate(experts):
-            ids[t, s] = e
-            weights[t, s] = probs[t, e]
-    return ids, weights
+        ids[t, :len(experts)] = torch.tensor(experts, dtype=torch.int64)
+    rows = [probs[t, torch.tensor(experts, dtype=torch.int64)] for t, experts in enumerate(chosen)]
+    return ids, stack_rows(rows, E)
 
 
 # --------------------------------------------------------------------------------------
@@ -494,8 +528,10 @@ NEW_ROUTERS = ("top_p", "null_experts", "sinkhorn", "expert_choice")
 def moe_forward(x, spec: MoeSpec, dec: Decisions):
     """y_t = sum over kept (t, e) of w_te * Expert_e(x_t) + shared(x_t). x: [T, d] f64.
     Returns dict with y [T,d], logits [T,E'], ids [T,S], weights [T,S], load [E] (real
-    experts), slots [T] (ids >= 0, null slots included); R1/R2: losses; R4: capped;
-    R6: marginal_error, iterations, row_error."""
+    experts), slots [T] (ids >= 0, null slots included), load_balance and z_loss (see
+    balance_losses); R4: capped; R6: marginal_error, iterations, row_error. Every output
+    is a torch function of x and the spec's tensors (selection held constant), so
+    moe_backward can differentiate it."""
     logits = x @ spec.router_weight.T
     extra = {}
     if spec.router == "softmax_topk":
@@ -535,16 +571,120 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
         y = y + sh
     load = torch.tensor([int((ids == e).sum()) for e in range(spec.E)], dtype=torch.int64)
     slots = (ids >= 0).sum(dim=1)
-    if spec.router not in TOPK_ROUTERS:
-        return dict(extra, y=y, logits=logits, ids=ids, weights=weights, load=load, slots=slots)
-    # L1 (Switch form, alpha = 1) over the assignments before capacity drops, as Switch's and
-    # GShard's auxiliary loss counts them, and L2 (beta = 1); SEMANTICS "Balancing losses".
-    T, k = ids.shape
-    P = torch.softmax(logits, dim=-1).mean(dim=0)
-    load_balance = spec.E * (routed.to(torch.float64) / (T * k) * P).sum()
+    # The slots L1 divides by: T * k for the top-k routers (dropped slots included),
+    # else every slot the router filled (null slots included).
+    slots_total = x.shape[0] * spec.k if spec.router in TOPK_ROUTERS else int(slots.sum())
+    load_balance, z_loss = balance_losses(logits, routed, slots_total, spec.E)
+    return dict(extra, y=y, logits=logits, ids=ids, weights=weights, load=load, slots=slots,
+                load_balance=load_balance, z_loss=z_loss)
+
+
+def balance_losses(logits, routed, slots_total, E):
+    """L1 and L2 of SEMANTICS "Balancing losses" with alpha = beta = 1, for every router.
+
+    L1 (Switch form): E * sum_e (routed_e / slots_total) * P_e, routed_e = the router's
+    assignments to real expert e before any capacity drop (Switch and GShard count them so),
+    P_e = mean_t softmax(z_t[:E])_e (the E real experts' logits only); the counts are
+    constants, so the gradient flows through P only. L2 (ST-MoE z-loss):
+    mean_t (logsumexp of all of z_t, null columns included)^2. Both are 0 when T == 0."""
+    if logits.shape[0] == 0:
+        zero = torch.zeros((), dtype=torch.float64)
+        return zero, zero.clone()
+    P = torch.softmax(logits[:, :E], dim=-1).mean(dim=0)
+    load_balance = E * (routed.to(torch.float64) / slots_total * P).sum()
     z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
-    return {"y": y, "logits": logits, "ids": ids, "weights": weights, "load": load,
-            "slots": slots, "load_balance": load_balance, "z_loss": z_loss}
+    return load_balance, z_loss
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+# --load-balance-coef A and --z-loss-coef B of the moe-run backward runs (strings, as flags).
+BACKWARD_COEFS = ("0.5", "0.05")
+
+
+def trainable(spec: MoeSpec):
+    """The tensors of `spec` that backward differentiates, in a fixed order: router weight,
+    every expert's params, the shared expert's, the shared gate. Not the correction bias."""
+    params = [spec.router_weight] + [w for ex in spec.experts for w in ex]
+    if spec.shared is not None:
+        params += list(spec.shared)
+    if spec.shared_gate is not None:
+        params.append(spec.shared_gate)
+    return params
+
+
+def with_trainable(spec: MoeSpec, params) -> MoeSpec:
+    """`spec` with its trainable tensors replaced by `params` (in the order of trainable()).
+    Also maps gradients back to the layout of a spec (e.g. for layer_param_tensors)."""
+    it = iter(params)
+    new = dict(spec.__dict__, router_weight=next(it),
+               experts=[tuple(next(it) for _ in ex) for ex in spec.experts])
+    if spec.shared is not None:
+        new["shared"] = tuple(next(it) for _ in spec.shared)
+    if spec.shared_gate is not None:
+        new["shared_gate"] = next(it)
+    assert next(it, None) is None
+    return MoeSpec(**new)
+
+
+def rand_grad_output(name, T, d):
+    """grad_output of case `name` ([T, d], N(0, 1) rounded to F32), drawn from its own
+    generator seeded from "grad/" + name: the case's accepted draw stays untouched."""
+    g = torch.Generator().manual_seed(zlib.crc32(("grad/" + name).encode("utf-8")) & 0x7FFFFFFF)
+    return rand_input(g, T, d)
+
+
+@dataclass
+class Backward:
+    """Result of moe_backward: the forward values (detached) and, per requested loss,
+    the gradients: grad_x [T, d] and params (one per tensor of trainable(spec))."""
+    out: dict
+    losses: dict       # "y" (L_y), "load_balance" (L1), "z_loss" (L2); float64 scalars
+    grads: dict        # loss name -> (grad_x, [grad of each trainable tensor])
+
+
+def moe_backward(spec, x, g, coefs):
+    """torch.autograd gradients (float64) of L = c_y L_y + c_lb L1 + c_z L2 with respect
+    to x and every trainable tensor of `spec`, for each `coefs[name] = (c_y, c_lb, c_z)`;
+    L_y = sum(y * g), L1 / L2 as in balance_losses (alpha = beta = 1).
+
+    The forward pass is moe_forward on fresh leaves with the same values, so the selection
+    is the one the forward golden data records (asserted by the callers through y). A
+    loss that does not depend on a tensor (e.g. T == 0) gives zeros of its shape."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in [x] + trainable(spec)]
+    out = moe_forward(leaves[0], with_trainable(spec, leaves[1:]), Decisions())
+    terms = ((out["y"] * g).sum(), out["load_balance"], out["z_loss"])
+    grads = {}
+    for name, cs in coefs.items():
+        loss = sum(c * term for c, term in zip(cs, terms) if c)
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            gs = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        else:
+            gs = [None] * len(leaves)
+        gs = [torch.zeros_like(l) if gr is None else gr for gr, l in zip(gs, leaves)]
+        grads[name] = (gs[0], gs[1:])
+    plain = {key: v.detach() if isinstance(v, torch.Tensor) else v for key, v in out.items()}
+    losses = dict(zip(("y", "load_balance", "z_loss"), (t.detach() for t in terms)))
+    return Backward(plain, losses, grads)
+
+
+def loss_shares(total, load_balance, z_loss):
+    """Report text: how much of the router-weight gradient `total` the balancing-loss
+    terms make, ||d(L1 + L2)|| / ||total|| and each alone (so a test of `total` is seen
+    to be sensitive to them)."""
+    den = total.norm().item()
+
+    def share(part):
+        return part.norm().item() / den if den > 0 else 0.0
+    return (f"{share(load_balance + z_loss):.2e} (L1 term {share(load_balance):.2e}, "
+            f"L2 term {share(z_loss):.2e})")
+
+
+def max_abs(tensors):
+    """Largest |value| over [(name, dtype, tensor)] (0 for no or empty tensors)."""
+    return max([t.abs().max().item() for _, _, t in tensors if t.numel()] or [0.0])
 
 
 # --------------------------------------------------------------------------------------
@@ -801,9 +941,59 @@ def write_checkpoint(folder, config, tensors, sharded):
                 "weight_map": dict(sorted(weight_map.items()))})
 
 
+def backward_flags():
+    """The moe-run flags of a backward run (args.json "backward_flags")."""
+    A, B = BACKWARD_COEFS
+    return ["--backward", "--load-balance-coef", A, "--z-loss-coef", B]
+
+
+def checkpoint_names(tensors, spec):
+    """[(checkpoint name, index in trainable(spec))] in checkpoint order. The builders put
+    the very tensor objects of `tensors` into the spec, so they are matched by identity;
+    every trainable tensor must be found once, and every layer-1 tensor but DeepSeek's
+    correction bias must be trainable."""
+    params = trainable(spec)
+    found = []
+    for name, _, value in tensors:
+        hits = [i for i, p in enumerate(params) if p is value]
+        assert len(hits) <= 1, name
+        if hits:
+            found.append((name, hits[0]))
+        else:
+            assert not name.startswith("model.layers.1.") or name.endswith(
+                ".e_score_correction_bias"), name
+    assert sorted(i for _, i in found) == list(range(len(params))), "spec params not in checkpoint"
+    return found
+
+
+def run_backward(name, tensors, spec, x, shape, out):
+    """Backward golden data of the moe-run case `name` ("ckpt/..." or "overrides/...") run
+    with backward_flags(): the total loss L_y + A L1 + B L2 (A, B = BACKWARD_COEFS) is
+    differentiated with respect to the input and every trainable tensor of layer 1, named
+    as in the checkpoint (BF16 / F16 weights at their stored values, gradients F32).
+    Returns (grad_output shaped like the input, expected_backward tensors, report text)."""
+    A, B = (float(c) for c in BACKWARD_COEFS)
+    g = rand_grad_output(name, *x.shape)
+    bwd = moe_backward(spec, x, g, {"total": (1.0, A, B), "load_balance": (0.0, A, 0.0),
+                                    "z_loss": (0.0, 0.0, B)})
+    assert torch.equal(bwd.out["y"], out["y"]) and torch.equal(bwd.out["ids"], out["ids"])
+    grad_x, grad_params = bwd.grads["total"]
+    grads = ([("grad_hidden_states", "F32", grad_x.reshape(shape))] +
+             [("grad." + n, "F32", grad_params[i]) for n, i in checkpoint_names(tensors, spec)])
+    expected = ([("hidden_states", "F32", out["y"].reshape(shape)),
+                 ("router_logits", "F32", out["logits"])] + grads +
+                [("loss.load_balance", "F32", A * bwd.losses["load_balance"]),
+                 ("loss.z_loss", "F32", B * bwd.losses["z_loss"])])
+    shares = loss_shares(grad_params[0], bwd.grads["load_balance"][1][0], bwd.grads["z_loss"][1][0])
+    info = (f"backward: share of A*L1 + B*L2 (A={BACKWARD_COEFS[0]}, B={BACKWARD_COEFS[1]}) in "
+            f"the router-weight gradient {shares}; max |grad| of expected_backward.safetensors "
+            f"{max_abs(grads):.3e}")
+    return g.reshape(shape), expected, info
+
+
 def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
-    """Write tests/data/ckpt/<name>/; if `registry` is given, keep the case's spec,
-    input and shape there for the override cases."""
+    """Write tests/data/ckpt/<name>/ (forward and backward data); if `registry` is given,
+    keep the case's tensors, spec, input and shape there for the override cases."""
     def build(g, dec):
         config, tensors, spec = builder(g, **kwargs)
         x = ckpt_input(g, name, shape)
@@ -816,17 +1006,20 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
         os.remove(os.path.join(folder, f))
     write_checkpoint(folder, config, tensors, sharded)
     meta = {"case": name}
+    g, expected_backward, backward_info = run_backward("ckpt/" + name, tensors, spec, x, shape, out)
     write_safetensors(os.path.join(folder, "input.safetensors"),
-                      [("hidden_states", "F32", x.reshape(shape))], meta)
+                      [("hidden_states", "F32", x.reshape(shape)), ("grad_output", "F32", g)], meta)
     write_safetensors(os.path.join(folder, "expected.safetensors"), [
         ("hidden_states", "F32", out["y"].reshape(shape)),
         ("router_logits", "F32", out["logits"]),
         ("topk_ids", "I64", out["ids"]),
         ("topk_weights", "F32", out["weights"]),
     ], meta)
-    write_json(os.path.join(folder, "args.json"), {"layer": 1})
+    write_safetensors(os.path.join(folder, "expected_backward.safetensors"), expected_backward,
+                      meta)
+    write_json(os.path.join(folder, "args.json"), {"layer": 1, "backward_flags": backward_flags()})
     if registry is not None:
-        registry[name] = {"spec": spec, "x": x, "shape": shape}
+        registry[name] = {"tensors": tensors, "spec": spec, "x": x, "shape": shape}
 
     info = f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
     if spec.router == "sigmoid_topk":
@@ -835,7 +1028,7 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
         info += (f", ties deciding selection: {dec.ties_select} tokens, "
                  f"deciding order: {dec.ties_order} tokens")
         assert dec.ties_select > 0
-    return folder, info, dec
+    return folder, info + "\n    " + backward_info, dec
 
 
 # --------------------------------------------------------------------------------------
@@ -960,37 +1153,70 @@ def build_layer(g, opt):
     return spec, x
 
 
-def layer_file_tensors(spec, x, out):
-    """Tensors of one layer file; gated experts store [gate rows; up rows] as in.weight."""
+def layer_param_tensors(spec, prefix="", bias=True):
+    """(prefix + name, "F32", tensor) of a layer's parameters; gated experts store
+    [gate rows; up rows] as in.weight. Applied to gradients laid out as a spec
+    (with_trainable), with prefix "grad." and bias=False (the bias gets no gradient)."""
     def in_out(params):
         if len(params) == 3:
             return torch.cat([params[0], params[1]], dim=0), params[2]
         return params
 
-    ts = [("x", "F32", x), ("router.weight", "F32", spec.router_weight)]
-    if spec.router_bias is not None:
-        ts.append(("router.bias", "F32", spec.router_bias))
+    ts = [("router.weight", spec.router_weight)]
+    if bias and spec.router_bias is not None:
+        ts.append(("router.bias", spec.router_bias))
     for e, params in enumerate(spec.experts):
         w_in, w_out = in_out(params)
-        ts += [(f"experts.{e}.in.weight", "F32", w_in), (f"experts.{e}.out.weight", "F32", w_out)]
+        ts += [(f"experts.{e}.in.weight", w_in), (f"experts.{e}.out.weight", w_out)]
     if spec.shared is not None:
         w_in, w_out = in_out(spec.shared)
-        ts += [("shared.in.weight", "F32", w_in), ("shared.out.weight", "F32", w_out)]
+        ts += [("shared.in.weight", w_in), ("shared.out.weight", w_out)]
         if spec.shared_gate is not None:
-            ts.append(("shared.gate.weight", "F32", spec.shared_gate))
-    if spec.router in NEW_ROUTERS:
-        ts += [("expected.y", "F32", out["y"]), ("expected.logits", "F32", out["logits"]),
-               ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"]),
-               ("expected.slots", "I64", out["slots"]), ("expected.load", "I64", out["load"])]
-        if "marginal_error" in out:
-            ts += [("expected.marginal_error", "F32", out["marginal_error"]),
-                   ("expected.iterations", "I64", torch.tensor(out["iterations"]))]
-        return ts
+            ts.append(("shared.gate.weight", spec.shared_gate))
+    return [(prefix + name, "F32", t) for name, t in ts]
+
+
+# Gradients of a layer file: L_y (grad.*, every input) and L1 / L2 alone (x, router only).
+LAYER_BACKWARD = {"y": (1.0, 0.0, 0.0), "load_balance": (0.0, 1.0, 0.0), "z_loss": (0.0, 0.0, 1.0)}
+
+
+def layer_file_tensors(spec, x, out, g, bwd):
+    """Tensors of one layer file: x, the parameters, the expected forward results, then
+    the backward data: grad_output g, grad.* = d L_y / d (x and every parameter),
+    grad_load_balance.{x, router.weight} = d L1 and grad_z_loss.{x, router.weight} = d L2
+    (alpha = beta = 1)."""
+    ts = [("x", "F32", x)] + layer_param_tensors(spec)
     ts += [("expected.y", "F32", out["y"]), ("expected.logits", "F32", out["logits"]),
-           ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"]),
-           ("expected.load", "I64", out["load"]),
-           ("expected.load_balance", "F32", out["load_balance"]), ("expected.z_loss", "F32", out["z_loss"])]
+           ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"])]
+    if spec.router in NEW_ROUTERS:
+        ts.append(("expected.slots", "I64", out["slots"]))
+    ts.append(("expected.load", "I64", out["load"]))
+    if "marginal_error" in out:
+        ts += [("expected.marginal_error", "F32", out["marginal_error"]),
+               ("expected.iterations", "I64", torch.tensor(out["iterations"]))]
+    ts += [("expected.load_balance", "F32", out["load_balance"]),
+           ("expected.z_loss", "F32", out["z_loss"])]
+    grad_x, grad_params = bwd.grads["y"]
+    ts += [("grad_output", "F32", g), ("grad.x", "F32", grad_x)]
+    ts += layer_param_tensors(with_trainable(spec, grad_params), "grad.", bias=False)
+    for loss in ("load_balance", "z_loss"):
+        grad_x, grad_params = bwd.grads[loss]
+        ts += [(f"grad_{loss}.x", "F32", grad_x),
+               (f"grad_{loss}.router.weight", "F32", grad_params[0])]
     return ts
+
+
+def layer_backward(name, spec, x, out):
+    """grad_output and moe_backward (LAYER_BACKWARD) of layer case `name`, checked to
+    route as the forward data; returns (g, bwd, report text)."""
+    g = rand_grad_output("layer/" + name, *x.shape)
+    bwd = moe_backward(spec, x, g, LAYER_BACKWARD)
+    assert torch.equal(bwd.out["y"], out["y"]) and torch.equal(bwd.out["ids"], out["ids"])
+    router = {loss: grads[1][0] for loss, grads in bwd.grads.items()}
+    total = router["y"] + router["load_balance"] + router["z_loss"]
+    return g, bwd, (f"backward: share of L1 + L2 (alpha = beta = 1) in the router-weight "
+                    f"gradient of L_y + L1 + L2 "
+                    f"{loss_shares(total, router['load_balance'], router['z_loss'])}")
 
 
 def layer_metadata(opt):
@@ -1085,7 +1311,9 @@ def gen_layer_cases(root):
         (x, outs), _, attempt = generate("layer/" + seed_name, build, accept if new else None)
         for opt, spec, out, dec in outs:
             path = os.path.join(root, "layer", opt["name"] + ".safetensors")
-            write_safetensors(path, layer_file_tensors(spec, x, out), layer_metadata(opt))
+            g, bwd, backward_info = layer_backward(opt["name"], spec, x, out)
+            tensors = layer_file_tensors(spec, x, out, g, bwd)
+            write_safetensors(path, tensors, layer_metadata(opt))
             info = f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
             if opt["capacity_factor"] and opt["router"] in TOPK_ROUTERS:
                 C = math.ceil(Fraction(opt["capacity_factor"]) * opt["T"] * opt["k"] / opt["E"])
@@ -1102,6 +1330,8 @@ def gen_layer_cases(root):
                 text, ok = router_features(spec, x, out, opt["iteration_sensitive"])
                 info += ", " + text
                 assert ok
+            grads = [t for t in tensors if t[0].startswith("grad") and t[0] != "grad_output"]
+            info += f"\n    {backward_info}; max |grad| {max_abs(grads):.3e}"
             results.append((path, info))
     return results
 
@@ -1211,7 +1441,7 @@ def gen_override_cases(root, registry):
     for f in os.listdir(folder):
         os.remove(os.path.join(folder, f))
     write_checkpoint(folder, config, tensors, False)
-    registry[null_name] = {"spec": spec, "x": x, "shape": tuple(x.shape)}
+    registry[null_name] = {"tensors": tensors, "spec": spec, "x": x, "shape": tuple(x.shape)}
     results.append((folder, f"seed attempt {attempt}; only for overrides/null_experts "
                             f"(gate rows E + N = {spec.router_weight.shape[0]})"))
 
@@ -1247,14 +1477,20 @@ def gen_override_cases(root, registry):
         os.makedirs(folder, exist_ok=True)
         for f in os.listdir(folder):  # the case folder is owned by this script
             os.remove(os.path.join(folder, f))
-        write_json(os.path.join(folder, "args.json"), {"model": model, "layer": 1, "flags": flags})
+        write_json(os.path.join(folder, "args.json"), {"model": model, "layer": 1, "flags": flags,
+                                                        "backward_flags": backward_flags()})
         meta = {"case": case}
+        g, expected_backward, backward_info = run_backward("overrides/" + case, base["tensors"],
+                                                           run, x, shape, out)
         write_safetensors(os.path.join(folder, "input.safetensors"),
-                          [("hidden_states", "F32", x.reshape(shape))], dict(meta, input=origin))
+                          [("hidden_states", "F32", x.reshape(shape)), ("grad_output", "F32", g)],
+                          dict(meta, input=origin))
         write_safetensors(os.path.join(folder, "expected.safetensors"), [
             ("hidden_states", "F32", out["y"].reshape(shape)),
             ("router_logits", "F32", out["logits"]),
         ], meta)
+        write_safetensors(os.path.join(folder, "expected_backward.safetensors"), expected_backward,
+                          meta)
         info = (f"{model} {' '.join(flags)}; input {origin}, T={x.shape[0]}; "
                 f"min decision gap {dec.min_gap:.2e}; {text or ''}")
         if case == "softmax_topk_deepseek":
@@ -1262,7 +1498,7 @@ def gen_override_cases(root, registry):
             differ = sum(set(a.tolist()) != set(b.tolist())
                          for a, b in zip(default["ids"], out["ids"]))
             info += f"tokens whose expert set differs from the default sigmoid router: {differ}"
-        results.append((folder, info))
+        results.append((folder, info + "\n    " + backward_info))
     return results
 
 

@@ -6,6 +6,7 @@
 #include "moe/types.hpp"
 
 #include <concepts>
+#include <span>
 
 namespace moe {
 
@@ -63,6 +64,20 @@ concept router = std::copy_constructible<R> &&
          r.route(logits, st, out);
      });
 
+/// A router with a backward pass (SEMANTICS, "Backward"): besides `route`, it provides
+/// `void backward(const matrix<Scalar>& logits, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
+/// matrix<Scalar>& grad_logits) const` (with `state<Scalar>&` after `r` when it keeps state). `r` is the
+/// routing its last `route` call produced for `logits` (the state is as that call left it),
+/// `grad_weights` holds dL/dw per slot of `r`. It must overwrite every entry of `grad_logits`
+/// (already shaped like `logits`) with dL/dz, holding the selection constant: only the weights of
+/// the chosen experts are differentiated.
+template <class R, class Scalar>
+concept differentiable_router = router<R, Scalar> &&
+    (requires(const R& r, const matrix<Scalar>& z, const routing<Scalar>& rt, std::span<const Scalar> gw,
+              matrix<Scalar>& gz) { r.backward(z, rt, gw, gz); } ||
+     requires(const R& r, const matrix<Scalar>& z, const routing<Scalar>& rt, router_state_t<R, Scalar>& st,
+              std::span<const Scalar> gw, matrix<Scalar>& gz) { r.backward(z, rt, st, gw, gz); });
+
 /// Constructs the state of router `r` for `experts` experts: from (r, experts) when the state takes the
 /// router (e.g. `routers::any_router`), else from the expert count alone.
 template <class Scalar, class R>
@@ -100,6 +115,16 @@ void route(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& 
         r.route(logits, st, out);
     else
         r.route(logits, out);
+}
+
+/// Calls the router's backward with its state when it has one.
+template <class Scalar, differentiable_router<Scalar> R>
+void route_backward(const R& r, const matrix<Scalar>& logits, const routing<Scalar>& rt,
+                    router_state_t<R, Scalar>& st, std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) {
+    if constexpr (requires { r.backward(logits, rt, st, grad_weights, grad_logits); })
+        r.backward(logits, rt, st, grad_weights, grad_logits);
+    else
+        r.backward(logits, rt, grad_weights, grad_logits);
 }
 
 }  // namespace moe

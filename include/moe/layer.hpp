@@ -1,10 +1,11 @@
 #pragma once
 /// \file
 /// `moe::layer`: one sparse Mixture-of-Experts layer, generic over its router, expert FFN, shared
-/// expert and loss policies.
+/// expert and loss policies, forward and backward.
 ///
 /// forward: logits z = x W_r^T -> router -> routing -> dispatch (counting sort into per-expert row
 /// blocks) -> experts over (expert, row-chunk) tasks -> combine in a fixed order -> y.
+/// backward: the same path in reverse with the same routing (the selection is held constant).
 /// The row chunks are the same at every thread count, and each output row is summed in slot order,
 /// so the result is bitwise identical across runs and thread counts.
 
@@ -21,6 +22,7 @@
 #include <array>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -38,6 +40,15 @@ struct layer_shape {
     index d_shared = 0;   ///< width of the shared FFN (all shared experts together); 0 without
 };
 
+/// A trainable tensor of a layer as views: its name (e.g. "experts.3.in.weight"), its values and its
+/// gradient, of the same shape. The gradient view is empty until `layer::set_training(true)`.
+template <class Scalar>
+struct parameter {
+    std::string name;
+    Eigen::Map<matrix<Scalar>> value;
+    Eigen::Map<matrix<Scalar>> grad;
+};
+
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert,
           shared_expert Shared = shared_experts::none, loss_term<Scalar>... Losses>
 class layer {
@@ -49,6 +60,8 @@ public:
 
     /// Rows per expert task; fixed, so chunking (and hence rounding) never depends on the thread count.
     static constexpr index chunk_rows = 64;
+    /// Rows per step of an expert's backward; its weight gradients are summed over the steps in order.
+    static constexpr index backward_rows = 256;
 
     /// Allocates zero weights of the given shape. Throws `value_error` when a size or a router
     /// hyper-parameter is out of range.
@@ -128,6 +141,72 @@ public:
         }
     }
 
+    /// Training mode: forward keeps what backward needs (each routed row's hidden activations) and the
+    /// gradients are allocated. Off by default, so inference keeps nothing.
+    void set_training(bool on) {
+        training_ = on;
+        saved_tokens_ = -1;
+        if (!on) return;
+        const auto same_shape = [](matrix<Scalar>& g, const auto& w) {
+            if (g.rows() != w.rows() || g.cols() != w.cols()) g = matrix<Scalar>::Zero(w.rows(), w.cols());
+        };
+        same_shape(grad_router_weight_, router_weight_);
+        grad_experts_.resize(experts_.size());
+        for (std::size_t e = 0; e < experts_.size(); ++e) {
+            same_shape(grad_experts_[e].in, experts_[e].in);
+            same_shape(grad_experts_[e].out, experts_[e].out);
+        }
+        if constexpr (Shared::enabled) {
+            same_shape(grad_shared_weights_.in, shared_weights_.in);
+            same_shape(grad_shared_weights_.out, shared_weights_.out);
+            if (grad_shared_gate_.size() != shared_gate_.size()) grad_shared_gate_ = vector<Scalar>::Zero(shared_gate_.size());
+        }
+    }
+    [[nodiscard]] bool training() const { return training_; }
+
+    /// Every trainable tensor with its gradient, by name: "router.weight", "experts.<e>.in.weight"
+    /// (gated experts: the gate rows, then the up rows), "experts.<e>.out.weight", "shared.in.weight",
+    /// "shared.out.weight", "shared.gate.weight" (a 1 x d row). The correction bias is not trained by
+    /// gradient and is not listed. An optimiser steps `value` with `grad` in place.
+    [[nodiscard]] std::vector<parameter<Scalar>> parameters() {
+        std::vector<parameter<Scalar>> out;
+        const auto add = [&](std::string name, matrix<Scalar>& value, matrix<Scalar>* grad) {
+            out.push_back({std::move(name), Eigen::Map<matrix<Scalar>>(value.data(), value.rows(), value.cols()),
+                           view(grad, value.rows(), value.cols())});
+        };
+        add("router.weight", router_weight_, &grad_router_weight_);
+        for (std::size_t e = 0; e < experts_.size(); ++e) {
+            const std::string prefix = "experts." + std::to_string(e) + ".";
+            add(prefix + "in.weight", experts_[e].in, e < grad_experts_.size() ? &grad_experts_[e].in : nullptr);
+            add(prefix + "out.weight", experts_[e].out, e < grad_experts_.size() ? &grad_experts_[e].out : nullptr);
+        }
+        if constexpr (Shared::enabled) {
+            add("shared.in.weight", shared_weights_.in, &grad_shared_weights_.in);
+            add("shared.out.weight", shared_weights_.out, &grad_shared_weights_.out);
+            if constexpr (Shared::gated)
+                out.push_back({"shared.gate.weight", Eigen::Map<matrix<Scalar>>(shared_gate_.data(), 1, shared_gate_.size()),
+                               Eigen::Map<matrix<Scalar>>(grad_shared_gate_.data(), grad_shared_gate_.size() ? 1 : 0,
+                                                          grad_shared_gate_.size())});
+        }
+        return out;
+    }
+
+    /// Gradients of the last `backward` call, shaped like the weights.
+    [[nodiscard]] const matrix<Scalar>& grad_router_weight() const { return grad_router_weight_; }
+    [[nodiscard]] const ffn_weights<Scalar>& grad_expert_weights(index e) const {
+        return grad_experts_.at(static_cast<std::size_t>(e));
+    }
+    [[nodiscard]] const ffn_weights<Scalar>& grad_shared_weights() const
+        requires Shared::enabled
+    {
+        return grad_shared_weights_;
+    }
+    [[nodiscard]] const vector<Scalar>& grad_shared_gate() const
+        requires Shared::gated
+    {
+        return grad_shared_gate_;
+    }
+
     /// Worker threads for forward (the calling thread included); results do not depend on it.
     void set_threads(index threads) {
         if (threads < 1 || threads > max_threads)
@@ -152,6 +231,7 @@ public:
         routing_.build_dispatch();
         compute_experts(x);
         combine(y);
+        saved_tokens_ = training_ ? t : -1;
         if constexpr (sizeof...(Losses) > 0)
             loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
                                           l.value(routing_, logits_)...}; },
@@ -170,6 +250,57 @@ public:
     }
     /// Values of the loss terms for the last forward call, in the order of `Losses`.
     [[nodiscard]] const std::array<Scalar, sizeof...(Losses)>& loss_values() const { return loss_values_; }
+
+    /// Backward of the last forward call, which must have run in training mode on the same `x`:
+    /// given dL/dy, writes dL/dx into `grad_x` and sets the gradients of every parameter (see
+    /// `parameters`) to those of L plus the layer's loss terms. The selection of the forward is held
+    /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
+    /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
+    void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
+        requires differentiable_router<Router, Scalar>
+    {
+        const index t = x.rows(), d = shape_.d_model;
+        if (!training_ || saved_tokens_ < 0)
+            throw error("layer::backward: no training forward to differentiate: call set_training(true), then forward, "
+                        "then backward (once)");
+        if (t != saved_tokens_ || x.cols() != d)
+            throw shape_error("layer::backward: input is " + dims(x.rows(), x.cols()) + ", the forward's was " +
+                              dims(saved_tokens_, d));
+        if (grad_y.rows() != t || grad_y.cols() != d)
+            throw shape_error("layer::backward: output gradient is " + dims(grad_y.rows(), grad_y.cols()) + ", expected " +
+                              dims(t, d));
+        if (grad_x.rows() != t || grad_x.cols() != d)
+            throw shape_error("layer::backward: input gradient is " + dims(grad_x.rows(), grad_x.cols()) + ", expected " +
+                              dims(t, d));
+        check_weights();
+        saved_tokens_ = -1;
+
+        // dL/dw per slot, then dL/dz through the router and the loss terms.
+        grad_weights_.assign(static_cast<std::size_t>(routing_.slots()), Scalar(0));
+        for (index s = 0; s < routing_.slots(); ++s) {
+            const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
+            if (row >= 0)
+                grad_weights_[static_cast<std::size_t>(s)] =
+                    grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row));
+        }
+        grad_logits_.resize(logits_.rows(), logits_.cols());
+        route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
+        std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
+        grad_router_weight_.noalias() = grad_logits_.transpose() * x;
+        grad_x.noalias() = grad_logits_ * router_weight_;
+
+        if constexpr (Shared::gated) {
+            // y += sigma(g_t) * shared_t with g_t = w_g . x_t.
+            shared_gate_grad_.resize(t);
+            for (index i = 0; i < t; ++i) {
+                const Scalar sg = shared_gate_values_[i];
+                shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
+            }
+            grad_shared_gate_.noalias() = x.transpose() * shared_gate_grad_;
+        }
+        backward_experts(x, grad_y);
+        combine_backward(grad_x);
+    }
 
     /// FLOPs of the last forward call's expert work (2 per multiply-add of the projections that ran).
     [[nodiscard]] double active_flops() const {
@@ -249,6 +380,11 @@ private:
         }
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
         const std::size_t per_thread = static_cast<std::size_t>(chunk_rows * (d + 3 * widest));
+        if (training_) {
+            hidden_.resize(routing_.rows(), ffn_in_rows<Expert>(shape_.d_ff));
+            if constexpr (Shared::enabled) shared_hidden_.resize(t, shared_weights_.in.rows());
+        }
+        if constexpr (Shared::gated) shared_gate_values_.resize(t);
         scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
         auto run = [&](index i, index thread) {
             const task& tk = tasks_[static_cast<std::size_t>(i)];
@@ -263,7 +399,9 @@ private:
                                                  routing_.row_slots[static_cast<std::size_t>(tk.first + r)])];
                 xin.row(r) = x.row(token);
             }
-            Eigen::Map<matrix<Scalar>> h(base + chunk_rows * d, tk.rows, w.in.rows());
+            Scalar* h_data = base + chunk_rows * d;
+            if (training_) h_data = shared ? shared_hidden_.row(tk.first).data() : hidden_.row(tk.first).data();
+            Eigen::Map<matrix<Scalar>> h(h_data, tk.rows, w.in.rows());
             Eigen::Map<matrix<Scalar>> a(base + chunk_rows * (d + 2 * widest), tk.rows, ff);
             Eigen::Map<matrix<Scalar>> out = shared ? Eigen::Map<matrix<Scalar>>(shared_out_.row(tk.first).data(), tk.rows, d)
                                                     : Eigen::Map<matrix<Scalar>>(expert_out_.row(tk.first).data(), tk.rows, d);
@@ -274,7 +412,7 @@ private:
                     if constexpr (Shared::gated)
                         for (index r = 0; r < tk.rows; ++r) {
                             const Scalar g = xc.row(r).dot(shared_gate_);
-                            out.row(r) *= Scalar(1) / (Scalar(1) + std::exp(-g));
+                            shared_gate_values_[tk.first + r] = Scalar(1) / (Scalar(1) + std::exp(-g));
                         }
                 }
             } else {
@@ -295,10 +433,89 @@ private:
                     const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
                     if (row >= 0) yi += routing_.weights[static_cast<std::size_t>(s)] * expert_out_.row(row);
                 }
-                if constexpr (Shared::enabled) yi += shared_out_.row(i);
+                if constexpr (Shared::gated)
+                    yi += shared_gate_values_[i] * shared_out_.row(i);
+                else if constexpr (Shared::enabled)
+                    yi += shared_out_.row(i);
             }
         };
         pool_->run((t + chunk_rows - 1) / chunk_rows, run);
+    }
+
+    // One task per expert (the shared FFN first), each over its rows in `backward_rows` steps in order,
+    // so every weight gradient is summed in the same order at any thread count.
+    void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y) {
+        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
+        row_grad_.resize(routing_.rows(), d);
+        if constexpr (Shared::enabled) shared_grad_.resize(t, d);
+        const index widest = std::max(shape_.d_ff, shape_.d_shared);
+        const std::size_t per_thread = static_cast<std::size_t>(backward_rows * (2 * d + 2 * widest));
+        scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
+        const index first_task = Shared::enabled ? -1 : 0;
+        auto run = [&](index i, index thread) {
+            const index expert = i + first_task;  // -1: the shared FFN
+            const bool shared = expert < 0;
+            const ffn_weights<Scalar>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(expert)];
+            ffn_weights<Scalar>& grad = shared ? grad_shared_weights_ : grad_experts_[static_cast<std::size_t>(expert)];
+            grad.in.setZero();
+            grad.out.setZero();
+            const index begin = shared ? 0 : routing_.expert_offsets[static_cast<std::size_t>(expert)];
+            const index end = shared ? t : routing_.expert_offsets[static_cast<std::size_t>(expert) + 1];
+            const index ff = w.out.cols();
+            Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
+            for (index first = begin; first < end; first += backward_rows) {
+                const index n = std::min(backward_rows, end - first);
+                Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + backward_rows * d, n, d);
+                for (index r = 0; r < n; ++r) {
+                    index token = first + r;
+                    Scalar scale = 1;
+                    if (shared) {
+                        if constexpr (Shared::gated) scale = shared_gate_values_[token];
+                    } else {
+                        const auto slot = static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(token)]);
+                        token = routing_.slot_tokens[slot];
+                        scale = routing_.weights[slot];
+                    }
+                    xin.row(r) = x.row(token);
+                    dout.row(r) = scale * grad_y.row(token);
+                }
+                Eigen::Map<matrix<Scalar>> h(shared ? shared_hidden_.row(first).data() : hidden_.row(first).data(), n,
+                                             w.in.rows());
+                Eigen::Map<matrix<Scalar>> a(base + 2 * backward_rows * d, n, ff);
+                Eigen::Map<matrix<Scalar>> da(base + 2 * backward_rows * d + backward_rows * widest, n, ff);
+                Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : row_grad_.row(first).data(), n, d);
+                const Eigen::Map<const matrix<Scalar>> xc(xin.data(), n, d), doc(dout.data(), n, d);
+                if (shared) {
+                    if constexpr (Shared::enabled) ffn_backward(shared_.expert, w, xc, h, doc, a, da, grad, dx);
+                } else {
+                    ffn_backward(expert_, w, xc, h, doc, a, da, grad, dx);
+                }
+            }
+        };
+        pool_->run(e - first_task, run);
+    }
+
+    // dL/dx_t += the rows of token t's slots in slot order, then the shared FFN's and its gate's terms.
+    void combine_backward(matrix_ref<Scalar>& grad_x) {
+        const index t = routing_.tokens;
+        auto run = [&](index chunk, index) {
+            const index end = std::min(t, (chunk + 1) * chunk_rows);
+            for (index i = chunk * chunk_rows; i < end; ++i) {
+                auto gi = grad_x.row(i);
+                for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
+                    const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
+                    if (row >= 0) gi += row_grad_.row(row);
+                }
+                if constexpr (Shared::enabled) gi += shared_grad_.row(i);
+                if constexpr (Shared::gated) gi += shared_gate_grad_[i] * shared_gate_.transpose();
+            }
+        };
+        pool_->run((t + chunk_rows - 1) / chunk_rows, run);
+    }
+
+    static Eigen::Map<matrix<Scalar>> view(matrix<Scalar>* m, index rows, index cols) {
+        if (m == nullptr || m->rows() != rows || m->cols() != cols) return {nullptr, 0, 0};
+        return {m->data(), rows, cols};
     }
 
     layer_shape shape_;
@@ -321,7 +538,23 @@ private:
     matrix<Scalar> expert_out_;
     matrix<Scalar> shared_out_;
     std::vector<Scalar> scratch_;
+    vector<Scalar> shared_gate_values_;  // sigma(w_g . x_t) per token (gated shared expert)
     std::array<Scalar, sizeof...(Losses)> loss_values_{};
+
+    // Training: what forward keeps for backward, the gradients, and backward's workspace.
+    bool training_ = false;
+    index saved_tokens_ = -1;            // T of the last training forward; -1 when there is none
+    matrix<Scalar> hidden_;              // x W_in^T per routed row, overwritten by its gradient
+    matrix<Scalar> shared_hidden_;       // the same for the shared FFN, per token
+    matrix<Scalar> grad_router_weight_;
+    std::vector<ffn_weights<Scalar>> grad_experts_;
+    ffn_weights<Scalar> grad_shared_weights_;
+    vector<Scalar> grad_shared_gate_;
+    std::vector<Scalar> grad_weights_;   // dL/dw per slot
+    matrix<Scalar> grad_logits_;
+    matrix<Scalar> row_grad_;            // dL/dx per routed row
+    matrix<Scalar> shared_grad_;         // dL/dx of the shared FFN per token
+    vector<Scalar> shared_gate_grad_;    // dL/dg_t of the shared gate per token
 };
 
 }  // namespace moe

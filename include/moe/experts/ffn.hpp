@@ -1,8 +1,8 @@
 #pragma once
 /// \file
-/// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernel that runs one expert
+/// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernels that run one expert
 /// over a block of rows: a GEMM for the (fused gate and up) input projection, one SIMD pass for the
-/// activation and product, a GEMM for the output projection.
+/// activation and product, a GEMM for the output projection; and the backward of the same.
 
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
@@ -92,6 +92,29 @@ void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map
         }
     });
     project(Eigen::Map<const matrix<Scalar>>(a.data(), n, ff), w.out, out);
+}
+
+/// Backward of `ffn_forward` for the n rows of `x`. `h` holds x W_in^T as the forward computed it and
+/// is overwritten with its gradient; `dout` is dL/dout. Adds dL/dW_in and dL/dW_out to `grad` and
+/// writes dL/dx to `dx`. `a` and `da` (n x ff) are scratch.
+template <expert_ffn X, class Scalar>
+void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
+                  Eigen::Map<matrix<Scalar>>& h, const Eigen::Map<const matrix<Scalar>>& dout, Eigen::Map<matrix<Scalar>>& a,
+                  Eigen::Map<matrix<Scalar>>& da, ffn_weights<Scalar>& grad, Eigen::Map<matrix<Scalar>>& dx) {
+    const index n = x.rows(), ff = w.out.cols();
+    da.noalias() = dout * w.out;
+    kernels::with_activation(expert.act(), [&]<activation A>() {
+        for (index r = 0; r < n; ++r) {
+            Scalar* hr = h.row(r).data();
+            if constexpr (X::gated)
+                kernels::gated_activate_backward<A>(hr, hr + ff, da.row(r).data(), a.row(r).data(), hr, hr + ff, ff);
+            else
+                kernels::activate_backward<A>(hr, da.row(r).data(), a.row(r).data(), hr, ff);
+        }
+    });
+    grad.out.noalias() += dout.transpose() * a;
+    grad.in.noalias() += h.transpose() * x;
+    dx.noalias() = h * w.in;
 }
 
 }  // namespace moe

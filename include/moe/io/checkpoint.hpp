@@ -17,6 +17,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace moe::io {
 
@@ -215,6 +216,42 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         ckpt.read(names.correction_bias(), std::span<Scalar>(bias->data(), static_cast<std::size_t>(bias->size())),
                   std::span<const std::int64_t>(shape));
     }
+}
+
+/// The trainable tensors of `layer` (see `layer::parameters`) under their checkpoint names for MoE layer
+/// `layer_index` of family `kind`: a fused gate-and-up weight appears as its two checkpoint tensors
+/// (views of its row halves), so an optimiser, a gradient dump or a writer sees HuggingFace's layout.
+template <class Layer>
+std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer& layer, family kind, index layer_index) {
+    using Scalar = typename Layer::scalar_type;
+    static_assert(Layer::expert_type::gated, "checkpoint families store gated (SwiGLU) experts");
+    const auto names = layer_tensor_names::of(kind, layer_index);
+    const auto params = layer.parameters();
+    std::vector<parameter<Scalar>> out;
+    const auto rows = [](Eigen::Map<matrix<Scalar>> m, index first, index n) {
+        return m.size() == 0 ? Eigen::Map<matrix<Scalar>>(nullptr, 0, 0)
+                             : Eigen::Map<matrix<Scalar>>(m.data() + first * m.cols(), n, m.cols());
+    };
+    // Gate rows first, then up rows (see `ffn_weights`).
+    const auto split = [&](const parameter<Scalar>& p, const std::string& gate, const std::string& up) {
+        const index ff = p.value.rows() / 2;
+        out.push_back({gate, rows(p.value, 0, ff), rows(p.grad, 0, ff)});
+        out.push_back({up, rows(p.value, ff, ff), rows(p.grad, ff, ff)});
+    };
+    std::size_t i = 0;
+    out.push_back({names.router(), params[i].value, params[i].grad});
+    ++i;
+    for (index e = 0; e < layer.shape().n_experts; ++e, i += 2) {
+        split(params[i], names.expert_gate(e), names.expert_up(e));
+        out.push_back({names.expert_down(e), params[i + 1].value, params[i + 1].grad});
+    }
+    if constexpr (Layer::shared_type::enabled) {
+        split(params[i], names.shared_gate_proj(), names.shared_up_proj());
+        out.push_back({names.shared_down_proj(), params[i + 1].value, params[i + 1].grad});
+        i += 2;
+    }
+    if constexpr (Layer::shared_type::gated) out.push_back({names.shared_expert_gate(), params[i].value, params[i].grad});
+    return out;
 }
 
 }  // namespace moe::io

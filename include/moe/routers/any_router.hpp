@@ -13,6 +13,7 @@
 #include "moe/routers/top_p.hpp"
 #include "moe/statistics.hpp"
 
+#include <span>
 #include <utility>
 #include <variant>
 
@@ -82,6 +83,12 @@ public:
         route_at<0>(logits, st, out);
     }
 
+    template <class Scalar>
+    void backward(const matrix<Scalar>& logits, const routing<Scalar>& r, state<Scalar>& st,
+                  std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const {
+        backward_at<0>(logits, r, st, grad_weights, grad_logits);
+    }
+
 private:
     template <std::size_t I, class Scalar>
     void route_at(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
@@ -92,9 +99,18 @@ private:
         }
     }
 
+    template <std::size_t I, class Scalar>
+    void backward_at(const matrix<Scalar>& logits, const routing<Scalar>& r, state<Scalar>& st,
+                     std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const {
+        if constexpr (I < std::variant_size_v<variant>) {
+            if (router_.index() != I) return backward_at<I + 1>(logits, r, st, grad_weights, grad_logits);
+            moe::route_backward(std::get<I>(router_), logits, r, std::get<I>(st.states_), grad_weights, grad_logits);
+        }
+    }
+
     variant router_ = softmax_topk{};
 };
 
-static_assert(router<any_router, float> && router<any_router, double>);
+static_assert(differentiable_router<any_router, float> && differentiable_router<any_router, double>);
 
 }  // namespace moe::routers

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,8 @@ struct capacity {
         router_state_t<Inner, Scalar> inner;
         std::vector<index> count;   // assignments per expert so far
         std::vector<index> order;   // slots of one expert, sorted for the probs policy
+        std::vector<std::int32_t> chosen;  // expert ids before the drops (for backward)
+        routing<Scalar> undropped;         // backward: the routing with the dropped ids restored
     };
 
     void validate(index experts) const {
@@ -57,6 +60,7 @@ struct capacity {
     template <class Scalar>
     void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
         moe::route(inner, logits, st.inner, out);
+        st.chosen.assign(out.expert_ids.begin(), out.expert_ids.end());
         const index e = out.experts;
         const index cap = expert_capacity(out.slots(), e);
         out.routed.assign(static_cast<std::size_t>(e), 0);
@@ -89,6 +93,18 @@ struct capacity {
         }
     }
 
+    /// The inner router's backward on the assignments as it chose them: a dropped slot has no
+    /// gradient of its own, but with `normalize` its score is in the kept weights' denominator.
+    template <class Scalar>
+    void backward(const matrix<Scalar>& logits, const routing<Scalar>& r, state<Scalar>& st,
+                  std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const
+        requires differentiable_router<Inner, Scalar>
+    {
+        st.undropped = r;
+        st.undropped.expert_ids.assign(st.chosen.begin(), st.chosen.end());
+        moe::route_backward(inner, logits, st.undropped, st.inner, grad_weights, grad_logits);
+    }
+
 private:
     template <class Scalar>
     static void drop(routing<Scalar>& out, std::size_t slot) {
@@ -97,6 +113,6 @@ private:
     }
 };
 
-static_assert(router<capacity<softmax_topk>, float> && router<capacity<softmax_topk>, double>);
+static_assert(differentiable_router<capacity<softmax_topk>, float> && differentiable_router<capacity<softmax_topk>, double>);
 
 }  // namespace moe::routers

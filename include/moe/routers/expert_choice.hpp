@@ -5,10 +5,12 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -64,8 +66,15 @@ struct expert_choice {
             out.end_token();
         }
     }
+
+    /// w_te = p_te: the gradient flows through the softmax of each chosen token.
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        softmax_gates_backward(r, grad_weights, false, Scalar(0), Scalar(1), grad_logits);
+    }
 };
 
-static_assert(router<expert_choice, float> && router<expert_choice, double>);
+static_assert(differentiable_router<expert_choice, float> && differentiable_router<expert_choice, double>);
 
 }  // namespace moe::routers

@@ -6,8 +6,10 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
 
+#include <span>
 #include <string>
 
 namespace moe::routers {
@@ -50,8 +52,15 @@ struct null_experts {
                 for (index j = 0; j < k; ++j) w[j] /= real;
         }
     }
+
+    /// Null slots carry no weight; the real experts' weights depend on all E + N logits through p.
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        softmax_gates_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
+    }
 };
 
-static_assert(router<null_experts, float> && router<null_experts, double>);
+static_assert(differentiable_router<null_experts, float> && differentiable_router<null_experts, double>);
 
 }  // namespace moe::routers

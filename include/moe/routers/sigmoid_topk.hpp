@@ -7,6 +7,7 @@
 #include "moe/kernels/select.hpp"
 #include "moe/routing.hpp"
 
+#include <span>
 #include <string>
 #include <vector>
 
@@ -91,8 +92,23 @@ struct sigmoid_topk {
             for (index j = 0; j < k; ++j) w[j] = w[j] / denom * static_cast<Scalar>(scale);
         }
     }
+
+    /// Gradient through s of the chosen experts, the normalisation and the scale; none to the bias.
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        grad_logits.setZero();
+        for (index t = 0; t < r.tokens; ++t) {
+            Scalar* g = grad_logits.row(t).data();
+            const Scalar* s = r.scores.row(t).data();
+            const index b = r.begin(t);
+            kernels::gate_backward(s, r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b, r.experts,
+                                   normalize, Scalar(1e-20), static_cast<Scalar>(scale), g);
+            kernels::sigmoid_backward(s, g, g, r.experts);
+        }
+    }
 };
 
-static_assert(router<sigmoid_topk, float> && router<sigmoid_topk, double>);
+static_assert(differentiable_router<sigmoid_topk, float> && differentiable_router<sigmoid_topk, double>);
 
 }  // namespace moe::routers

@@ -6,10 +6,12 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
 #include "moe/statistics.hpp"
 
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -81,6 +83,26 @@ struct sinkhorn {
         }
     }
 
+    /// With softmax gates, as R1. With plan gates, w_t = softmax over the chosen e of (z_te + log d1_e)
+    /// with the scalings d0, d1 of the forward held constant, so dP_te/dz_te = P_te.
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>& st, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        if (inference_topk || gates == sinkhorn_gates::softmax || r.tokens == 0) {
+            softmax_gates_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
+            return;
+        }
+        grad_logits.setZero();
+        for (index t = 0; t < r.tokens; ++t) {
+            Scalar* g = grad_logits.row(t).data();
+            const Scalar* plan = st.plan.row(t).data();
+            const index b = r.begin(t);
+            kernels::gate_backward(plan, r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b, r.experts, true,
+                                   Scalar(0), Scalar(1), g);
+            for (index x = 0; x < r.experts; ++x) g[x] *= plan[x];
+        }
+    }
+
 private:
     template <class Scalar>
     void balance(const matrix<Scalar>& logits, state<Scalar>& st) const {
@@ -136,6 +158,6 @@ private:
     }
 };
 
-static_assert(router<sinkhorn, float> && router<sinkhorn, double>);
+static_assert(differentiable_router<sinkhorn, float> && differentiable_router<sinkhorn, double>);
 
 }  // namespace moe::routers

@@ -5,7 +5,10 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
+
+#include <span>
 
 #include <string>
 
@@ -44,8 +47,14 @@ struct softmax_topk {
             for (index j = 0; j < k; ++j) w[j] *= f;
         }
     }
+
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        softmax_gates_backward(r, grad_weights, normalize, Scalar(0), static_cast<Scalar>(scale), grad_logits);
+    }
 };
 
-static_assert(router<softmax_topk, float> && router<softmax_topk, double>);
+static_assert(differentiable_router<softmax_topk, float> && differentiable_router<softmax_topk, double>);
 
 }  // namespace moe::routers

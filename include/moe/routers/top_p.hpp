@@ -6,9 +6,11 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
 
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -59,8 +61,14 @@ struct top_p {
             out.end_token();
         }
     }
+
+    template <class Scalar>
+    void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
+                  matrix<Scalar>& grad_logits) const {
+        softmax_gates_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
+    }
 };
 
-static_assert(router<top_p, float> && router<top_p, double>);
+static_assert(differentiable_router<top_p, float> && differentiable_router<top_p, double>);
 
 }  // namespace moe::routers

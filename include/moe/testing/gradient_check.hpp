@@ -7,6 +7,10 @@
 #include "moe/testing/conformance.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
 
 namespace moe::testing {
 
@@ -34,6 +38,53 @@ report gradient_check(F&& f, matrix<double>& x, const matrix<double>& gradient, 
         if (!(std::abs(analytic - numeric) <= tolerance * scale))
             detail::fail(rep, "element ", i, " (row ", i / x.cols(), ", column ", i % x.cols(), "): analytic ", analytic,
                          ", numeric ", numeric);
+    }
+    return rep;
+}
+
+/// Checks a whole layer's backward (double precision) against finite differences: with L =
+/// sum(y * g) + the layer's loss terms for a random g drawn from `seed`, the gradient `backward` gives
+/// for the input and for every parameter (`layer.parameters()`) is compared by `gradient_check`.
+/// Perturbing one value must not change the routing decisions: keep `x` and the weights away from
+/// ties (random values are, with overwhelming probability). Failures name the tensor.
+template <class Layer>
+report layer_gradient_check(Layer& layer, const matrix<double>& x, std::uint64_t seed = 1, double step = 1e-6,
+                            double tolerance = 1e-5) {
+    static_assert(std::is_same_v<typename Layer::scalar_type, double>, "layer_gradient_check needs a double layer");
+    const index t = x.rows(), d = x.cols();
+    matrix<double> g(t, d);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal;
+    for (index i = 0; i < g.size(); ++i) g.data()[i] = normal(rng);
+    layer.set_training(true);
+    const auto loss = [&](const matrix<double>& input) {
+        matrix<double> y(t, d);
+        layer.forward(input, y);
+        double value = (y.array() * g.array()).sum();
+        for (const double l : layer.loss_values()) value += l;
+        return value;
+    };
+    loss(x);
+    matrix<double> grad_x(t, d);
+    layer.backward(x, g, grad_x);
+    auto params = layer.parameters();
+    std::vector<matrix<double>> grads;
+    for (const auto& p : params) grads.emplace_back(p.grad);
+
+    report rep;
+    const auto merge = [&](const std::string& what, const report& r) {
+        for (const auto& f : r.failures) rep.failures.push_back(what + ": " + f);
+    };
+    matrix<double> input = x;
+    merge("input", gradient_check(loss, input, grad_x, step, tolerance));
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        matrix<double> value = params[i].value;
+        const auto at = [&](const matrix<double>& v) {
+            params[i].value = v;
+            return loss(x);
+        };
+        merge(params[i].name, gradient_check(at, value, grads[i], step, tolerance));
+        params[i].value = value;
     }
     return rep;
 }
