@@ -113,7 +113,7 @@ TEST_CASE("layer counts active FLOPs of the experts that ran", "[layer]") {
     CHECK(layer.active_flops() == 20.0 * (2 * 8 * 32 + 2 * 8 * 16));
 }
 
-TEST_CASE("layer backward agrees with finite differences for every expert type, shared experts and losses",
+TEST_CASE("layer backward agrees with finite differences for every expert type, shared experts and L1-L4",
           "[layer][backward]") {
     using namespace moe;
     const matrix<double> x = matrix<double>::Random(13, 6);
@@ -148,5 +148,16 @@ TEST_CASE("layer backward agrees with finite differences for every expert type, 
             {.d_model = 6, .d_ff = 5, .n_experts = 4, .d_shared = 7}, {.k = 2, .normalize = false, .n_group = 1},
             {}, {}, {{.alpha = 0.5, .per_token = true}});
         check(l, 5);
+    }
+    {
+        layer<double, routers::sigmoid_topk, experts::swiglu, shared_experts::none, losses::seq_balance> l(
+            {.d_model = 6, .d_ff = 5, .n_experts = 6}, {.k = 2, .normalize = true, .n_group = 1}, {}, {},
+            {{.alpha = 0.7, .seq_len = 13}});
+        check(l, 6);
+    }
+    {
+        layer<double, routers::null_experts, experts::swiglu, shared_experts::none, losses::null_balance, losses::seq_balance>
+            l(small, {.k = 2, .nulls = 2}, {}, {}, {{.alpha = 0.6}, {.alpha = 0.5}});
+        check(l, 7);
     }
 }

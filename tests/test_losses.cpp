@@ -33,7 +33,7 @@ TEST_CASE("load balance equals alpha at perfect balance, alpha*k per token", "[l
     CHECK(moe::losses::z_loss{.beta = 1.0}.value(r, z) == Approx(std::log(4.0) * std::log(4.0)));
 }
 
-TEST_CASE("load-balance and z-loss values and gradients match PyTorch autograd for every router", "[losses][backward]") {
+TEST_CASE("L1-L4 values and gradients match PyTorch autograd for every router", "[losses][backward]") {
     std::size_t cases = 0;
     for (const auto& entry : std::filesystem::directory_iterator(golden::data_dir / "layer")) {
         const golden::layer_case c(entry.path().stem().string());
@@ -61,7 +61,7 @@ TEST_CASE("load-balance and z-loss values and gradients match PyTorch autograd f
             const auto expected_x = golden::read_matrix(c.file, "grad_" + name + ".x");
             const auto expected_w = golden::read_matrix(c.file, "grad_" + name + ".router.weight");
             if (expected_w.cwiseAbs().maxCoeff() < 1e-12f) {
-                // Equal counts for every expert (expert choice, k = E): L1 is constant, its gradient 0.
+                // Equal counts for every expert (expert choice, k = E): L1 and L3 are constant, gradient 0.
                 CHECK(grad_w.cwiseAbs().maxCoeff() < 1e-6f);
                 CHECK(grad_x.cwiseAbs().maxCoeff() < 1e-6f);
             } else {
@@ -71,6 +71,9 @@ TEST_CASE("load-balance and z-loss values and gradients match PyTorch autograd f
         };
         check(moe::losses::load_balance{.alpha = 1.0}, "load_balance");
         check(moe::losses::z_loss{.beta = 1.0}, "z_loss");
+        check(moe::losses::seq_balance{.alpha = 1.0, .seq_len = c.file.read_integers("seq_balance.seq_len").at(0)},
+              "seq_balance");
+        if (c.file.contains("expected.null_balance")) check(moe::losses::null_balance{.alpha = 1.0}, "null_balance");
     }
     CHECK(cases >= 25);
 }
@@ -94,4 +97,15 @@ TEST_CASE("bias update moves the bias of over- and under-loaded experts by gamma
     moe::vector<double> wrong(3);
     u.observe(r);
     CHECK_THROWS_AS(u.apply(wrong), moe::shape_error);
+}
+
+TEST_CASE("sequence-wise balance rejects a batch that is not whole sequences", "[losses][errors]") {
+    moe::routing<double> r;
+    r.reset_fixed_k(5, 4, 1);
+    r.scores = moe::matrix<double>::Constant(5, 4, 0.25);
+    r.build_dispatch();
+    const moe::matrix<double> z = moe::matrix<double>::Zero(5, 4);
+    CHECK_THROWS_WITH(moe::losses::seq_balance{.seq_len = 2}.value(r, z),
+                      Catch::Contains("5 tokens") && Catch::Contains("seq_len = 2"));
+    CHECK(moe::losses::seq_balance{.alpha = 1.0, .seq_len = 5}.value(r, z) == Approx(1.0));  // all on expert 0: f_0 = 4
 }

@@ -49,13 +49,21 @@ What is implemented (the spec the C++ library is tested against):
   routed_e = assignments to real expert e before capacity drops, slots = T * k for
   R1/R2 (with or without R3) else the slots filled (null slots included),
   P_e = mean_t softmax(z_t[:E])_e; L2 = mean_t logsumexp(z_t)^2 over all columns;
-  both 0 when T == 0.
+  L3 (sequence-wise, DeepSeek-V2/V3): consecutive sequences of S = T / 2 tokens (T even,
+  T >= 2) else S = T; per sequence f_e = E * c_e(seq) / n(seq) with c_e(seq) the routed_e
+  and n(seq) the L1 slots of the sequence's tokens, P'_e = mean over the sequence of
+  s'_te, s'_t = score_t / sum(score_t) over all columns (score = sigmoid(z) for
+  sigmoid_topk, else softmax over all columns), e < E; L3 = mean_seq sum_e f_e P'_e;
+  L4 (AdaMoE, null_experts only) = (E+N) sum_{e < E+N} (c'_e / (T k)) P_e with P_e =
+  mean_t softmax(z_t)_e over all E + N columns, c'_e = slots choosing e, each null
+  expert's replaced by the mean of the N null counts. All 0 when T == 0.
 * Backward: torch.autograd in float64 through the functions above, with the selection
   (ids, capacity drops, top-p / expert-choice sets, Sinkhorn's d0 / d1) constant. With
   grad_output g (its own generator, seeded from "grad/" + case), L_y = sum(y * g);
-  gradients of L_y, L1 and L2 with respect to the input and every trainable tensor
-  (not the correction bias). Null slots and dropped assignments pass no gradient; with
-  R3 and normalize the kept weight's denominator still holds the dropped p.
+  gradients of L_y, L1, L2, L3 and L4 (their counts constant) with respect to the input
+  and every trainable tensor (not the correction bias). Null slots and dropped
+  assignments pass no gradient; with R3 and normalize the kept weight's denominator
+  still holds the dropped p.
 
 Outputs:
 
@@ -71,7 +79,9 @@ Outputs:
   ``__metadata__``, weights, input and expected results in one file. Cases of the
   routers R4-R7 carry the extra options and expected.slots (+ Sinkhorn statistics).
   Backward: grad_output, grad.x and grad.<parameter> of L_y (gated in.weight: [gate;
-  up] gradients), grad_load_balance.{x, router.weight} of L1, grad_z_loss.{...} of L2.
+  up] gradients), grad_load_balance.{x, router.weight} of L1, grad_z_loss.{...} of L2;
+  then expected.seq_balance (L3), seq_balance.seq_len (S), grad_seq_balance.{...} of L3
+  and, for the null-experts cases, expected.null_balance (L4), grad_null_balance.{...}.
 * ``tests/data/overrides/<case>/``: moe-run runs with router flags on one of the
   checkpoints above (args.json {"model", "layer", "flags", "backward_flags"},
   input.safetensors, expected.safetensors, expected_backward.safetensors as for
@@ -529,7 +539,8 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
     """y_t = sum over kept (t, e) of w_te * Expert_e(x_t) + shared(x_t). x: [T, d] f64.
     Returns dict with y [T,d], logits [T,E'], ids [T,S], weights [T,S], load [E] (real
     experts), slots [T] (ids >= 0, null slots included), load_balance and z_loss (see
-    balance_losses); R4: capped; R6: marginal_error, iterations, row_error. Every output
+    balance_losses), seq_balance (seq_balance_loss), null_balance (null_balance_loss;
+    None without null experts); R4: capped; R6: marginal_error, iterations, row_error. Every output
     is a torch function of x and the spec's tensors (selection held constant), so
     moe_backward can differentiate it."""
     logits = x @ spec.router_weight.T
@@ -555,6 +566,14 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
         raise ValueError(spec.router)
     # The router's assignments before any capacity drop: what L1 counts (Switch, GShard).
     routed = torch.tensor([int((ids == e).sum()) for e in range(spec.E)], dtype=torch.int64)
+    # The same per token ([T, E] real experts) and the slots L1 counts per token: k for the
+    # top-k routers (dropped slots included), else every slot the router filled (null
+    # slots included); L3 restricts both to a sequence.
+    token_routed = torch.stack([(ids == e).sum(dim=1) for e in range(spec.E)], dim=1) \
+        if ids.shape[0] else torch.zeros((0, spec.E), dtype=torch.int64)
+    token_slots = torch.full((ids.shape[0],), spec.k, dtype=torch.int64) \
+        if spec.router in TOPK_ROUTERS else (ids >= 0).sum(dim=1)
+    null_balance = null_balance_loss(logits, ids, spec.E, spec.k) if spec.null_experts else None
     if spec.capacity_factor and spec.router in TOPK_ROUTERS:
         ids, weights = apply_capacity(ids, weights, spec.E, spec.capacity_factor,
                                       spec.drop_policy, dec)
@@ -575,8 +594,11 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
     # else every slot the router filled (null slots included).
     slots_total = x.shape[0] * spec.k if spec.router in TOPK_ROUTERS else int(slots.sum())
     load_balance, z_loss = balance_losses(logits, routed, slots_total, spec.E)
+    seq_balance = seq_balance_loss(router_scores(logits, spec.router), token_routed,
+                                   token_slots, spec.E)
     return dict(extra, y=y, logits=logits, ids=ids, weights=weights, load=load, slots=slots,
-                load_balance=load_balance, z_loss=z_loss)
+                load_balance=load_balance, z_loss=z_loss, seq_balance=seq_balance,
+                null_balance=null_balance)
 
 
 def balance_losses(logits, routed, slots_total, E):
@@ -594,6 +616,57 @@ def balance_losses(logits, routed, slots_total, E):
     load_balance = E * (routed.to(torch.float64) / slots_total * P).sum()
     z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
     return load_balance, z_loss
+
+
+def seq_len(T):
+    """L3's sequence length S: the T tokens form T / S consecutive sequences of S = T / 2
+    tokens if T is even and T >= 2, else one sequence of S = T tokens."""
+    return T // 2 if T >= 2 and T % 2 == 0 else T
+
+
+def router_scores(logits, router):
+    """The scores L3 normalises per token: sigmoid(z) for sigmoid_topk, else the softmax
+    over all logit columns (null columns included)."""
+    return torch.sigmoid(logits) if router == "sigmoid_topk" else torch.softmax(logits, dim=-1)
+
+
+def seq_balance_loss(scores, token_routed, token_slots, E):
+    """L3 of SEMANTICS "Balancing losses" (DeepSeek-V2/V3 sequence-wise balance), alpha = 1.
+
+    Sequences of S = seq_len(T) consecutive tokens; per sequence f_e = E * c_e(seq) / n(seq)
+    with c_e(seq) = the sequence's rows of token_routed (assignments to real expert e before
+    any capacity drop) summed and n(seq) = its token_slots summed (the slots L1 counts);
+    P'_e = mean over the sequence's tokens of s'_te, s'_t = scores_t / sum(scores_t) over
+    all columns, e < E only (null columns enter the sum only). L3 = mean over sequences of
+    sum_e f_e P'_e. The counts are constants: the gradient flows through the scores only.
+    0 when T == 0; a sequence without slots (n = 0, all c_e = 0) adds 0."""
+    T = scores.shape[0]
+    if T == 0:
+        return torch.zeros((), dtype=torch.float64)
+    S = seq_len(T)
+    s = scores / scores.sum(dim=-1, keepdim=True)
+    terms = []
+    for start in range(0, T, S):
+        c = token_routed[start:start + S].sum(dim=0).to(torch.float64)
+        n = int(token_slots[start:start + S].sum())
+        f = E * c / n if n else torch.zeros_like(c)
+        terms.append((f * s[start:start + S, :E].mean(dim=0)).sum())
+    return torch.stack(terms).mean()
+
+
+def null_balance_loss(logits, ids, E, k):
+    """L4 of SEMANTICS "Balancing losses" (AdaMoE null-aware balance), alpha = 1, for the
+    null-experts router (logits [T, E + N], ids [T, k] with null ids >= E kept):
+    (E + N) * sum_{e < E+N} (c'_e / (T k)) * P_e, P_e = mean_t softmax(z_t over all E + N
+    columns)_e, c_e = slots choosing e, c'_e = c_e for a real expert and the mean of the N
+    null experts' counts for every null expert. Gradient through P only; 0 when T == 0."""
+    T, EN = logits.shape
+    if T == 0:
+        return torch.zeros((), dtype=torch.float64)
+    c = torch.tensor([int((ids == e).sum()) for e in range(EN)], dtype=torch.float64)
+    c[E:] = c[E:].mean()
+    P = torch.softmax(logits, dim=-1).mean(dim=0)
+    return EN * (c / (T * k) * P).sum()
 
 
 # --------------------------------------------------------------------------------------
@@ -645,17 +718,23 @@ class Backward:
     grads: dict        # loss name -> (grad_x, [grad of each trainable tensor])
 
 
+# The terms moe_backward combines, in the order of its coefficient tuples.
+LOSS_TERMS = ("y", "load_balance", "z_loss", "seq_balance", "null_balance")
+
+
 def moe_backward(spec, x, g, coefs):
-    """torch.autograd gradients (float64) of L = c_y L_y + c_lb L1 + c_z L2 with respect
-    to x and every trainable tensor of `spec`, for each `coefs[name] = (c_y, c_lb, c_z)`;
-    L_y = sum(y * g), L1 / L2 as in balance_losses (alpha = beta = 1).
+    """torch.autograd gradients (float64) of L = c_y L_y + c_lb L1 + c_z L2 + c_seq L3
+    + c_null L4 with respect to x and every trainable tensor of `spec`, for each
+    `coefs[name] = (c_y, c_lb, c_z[, c_seq, c_null])` (missing coefficients are 0);
+    L_y = sum(y * g), L1 / L2 as in balance_losses, L3 seq_balance_loss, L4
+    null_balance_loss (alpha = beta = 1; L4 only with null experts).
 
     The forward pass is moe_forward on fresh leaves with the same values, so the selection
     is the one the forward golden data records (asserted by the callers through y). A
     loss that does not depend on a tensor (e.g. T == 0) gives zeros of its shape."""
     leaves = [t.detach().clone().requires_grad_(True) for t in [x] + trainable(spec)]
     out = moe_forward(leaves[0], with_trainable(spec, leaves[1:]), Decisions())
-    terms = ((out["y"] * g).sum(), out["load_balance"], out["z_loss"])
+    terms = ((out["y"] * g).sum(),) + tuple(out[name] for name in LOSS_TERMS[1:])
     grads = {}
     for name, cs in coefs.items():
         loss = sum(c * term for c, term in zip(cs, terms) if c)
@@ -666,7 +745,7 @@ def moe_backward(spec, x, g, coefs):
         gs = [torch.zeros_like(l) if gr is None else gr for gr, l in zip(gs, leaves)]
         grads[name] = (gs[0], gs[1:])
     plain = {key: v.detach() if isinstance(v, torch.Tensor) else v for key, v in out.items()}
-    losses = dict(zip(("y", "load_balance", "z_loss"), (t.detach() for t in terms)))
+    losses = {name: t.detach() for name, t in zip(LOSS_TERMS, terms) if t is not None}
     return Backward(plain, losses, grads)
 
 
@@ -1176,15 +1255,20 @@ def layer_param_tensors(spec, prefix="", bias=True):
     return [(prefix + name, "F32", t) for name, t in ts]
 
 
-# Gradients of a layer file: L_y (grad.*, every input) and L1 / L2 alone (x, router only).
-LAYER_BACKWARD = {"y": (1.0, 0.0, 0.0), "load_balance": (0.0, 1.0, 0.0), "z_loss": (0.0, 0.0, 1.0)}
+# Gradients of a layer file: L_y (grad.*, every input) and L1 / L2 / L3 / L4 alone (x,
+# router only; L4 only with null experts).
+LAYER_BACKWARD = {"y": (1.0, 0.0, 0.0), "load_balance": (0.0, 1.0, 0.0), "z_loss": (0.0, 0.0, 1.0),
+                  "seq_balance": (0.0, 0.0, 0.0, 1.0),
+                  "null_balance": (0.0, 0.0, 0.0, 0.0, 1.0)}
 
 
 def layer_file_tensors(spec, x, out, g, bwd):
     """Tensors of one layer file: x, the parameters, the expected forward results, then
     the backward data: grad_output g, grad.* = d L_y / d (x and every parameter),
     grad_load_balance.{x, router.weight} = d L1 and grad_z_loss.{x, router.weight} = d L2
-    (alpha = beta = 1)."""
+    (alpha = beta = 1); appended after them: expected.seq_balance (L3), seq_balance.seq_len
+    (S) and grad_seq_balance.{x, router.weight}, and with null experts expected.null_balance
+    (L4) and grad_null_balance.{x, router.weight}."""
     ts = [("x", "F32", x)] + layer_param_tensors(spec)
     ts += [("expected.y", "F32", out["y"]), ("expected.logits", "F32", out["logits"]),
            ("expected.ids", "I64", out["ids"]), ("expected.weights", "F32", out["weights"])]
@@ -1203,6 +1287,15 @@ def layer_file_tensors(spec, x, out, g, bwd):
         grad_x, grad_params = bwd.grads[loss]
         ts += [(f"grad_{loss}.x", "F32", grad_x),
                (f"grad_{loss}.router.weight", "F32", grad_params[0])]
+    for loss in ("seq_balance", "null_balance"):
+        if out[loss] is None:
+            continue
+        ts.append((f"expected.{loss}", "F32", out[loss]))
+        if loss == "seq_balance":
+            ts.append(("seq_balance.seq_len", "I64", torch.tensor(seq_len(x.shape[0]))))
+        grad_x, grad_params = bwd.grads[loss]
+        ts += [(f"grad_{loss}.x", "F32", grad_x),
+               (f"grad_{loss}.router.weight", "F32", grad_params[0])]
     return ts
 
 
@@ -1210,13 +1303,24 @@ def layer_backward(name, spec, x, out):
     """grad_output and moe_backward (LAYER_BACKWARD) of layer case `name`, checked to
     route as the forward data; returns (g, bwd, report text)."""
     g = rand_grad_output("layer/" + name, *x.shape)
-    bwd = moe_backward(spec, x, g, LAYER_BACKWARD)
+    coefs = {loss: cs for loss, cs in LAYER_BACKWARD.items()
+             if loss == "y" or out[loss] is not None}
+    bwd = moe_backward(spec, x, g, coefs)
     assert torch.equal(bwd.out["y"], out["y"]) and torch.equal(bwd.out["ids"], out["ids"])
     router = {loss: grads[1][0] for loss, grads in bwd.grads.items()}
     total = router["y"] + router["load_balance"] + router["z_loss"]
-    return g, bwd, (f"backward: share of L1 + L2 (alpha = beta = 1) in the router-weight "
-                    f"gradient of L_y + L1 + L2 "
-                    f"{loss_shares(total, router['load_balance'], router['z_loss'])}")
+    text = (f"backward: share of L1 + L2 (alpha = beta = 1) in the router-weight "
+            f"gradient of L_y + L1 + L2 "
+            f"{loss_shares(total, router['load_balance'], router['z_loss'])}")
+    text += (f"\n    L3 seq_balance {bwd.losses['seq_balance'].item():.6f} "
+             f"(S={seq_len(x.shape[0])}, {math.ceil(x.shape[0] / max(seq_len(x.shape[0]), 1))} "
+             f"sequences; max |grad| x {bwd.grads['seq_balance'][0].abs().max().item():.3e}, "
+             f"router.weight {bwd.grads['seq_balance'][1][0].abs().max().item():.3e})")
+    if "null_balance" in bwd.losses:
+        text += (f"; L4 null_balance {bwd.losses['null_balance'].item():.6f} (max |grad| x "
+                 f"{bwd.grads['null_balance'][0].abs().max().item():.3e}, router.weight "
+                 f"{bwd.grads['null_balance'][1][0].abs().max().item():.3e})")
+    return g, bwd, text
 
 
 def layer_metadata(opt):

@@ -30,6 +30,9 @@ inline index bucket_size(double factor, index items, index experts) {
     return up < 0 ? 0 : static_cast<index>(up);
 }
 
+/// The function a router's scores come from (what losses differentiate through).
+enum class score_function { softmax, sigmoid };
+
 /// A sort key that ranks NaN below every number, so comparisons stay a strict weak order.
 template <class Scalar>
 Scalar sort_key(Scalar v) {
@@ -44,6 +47,9 @@ struct routing {
     /// Routing scores per token and expert (T x E'): softmax `p` or sigmoid `s`, as the router defines.
     /// Losses and statistics read them; E' may exceed E for routers with null experts.
     matrix<Scalar> scores;
+    /// Whether `scores` is softmax (of all E' logits of a token) or sigmoid of the logits. The reset
+    /// functions set softmax; a sigmoid router sets it after them.
+    score_function score = score_function::softmax;
 
     /// Token side (CSR). Slots of token t are [token_offsets[t], token_offsets[t+1]), in selection order.
     std::vector<index> token_offsets;
@@ -52,6 +58,9 @@ struct routing {
     /// Assignments per expert as the router chose them, before capacity dropped any (L1 counts
     /// these); empty when no capacity was applied, the expert blocks then hold the same counts.
     std::vector<index> routed;
+    /// Per slot, the expert the router chose before capacity dropped any; empty when no capacity was
+    /// applied (`expert_ids` then holds the same). Sequence-wise losses count these.
+    std::vector<std::int32_t> undropped_ids;
 
     /// Expert side, derived by `build_dispatch`. Rows of expert e are
     /// [expert_offsets[e], expert_offsets[e+1]) of `row_slots`, ordered by token.
@@ -69,6 +78,11 @@ struct routing {
         const auto i = static_cast<std::size_t>(e);
         return routed.empty() ? expert_offsets[i + 1] - expert_offsets[i] : routed[i];
     }
+    /// The expert slot s chose before capacity drops (see `undropped_ids`).
+    [[nodiscard]] std::int32_t chosen_expert(index s) const {
+        const auto i = static_cast<std::size_t>(s);
+        return undropped_ids.empty() ? expert_ids[i] : undropped_ids[i];
+    }
     /// Slots of token t.
     [[nodiscard]] index begin(index t) const { return token_offsets[static_cast<std::size_t>(t)]; }
     [[nodiscard]] index end(index t) const { return token_offsets[static_cast<std::size_t>(t + 1)]; }
@@ -77,11 +91,13 @@ struct routing {
     void reset_fixed_k(index t, index e, index k) {
         tokens = t;
         experts = e;
+        score = score_function::softmax;
         token_offsets.resize(static_cast<std::size_t>(t + 1));
         for (index i = 0; i <= t; ++i) token_offsets[static_cast<std::size_t>(i)] = i * k;
         expert_ids.resize(static_cast<std::size_t>(t * k));
         weights.resize(static_cast<std::size_t>(t * k));
         routed.clear();
+        undropped_ids.clear();
     }
 
     /// Starts a token side with a variable number of slots per token: call `add_slot` for the slots
@@ -89,10 +105,12 @@ struct routing {
     void begin_tokens(index e) {
         tokens = 0;
         experts = e;
+        score = score_function::softmax;
         token_offsets.assign(1, 0);
         expert_ids.clear();
         weights.clear();
         routed.clear();
+        undropped_ids.clear();
     }
     void add_slot(std::int32_t expert, Scalar weight) {
         expert_ids.push_back(expert);

@@ -29,11 +29,39 @@ concept loss_term = std::copy_constructible<L> &&
 
 namespace losses {
 
+namespace detail {
+// softmax of the first `cols` logits of token t, in double.
+template <class Scalar>
+vector<double> softmax_row(const matrix<Scalar>& z, index t, index cols) {
+    const auto zt = z.row(t).head(cols).template cast<double>();
+    const vector<double> p = (zt.array() - zt.maxCoeff()).exp().matrix().transpose();
+    return p / p.sum();
+}
+
+// L = sum_t sum_e a_e p_te with p the softmax of the first a.size() logits, the form of L1 and L4.
+template <class Scalar>
+double weighted_softmax_value(const vector<double>& a, const matrix<Scalar>& z) {
+    double sum = 0;
+    for (index t = 0; t < z.rows(); ++t) sum += a.dot(softmax_row(z, t, a.size()));
+    return sum;
+}
+
+// Adds dL/dz of `weighted_softmax_value` to `grad`: p_te (a_e - <a, p_t>).
+template <class Scalar>
+void weighted_softmax_gradient(const vector<double>& a, const matrix<Scalar>& z, matrix<Scalar>& grad) {
+    for (index t = 0; t < z.rows(); ++t) {
+        const vector<double> p = softmax_row(z, t, a.size());
+        const double dot = a.dot(p);
+        for (index x = 0; x < a.size(); ++x) grad(t, x) += static_cast<Scalar>(p[x] * (a[x] - dot));
+    }
+}
+}  // namespace detail
+
 /// L1 load balance (Switch/GShard): `alpha * E * sum_e (c_e / (T*k)) * P_e`, with `c_e` the assignments
 /// the router made to expert e (before capacity drops, as Switch and GShard count them), T*k all
-/// slots, and `P_e = mean_t softmax(z_t)_e`.
+/// slots, and `P_e = mean_t softmax(z_t)_e` over the E routed experts' logits.
 /// Equals `alpha` at perfect balance. With `per_token` (HuggingFace Mixtral/Qwen/OLMoE) the counts are
-/// divided by T instead (alpha*k at balance).
+/// divided by T instead (alpha*k at balance). The gradient flows through P only.
 struct load_balance {
     double alpha = 0.01;
     bool per_token = false;
@@ -42,42 +70,127 @@ struct load_balance {
     template <class Scalar>
     Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
         if (r.tokens == 0 || r.experts == 0) return 0;
-        const index e = r.experts;
-        vector<double> mean_p = vector<double>::Zero(e);
-        for (index t = 0; t < r.tokens; ++t) mean_p += softmax_row(z, t, e);
-        double sum = 0;
-        for (index x = 0; x < e; ++x) sum += coefficient(r, x) * mean_p[x];
-        return static_cast<Scalar>(sum);
+        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r), z));
     }
-
-    /// dL/dp_te = coefficient_e (the count term), through the softmax of the real experts' logits.
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
         if (r.tokens == 0 || r.experts == 0) return;
-        const index e = r.experts;
-        vector<double> a(e);
-        for (index x = 0; x < e; ++x) a[x] = coefficient(r, x);
-        for (index t = 0; t < r.tokens; ++t) {
-            const vector<double> p = softmax_row(z, t, e);
-            const double dot = a.dot(p);
-            for (index x = 0; x < e; ++x) grad(t, x) += static_cast<Scalar>(p[x] * (a[x] - dot));
-        }
+        detail::weighted_softmax_gradient(coefficients(r), z, grad);
     }
 
 private:
-    // alpha * E * c_e / (slots * T): L = sum_e coefficient_e * sum_t p_te.
+    // alpha * E * c_e / (slots * T), so that L = sum_e a_e sum_t p_te.
     template <class Scalar>
-    double coefficient(const routing<Scalar>& r, index x) const {
+    vector<double> coefficients(const routing<Scalar>& r) const {
         const double t = static_cast<double>(r.tokens);
         const double slots = per_token ? t : static_cast<double>(r.slots());
-        return alpha * static_cast<double>(r.experts) * static_cast<double>(r.routed_to(x)) / (slots * t);
+        vector<double> a(r.experts);
+        for (index x = 0; x < r.experts; ++x)
+            a[x] = alpha * static_cast<double>(r.experts) * static_cast<double>(r.routed_to(x)) / (slots * t);
+        return a;
+    }
+};
+
+/// L4 null-aware load balance (AdaMoE): L1 over all E + N experts of a null-expert router,
+/// `alpha * (E+N) * sum_e (c'_e / (T*k)) * P_e` with `P_e = mean_t softmax(z_t)_e` over all E + N logits,
+/// c'_e the slots choosing expert e for real experts and, for each null expert, the mean of the null
+/// experts' counts, so the null experts are balanced as one group. Without null experts it is L1.
+struct null_balance {
+    double alpha = 0.01;
+    static constexpr std::string_view name = "null_balance";
+
+    template <class Scalar>
+    Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
+        if (r.tokens == 0) return 0;
+        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r, z.cols()), z));
+    }
+    template <class Scalar>
+    void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
+        if (r.tokens == 0) return;
+        detail::weighted_softmax_gradient(coefficients(r, z.cols()), z, grad);
+    }
+
+private:
+    template <class Scalar>
+    vector<double> coefficients(const routing<Scalar>& r, index all) const {
+        vector<double> c = vector<double>::Zero(all);
+        for (index s = 0; s < r.slots(); ++s) {
+            const auto id = r.chosen_expert(s);
+            if (id >= 0 && id < all) c[id] += 1;
+        }
+        if (all > r.experts) c.tail(all - r.experts).setConstant(c.tail(all - r.experts).mean());
+        return c * (alpha * static_cast<double>(all) / (static_cast<double>(r.slots()) * static_cast<double>(r.tokens)));
+    }
+};
+
+/// L3 sequence-wise balance (DeepSeek-V2/V3): the batch is consecutive sequences of `seq_len` tokens
+/// (0: one sequence); per sequence `f_e = E * c_e / n` with c_e its assignments to expert e (before
+/// capacity drops) and n its slots (E/(k S) c_e for k slots per token), `P'_e = mean_t s'_te` with
+/// `s'_t = scores_t / sum(scores_t)` the per-token normalised router scores (sigmoid scores for R2, p
+/// for softmax routers); `L = alpha * mean_seq sum_e f_e P'_e`. The gradient flows through the scores.
+/// Throws `shape_error` when T is not a multiple of `seq_len`.
+struct seq_balance {
+    double alpha = 0.001;
+    index seq_len = 0;
+    static constexpr std::string_view name = "seq_balance";
+
+    template <class Scalar>
+    Scalar value(const routing<Scalar>& r, const matrix<Scalar>&) const {
+        double sum = 0;
+        each_sequence(r, [&](index first, index len, const vector<double>& f) {
+            for (index t = first; t < first + len; ++t) {
+                const auto s = r.scores.row(t).template cast<double>();
+                sum += f.dot(s.head(r.experts).transpose()) / s.sum();
+            }
+        });
+        return static_cast<Scalar>(sum);
     }
 
     template <class Scalar>
-    static vector<double> softmax_row(const matrix<Scalar>& z, index t, index e) {
-        const auto zt = z.row(t).head(e).template cast<double>();
-        const vector<double> p = (zt.array() - zt.maxCoeff()).exp().matrix().transpose();
-        return p / p.sum();
+    void gradient(const routing<Scalar>& r, const matrix<Scalar>&, matrix<Scalar>& grad) const {
+        const index cols = r.scores.cols();
+        vector<double> ds(cols);
+        each_sequence(r, [&](index first, index len, const vector<double>& f) {
+            for (index t = first; t < first + len; ++t) {
+                const vector<double> s = r.scores.row(t).template cast<double>().transpose();
+                const double total = s.sum();
+                // L_t = <f, s_head> / total: dL/ds_j = (f_j - L_t) / total (f_j = 0 beyond the real experts).
+                const double lt = f.dot(s.head(r.experts)) / total;
+                ds.setConstant(-lt / total);
+                ds.head(r.experts) += f / total;
+                for (index e = 0; e < cols; ++e) {
+                    const double se = s[e];
+                    if (r.score == score_function::sigmoid)
+                        grad(t, e) += static_cast<Scalar>(ds[e] * se * (1 - se));
+                    else
+                        grad(t, e) += static_cast<Scalar>(se * (ds[e] - ds.dot(s)));
+                }
+            }
+        });
+    }
+
+private:
+    // Calls f(first token, length, alpha * f_e / (len * sequences)) for every sequence with slots.
+    template <class Scalar, class F>
+    void each_sequence(const routing<Scalar>& r, F&& f) const {
+        if (r.tokens == 0) return;
+        const index len = seq_len > 0 ? seq_len : r.tokens;
+        if (r.tokens % len != 0)
+            throw shape_error("seq_balance: " + std::to_string(r.tokens) + " tokens are not whole sequences of seq_len = " +
+                              std::to_string(seq_len));
+        const double sequences = static_cast<double>(r.tokens / len);
+        vector<double> c(r.experts);
+        for (index first = 0; first < r.tokens; first += len) {
+            c.setZero();
+            const index n = r.end(first + len - 1) - r.begin(first);
+            if (n == 0) continue;
+            for (index s = r.begin(first); s < r.end(first + len - 1); ++s) {
+                const auto id = r.chosen_expert(s);
+                if (id >= 0 && id < r.experts) c[id] += 1;
+            }
+            const double scale = alpha * static_cast<double>(r.experts) / (static_cast<double>(n) * static_cast<double>(len) * sequences);
+            f(first, len, vector<double>(c * scale));
+        }
     }
 };
 
@@ -161,7 +274,8 @@ private:
     std::vector<index> counts_;
 };
 
-static_assert(loss_term<load_balance, float> && loss_term<z_loss, double>);
+static_assert(loss_term<load_balance, float> && loss_term<z_loss, double> && loss_term<seq_balance, float> &&
+              loss_term<null_balance, double>);
 
 }  // namespace losses
 }  // namespace moe

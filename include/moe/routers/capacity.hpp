@@ -41,8 +41,8 @@ struct capacity {
         router_state_t<Inner, Scalar> inner;
         std::vector<index> count;   // assignments per expert so far
         std::vector<index> order;   // slots of one expert, sorted for the probs policy
-        std::vector<std::int32_t> chosen;  // expert ids before the drops (for backward)
         routing<Scalar> undropped;         // backward: the routing with the dropped ids restored
+        std::vector<Scalar> grad_kept;     // backward: dL/dw with the dropped slots' zeroed
     };
 
     void validate(index experts) const {
@@ -60,7 +60,7 @@ struct capacity {
     template <class Scalar>
     void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
         moe::route(inner, logits, st.inner, out);
-        st.chosen.assign(out.expert_ids.begin(), out.expert_ids.end());
+        out.undropped_ids.assign(out.expert_ids.begin(), out.expert_ids.end());
         const index e = out.experts;
         const index cap = expert_capacity(out.slots(), e);
         out.routed.assign(static_cast<std::size_t>(e), 0);
@@ -101,8 +101,13 @@ struct capacity {
         requires differentiable_router<Inner, Scalar>
     {
         st.undropped = r;
-        st.undropped.expert_ids.assign(st.chosen.begin(), st.chosen.end());
-        moe::route_backward(inner, logits, st.undropped, st.inner, grad_weights, grad_logits);
+        st.undropped.expert_ids.assign(r.undropped_ids.begin(), r.undropped_ids.end());
+        st.undropped.undropped_ids.clear();
+        // A dropped slot's weight is the constant 0: whatever gradient it was given goes nowhere.
+        st.grad_kept.assign(grad_weights.begin(), grad_weights.end());
+        for (std::size_t s = 0; s < r.expert_ids.size(); ++s)
+            if (r.expert_ids[s] == dropped_slot) st.grad_kept[s] = 0;
+        moe::route_backward(inner, logits, st.undropped, st.inner, std::span<const Scalar>(st.grad_kept), grad_logits);
     }
 
 private:

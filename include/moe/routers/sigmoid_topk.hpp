@@ -58,6 +58,7 @@ struct sigmoid_topk {
         const index t = logits.rows(), e = logits.cols();
         const index group_size = e / n_group;
         out.reset_fixed_k(t, e, k);
+        out.score = score_function::sigmoid;
         out.scores.resize(t, e);
         st.choice.resize(static_cast<std::size_t>(e));
         st.group_score.resize(static_cast<std::size_t>(n_group));
