@@ -1,5 +1,6 @@
-// Layer forward on the standard shapes, next to one dense Eigen FFN doing the same active FLOPs.
-// Counters: GFLOP/s on active FLOPs (the expert projections that ran).
+// Layer forward and backward on the standard shapes, next to one dense Eigen FFN doing the same active
+// FLOPs. Counters: GFLOP/s on active FLOPs (the expert projections that ran; backward counts twice the
+// forward's, its gradients for the inputs and for the weights).
 #include <moe/moe.hpp>
 
 #include <benchmark/benchmark.h>
@@ -33,16 +34,47 @@ void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
     state.counters["GFLOP/s"] = benchmark::Counter(layer.active_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void layer_forward(benchmark::State& state, shape s) {
+// The backward alone: each iteration runs a training forward (not timed), then the backward.
+template <class Layer>
+void run_backward(benchmark::State& state, Layer& layer, const shape& s) {
+    layer.randomize(1);
+    layer.set_threads(state.range(0));
+    layer.set_training(true);
+    const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
+    const moe::matrix<float> grad_y = moe::matrix<float>::Random(s.tokens, s.d);
+    moe::matrix<float> y(s.tokens, s.d), grad_x(s.tokens, s.d);
+    for (auto _ : state) {
+        state.PauseTiming();
+        layer.forward(x, y);
+        state.ResumeTiming();
+        layer.backward(x, grad_y, grad_x);
+        benchmark::DoNotOptimize(grad_x.data());
+        benchmark::ClobberMemory();
+    }
+    state.counters["GFLOP/s"] =
+        benchmark::Counter(2 * layer.active_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Runs `f(state, layer, s)` on the layer of shape `s`: Mixtral-like, or with an ungated shared expert.
+template <class F>
+void with_layer(benchmark::State& state, const shape& s, F&& f) {
     const moe::routers::softmax_topk router{.k = s.k, .normalize = true};
     if (s.shared_ff > 0) {
         moe::layer<float, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
             {s.d, s.ff, s.experts, s.shared_ff}, router);
-        run_layer(state, layer, s);
+        f(state, layer, s);
     } else {
         moe::mixtral_layer<float> layer({s.d, s.ff, s.experts, 0}, router);
-        run_layer(state, layer, s);
+        f(state, layer, s);
     }
+}
+
+void layer_forward(benchmark::State& state, shape s) {
+    with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_layer(st, layer, sh); });
+}
+
+void layer_backward(benchmark::State& state, shape s) {
+    with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_backward(st, layer, sh); });
 }
 
 // One dense SwiGLU FFN over T*k rows (plus the shared FFN's FLOPs folded in as extra rows' width):
@@ -76,12 +108,46 @@ void dense_ffn(benchmark::State& state, shape s) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The backward of one dense SwiGLU FFN over T*k rows (shared width folded in as for dense_ffn): the
+// gradients of the activations, of the weights and of the input, 4 GEMMs, twice the forward's FLOPs.
+void dense_ffn_backward(benchmark::State& state, shape s) {
+    const moe::index rows = s.tokens * s.k + (s.shared_ff > 0 ? s.tokens * s.shared_ff / s.ff : 0);
+    const moe::matrix<float> x = moe::matrix<float>::Random(rows, s.d), dy = moe::matrix<float>::Random(rows, s.d);
+    const moe::matrix<float> w_in = moe::matrix<float>::Random(2 * s.ff, s.d) * 0.03f;
+    const moe::matrix<float> w_out = moe::matrix<float>::Random(s.d, s.ff) * 0.03f;
+    const moe::matrix<float> h = moe::matrix<float>::Random(rows, 2 * s.ff);
+    moe::matrix<float> a(rows, s.ff), da(rows, s.ff), dh(rows, 2 * s.ff), dx(rows, s.d);
+    moe::matrix<float> dw_in(2 * s.ff, s.d), dw_out(s.d, s.ff);
+    for (auto _ : state) {
+        da.noalias() = dy * w_out;
+        const auto g = h.leftCols(s.ff).array(), u = h.rightCols(s.ff).array();
+        const auto sig = 1 / (1 + (-g).exp());
+        a = g * sig * u;
+        dh.rightCols(s.ff) = da.array() * g * sig;
+        dh.leftCols(s.ff) = da.array() * u * sig * (1 + g * (1 - sig));
+        dw_out.noalias() = dy.transpose() * a;
+        dw_in.noalias() = dh.transpose() * x;
+        dx.noalias() = dh * w_in;
+        benchmark::DoNotOptimize(dx.data());
+        benchmark::ClobberMemory();
+    }
+    const double flops = 4.0 * static_cast<double>(s.d) * static_cast<double>(rows) * 3.0 * static_cast<double>(s.ff);
+    state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 const bool registered = [] {
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
                 ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+    for (const shape& s : shapes) {
+        if (s.tokens < 64) continue;  // training shapes only
+        benchmark::RegisterBenchmark((std::string("layer_backward/") + s.name).c_str(), layer_backward, s)
+            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("dense_ffn_backward/") + s.name).c_str(), dense_ffn_backward, s)
+            ->Unit(benchmark::kMillisecond)->UseRealTime();
     }
     return true;
 }();

@@ -83,3 +83,81 @@ TEST_CASE("check_layer rejects wrong shapes and integer weights from the headers
     CHECK_THROWS_WITH(moe::io::check_layer(ints_ckpt, 1, 4), Catch::Contains("has dtype I64"));
     std::filesystem::remove_all(dir);
 }
+
+namespace {
+// Takes one gradient step on `layer` (loaded from `name`), saves it next to the case's config.json,
+// and checks that the saved folder loads back bitwise, tensor names and shapes as in the source.
+template <class Layer>
+void check_save_and_resume(const std::string& name, Layer& layer, Layer& resumed) {
+    INFO("checkpoint case " << name);
+    const moe::io::checkpoint source(ckpt_dir / name);
+    const auto& c = source.config();
+    moe::io::load_layer(source, 1, layer);
+    layer.set_training(true);
+    const moe::io::safetensors_file in(ckpt_dir / name / "input.safetensors");
+    const auto raw = golden::read_matrix(in, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / c.hidden_size, c.hidden_size);
+    moe::matrix<float> y(x.rows(), x.cols()), grad_x(x.rows(), x.cols());
+    layer.forward(x, y);
+    layer.backward(x, y, grad_x);  // L = |y|^2 / 2
+    for (auto& p : layer.parameters()) p.value -= 0.1f * p.grad;
+    if (auto* bias = moe::correction_bias<float>(layer.router_state())) bias->array() += 0.25f;
+
+    const auto dir = std::filesystem::temp_directory_path() / ("moe_save_test_" + std::to_string(::getpid()));
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(ckpt_dir / name / "config.json", dir / "config.json");
+    moe::io::save_layer(dir / "model.safetensors", layer, c.kind, 1);
+
+    const moe::io::safetensors_file saved(dir / "model.safetensors");
+    const auto params = moe::io::checkpoint_parameters(layer, c.kind, 1);
+    CHECK(saved.names().size() == params.size() + (moe::correction_bias<float>(layer.router_state()) ? 1 : 0));
+    for (const auto& p : params) {
+        INFO(p.name);
+        REQUIRE(saved.contains(p.name));
+        CHECK(saved.info(p.name).shape == source.info(p.name).shape);  // the checkpoint's own names and shapes
+    }
+    moe::io::load_layer(moe::io::checkpoint(dir), 1, resumed);
+    auto got = resumed.parameters();
+    const auto want = layer.parameters();
+    REQUIRE(got.size() == want.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        INFO(want[i].name);
+        CHECK(got[i].value == want[i].value);
+    }
+    if (auto* bias = moe::correction_bias<float>(layer.router_state()))
+        CHECK(*moe::correction_bias<float>(resumed.router_state()) == *bias);
+    std::filesystem::remove_all(dir);
+}
+}  // namespace
+
+TEST_CASE("save_layer writes a checkpoint that load_layer resumes bitwise, under the family's names",
+          "[io][checkpoint][backward]") {
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "mixtral_f32").config();
+        moe::mixtral_layer<float> a(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize}),
+            b(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_save_and_resume("mixtral_f32", a, b);
+    }
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "qwen2_moe").config();
+        moe::qwen2_moe_layer<float> a(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize}),
+            b(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_save_and_resume("qwen2_moe", a, b);
+    }
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "deepseek_v3").config();
+        const moe::routers::sigmoid_topk r{.k = c.top_k, .normalize = c.normalize, .scale = c.scale, .n_group = c.n_group,
+                                           .topk_group = c.topk_group};
+        moe::deepseek_v3_layer<float> a(moe::io::shape_of(c), r), b(moe::io::shape_of(c), r);
+        check_save_and_resume("deepseek_v3", a, b);
+    }
+}
+
+TEST_CASE("save_layer names an unwritable file and leaves nothing behind", "[io][checkpoint][errors]") {
+    const auto c = moe::io::checkpoint(ckpt_dir / "mixtral_f32").config();
+    moe::mixtral_layer<float> layer(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+    const std::filesystem::path file = "/nonexistent_dir_for_moe/model.safetensors";
+    CHECK_THROWS_AS(moe::io::save_layer(file, layer, c.kind, 1), moe::io_error);
+    CHECK(!std::filesystem::exists(file));
+}

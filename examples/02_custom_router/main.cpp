@@ -1,8 +1,10 @@
 // A router of your own in about 30 lines: "confident top-k". Each token takes its best expert and
 // then up to k-1 more whose probability is at least `ratio` times the best one's, so confident tokens
-// use fewer experts. It is checked with moe::testing, then run in a layer next to plain top-2.
+// use fewer experts. It is checked with moe::testing (its invariants and its backward against finite
+// differences), then run in a layer next to plain top-2.
 #include <moe/moe.hpp>
 #include <moe/testing/conformance.hpp>
+#include <moe/testing/gradient_check.hpp>
 
 #include <cstdio>
 
@@ -33,6 +35,14 @@ struct confident_topk {
             out.end_token();
         }
     }
+
+    // For training: the weights are the chosen p divided by their sum, so the library's helper for
+    // normalised softmax gates is the whole backward.
+    template <class Scalar>
+    void backward(const moe::matrix<Scalar>&, const moe::routing<Scalar>& r, std::span<const Scalar> grad_weights,
+                  moe::matrix<Scalar>& grad_logits) const {
+        moe::routers::softmax_gates_backward(r, grad_weights, true, Scalar(0), Scalar(1), grad_logits);
+    }
 };
 
 int main() {
@@ -45,6 +55,9 @@ int main() {
     const auto report = moe::testing::check_router(router, logits, experts, {.weight_sum = 1.0});
     std::printf("conformance: %s\n", report.ok() ? "ok" : report.str().c_str());
     if (!report.ok()) return 1;
+    const auto gradient = moe::testing::router_gradient_check(router, logits.cast<double>(), experts);
+    std::printf("backward against finite differences: %s\n", gradient.ok() ? "ok" : gradient.str().c_str());
+    if (!gradient.ok()) return 1;
 
     // 2. The router in a layer, next to plain top-2 on the same weights.
     moe::layer<float, confident_topk, moe::experts::swiglu> mine({d, ff, experts}, router);

@@ -254,4 +254,27 @@ std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer&
     return out;
 }
 
+/// Writes the weights of `layer` (and its correction bias, if any) as float32 to the safetensors file
+/// `file`, under the tensor names of MoE layer `layer_index` of family `kind`: with the family's
+/// config.json beside it as `model.safetensors`, the folder is a checkpoint that `load_layer` and
+/// moe-run read, so training can save and resume. The file appears only once complete (written to
+/// a temporary file, then renamed). Throws `io_error` naming the file when it cannot be written.
+template <class Layer>
+void save_layer(const std::filesystem::path& file, Layer& layer, family kind, index layer_index) {
+    using Scalar = typename Layer::scalar_type;
+    const auto params = checkpoint_parameters(layer, kind, layer_index);
+    std::vector<std::vector<float>> values;  // float32 copies (the layer may be double)
+    std::vector<tensor_to_write> tensors;
+    const auto add = [&](const std::string& name, std::vector<std::int64_t> shape, const Scalar* data, index n) {
+        values.emplace_back(data, data + n);
+        tensors.push_back({.name = name, .shape = std::move(shape), .type = dtype::f32});
+    };
+    values.reserve(params.size() + 1);
+    for (const auto& p : params) add(p.name, {p.value.rows(), p.value.cols()}, p.value.data(), p.value.size());
+    if (const vector<Scalar>* bias = correction_bias<Scalar>(layer.router_state()))
+        add(layer_tensor_names::of(kind, layer_index).correction_bias(), {bias->size()}, bias->data(), bias->size());
+    for (std::size_t i = 0; i < tensors.size(); ++i) tensors[i].values = values[i];
+    write_safetensors(file, tensors);
+}
+
 }  // namespace moe::io
