@@ -58,10 +58,12 @@ public:
     using expert_type = Expert;
     using shared_type = Shared;
 
-    /// Rows per expert task; fixed, so chunking (and hence rounding) never depends on the thread count.
+    /// Tokens per task of the token-wise passes (logits, combine).
     static constexpr index chunk_rows = 64;
-    /// Rows per step of an expert's backward; its weight gradients are summed over the steps in order.
-    static constexpr index backward_rows = 256;
+    /// An expert's block of n rows runs as ceil(n / max_task_rows) tasks of nearly equal size. The split
+    /// depends on n alone, never on the thread count, so rounding (and the output) does not either.
+    /// Large tasks keep the GEMMs efficient: a block of 70 rows is one GEMM, not 64 rows plus 6.
+    static constexpr index max_task_rows = 256;
 
     /// Allocates zero weights of the given shape. Throws `value_error` when a size or a router
     /// hyper-parameter is out of range.
@@ -363,6 +365,15 @@ private:
         pool_->run((t + chunk_rows - 1) / chunk_rows, run);
     }
 
+    // Tasks for `n` rows of expert `expert` starting at row `first` (see `max_task_rows`).
+    void add_tasks(index expert, index first, index n) {
+        const index pieces = (n + max_task_rows - 1) / max_task_rows;
+        for (index p = 0; p < pieces; ++p) {
+            const index begin = first + n * p / pieces, end = first + n * (p + 1) / pieces;
+            tasks_.push_back({expert, begin, end - begin});
+        }
+    }
+
     void compute_experts(const const_matrix_ref<Scalar>& x) {
         const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
         expert_out_.resize(routing_.rows(), d);
@@ -371,15 +382,15 @@ private:
         // routed ones fill the gaps at the end.
         if constexpr (Shared::enabled) {
             shared_out_.resize(t, d);
-            for (index r = 0; r < t; r += chunk_rows) tasks_.push_back({e, r, std::min(chunk_rows, t - r)});
+            add_tasks(e, 0, t);
         }
         for (index x_ = 0; x_ < e; ++x_) {
             const index b = routing_.expert_offsets[static_cast<std::size_t>(x_)];
             const index n = routing_.expert_offsets[static_cast<std::size_t>(x_) + 1] - b;
-            for (index r = 0; r < n; r += chunk_rows) tasks_.push_back({x_, b + r, std::min(chunk_rows, n - r)});
+            add_tasks(x_, b, n);
         }
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
-        const std::size_t per_thread = static_cast<std::size_t>(chunk_rows * (d + 3 * widest));
+        const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (d + 3 * widest));
         if (training_) {
             hidden_.resize(routing_.rows(), ffn_in_rows<Expert>(shape_.d_ff));
             if constexpr (Shared::enabled) shared_hidden_.resize(t, shared_weights_.in.rows());
@@ -399,10 +410,10 @@ private:
                                                  routing_.row_slots[static_cast<std::size_t>(tk.first + r)])];
                 xin.row(r) = x.row(token);
             }
-            Scalar* h_data = base + chunk_rows * d;
+            Scalar* h_data = base + max_task_rows * d;
             if (training_) h_data = shared ? shared_hidden_.row(tk.first).data() : hidden_.row(tk.first).data();
             Eigen::Map<matrix<Scalar>> h(h_data, tk.rows, w.in.rows());
-            Eigen::Map<matrix<Scalar>> a(base + chunk_rows * (d + 2 * widest), tk.rows, ff);
+            Eigen::Map<matrix<Scalar>> a(base + max_task_rows * (d + 2 * widest), tk.rows, ff);
             Eigen::Map<matrix<Scalar>> out = shared ? Eigen::Map<matrix<Scalar>>(shared_out_.row(tk.first).data(), tk.rows, d)
                                                     : Eigen::Map<matrix<Scalar>>(expert_out_.row(tk.first).data(), tk.rows, d);
             const Eigen::Map<const matrix<Scalar>> xc(xin.data(), tk.rows, d);
@@ -442,14 +453,14 @@ private:
         pool_->run((t + chunk_rows - 1) / chunk_rows, run);
     }
 
-    // One task per expert (the shared FFN first), each over its rows in `backward_rows` steps in order,
-    // so every weight gradient is summed in the same order at any thread count.
+    // One task per expert (the shared FFN first), each over its rows in the pieces of `max_task_rows` in
+    // order, so every weight gradient is summed in the same order at any thread count.
     void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y) {
         const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
         row_grad_.resize(routing_.rows(), d);
         if constexpr (Shared::enabled) shared_grad_.resize(t, d);
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
-        const std::size_t per_thread = static_cast<std::size_t>(backward_rows * (2 * d + 2 * widest));
+        const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (2 * d + 2 * widest));
         scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
         const index first_task = Shared::enabled ? -1 : 0;
         auto run = [&](index i, index thread) {
@@ -463,9 +474,11 @@ private:
             const index end = shared ? t : routing_.expert_offsets[static_cast<std::size_t>(expert) + 1];
             const index ff = w.out.cols();
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
-            for (index first = begin; first < end; first += backward_rows) {
-                const index n = std::min(backward_rows, end - first);
-                Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + backward_rows * d, n, d);
+            const index pieces = (end - begin + max_task_rows - 1) / max_task_rows;
+            for (index piece = 0; piece < pieces; ++piece) {
+                const index first = begin + (end - begin) * piece / pieces;
+                const index n = begin + (end - begin) * (piece + 1) / pieces - first;
+                Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + max_task_rows * d, n, d);
                 for (index r = 0; r < n; ++r) {
                     index token = first + r;
                     Scalar scale = 1;
@@ -481,8 +494,8 @@ private:
                 }
                 Eigen::Map<matrix<Scalar>> h(shared ? shared_hidden_.row(first).data() : hidden_.row(first).data(), n,
                                              w.in.rows());
-                Eigen::Map<matrix<Scalar>> a(base + 2 * backward_rows * d, n, ff);
-                Eigen::Map<matrix<Scalar>> da(base + 2 * backward_rows * d + backward_rows * widest, n, ff);
+                Eigen::Map<matrix<Scalar>> a(base + 2 * max_task_rows * d, n, ff);
+                Eigen::Map<matrix<Scalar>> da(base + 2 * max_task_rows * d + max_task_rows * widest, n, ff);
                 Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : row_grad_.row(first).data(), n, d);
                 const Eigen::Map<const matrix<Scalar>> xc(xin.data(), n, d), doc(dout.data(), n, d);
                 if (shared) {

@@ -1,0 +1,194 @@
+#!/usr/bin/python3
+"""Side-by-side speed of moe-run and a HuggingFace-style PyTorch MoE block on identical weights.
+
+For each standard shape this writes a Mixtral-format checkpoint (config.json + model.safetensors,
+random float32 weights) and an input file to a scratch folder, then, in one run:
+  * times the PyTorch block written as HuggingFace's MixtralSparseMoeBlock computes it (router
+    linear, softmax, top-k, renormalise, one masked gather per expert, index_add_), forward and,
+    with --backward, its autograd backward;
+  * times one dense PyTorch (OpenBLAS) SwiGLU FFN doing the same active FLOPs (T*k rows);
+  * runs `moe-run --repeat N` on the same files and reads its forward_ms_median (and
+    backward_ms_median);
+  * checks that moe-run's output (and gradients) agree with PyTorch's.
+It prints medians and the ratios the performance issue asks for. Needs Debian's python3-torch:
+run it with /usr/bin/python3.
+
+usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10]
+                                [--shapes small,mixtral,fine,decode_t1] [--backward]
+"""
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_golden import write_json, write_safetensors  # noqa: E402  (one safetensors writer)
+
+# The standard shapes of bench/bench_layer.cpp: tokens, d, ff, experts, k.
+SHAPES = {
+    "small": (512, 512, 1024, 8, 2),
+    "mixtral": (256, 1024, 2816, 8, 2),
+    "fine": (512, 1024, 512, 64, 8),
+    "decode_t1": (1, 1024, 2816, 8, 2),
+}
+
+
+def read_safetensors(path):
+    """{name: float32 tensor} of a safetensors file (F32 tensors only)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = torch.frombuffer(bytearray(data[a:b]), dtype=torch.float32).reshape(info["shape"])
+    return out
+
+
+class HFBlock(torch.nn.Module):
+    """A Mixtral sparse MoE block as HuggingFace transformers computes it."""
+
+    def __init__(self, gate, experts, k):
+        super().__init__()
+        self.gate = torch.nn.Parameter(gate)
+        self.w1 = torch.nn.ParameterList([torch.nn.Parameter(w1) for w1, _, _ in experts])
+        self.w3 = torch.nn.ParameterList([torch.nn.Parameter(w3) for _, w3, _ in experts])
+        self.w2 = torch.nn.ParameterList([torch.nn.Parameter(w2) for _, _, w2 in experts])
+        self.k = k
+
+    def forward(self, x):
+        logits = x @ self.gate.T
+        weights = torch.softmax(logits, dim=1, dtype=torch.float)
+        weights, chosen = torch.topk(weights, self.k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(chosen, num_classes=len(self.w1)).permute(2, 1, 0)
+        for e in range(len(self.w1)):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            h = x[token]
+            y = (torch.nn.functional.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)) @ self.w2[e].T
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+def median_ms(f, repeat):
+    f()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def relative_error(a, b):
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def compare(name, moe_run, threads, repeat, backward, folder):
+    T, d, ff, E, k = SHAPES[name]
+    g = torch.Generator().manual_seed(1)
+    gate = torch.randn(E, d, generator=g) / d ** 0.5
+    experts = [(torch.randn(ff, d, generator=g) / d ** 0.5, torch.randn(ff, d, generator=g) / d ** 0.5,
+                torch.randn(d, ff, generator=g) / ff ** 0.5) for _ in range(E)]
+    x = torch.randn(T, d, generator=g)
+    grad_out = torch.randn(T, d, generator=g)
+
+    config = {"model_type": "mixtral", "hidden_size": d, "intermediate_size": ff, "num_local_experts": E,
+              "num_experts_per_tok": k, "num_hidden_layers": 1, "hidden_act": "silu"}
+    write_json(os.path.join(folder, "config.json"), config)
+    p = "model.layers.0.block_sparse_moe"
+    tensors = [(f"{p}.gate.weight", "F32", gate)]
+    for e, (w1, w3, w2) in enumerate(experts):
+        tensors += [(f"{p}.experts.{e}.w1.weight", "F32", w1), (f"{p}.experts.{e}.w2.weight", "F32", w2),
+                    (f"{p}.experts.{e}.w3.weight", "F32", w3)]
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    inputs = [("hidden_states", "F32", x)] + ([("grad_output", "F32", grad_out)] if backward else [])
+    write_safetensors(os.path.join(folder, "input.safetensors"), inputs, {})
+
+    torch.set_num_threads(threads)
+    block = HFBlock(gate, experts, k)
+    row = {"shape": name}
+    with torch.no_grad():
+        row["torch_ms"] = median_ms(lambda: block(x), repeat)
+        reference = block(x)
+        # One dense FFN over T*k rows: the same active FLOPs, no routing.
+        rows = torch.randn(T * k, d, generator=g)
+        w_in, w_out = torch.randn(2 * ff, d, generator=g) / d ** 0.5, torch.randn(d, ff, generator=g) / ff ** 0.5
+
+        def dense():
+            h = rows @ w_in.T
+            return (torch.nn.functional.silu(h[:, :ff]) * h[:, ff:]) @ w_out.T
+        row["dense_ms"] = median_ms(dense, repeat)
+    if backward:
+        xg = x.clone().requires_grad_(True)
+
+        def forward_backward():
+            block.zero_grad(set_to_none=True)
+            xg.grad = None
+            (block(xg) * grad_out).sum().backward()
+        pair = median_ms(forward_backward, repeat)
+        with torch.no_grad():
+            forward = median_ms(lambda: block(x), repeat)
+        row["torch_bwd_ms"] = max(0.0, pair - forward)
+        forward_backward()
+
+    out = os.path.join(folder, "out.safetensors")
+    cmd = [moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
+           "--output", out, "--threads", str(threads), "--repeat", str(repeat)] + (["--backward"] if backward else [])
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    timings = dict(line.split("=") for line in run.stdout.split() if "_ms_median=" in line)
+    row["moe_ms"] = float(timings["forward_ms_median"])
+    got = read_safetensors(out)
+    row["error"] = relative_error(got["hidden_states"], reference)
+    if backward:
+        row["moe_bwd_ms"] = float(timings["backward_ms_median"])
+        pairs = [("grad_hidden_states", xg), (f"grad.{p}.gate.weight", block.gate)]
+        for e in range(E):
+            pairs += [(f"grad.{p}.experts.{e}.{w}.weight", getattr(block, w)[e]) for w in ("w1", "w2", "w3")]
+        # Experts no token chose have no gradient in PyTorch (None): theirs must be zero.
+        row["grad_error"] = max(relative_error(got[n], t.grad if t.grad is not None else torch.zeros_like(t))
+                                for n, t in pairs)
+    return row
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--moe-run", default=os.path.join(here, "..", "build", "apps", "moe-run"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--shapes", default="small,mixtral,fine,decode_t1")
+    ap.add_argument("--backward", action="store_true", help="also time and check the backward")
+    args = ap.parse_args()
+    print(f"threads {args.threads}, medians of {args.repeat} runs, float32; torch {torch.__version__}")
+    header = f"{'shape':10s} {'torch ms':>9s} {'dense ms':>9s} {'moe ms':>8s} {'vs torch':>8s} {'vs dense':>8s} {'rel err':>8s}"
+    if args.backward:
+        header += f" {'torch bwd':>9s} {'moe bwd':>8s} {'vs torch':>8s} {'grad err':>8s}"
+    print(header)
+    for name in args.shapes.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            r = compare(name, args.moe_run, args.threads, args.repeat, args.backward, folder)
+        line = (f"{name:10s} {r['torch_ms']:9.2f} {r['dense_ms']:9.2f} {r['moe_ms']:8.2f} "
+                f"{r['torch_ms'] / r['moe_ms']:7.2f}x {r['dense_ms'] / r['moe_ms']:7.2f}x {r['error']:8.1e}")
+        if args.backward:
+            line += (f" {r['torch_bwd_ms']:9.2f} {r['moe_bwd_ms']:8.2f} {r['torch_bwd_ms'] / r['moe_bwd_ms']:7.2f}x"
+                     f" {r['grad_error']:8.1e}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
