@@ -26,7 +26,13 @@ import sys
 import tempfile
 import time
 
-import torch
+# OpenBLAS keeps its own thread pool, which torch.set_num_threads does not limit: set it before torch loads.
+_threads = argparse.ArgumentParser(add_help=False)
+_threads.add_argument("--threads", type=int, default=1)
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ[_var] = str(_threads.parse_known_args()[0].threads)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_golden import write_json, write_safetensors  # noqa: E402  (one safetensors writer)
