@@ -161,3 +161,28 @@ TEST_CASE("layer backward agrees with finite differences for every expert type, 
         check(l, 7);
     }
 }
+
+TEST_CASE("layer backward refuses what it cannot differentiate, with typed errors", "[layer][backward][errors]") {
+    using namespace moe;
+    layer<double, routers::softmax_topk, experts::swiglu, shared_experts::none, losses::seq_balance> l(
+        {.d_model = 6, .d_ff = 5, .n_experts = 4}, {.k = 2}, {}, {}, {{.seq_len = 4}});
+    l.randomize(1);
+    const matrix<double> x = matrix<double>::Random(8, 6), g = matrix<double>::Random(8, 6);
+    matrix<double> y(8, 6), gx(8, 6);
+    l.forward(x, y);
+    CHECK_THROWS_WITH(l.backward(x, g, gx), Catch::Contains("set_training(true)"));  // inference forward
+    l.set_training(true);
+    l.forward(x, y);
+    matrix<double> short_x = x.topRows(4), short_gx(4, 6);
+    CHECK_THROWS_AS(l.backward(short_x, g.topRows(4), short_gx), shape_error);
+    matrix<double> in_place = g;
+    CHECK_THROWS_WITH(l.backward(x, in_place, in_place), Catch::Contains("share memory"));
+    l.backward(x, g, gx);
+    CHECK_THROWS_AS(l.backward(x, g, gx), error);  // one backward per forward
+    // A forward that fails (6 tokens are not whole sequences of 4) leaves nothing to differentiate.
+    l.forward(x, y);
+    const matrix<double> six = x.topRows(6);
+    matrix<double> y6(6, 6), gx6(6, 6);
+    CHECK_THROWS_AS(l.forward(six, y6), shape_error);
+    CHECK_THROWS_WITH(l.backward(x, g, gx), Catch::Contains("no training forward"));
+}

@@ -144,7 +144,8 @@ public:
     }
 
     /// Training mode: forward keeps what backward needs (each routed row's hidden activations) and the
-    /// gradients are allocated. Off by default, so inference keeps nothing.
+    /// gradients are allocated. Off by default, so inference keeps nothing; turning it off keeps the
+    /// buffers already allocated (for the next training phase).
     void set_training(bool on) {
         training_ = on;
         saved_tokens_ = -1;
@@ -209,7 +210,7 @@ public:
         return grad_shared_gate_;
     }
 
-    /// Worker threads for forward (the calling thread included); results do not depend on it.
+    /// Worker threads for forward and backward (the calling thread included); results do not depend on it.
     void set_threads(index threads) {
         if (threads < 1 || threads > max_threads)
             throw value_error("layer: threads = " + std::to_string(threads) + " must be in [1, " +
@@ -227,17 +228,18 @@ public:
         if (y.rows() != t || y.cols() != d)
             throw shape_error("layer::forward: output is " + dims(y.rows(), y.cols()) + ", expected " + dims(t, d));
         check_weights();
+        saved_tokens_ = -1;  // set again only when this call completes
         logits_.resize(t, router_weight_.rows());
         compute_logits(x);
         moe::route(router_, logits_, router_state_, routing_);
         routing_.build_dispatch();
         compute_experts(x);
         combine(y);
-        saved_tokens_ = training_ ? t : -1;
         if constexpr (sizeof...(Losses) > 0)
             loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
                                           l.value(routing_, logits_)...}; },
                                       losses_);
+        saved_tokens_ = training_ ? t : -1;
     }
 
     /// Router logits of the last forward call, T x (router weight rows).
@@ -274,6 +276,10 @@ public:
         if (grad_x.rows() != t || grad_x.cols() != d)
             throw shape_error("layer::backward: input gradient is " + dims(grad_x.rows(), grad_x.cols()) + ", expected " +
                               dims(t, d));
+        const auto overlaps = [&](const Scalar* a, const Scalar* b) { return t > 0 && a < b + t * d && b < a + t * d; };
+        if (overlaps(grad_x.data(), x.data()) || overlaps(grad_x.data(), grad_y.data()))
+            throw value_error("layer::backward: the input gradient must not share memory with the input or the output "
+                              "gradient (both are read after it is written)");
         check_weights();
         saved_tokens_ = -1;
 
@@ -365,13 +371,19 @@ private:
         pool_->run((t + chunk_rows - 1) / chunk_rows, run);
     }
 
-    // Tasks for `n` rows of expert `expert` starting at row `first` (see `max_task_rows`).
-    void add_tasks(index expert, index first, index n) {
+    // Calls f(first, rows) for the pieces of the n rows starting at `first` (see `max_task_rows`).
+    template <class F>
+    static void for_each_piece(index first, index n, F&& f) {
         const index pieces = (n + max_task_rows - 1) / max_task_rows;
         for (index p = 0; p < pieces; ++p) {
             const index begin = first + n * p / pieces, end = first + n * (p + 1) / pieces;
-            tasks_.push_back({expert, begin, end - begin});
+            f(begin, end - begin);
         }
+    }
+
+    // Tasks for `n` rows of expert `expert` starting at row `first`.
+    void add_tasks(index expert, index first, index n) {
+        for_each_piece(first, n, [&](index begin, index rows) { tasks_.push_back({expert, begin, rows}); });
     }
 
     void compute_experts(const const_matrix_ref<Scalar>& x) {
@@ -474,10 +486,7 @@ private:
             const index end = shared ? t : routing_.expert_offsets[static_cast<std::size_t>(expert) + 1];
             const index ff = w.out.cols();
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
-            const index pieces = (end - begin + max_task_rows - 1) / max_task_rows;
-            for (index piece = 0; piece < pieces; ++piece) {
-                const index first = begin + (end - begin) * piece / pieces;
-                const index n = begin + (end - begin) * (piece + 1) / pieces - first;
+            for_each_piece(begin, end - begin, [&](index first, index n) {
                 Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + max_task_rows * d, n, d);
                 for (index r = 0; r < n; ++r) {
                     index token = first + r;
@@ -503,7 +512,7 @@ private:
                 } else {
                     ffn_backward(expert_, w, xc, h, doc, a, da, grad, dx);
                 }
-            }
+            });
         };
         pool_->run(e - first_task, run);
     }

@@ -225,6 +225,9 @@ template <class Layer>
 std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer& layer, family kind, index layer_index) {
     using Scalar = typename Layer::scalar_type;
     static_assert(Layer::expert_type::gated, "checkpoint families store gated (SwiGLU) experts");
+    if constexpr (Layer::shared_type::enabled)
+        static_assert(std::remove_cvref_t<decltype(layer.shared().expert)>::gated,
+                      "checkpoint families store gated (SwiGLU) shared experts");
     const auto names = layer_tensor_names::of(kind, layer_index);
     const auto params = layer.parameters();
     std::vector<parameter<Scalar>> out;

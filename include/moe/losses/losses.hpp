@@ -69,12 +69,12 @@ struct load_balance {
 
     template <class Scalar>
     Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
-        if (r.tokens == 0 || r.experts == 0) return 0;
+        if (r.tokens == 0 || r.experts == 0 || alpha == 0) return 0;
         return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r), z));
     }
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
-        if (r.tokens == 0 || r.experts == 0) return;
+        if (r.tokens == 0 || r.experts == 0 || alpha == 0) return;
         detail::weighted_softmax_gradient(coefficients(r), z, grad);
     }
 
@@ -140,7 +140,7 @@ struct seq_balance {
         each_sequence(r, [&](index first, index len, const vector<double>& f) {
             for (index t = first; t < first + len; ++t) {
                 const auto s = r.scores.row(t).template cast<double>();
-                sum += f.dot(s.head(r.experts).transpose()) / s.sum();
+                if (s.sum() > 0) sum += f.dot(s.head(r.experts).transpose()) / s.sum();  // all-underflowed scores: 0
             }
         });
         return static_cast<Scalar>(sum);
@@ -154,16 +154,18 @@ struct seq_balance {
             for (index t = first; t < first + len; ++t) {
                 const vector<double> s = r.scores.row(t).template cast<double>().transpose();
                 const double total = s.sum();
+                if (!(total > 0)) continue;
                 // L_t = <f, s_head> / total: dL/ds_j = (f_j - L_t) / total (f_j = 0 beyond the real experts).
                 const double lt = f.dot(s.head(r.experts)) / total;
                 ds.setConstant(-lt / total);
                 ds.head(r.experts) += f / total;
+                const double dot = ds.dot(s);
                 for (index e = 0; e < cols; ++e) {
                     const double se = s[e];
                     if (r.score == score_function::sigmoid)
                         grad(t, e) += static_cast<Scalar>(ds[e] * se * (1 - se));
                     else
-                        grad(t, e) += static_cast<Scalar>(se * (ds[e] - ds.dot(s)));
+                        grad(t, e) += static_cast<Scalar>(se * (ds[e] - dot));
                 }
             }
         });
@@ -201,7 +203,7 @@ struct z_loss {
 
     template <class Scalar>
     Scalar value(const routing<Scalar>&, const matrix<Scalar>& z) const {
-        if (z.rows() == 0) return 0;
+        if (z.rows() == 0 || beta == 0) return 0;
         double sum = 0;
         for (index t = 0; t < z.rows(); ++t) {
             const double lse = logsumexp(z, t);
@@ -213,6 +215,7 @@ struct z_loss {
     /// dL/dz_te = beta * 2 lse_t softmax(z_t)_e / T.
     template <class Scalar>
     void gradient(const routing<Scalar>&, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
+        if (z.rows() == 0 || beta == 0) return;
         const double f = 2 * beta / static_cast<double>(z.rows());
         for (index t = 0; t < z.rows(); ++t) {
             const double lse = logsumexp(z, t);

@@ -101,7 +101,9 @@ struct capacity {
         requires differentiable_router<Inner, Scalar>
     {
         st.undropped = r;
-        st.undropped.expert_ids.assign(r.undropped_ids.begin(), r.undropped_ids.end());
+        // (empty when nothing recorded the choice, e.g. a capacity nested in another)
+        const auto& chosen = r.undropped_ids.empty() ? r.expert_ids : r.undropped_ids;
+        st.undropped.expert_ids.assign(chosen.begin(), chosen.end());
         st.undropped.undropped_ids.clear();
         // A dropped slot's weight is the constant 0: whatever gradient it was given goes nowhere.
         st.grad_kept.assign(grad_weights.begin(), grad_weights.end());

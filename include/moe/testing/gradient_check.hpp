@@ -4,6 +4,7 @@
 /// checking the backward of a router, expert or loss (the library's or a user's) in double precision.
 
 #include "moe/concepts.hpp"
+#include "moe/error.hpp"
 #include "moe/types.hpp"
 #include "moe/testing/conformance.hpp"
 
@@ -53,6 +54,10 @@ report gradient_check(F&& f, matrix<double>& x, const matrix<double>& gradient, 
 template <class R>
 report router_gradient_check(const R& r, const matrix<double>& logits, index experts, std::uint64_t seed = 1,
                              double step = 1e-6, double tolerance = 1e-6) {
+    r.validate(experts);
+    if (logits.cols() != logit_rows(r, experts))
+        throw shape_error("router_gradient_check: logits have " + std::to_string(logits.cols()) + " columns, the router " +
+                          std::to_string(logit_rows(r, experts)) + " for " + std::to_string(experts) + " experts");
     auto state = make_router_state<double>(r, experts);
     routing<double> base;
     route(r, logits, state, base);
