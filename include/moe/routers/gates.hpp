@@ -1,7 +1,7 @@
 #pragma once
 /// \file
-/// The backward pass shared by the routers whose combine weights are softmax scores of the chosen
-/// experts, optionally normalised and scaled (R1, R4, R5, R6 with softmax gates, R7).
+/// The backward pass shared by the routers whose combine weights are scores (softmax or sigmoid) of the
+/// chosen experts, optionally normalised and scaled (R1, R2, R4, R5, R6 with softmax gates, R7).
 
 #include "moe/kernels/select.hpp"
 #include "moe/routing.hpp"
@@ -11,11 +11,11 @@
 namespace moe::routers {
 
 /// Writes dL/dz into `grad_logits` (T x E', the shape of `r.scores`) for weights
-/// w = scale * p[chosen] / (eps + sum of the chosen p) (`normalize`) or scale * p[chosen], with
-/// p = softmax(z) as stored in `r.scores`. Slots that ran no routed expert (dropped, null) carry no
+/// w = scale * s[chosen] / (eps + sum of the chosen s) (`normalize`) or scale * s[chosen], with
+/// s = softmax(z) or sigmoid(z) (as `r.score` says) stored in `r.scores`. Slots that ran no routed expert (dropped, null) carry no
 /// weight. `grad_weights` holds dL/dw per slot. The selection is held constant (SEMANTICS, "Backward").
 template <class Scalar>
-void softmax_gates_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weights, bool normalize,
+void gates_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weights, bool normalize,
                             Scalar eps, Scalar scale, matrix<Scalar>& grad_logits) {
     const index cols = r.scores.cols();
     grad_logits.setZero();
@@ -24,7 +24,10 @@ void softmax_gates_backward(const routing<Scalar>& r, std::span<const Scalar> gr
         const index b = r.begin(t);
         kernels::gate_backward(r.scores.row(t).data(), r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b,
                                r.experts, normalize, eps, scale, g);
-        kernels::softmax_backward(r.scores.row(t).data(), g, g, cols);
+        if (r.score == score_function::sigmoid)
+            kernels::sigmoid_backward(r.scores.row(t).data(), g, g, cols);
+        else
+            kernels::softmax_backward(r.scores.row(t).data(), g, g, cols);
     }
 }
 

@@ -5,6 +5,7 @@
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
+#include "moe/routers/gates.hpp"
 #include "moe/routing.hpp"
 
 #include <span>
@@ -98,15 +99,7 @@ struct sigmoid_topk {
     template <class Scalar>
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
-        grad_logits.setZero();
-        for (index t = 0; t < r.tokens; ++t) {
-            Scalar* g = grad_logits.row(t).data();
-            const Scalar* s = r.scores.row(t).data();
-            const index b = r.begin(t);
-            kernels::gate_backward(s, r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b, r.experts,
-                                   normalize, Scalar(1e-20), static_cast<Scalar>(scale), g);
-            kernels::sigmoid_backward(s, g, g, r.experts);
-        }
+        gates_backward(r, grad_weights, normalize, Scalar(1e-20), static_cast<Scalar>(scale), grad_logits);
     }
 };
 
