@@ -3,6 +3,9 @@
 #include <moe/io/checkpoint.hpp>
 #include <moe/io/safetensors.hpp>
 #include <moe/moe.hpp>
+#ifdef MOE_RUN_MPI
+#include <moe/parallel/mpi.hpp>
+#endif
 
 #include <algorithm>
 #include <charconv>
@@ -42,7 +45,13 @@ constexpr const char* usage =
     "               the gradient of sum(output * grad_output) plus the enabled losses\n"
     "  --load-balance-coef A   add A * the load-balancing loss (Switch form); writes loss.load_balance\n"
     "  --z-loss-coef B         add B * the router z-loss; writes loss.z_loss\n"
-    "  with --repeat, also prints backward_ms_median=<ms> (the backward alone)\n";
+    "  with --repeat, also prints backward_ms_median=<ms> (the backward alone)\n"
+    "Expert parallelism (start under mpirun; needs a moe-run built with MPI):\n"
+    "  --expert-parallel  the routed experts are spread over the ranks in contiguous blocks, the tokens\n"
+    "               in contiguous slices; rank 0 reads IN and writes OUT, each rank reads only the\n"
+    "               tensors of its own experts (and the router and shared experts). Batch-dependent\n"
+    "               routers (capacity, expert choice, Sinkhorn) route each rank's slice as one group.\n"
+    "               --stats also prints the rows each rank computed and the bytes it exchanged.\n";
 
 /// Bad command-line arguments: exit code 2.
 struct argument_error : std::runtime_error {
@@ -52,7 +61,7 @@ struct argument_error : std::runtime_error {
 struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
-    bool stats = false, backward = false;
+    bool stats = false, backward = false, expert_parallel = false;
     std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.
     std::string router, drop_policy, sinkhorn_gates;
@@ -105,8 +114,8 @@ arguments parse_arguments(int argc, char** argv) {
             std::fputs(usage, stdout);
             std::exit(0);
         }
-        if (flag == "--stats" || flag == "--backward") {
-            (flag == "--stats" ? a.stats : a.backward) = true;
+        if (flag == "--stats" || flag == "--backward" || flag == "--expert-parallel") {
+            (flag == "--stats" ? a.stats : flag == "--backward" ? a.backward : a.expert_parallel) = true;
             continue;
         }
         if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value))
@@ -157,6 +166,9 @@ arguments parse_arguments(int argc, char** argv) {
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
     only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
+#ifndef MOE_RUN_MPI
+    if (a.expert_parallel) throw argument_error("--expert-parallel needs a moe-run built with MPI (CMake found no MPI)");
+#endif
     return a;
 }
 
@@ -240,46 +252,167 @@ double median_ms(moe::index n, F&& f) {
     return ms[ms.size() / 2];
 }
 
+/// The processes of a run: one, or the ranks of an MPI job (`--expert-parallel`), of which rank 0 reads
+/// the input and writes the output.
+struct job {
+    int rank = 0, ranks = 1;
+    std::shared_ptr<moe::parallel::communicator> comm;  // null: one process
+    [[nodiscard]] bool root() const { return rank == 0; }
+};
+
+#ifdef MOE_RUN_MPI
+int to_int(moe::index v) {
+    if (v > std::numeric_limits<int>::max())
+        throw moe::value_error("--expert-parallel: a block of " + std::to_string(v) + " values exceeds MPI's int counts");
+    return static_cast<int>(v);
+}
+
+/// Rank 0's `shape` on every rank.
+void share_shape(std::vector<std::int64_t>& shape) {
+    std::int64_t rank = static_cast<std::int64_t>(shape.size());
+    MPI_Bcast(&rank, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+    shape.resize(static_cast<std::size_t>(rank));
+    MPI_Bcast(shape.data(), static_cast<int>(rank), MPI_INT64_T, 0, MPI_COMM_WORLD);
+}
+
+/// Counts and displacements (in values) of every rank's token slice of `tokens` rows of `cols` values.
+void slice_counts(const job& j, moe::index tokens, moe::index cols, std::vector<int>& counts, std::vector<int>& at) {
+    counts.resize(static_cast<std::size_t>(j.ranks));
+    at.resize(static_cast<std::size_t>(j.ranks));
+    for (int r = 0; r < j.ranks; ++r) {
+        const moe::parallel::slice s = moe::parallel::token_slice(tokens, r, j.ranks);
+        counts[static_cast<std::size_t>(r)] = to_int(s.rows * cols);
+        at[static_cast<std::size_t>(r)] = to_int(s.first * cols);
+    }
+}
+
+/// This rank's slice of rank 0's `full` (`tokens` x `cols`).
+moe::matrix<float> scatter_rows(const job& j, const moe::matrix<float>& full, moe::index tokens, moe::index cols) {
+    std::vector<int> counts, at;
+    slice_counts(j, tokens, cols, counts, at);
+    moe::matrix<float> mine(moe::parallel::token_slice(tokens, j.rank, j.ranks).rows, cols);
+    MPI_Scatterv(full.data(), counts.data(), at.data(), MPI_FLOAT, mine.data(), to_int(mine.size()), MPI_FLOAT, 0,
+                 MPI_COMM_WORLD);
+    return mine;
+}
+
+/// Every rank's slice end to end on rank 0 (empty elsewhere).
+moe::matrix<float> gather_rows(const job& j, const moe::matrix<float>& mine, moe::index tokens) {
+    std::vector<int> counts, at;
+    slice_counts(j, tokens, mine.cols(), counts, at);
+    moe::matrix<float> full(j.root() ? tokens : 0, mine.cols());
+    MPI_Gatherv(mine.data(), to_int(mine.size()), MPI_FLOAT, full.data(), counts.data(), at.data(), MPI_FLOAT, 0,
+                MPI_COMM_WORLD);
+    return full;
+}
+
+/// On rank 0, `mine` (rank 0's trainable tensors) with the expert gradients of the other ranks
+/// inserted, in the order of one process (`remote` holds them); the other ranks send theirs.
 template <class Layer>
-void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer) {
+std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& layer, std::vector<moe::parameter<float>> mine,
+                                                     const moe::io::model_config& c, moe::index layer_index,
+                                                     std::vector<moe::matrix<float>>& remote) {
+    const auto names = moe::io::layer_tensor_names::of(c.kind, layer_index);
+    const auto* owners = layer.exchange();
+    // `mine`: the router, this rank's experts in ascending order (gate, up, down), the shared tensors.
+    std::vector<moe::parameter<float>> all{mine[0]};
+    std::size_t next = 1;
+    remote.reserve(static_cast<std::size_t>(3 * c.n_experts));  // the views below stay valid
+    for (moe::index e = 0; e < c.n_experts; ++e) {
+        const std::array<std::string, 3> part_names{names.expert_gate(e), names.expert_up(e), names.expert_down(e)};
+        for (int part = 0; part < 3; ++part) {
+            const int tag = to_int(3 * e + part);
+            if (owners->owns(e)) {
+                const auto& p = mine[next++];
+                if (j.root())
+                    all.push_back(p);
+                else
+                    MPI_Send(p.grad.data(), to_int(p.grad.size()), MPI_FLOAT, 0, tag, MPI_COMM_WORLD);
+            } else if (j.root()) {
+                moe::matrix<float>& g = remote.emplace_back(part < 2 ? c.expert_size : c.hidden_size,
+                                                            part < 2 ? c.hidden_size : c.expert_size);
+                MPI_Recv(g.data(), to_int(g.size()), MPI_FLOAT, owners->owner(e), tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                all.push_back({part_names[static_cast<std::size_t>(part)], {g.data(), g.rows(), g.cols()},
+                               {g.data(), g.rows(), g.cols()}});
+            }
+        }
+    }
+    if (!j.root()) return mine;
+    while (next < mine.size()) all.push_back(mine[next++]);  // shared experts and their gate
+    return all;
+}
+#endif
+
+template <class Layer>
+void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, const job& j) {
     moe::io::load_layer(ckpt, a.layer, layer);
     layer.set_threads(a.threads);
     layer.set_training(a.backward);
-    const moe::io::safetensors_file in(a.input);
+    const moe::index d = layer.shape().d_model;
     std::vector<std::int64_t> shape;
-    const moe::matrix<float> x = read_hidden_states(in, layer.shape().d_model, shape, "hidden_states");
-    moe::matrix<float> grad_output, grad_x;
-    if (a.backward) {
-        grad_output = read_like(in, "grad_output", shape, layer.shape().d_model);
-        grad_x.resize(x.rows(), x.cols());
+    moe::matrix<float> x, grad_output, grad_x;
+    if (j.root()) {
+        const moe::io::safetensors_file in(a.input);
+        x = read_hidden_states(in, d, shape, "hidden_states");
+        if (a.backward) grad_output = read_like(in, "grad_output", shape, d);
     }
-    moe::matrix<float> y(x.rows(), x.cols());
+    moe::index tokens = x.rows();
+#ifdef MOE_RUN_MPI
+    if (j.comm) {  // rank 0 keeps the whole batch for the output
+        share_shape(shape);
+        tokens = shape.size() == 2 ? shape[0] : shape[0] * shape[1];
+        x = scatter_rows(j, x, tokens, d);
+        if (a.backward) grad_output = scatter_rows(j, grad_output, tokens, d);
+    }
+#endif
+    if (a.backward) grad_x.resize(x.rows(), d);
+    moe::matrix<float> y(x.rows(), d);
     if (a.repeat > 0) {
-        std::printf("forward_ms_median=%.4f\n", median_ms(a.repeat, [&] { layer.forward(x, y); }));
+        const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
+        if (j.root()) std::printf("forward_ms_median=%.4f\n", forward);
         if (a.backward) {
             // Each backward consumes its forward: time the pair and the forward alone, report the difference.
             const double pair = median_ms(a.repeat, [&] {
                 layer.forward(x, y);
                 layer.backward(x, grad_output, grad_x);
             });
-            const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
-            std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - forward));
+            const double again = median_ms(a.repeat, [&] { layer.forward(x, y); });
+            if (j.root()) std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - again));
         }
     }
     layer.forward(x, y);
     if (a.backward) layer.backward(x, grad_output, grad_x);
-    if (a.stats) std::printf("%s\n", layer.statistics().to_json().c_str());
+    if (a.stats) {
+        const std::string routing = layer.statistics().to_json();
+        if (j.root()) std::printf("%s\n", routing.c_str());
+        if (j.comm) {
+            const std::string load = layer.parallel_load().to_json();
+            if (j.root()) std::printf("%s\n", load.c_str());
+        }
+    }
+    moe::matrix<float> logits = layer.logits();
+    const auto& c = ckpt.config();
+    auto params = moe::io::checkpoint_parameters(layer, c.kind, a.layer);
+    std::vector<moe::matrix<float>> remote;  // rank 0: gradients of the experts other ranks hold
+#ifdef MOE_RUN_MPI
+    if (j.comm) {
+        y = gather_rows(j, y, tokens);
+        logits = gather_rows(j, logits, tokens);
+        if (a.backward) {
+            grad_x = gather_rows(j, grad_x, tokens);
+            params = gather_expert_grads(j, layer, params, c, a.layer, remote);
+        }
+    }
+#endif
+    if (!j.root()) return;
 
     const auto tensor = [](std::string name, std::vector<std::int64_t> dims, const float* data, moe::index n) {
         return moe::io::tensor_to_write{.name = std::move(name), .shape = std::move(dims), .type = moe::io::dtype::f32,
                                         .values = std::span<const float>(data, static_cast<std::size_t>(n))};
     };
-    const auto& logits = layer.logits();
     std::vector<moe::io::tensor_to_write> out = {tensor("hidden_states", shape, y.data(), y.size()),
                                                  tensor("router_logits", {logits.rows(), logits.cols()}, logits.data(),
                                                         logits.size())};
-    const auto& c = ckpt.config();
-    const auto params = moe::io::checkpoint_parameters(layer, c.kind, a.layer);
     if (a.backward) {
         out.push_back(tensor("grad_hidden_states", shape, grad_x.data(), grad_x.size()));
         for (const auto& p : params)
@@ -291,7 +424,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer) {
     moe::io::write_safetensors(a.output, out);
 }
 
-void run(const arguments& a) {
+void run(const arguments& a, const job& j) {
     const moe::io::checkpoint ckpt(a.model);
     const moe::io::model_config& c = ckpt.config();
     const moe::layer_shape shape = moe::io::shape_of(c);
@@ -303,15 +436,17 @@ void run(const arguments& a) {
     using lb = moe::losses::load_balance;
     using zl = moe::losses::z_loss;
     const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
+    const moe::parallel::placement where{.comm = j.comm};
     if (c.shared_size == 0) {
-        moe::layer<float, any_router, moe::experts::swiglu, se::none, lb, zl> layer(shape, router, {}, {}, losses);
-        run(a, ckpt, layer);
+        moe::layer<float, any_router, moe::experts::swiglu, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
+        run(a, ckpt, layer, j);
     } else if (c.shared_gated) {
-        moe::layer<float, any_router, moe::experts::swiglu, se::sigmoid_gated<>, lb, zl> layer(shape, router, {}, {}, losses);
-        run(a, ckpt, layer);
+        moe::layer<float, any_router, moe::experts::swiglu, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {},
+                                                                                             losses);
+        run(a, ckpt, layer, j);
     } else {
-        moe::layer<float, any_router, moe::experts::swiglu, se::ungated<>, lb, zl> layer(shape, router, {}, {}, losses);
-        run(a, ckpt, layer);
+        moe::layer<float, any_router, moe::experts::swiglu, se::ungated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
+        run(a, ckpt, layer, j);
     }
 }
 
@@ -325,8 +460,28 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "moe-run: error: %s (see moe-run --help)\n", e.what());
         return 2;
     }
+    if (a.expert_parallel) {
+#ifdef MOE_RUN_MPI
+        int provided = 0;
+        MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+        job j;
+        try {
+            j.comm = std::make_shared<moe::parallel::mpi_communicator>(MPI_COMM_WORLD);
+            j.rank = j.comm->rank();
+            j.ranks = j.comm->size();
+            run(a, j);
+        } catch (const std::exception& e) {
+            // Other ranks may wait in a collective: end the whole job rather than hang it.
+            std::fprintf(stderr, "moe-run: error (rank %d of %d): %s\n", j.rank, j.ranks, e.what());
+            std::fflush(stderr);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        MPI_Finalize();
+#endif
+        return 0;
+    }
     try {
-        run(a);
+        run(a, job{});
     } catch (const std::exception& e) {
         std::fprintf(stderr, "moe-run: error: %s\n", e.what());
         return 1;

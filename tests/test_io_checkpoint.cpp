@@ -161,3 +161,45 @@ TEST_CASE("save_layer names an unwritable file and leaves nothing behind", "[io]
     CHECK_THROWS_AS(moe::io::save_layer(file, layer, c.kind, 1), moe::io_error);
     CHECK(!std::filesystem::exists(file));
 }
+
+TEST_CASE("load_layer and checkpoint_parameters of an expert-parallel rank cover only its experts", "[io][checkpoint][parallel]") {
+    // Rank 1 of 2 (loading makes no collective call, so no other rank is needed).
+    struct second_of_two final : moe::parallel::communicator {
+        [[nodiscard]] int rank() const override { return 1; }
+        [[nodiscard]] int size() const override { return 2; }
+        void all_to_all(std::span<const float>, std::span<const moe::index>, std::span<float>, std::span<const moe::index>) override { FAIL(); }
+        void all_to_all(std::span<const double>, std::span<const moe::index>, std::span<double>, std::span<const moe::index>) override { FAIL(); }
+        void all_to_all(std::span<const moe::index>, std::span<const moe::index>, std::span<moe::index>, std::span<const moe::index>) override { FAIL(); }
+        void all_sum(std::span<float>) override { FAIL(); }
+        void all_sum(std::span<double>) override { FAIL(); }
+        void all_sum(std::span<moe::index>) override { FAIL(); }
+    };
+    const moe::io::checkpoint ckpt(ckpt_dir / "deepseek_v3");
+    const auto& c = ckpt.config();
+    const moe::routers::sigmoid_topk router{.k = c.top_k, .normalize = c.normalize, .scale = c.scale,
+                                            .n_group = c.n_group, .topk_group = c.topk_group};
+    moe::deepseek_v3_layer<float> whole(moe::io::shape_of(c), router),
+        part(moe::io::shape_of(c), moe::parallel::placement{.comm = std::make_shared<second_of_two>()}, router);
+    moe::io::load_layer(ckpt, 1, whole);
+    moe::io::load_layer(ckpt, 1, part);
+    const moe::index half = c.n_experts / 2;  // rank 1 holds the second half
+    for (moe::index e = 0; e < c.n_experts; ++e) {
+        INFO("expert " << e);
+        CHECK(part.owns_expert(e) == (e >= half));
+        if (e >= half) {
+            CHECK(part.expert_weights(e).in == whole.expert_weights(e).in);
+            CHECK(part.expert_weights(e).out == whole.expert_weights(e).out);
+        } else {
+            CHECK(part.expert_weights(e).in.size() == 0);  // never allocated or read
+        }
+    }
+    CHECK(part.router_weight() == whole.router_weight());
+    CHECK(part.shared_weights().in == whole.shared_weights().in);
+    const auto names = moe::io::layer_tensor_names::of(c.kind, 1);
+    std::vector<std::string> listed, expected{names.router()};
+    for (const auto& p : moe::io::checkpoint_parameters(part, c.kind, 1)) listed.push_back(p.name);
+    for (moe::index e = half; e < c.n_experts; ++e)
+        for (const auto& n : {names.expert_gate(e), names.expert_up(e), names.expert_down(e)}) expected.push_back(n);
+    for (const auto& n : {names.shared_gate_proj(), names.shared_up_proj(), names.shared_down_proj()}) expected.push_back(n);
+    CHECK(listed == expected);
+}

@@ -109,3 +109,58 @@ TEST_CASE("sequence-wise balance rejects a batch that is not whole sequences", "
                       Catch::Contains("5 tokens") && Catch::Contains("seq_len = 2"));
     CHECK(moe::losses::seq_balance{.alpha = 1.0, .seq_len = 5}.value(r, z) == Approx(1.0));  // all on expert 0: f_0 = 4
 }
+
+namespace {
+// A batch routed in two parts (expert parallelism): with the parts' `batch` totals set, every loss
+// value of the parts sums to the whole batch's and every gradient row is the whole batch's.
+template <class Router, class Loss>
+void check_parts(const Router& router, const Loss& loss, moe::index tokens, moe::index split, moe::index experts) {
+    const moe::index cols = moe::logit_rows(router, experts);
+    const moe::matrix<double> z = moe::matrix<double>::Random(tokens, cols) * 2.0;
+    const auto routed = [&](const moe::matrix<double>& logits) {
+        moe::routing<double> r;
+        auto state = moe::make_router_state<double>(router, experts);
+        moe::route(router, logits, state, r);
+        r.build_dispatch();
+        return r;
+    };
+    const moe::matrix<double> za = z.topRows(split), zb = z.bottomRows(tokens - split);
+    const moe::routing<double> whole = routed(z);
+    moe::routing<double> a = routed(za), b = routed(zb);
+    std::vector<moe::index> chosen = a.chosen_counts(cols, false);
+    const std::vector<moe::index> more = b.chosen_counts(cols, false);
+    for (std::size_t e = 0; e < chosen.size(); ++e) chosen[e] += more[e];
+    CHECK(chosen == whole.chosen_counts(cols));
+    for (auto* part : {&a, &b}) part->batch = {.tokens = tokens, .slots = a.slots() + b.slots(), .chosen = chosen};
+    CHECK(a.batch_tokens() == tokens);
+    CHECK(loss.value(a, za) + loss.value(b, zb) == Approx(loss.value(whole, z)).epsilon(1e-12));
+    moe::matrix<double> g = moe::matrix<double>::Zero(tokens, cols), ga = moe::matrix<double>::Zero(split, cols),
+                        gb = moe::matrix<double>::Zero(tokens - split, cols);
+    loss.gradient(whole, z, g);
+    loss.gradient(a, za, ga);
+    loss.gradient(b, zb, gb);
+    CHECK((ga - g.topRows(split)).cwiseAbs().maxCoeff() <= 1e-15);
+    CHECK((gb - g.bottomRows(tokens - split)).cwiseAbs().maxCoeff() <= 1e-15);
+    CHECK(g.cwiseAbs().maxCoeff() > 1e-6);  // the comparison is not of zeros
+}
+}  // namespace
+
+TEST_CASE("L1-L4 of a batch routed in parts sum to the whole batch's loss", "[losses][parallel]") {
+    const moe::routers::softmax_topk top2{.k = 2};
+    check_parts(top2, moe::losses::load_balance{.alpha = 0.7}, 12, 5, 6);
+    check_parts(top2, moe::losses::load_balance{.alpha = 0.7, .per_token = true}, 12, 5, 6);
+    check_parts(top2, moe::losses::z_loss{.beta = 0.3}, 12, 5, 6);
+    check_parts(top2, moe::losses::seq_balance{.alpha = 0.4, .seq_len = 4}, 12, 8, 6);  // parts of whole sequences
+    check_parts(moe::routers::sigmoid_topk{.k = 3}, moe::losses::seq_balance{.alpha = 0.4, .seq_len = 3}, 12, 6, 6);
+    check_parts(moe::routers::null_experts{.k = 2, .nulls = 2}, moe::losses::null_balance{.alpha = 0.5}, 12, 7, 6);
+
+    // A part that is not whole sequences (seq_len 0: the whole batch is one sequence) is refused.
+    moe::routing<double> r;
+    r.reset_fixed_k(4, 4, 1);
+    r.scores = moe::matrix<double>::Constant(4, 4, 0.25);
+    r.build_dispatch();
+    r.batch = {.tokens = 8, .slots = 8, .chosen = {8, 0, 0, 0}};
+    const moe::matrix<double> z = moe::matrix<double>::Zero(4, 4);
+    CHECK_THROWS_WITH(moe::losses::seq_balance{}.value(r, z),
+                      Catch::Contains("each part must hold whole sequences"));
+}

@@ -345,3 +345,127 @@ TEST_CASE("moe-run reads only the requested layer of a huge checkpoint", "[moe-r
     CHECK(golden::relative_error(golden::read_matrix(got, "hidden_states"), golden::read_matrix(expected, "hidden_states")) <=
           2e-5);
 }
+
+#ifdef MOE_MPIEXEC
+namespace {
+/// moe-run --expert-parallel under mpirun with `ranks` ranks (bounded in time: a hang fails).
+result moe_run_parallel(int ranks, const std::string& args, const temp_dir& tmp) {
+    const auto out = tmp.path / "stdout", err = tmp.path / "stderr";
+    const std::string cmd = "timeout 120 " MOE_MPIEXEC " -np " + std::to_string(ranks) + " " + MOE_RUN_PATH +
+                            " --expert-parallel " + args + " >" + out.string() + " 2>" + err.string();
+    const int raw = std::system(cmd.c_str());
+    return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, slurp(out), slurp(err)};
+}
+
+/// The flags of a case's args.json (`keys` in order) and its checkpoint folder.
+std::pair<std::string, fs::path> case_flags(const fs::path& dir, std::initializer_list<const char*> keys) {
+    std::ifstream args_file(dir / "args.json");
+    const auto args = nlohmann::json::parse(args_file);
+    std::string flags = " --layer " + std::to_string(args["layer"].get<int>());
+    for (const char* key : keys)
+        if (args.contains(key))
+            for (const auto& f : args[key]) flags += " " + f.get<std::string>();
+    return {flags, args.contains("model") ? ckpt_dir / args["model"].get<std::string>() : dir};
+}
+
+/// Every tensor of `expected` in `got` within `tolerance` (2e-5 for the forward's).
+void check_file(const moe::io::safetensors_file& got, const moe::io::safetensors_file& expected, double tolerance) {
+    CHECK(got.names() == expected.names());
+    for (const auto& tensor : expected.names()) {
+        INFO(tensor);
+        REQUIRE(got.contains(tensor));
+        CHECK(got.info(tensor).shape == expected.info(tensor).shape);
+        const bool forward = tensor == "hidden_states" || tensor == "router_logits";
+        CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <=
+              (forward ? std::min(tolerance, 2e-5) : tolerance));
+    }
+}
+}  // namespace
+
+TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoint case, forward and backward",
+          "[moe-run][mpirun]") {
+    temp_dir tmp;
+    moe::index cases = 0;
+    for (const auto& entry : fs::directory_iterator(ckpt_dir)) {
+        const fs::path dir = entry.path();
+        if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // mixtral_null: no input of its own
+        INFO("checkpoint case " << dir.filename().string());
+        const auto [flags, model] = case_flags(dir, {"flags", "backward_flags"});
+        const std::string common = "--model " + model.string() + flags + " --input " + (dir / "input.safetensors").string();
+        const fs::path one = tmp.path / "one.safetensors";
+        REQUIRE(moe_run(common + " --output " + one.string(), tmp).status == 0);
+        const moe::io::safetensors_file single(one), reference(dir / "expected_backward.safetensors");
+        for (const int ranks : {2, 4}) {
+            INFO(ranks << " ranks");
+            const fs::path out = tmp.path / ("np" + std::to_string(ranks) + ".safetensors");
+            const auto r = moe_run_parallel(ranks, common + " --output " + out.string(), tmp);
+            INFO(r.err);
+            REQUIRE(r.status == 0);
+            const moe::io::safetensors_file got(out);
+            check_file(got, reference, 1e-4);  // the PyTorch reference
+            check_file(got, single, 1e-6);     // one process: sums over ranks differ only by rounding
+        }
+        ++cases;
+    }
+    CHECK(cases >= 10);
+}
+
+TEST_CASE("moe-run --expert-parallel routes each rank's slice as one group with batch-dependent routers",
+          "[moe-run][mpirun][routers]") {
+    temp_dir tmp;
+    moe::index cases = 0;
+    for (const auto& entry : fs::directory_iterator(golden::data_dir / "expert_parallel")) {
+        const fs::path dir = entry.path();
+        INFO("case " << dir.filename().string());
+        const auto [flags, model] = case_flags(dir, {"flags", "backward_flags"});
+        std::ifstream args_file(dir / "args.json");
+        for (const int ranks : nlohmann::json::parse(args_file)["ranks"].get<std::vector<int>>()) {
+            INFO(ranks << " ranks");
+            const fs::path out = tmp.path / "out.safetensors";
+            const auto r = moe_run_parallel(ranks, "--model " + model.string() + flags + " --input " +
+                                                       (dir / "input.safetensors").string() + " --output " + out.string(),
+                                            tmp);
+            INFO(r.err);
+            REQUIRE(r.status == 0);
+            check_file(moe::io::safetensors_file(out),
+                       moe::io::safetensors_file(dir / ("expected_np" + std::to_string(ranks) + ".safetensors")), 1e-4);
+        }
+        ++cases;
+    }
+    CHECK(cases >= 2);
+}
+
+TEST_CASE("moe-run --expert-parallel reports the whole batch's statistics and per-rank load, and fails cleanly",
+          "[moe-run][mpirun][errors]") {
+    temp_dir tmp;
+    const fs::path out = tmp.path / "o.safetensors";
+    const auto single = moe_run(case_args("deepseek_v3", out) + " --stats", tmp);
+    const auto r = moe_run_parallel(4, case_args("deepseek_v3", out) + " --stats --repeat 2", tmp);
+    REQUIRE(r.status == 0);
+    std::istringstream lines(r.out);
+    std::string timing, stats, load;
+    std::getline(lines, timing);
+    std::getline(lines, stats);
+    std::getline(lines, load);
+    CHECK(timing.rfind("forward_ms_median=", 0) == 0);
+    CHECK(stats + "\n" == single.out);  // rank 0 prints the statistics of every rank's tokens
+    const auto j = nlohmann::json::parse(load);
+    CHECK(j["ranks"] == 4);
+    CHECK(j["rows"].get<std::vector<moe::index>>().size() == 4);
+    moe::index rows = 0;
+    for (const auto n : j["rows"].get<std::vector<moe::index>>()) rows += n;
+    CHECK(rows == 160);  // 40 tokens x 8 experts each
+    CHECK(j["imbalance"].get<double>() >= 1.0);
+    fs::remove(out);
+
+    // An error on one rank ends the whole job (no hang) with exit 1 and no output file.
+    const auto missing = moe_run_parallel(2, case_args("deepseek_v3", out, (tmp.path / "none.safetensors").string()), tmp);
+    CHECK(missing.status == 1);
+    CHECK(missing.err.find("moe-run: error (rank 0 of 2)") != std::string::npos);
+    CHECK(missing.err.find("none.safetensors") != std::string::npos);
+    CHECK_FALSE(fs::exists(out));
+    const auto bad = moe_run_parallel(2, case_args("deepseek_v3", out) + " --threads 0", tmp);
+    CHECK(bad.status == 2);
+    CHECK_FALSE(fs::exists(out));
+}
+#endif

@@ -48,3 +48,22 @@ TEST_CASE("routed_to counts the router's choices before drops", "[routing]") {
     r.routed = {2, 0};
     CHECK(r.routed_to(0) == 2);
 }
+
+TEST_CASE("chosen_counts counts the choices before drops, of the whole batch when one is set", "[routing]") {
+    moe::routing<float> r;
+    r.reset_fixed_k(3, 3, 2);
+    r.expert_ids = {0, 1, 1, 2, 3, 1};  // id 3: a null expert
+    r.build_dispatch();
+    CHECK(r.chosen_counts(4) == std::vector<moe::index>{1, 3, 1, 1});
+    CHECK(r.chosen_counts(2) == std::vector<moe::index>{1, 3});
+    CHECK(r.batch_tokens() == 3);
+    CHECK(r.batch_slots() == 6);
+    r.batch = {.tokens = 10, .slots = 20, .chosen = {5, 6, 7, 2}};
+    CHECK(r.chosen_counts(3) == std::vector<moe::index>{5, 6, 7});
+    CHECK(r.chosen_counts(3, false) == std::vector<moe::index>{1, 3, 1});
+    CHECK(r.batch_tokens() == 10);
+    CHECK(r.batch_slots() == 20);
+    r.reset_fixed_k(1, 3, 1);  // a new routing is its own batch again
+    CHECK(r.batch.chosen.empty());
+    CHECK(r.batch_tokens() == 1);
+}

@@ -8,6 +8,11 @@
 /// backward: the same path in reverse with the same routing (the selection is held constant).
 /// The row chunks are the same at every thread count, and each output row is summed in slot order,
 /// so the result is bitwise identical across runs and thread counts.
+///
+/// Expert parallelism: a layer built with a `parallel::placement` is one rank of a layer whose routed
+/// experts are spread over the ranks of a communicator. Every rank calls forward (and backward) with
+/// its own tokens; the rows of an expert go to its owner and come back (`parallel::expert_exchange`).
+/// Router, shared experts and losses are replicated; their gradients are summed over the ranks.
 
 #include "moe/concepts.hpp"
 #include "moe/detail/thread_pool.hpp"
@@ -15,6 +20,7 @@
 #include "moe/experts/ffn.hpp"
 #include "moe/kernels/linear.hpp"
 #include "moe/losses/losses.hpp"
+#include "moe/parallel/exchange.hpp"
 #include "moe/routing.hpp"
 #include "moe/shared_experts.hpp"
 #include "moe/statistics.hpp"
@@ -69,6 +75,13 @@ public:
     /// hyper-parameter is out of range.
     explicit layer(layer_shape shape, Router router = {}, Expert expert = {}, Shared shared = {},
                    std::tuple<Losses...> losses = {})
+        : layer(shape, parallel::placement{}, router, expert, shared, losses) {}
+
+    /// One rank of an expert-parallel layer (see the file comment): allocates the router, the shared
+    /// experts and only the routed experts that `where` gives this rank. With a null communicator it is
+    /// the one-process layer. Also throws `value_error` on a placement that does not fit.
+    layer(layer_shape shape, const parallel::placement& where, Router router = {}, Expert expert = {},
+          Shared shared = {}, std::tuple<Losses...> losses = {})
         : shape_(shape), router_(router), expert_(expert), shared_(shared), losses_(losses),
           router_state_(make_router_state<Scalar>(router, shape.n_experts > 0 ? shape.n_experts : 1)), pool_(std::make_unique<detail::thread_pool>(1)) {
         const auto check = [](index v, const char* field, index min) {
@@ -84,9 +97,11 @@ public:
             throw value_error("layer: d_shared = " + std::to_string(shape.d_shared) +
                               " but the layer has no shared expert");
         router_.validate(shape.n_experts);
+        if (where.comm) exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(where, shape.n_experts);
         router_weight_ = matrix<Scalar>::Zero(logit_rows(router_, shape.n_experts), shape.d_model);
         experts_.resize(static_cast<std::size_t>(shape.n_experts));
-        for (auto& w : experts_) zero(w, shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
+        for (index e = 0; e < shape.n_experts; ++e)
+            if (owns_expert(e)) zero(experts_[static_cast<std::size_t>(e)], shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
         if constexpr (Shared::enabled) {
             zero(shared_weights_, shape.d_shared, ffn_in_rows<decltype(shared_.expert)>(shape.d_shared));
             shared_gate_ = vector<Scalar>::Zero(shape.d_model);
@@ -97,6 +112,12 @@ public:
     [[nodiscard]] const Router& router() const { return router_; }
     [[nodiscard]] const Expert& expert() const { return expert_; }
     [[nodiscard]] const Shared& shared() const { return shared_; }
+
+    /// Whether this rank holds routed expert e (always, without expert parallelism). The weights (and
+    /// gradients) of an expert held elsewhere are empty.
+    [[nodiscard]] bool owns_expert(index e) const { return !exchange_ || exchange_->owns(e); }
+    /// The expert exchange of an expert-parallel layer, else null.
+    [[nodiscard]] parallel::expert_exchange<Scalar>* exchange() { return exchange_.get(); }
 
     /// Router weight W_r, E x d (more rows for routers with null experts: see `logit_rows`).
     [[nodiscard]] matrix<Scalar>& router_weight() { return router_weight_; }
@@ -121,17 +142,26 @@ public:
         return shared_gate_;
     }
 
-    /// Fills every weight with N(0, 1/fan_in) values from `seed` (examples and benchmarks).
+    /// Fills every weight with N(0, 1/fan_in) values from `seed` (examples and benchmarks). An
+    /// expert-parallel rank draws the values of the experts it does not hold too, so every rank's
+    /// weights are those of the one-process layer.
     void randomize(std::uint64_t seed) {
         std::mt19937_64 rng(seed);
-        const auto fill = [&](auto& m) {
-            std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(m.cols())));
-            for (index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(n(rng));
+        const auto draw = [&](Scalar* out, index rows, index cols) {
+            std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(cols)));
+            for (index i = 0; i < rows * cols; ++i) {
+                const double v = n(rng);
+                if (out != nullptr) out[i] = static_cast<Scalar>(v);
+            }
         };
+        const auto fill = [&](auto& m) { draw(m.data(), m.rows(), m.cols()); };
         fill(router_weight_);
-        for (auto& w : experts_) {
-            fill(w.in);
-            fill(w.out);
+        const index in_rows = ffn_in_rows<Expert>(shape_.d_ff), d = shape_.d_model;
+        for (index e = 0; e < shape_.n_experts; ++e) {
+            ffn_weights<Scalar>& w = experts_[static_cast<std::size_t>(e)];
+            const bool held = owns_expert(e);
+            draw(held ? w.in.data() : nullptr, in_rows, d);
+            draw(held ? w.out.data() : nullptr, d, shape_.d_ff);
         }
         if constexpr (Shared::enabled) {
             fill(shared_weights_.in);
@@ -155,7 +185,7 @@ public:
         };
         same_shape(grad_router_weight_, router_weight_);
         grad_experts_.resize(experts_.size());
-        for (std::size_t e = 0; e < experts_.size(); ++e) {
+        for (std::size_t e = 0; e < experts_.size(); ++e) {  // empty for experts held elsewhere
             same_shape(grad_experts_[e].in, experts_[e].in);
             same_shape(grad_experts_[e].out, experts_[e].out);
         }
@@ -170,7 +200,8 @@ public:
     /// Every trainable tensor with its gradient, by name: "router.weight", "experts.<e>.in.weight"
     /// (gated experts: the gate rows, then the up rows), "experts.<e>.out.weight", "shared.in.weight",
     /// "shared.out.weight", "shared.gate.weight" (a 1 x d row). The correction bias is not trained by
-    /// gradient and is not listed. An optimiser steps `value` with `grad` in place.
+    /// gradient and is not listed; nor are the experts an expert-parallel rank does not hold. An
+    /// optimiser steps `value` with `grad` in place.
     [[nodiscard]] std::vector<parameter<Scalar>> parameters() {
         std::vector<parameter<Scalar>> out;
         const auto add = [&](std::string name, matrix<Scalar>& value, matrix<Scalar>* grad) {
@@ -179,6 +210,7 @@ public:
         };
         add("router.weight", router_weight_, &grad_router_weight_);
         for (std::size_t e = 0; e < experts_.size(); ++e) {
+            if (!owns_expert(static_cast<index>(e))) continue;
             const std::string prefix = "experts." + std::to_string(e) + ".";
             add(prefix + "in.weight", experts_[e].in, e < grad_experts_.size() ? &grad_experts_[e].in : nullptr);
             add(prefix + "out.weight", experts_[e].out, e < grad_experts_.size() ? &grad_experts_[e].out : nullptr);
@@ -233,22 +265,34 @@ public:
         compute_logits(x);
         moe::route(router_, logits_, router_state_, routing_);
         routing_.build_dispatch();
+        if (exchange_) exchange_->share_totals(routing_, logits_.cols());
         compute_experts(x);
         combine(y);
-        if constexpr (sizeof...(Losses) > 0)
+        if constexpr (sizeof...(Losses) > 0) {
             loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
                                           l.value(routing_, logits_)...}; },
                                       losses_);
+            if (exchange_) exchange_->comm().all_sum(std::span<Scalar>(loss_values_));  // each rank's share
+        }
         saved_tokens_ = training_ ? t : -1;
+    }
+
+    /// Rows each rank's experts computed in the last forward, their imbalance and every rank's bytes
+    /// of rows exchanged since (an expert-parallel layer; collective: every rank must call it). Throws
+    /// `error` on a one-process layer.
+    [[nodiscard]] parallel::load_statistics parallel_load() {
+        if (!exchange_) throw error("layer::parallel_load: the layer is not expert-parallel");
+        return exchange_->load();
     }
 
     /// Router logits of the last forward call, T x (router weight rows).
     [[nodiscard]] const matrix<Scalar>& logits() const { return logits_; }
     /// Routing of the last forward call.
     [[nodiscard]] const routing<Scalar>& last_routing() const { return routing_; }
-    /// Routing statistics of the last forward call.
+    /// Routing statistics of the last forward call (expert-parallel: of every rank's tokens; collective).
     [[nodiscard]] routing_statistics statistics() const {
         routing_statistics s = compute_statistics(routing_);
+        if (exchange_) s = combine_statistics(std::move(s), exchange_->comm());
         if constexpr (requires { router_state_.add_statistics(s); }) router_state_.add_statistics(s);
         return s;
     }
@@ -296,6 +340,7 @@ public:
         std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
         grad_router_weight_.noalias() = grad_logits_.transpose() * x;
         grad_x.noalias() = grad_logits_ * router_weight_;
+        if (exchange_) sum_over_ranks(grad_router_weight_);
 
         if constexpr (Shared::gated) {
             // y += sigma(g_t) * shared_t with g_t = w_g . x_t.
@@ -305,8 +350,14 @@ public:
                 shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
             }
             grad_shared_gate_.noalias() = x.transpose() * shared_gate_grad_;
+            if (exchange_) sum_over_ranks(grad_shared_gate_);
         }
         backward_experts(x, grad_y);
+        if constexpr (Shared::enabled)
+            if (exchange_) {
+                sum_over_ranks(grad_shared_weights_.in);
+                sum_over_ranks(grad_shared_weights_.out);
+            }
         combine_backward(grad_x);
     }
 
@@ -334,6 +385,7 @@ private:
         };
         check(router_weight_, logit_rows(router_, shape_.n_experts), d, "the router weight");
         for (index e = 0; e < shape_.n_experts; ++e) {
+            if (!owns_expert(e)) continue;
             const auto& w = experts_[static_cast<std::size_t>(e)];
             check(w.in, ffn_in_rows<Expert>(shape_.d_ff), d, "expert " + std::to_string(e) + "'s input weight");
             check(w.out, d, shape_.d_ff, "expert " + std::to_string(e) + "'s output weight");
@@ -386,9 +438,41 @@ private:
         for_each_piece(first, n, [&](index begin, index rows) { tasks_.push_back({expert, begin, rows}); });
     }
 
+    // The token routed row `row` (of `routing_`) comes from.
+    [[nodiscard]] index token_of(index row) const {
+        return routing_.slot_tokens[static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(row)])];
+    }
+
+    // Routed rows run on this rank's experts: the routing's own, or (expert-parallel) those received
+    // from every rank; results in `expert_out_` by routing row either way.
     void compute_experts(const const_matrix_ref<Scalar>& x) {
-        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
+        const index d = shape_.d_model;
+        if (!exchange_) {
+            expert_out_.resize(routing_.rows(), d);
+            run_experts(x, routing_.expert_offsets, expert_out_);
+            return;
+        }
+        exchange_->plan(routing_);
+        exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
+        own_out_.resize(exchange_->own_offsets().back(), d);
+        run_experts(x, exchange_->own_offsets(), own_out_);
         expert_out_.resize(routing_.rows(), d);
+        exchange_->give_back(own_out_, expert_out_);
+    }
+
+    using row_vector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+    static Eigen::Map<row_vector> row_map(Scalar* p, index n) { return {p, n}; }
+    static Eigen::Map<const row_vector> const_row(const Scalar* p, index n) { return {p, n}; }
+
+    // Input row `row` of the routed rows this rank computes.
+    [[nodiscard]] const Scalar* routed_input(const const_matrix_ref<Scalar>& x, index row) const {
+        return exchange_ ? received_x_.row(exchange_->received_row(row)).data() : x.row(token_of(row)).data();
+    }
+
+    // The shared FFN over every token and the routed experts over the row blocks `offsets` (E + 1
+    // entries) into `out`, as (expert, piece) tasks.
+    void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
+        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
         tasks_.clear();
         // Shared-expert tasks (every token) first: the largest tasks start first and the small
         // routed ones fill the gaps at the end.
@@ -397,14 +481,13 @@ private:
             add_tasks(e, 0, t);
         }
         for (index x_ = 0; x_ < e; ++x_) {
-            const index b = routing_.expert_offsets[static_cast<std::size_t>(x_)];
-            const index n = routing_.expert_offsets[static_cast<std::size_t>(x_) + 1] - b;
-            add_tasks(x_, b, n);
+            const index b = offsets[static_cast<std::size_t>(x_)];
+            add_tasks(x_, b, offsets[static_cast<std::size_t>(x_) + 1] - b);
         }
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
         const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (d + 3 * widest));
         if (training_) {
-            hidden_.resize(routing_.rows(), ffn_in_rows<Expert>(shape_.d_ff));
+            hidden_.resize(offsets.back(), ffn_in_rows<Expert>(shape_.d_ff));
             if constexpr (Shared::enabled) shared_hidden_.resize(t, shared_weights_.in.rows());
         }
         if constexpr (Shared::gated) shared_gate_values_.resize(t);
@@ -417,17 +500,17 @@ private:
             const index ff = w.out.cols();
             Eigen::Map<matrix<Scalar>> xin(base, tk.rows, d);
             for (index r = 0; r < tk.rows; ++r) {
-                const index token = shared ? tk.first + r
-                                           : routing_.slot_tokens[static_cast<std::size_t>(
-                                                 routing_.row_slots[static_cast<std::size_t>(tk.first + r)])];
-                xin.row(r) = x.row(token);
+                if (shared)
+                    xin.row(r) = x.row(tk.first + r);
+                else
+                    xin.row(r) = const_row(routed_input(x, tk.first + r), d);
             }
             Scalar* h_data = base + max_task_rows * d;
             if (training_) h_data = shared ? shared_hidden_.row(tk.first).data() : hidden_.row(tk.first).data();
             Eigen::Map<matrix<Scalar>> h(h_data, tk.rows, w.in.rows());
             Eigen::Map<matrix<Scalar>> a(base + max_task_rows * (d + 2 * widest), tk.rows, ff);
             Eigen::Map<matrix<Scalar>> out = shared ? Eigen::Map<matrix<Scalar>>(shared_out_.row(tk.first).data(), tk.rows, d)
-                                                    : Eigen::Map<matrix<Scalar>>(expert_out_.row(tk.first).data(), tk.rows, d);
+                                                    : Eigen::Map<matrix<Scalar>>(routed_out.row(tk.first).data(), tk.rows, d);
             const Eigen::Map<const matrix<Scalar>> xc(xin.data(), tk.rows, d);
             if (shared) {
                 if constexpr (Shared::enabled) {
@@ -466,10 +549,18 @@ private:
     }
 
     // One task per expert (the shared FFN first), each over its rows in the pieces of `max_task_rows` in
-    // order, so every weight gradient is summed in the same order at any thread count.
+    // order, so every weight gradient is summed in the same order at any thread count. Expert-parallel:
+    // dL/d(out) of every routed row goes to the row's owner, which returns dL/dx of the row.
     void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y) {
         const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
-        row_grad_.resize(routing_.rows(), d);
+        const auto scaled_grad = [&](index row, Scalar* to) {
+            const auto slot = static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(row)]);
+            row_map(to, d) = routing_.weights[slot] * grad_y.row(routing_.slot_tokens[slot]);
+        };
+        if (exchange_) exchange_->send(d, scaled_grad, received_grad_);
+        const std::vector<index>& offsets = exchange_ ? exchange_->own_offsets() : routing_.expert_offsets;
+        matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
+        routed_grad.resize(offsets.back(), d);
         if constexpr (Shared::enabled) shared_grad_.resize(t, d);
         const index widest = std::max(shape_.d_ff, shape_.d_shared);
         const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (2 * d + 2 * widest));
@@ -482,30 +573,33 @@ private:
             ffn_weights<Scalar>& grad = shared ? grad_shared_weights_ : grad_experts_[static_cast<std::size_t>(expert)];
             grad.in.setZero();
             grad.out.setZero();
-            const index begin = shared ? 0 : routing_.expert_offsets[static_cast<std::size_t>(expert)];
-            const index end = shared ? t : routing_.expert_offsets[static_cast<std::size_t>(expert) + 1];
+            const index begin = shared ? 0 : offsets[static_cast<std::size_t>(expert)];
+            const index end = shared ? t : offsets[static_cast<std::size_t>(expert) + 1];
             const index ff = w.out.cols();
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
             for_each_piece(begin, end - begin, [&](index first, index n) {
                 Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + max_task_rows * d, n, d);
                 for (index r = 0; r < n; ++r) {
-                    index token = first + r;
-                    Scalar scale = 1;
+                    const index row = first + r;
                     if (shared) {
-                        if constexpr (Shared::gated) scale = shared_gate_values_[token];
+                        Scalar scale = 1;
+                        if constexpr (Shared::gated) scale = shared_gate_values_[row];
+                        xin.row(r) = x.row(row);
+                        dout.row(r) = scale * grad_y.row(row);
+                    } else if (exchange_) {
+                        const index at = exchange_->received_row(row);
+                        xin.row(r) = received_x_.row(at);
+                        dout.row(r) = received_grad_.row(at);
                     } else {
-                        const auto slot = static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(token)]);
-                        token = routing_.slot_tokens[slot];
-                        scale = routing_.weights[slot];
+                        xin.row(r) = x.row(token_of(row));
+                        scaled_grad(row, dout.row(r).data());
                     }
-                    xin.row(r) = x.row(token);
-                    dout.row(r) = scale * grad_y.row(token);
                 }
                 Eigen::Map<matrix<Scalar>> h(shared ? shared_hidden_.row(first).data() : hidden_.row(first).data(), n,
                                              w.in.rows());
                 Eigen::Map<matrix<Scalar>> a(base + 2 * max_task_rows * d, n, ff);
                 Eigen::Map<matrix<Scalar>> da(base + 2 * max_task_rows * d + max_task_rows * widest, n, ff);
-                Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : row_grad_.row(first).data(), n, d);
+                Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : routed_grad.row(first).data(), n, d);
                 const Eigen::Map<const matrix<Scalar>> xc(xin.data(), n, d), doc(dout.data(), n, d);
                 if (shared) {
                     if constexpr (Shared::enabled) ffn_backward(shared_.expert, w, xc, h, doc, a, da, grad, dx);
@@ -514,7 +608,17 @@ private:
                 }
             });
         };
+        // Experts held elsewhere have no rows and empty gradients: their tasks do nothing.
         pool_->run(e - first_task, run);
+        if (exchange_) {
+            row_grad_.resize(routing_.rows(), d);
+            exchange_->give_back(own_grad_, row_grad_);
+        }
+    }
+
+    template <class M>
+    void sum_over_ranks(M& m) {
+        exchange_->comm().all_sum(std::span<Scalar>(m.data(), static_cast<std::size_t>(m.size())));
     }
 
     // dL/dx_t += the rows of token t's slots in slot order, then the shared FFN's and its gate's terms.
@@ -577,6 +681,13 @@ private:
     matrix<Scalar> row_grad_;            // dL/dx per routed row
     matrix<Scalar> shared_grad_;         // dL/dx of the shared FFN per token
     vector<Scalar> shared_gate_grad_;    // dL/dg_t of the shared gate per token
+
+    // Expert parallelism (null exchange: one process).
+    std::unique_ptr<parallel::expert_exchange<Scalar>> exchange_;
+    matrix<Scalar> received_x_;     // the input rows of the routed rows this rank computes
+    matrix<Scalar> own_out_;        // their outputs
+    matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight
+    matrix<Scalar> own_grad_;       // backward: their dL/dx
 };
 
 }  // namespace moe

@@ -69,8 +69,32 @@ struct routing {
     std::vector<index> slot_rows;  ///< slot -> row, or -1 when the slot runs no expert
     std::vector<index> slot_tokens;  ///< slot -> token
 
+    /// When this routing is one part of a batch routed in parts (expert parallelism: every rank routes
+    /// its own tokens), the whole batch's totals, by which the losses normalise. Empty `chosen` means
+    /// the routing is the whole batch. Set after `build_dispatch`; the reset functions clear it.
+    struct batch_totals {
+        index tokens = 0;
+        index slots = 0;
+        std::vector<index> chosen;  ///< choices per expert id before capacity drops, null experts included
+    } batch;
+
     /// Total number of slots.
     [[nodiscard]] index slots() const { return static_cast<index>(expert_ids.size()); }
+    /// Tokens and slots of the whole batch (see `batch`).
+    [[nodiscard]] index batch_tokens() const { return batch.chosen.empty() ? tokens : batch.tokens; }
+    [[nodiscard]] index batch_slots() const { return batch.chosen.empty() ? slots() : batch.slots; }
+    /// Choices per expert id in [0, width) before capacity drops (null experts counted by their ids
+    /// >= E): of this routing with `whole_batch = false`, else of the whole batch (see `batch`).
+    [[nodiscard]] std::vector<index> chosen_counts(index width, bool whole_batch = true) const {
+        if (whole_batch && !batch.chosen.empty())
+            return {batch.chosen.begin(), batch.chosen.begin() + std::min<index>(width, static_cast<index>(batch.chosen.size()))};
+        std::vector<index> c(static_cast<std::size_t>(width), 0);
+        for (index s = 0; s < slots(); ++s) {
+            const auto id = chosen_expert(s);
+            if (id >= 0 && id < width) ++c[static_cast<std::size_t>(id)];
+        }
+        return c;
+    }
     /// Number of rows that run an expert (sum of the expert blocks).
     [[nodiscard]] index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
     /// Assignments of expert e before capacity drops (after `build_dispatch`).
@@ -98,6 +122,8 @@ struct routing {
         weights.resize(static_cast<std::size_t>(t * k));
         routed.clear();
         undropped_ids.clear();
+        batch.tokens = batch.slots = 0;
+        batch.chosen.clear();
     }
 
     /// Starts a token side with a variable number of slots per token: call `add_slot` for the slots
@@ -111,6 +137,8 @@ struct routing {
         weights.clear();
         routed.clear();
         undropped_ids.clear();
+        batch.tokens = batch.slots = 0;
+        batch.chosen.clear();
     }
     void add_slot(std::int32_t expert, Scalar weight) {
         expert_ids.push_back(expert);

@@ -2,6 +2,7 @@
 /// \file
 /// Routing statistics of one forward call (SEMANTICS, "Routing statistics").
 
+#include "moe/parallel/communicator.hpp"
 #include "moe/routing.hpp"
 
 #include <algorithm>
@@ -52,6 +53,28 @@ struct routing_statistics {
     }
 };
 
+namespace detail {
+// The ratios of `s` from its counts and the entropy summed over its tokens.
+inline void derive_ratios(routing_statistics& s, double entropy_sum) {
+    s.assignments = 0;
+    s.idle_experts = 0;
+    for (auto c : s.load) {
+        s.assignments += c;
+        s.idle_experts += c == 0;
+    }
+    s.imbalance = s.max_vio = 0;
+    if (s.assignments > 0) {
+        const double mean = static_cast<double>(s.assignments) / static_cast<double>(s.experts);
+        const double max = static_cast<double>(*std::max_element(s.load.begin(), s.load.end()));
+        s.imbalance = max / mean;
+        s.max_vio = (max - mean) / mean;
+    }
+    const index slots = s.assignments + s.dropped + s.null_slots;
+    s.null_fraction = slots > 0 ? static_cast<double>(s.null_slots) / static_cast<double>(slots) : 0.0;
+    s.mean_entropy = s.tokens > 0 ? entropy_sum / static_cast<double>(s.tokens) : 0.0;
+}
+}  // namespace detail
+
 /// Computes the statistics of a routing whose expert side is built.
 template <class Scalar>
 routing_statistics compute_statistics(const routing<Scalar>& r) {
@@ -77,17 +100,6 @@ routing_statistics compute_statistics(const routing<Scalar>& r) {
         }
         ++s.experts_per_token[static_cast<std::size_t>(ran)];
     }
-    for (auto c : s.load) {
-        s.assignments += c;
-        s.idle_experts += c == 0;
-    }
-    if (s.assignments > 0) {
-        const double mean = static_cast<double>(s.assignments) / static_cast<double>(r.experts);
-        const double max = static_cast<double>(*std::max_element(s.load.begin(), s.load.end()));
-        s.imbalance = max / mean;
-        s.max_vio = (max - mean) / mean;
-    }
-    if (r.slots() > 0) s.null_fraction = static_cast<double>(s.null_slots) / static_cast<double>(r.slots());
     double entropy = 0;
     for (index t = 0; t < r.scores.rows(); ++t) {
         double sum = 0, h = 0;
@@ -98,7 +110,34 @@ routing_statistics compute_statistics(const routing<Scalar>& r) {
         }
         entropy += h;
     }
-    if (r.scores.rows() > 0) s.mean_entropy = entropy / static_cast<double>(r.scores.rows());
+    detail::derive_ratios(s, entropy);
+    return s;
+}
+
+/// The statistics of a batch routed in parts (expert parallelism: each rank routes its own tokens)
+/// from this rank's part: counts are summed over the ranks and the ratios derived again. Collective.
+/// Router-specific fields (Sinkhorn's) stay this rank's.
+inline routing_statistics combine_statistics(routing_statistics s, parallel::communicator& comm) {
+    // The histogram runs to the largest slot count of a token in any part: agree on its length first.
+    const auto ranks = static_cast<std::size_t>(comm.size());
+    std::vector<index> lengths(ranks, 0);
+    lengths[static_cast<std::size_t>(comm.rank())] = static_cast<index>(s.experts_per_token.size());
+    comm.all_sum(std::span<index>(lengths));
+    const std::size_t width = static_cast<std::size_t>(*std::max_element(lengths.begin(), lengths.end()));
+    s.experts_per_token.resize(width, 0);
+    std::vector<index> counts{s.tokens, s.dropped, s.null_slots};
+    counts.insert(counts.end(), s.load.begin(), s.load.end());
+    counts.insert(counts.end(), s.experts_per_token.begin(), s.experts_per_token.end());
+    comm.all_sum(std::span<index>(counts));
+    double entropy = s.mean_entropy * static_cast<double>(s.tokens);
+    comm.all_sum(std::span<double>(&entropy, 1));
+    s.tokens = counts[0];
+    s.dropped = counts[1];
+    s.null_slots = counts[2];
+    const auto load = counts.begin() + 3;
+    std::copy(load, load + static_cast<std::ptrdiff_t>(s.load.size()), s.load.begin());
+    std::copy(load + static_cast<std::ptrdiff_t>(s.load.size()), counts.end(), s.experts_per_token.begin());
+    detail::derive_ratios(s, entropy);
     return s;
 }
 

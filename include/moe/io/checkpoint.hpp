@@ -181,8 +181,9 @@ inline void check_layer(const checkpoint& ckpt, index layer_index, index router_
 }
 
 /// Loads MoE layer `layer_index` of `ckpt` into `layer`, whose shape must be `shape_of(ckpt.config())`.
-/// Only that layer's tensors are read. Throws `config_error` when the layer is out of range or dense,
-/// `io_error` / `shape_error` naming the tensor when one is missing or has another shape.
+/// Only that layer's tensors are read, and of an expert-parallel layer only the experts its rank holds.
+/// Throws `config_error` when the layer is out of range or dense, `io_error` / `shape_error` naming
+/// the tensor when one is missing or has another shape.
 template <class Layer>
 void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
     using Scalar = typename Layer::scalar_type;
@@ -206,8 +207,9 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         read(down, w.out.data(), d, ff);
     };
     read(names.router(), layer.router_weight().data(), layer.router_weight().rows(), d);
-    for (index e = 0; e < c.n_experts; ++e)
-        read_ffn(layer.expert_weights(e), names.expert_gate(e), names.expert_up(e), names.expert_down(e));
+    for (index e = 0; e < c.n_experts; ++e)  // an expert-parallel rank reads only the experts it holds
+        if (layer.owns_expert(e))
+            read_ffn(layer.expert_weights(e), names.expert_gate(e), names.expert_up(e), names.expert_down(e));
     if constexpr (Layer::shared_type::enabled)
         read_ffn(layer.shared_weights(), names.shared_gate_proj(), names.shared_up_proj(), names.shared_down_proj());
     if constexpr (Layer::shared_type::gated) read(names.shared_expert_gate(), layer.shared_gate().data(), 1, d);
@@ -244,9 +246,11 @@ std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer&
     std::size_t i = 0;
     out.push_back({names.router(), params[i].value, params[i].grad});
     ++i;
-    for (index e = 0; e < layer.shape().n_experts; ++e, i += 2) {
+    for (index e = 0; e < layer.shape().n_experts; ++e) {
+        if (!layer.owns_expert(e)) continue;  // held by another rank (see `layer::parameters`)
         split(params[i], names.expert_gate(e), names.expert_up(e));
         out.push_back({names.expert_down(e), params[i + 1].value, params[i + 1].grad});
+        i += 2;
     }
     if constexpr (Layer::shared_type::enabled) {
         split(params[i], names.shared_gate_proj(), names.shared_up_proj());
@@ -261,7 +265,8 @@ std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer&
 /// `file`, under the tensor names of MoE layer `layer_index` of family `kind`: with the family's
 /// config.json beside it as `model.safetensors`, the folder is a checkpoint that `load_layer` and
 /// moe-run read, so training can save and resume. The file appears only once complete (written to
-/// a temporary file, then renamed). Throws `io_error` naming the file when it cannot be written.
+/// a temporary file, then renamed). Throws `io_error` naming the file when it cannot be written. An
+/// expert-parallel rank writes the tensors it holds: the router, the shared experts and its experts.
 template <class Layer>
 void save_layer(const std::filesystem::path& file, Layer& layer, family kind, index layer_index) {
     using Scalar = typename Layer::scalar_type;

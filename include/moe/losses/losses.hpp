@@ -18,7 +18,10 @@ namespace moe {
 /// A loss term: `static constexpr std::string_view name`, `Scalar value(routing, logits) const`,
 /// reading the routing (chosen experts, scores) and the T x E router logits of the same call, and
 /// `void gradient(routing, logits, matrix<Scalar>& grad_logits) const`, which adds dL/dz to
-/// `grad_logits` (shaped like the logits) with the selection held constant.
+/// `grad_logits` (shaped like the logits) with the selection held constant. When the routing is one
+/// part of a batch routed in parts (`routing::batch`, expert parallelism), a loss returns this part's
+/// share of the whole batch's loss: it normalises by `batch_tokens()`, `batch_slots()` and
+/// `chosen_counts()`, so that the parts' values sum to the loss of the whole batch.
 template <class L, class Scalar>
 concept loss_term = std::copy_constructible<L> &&
     requires(const L& l, const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& gz) {
@@ -79,14 +82,15 @@ struct load_balance {
     }
 
 private:
-    // alpha * E * c_e / (slots * T), so that L = sum_e a_e sum_t p_te.
+    // alpha * E * c_e / (slots * T), so that L = sum_e a_e sum_t p_te (T, slots, c of the whole batch).
     template <class Scalar>
     vector<double> coefficients(const routing<Scalar>& r) const {
-        const double t = static_cast<double>(r.tokens);
-        const double slots = per_token ? t : static_cast<double>(r.slots());
+        const double t = static_cast<double>(r.batch_tokens());
+        const double slots = per_token ? t : static_cast<double>(r.batch_slots());
+        const std::vector<index> c = r.chosen_counts(r.experts);
         vector<double> a(r.experts);
         for (index x = 0; x < r.experts; ++x)
-            a[x] = alpha * static_cast<double>(r.experts) * static_cast<double>(r.routed_to(x)) / (slots * t);
+            a[x] = alpha * static_cast<double>(r.experts) * static_cast<double>(c[static_cast<std::size_t>(x)]) / (slots * t);
         return a;
     }
 };
@@ -113,13 +117,12 @@ struct null_balance {
 private:
     template <class Scalar>
     vector<double> coefficients(const routing<Scalar>& r, index all) const {
-        vector<double> c = vector<double>::Zero(all);
-        for (index s = 0; s < r.slots(); ++s) {
-            const auto id = r.chosen_expert(s);
-            if (id >= 0 && id < all) c[id] += 1;
-        }
+        const std::vector<index> counts = r.chosen_counts(all);
+        vector<double> c(all);
+        for (index x = 0; x < all; ++x) c[x] = static_cast<double>(counts[static_cast<std::size_t>(x)]);
         if (all > r.experts) c.tail(all - r.experts).setConstant(c.tail(all - r.experts).mean());
-        return c * (alpha * static_cast<double>(all) / (static_cast<double>(r.slots()) * static_cast<double>(r.tokens)));
+        return c * (alpha * static_cast<double>(all) /
+                    (static_cast<double>(r.batch_slots()) * static_cast<double>(r.batch_tokens())));
     }
 };
 
@@ -176,11 +179,12 @@ private:
     template <class Scalar, class F>
     void each_sequence(const routing<Scalar>& r, F&& f) const {
         if (r.tokens == 0) return;
-        const index len = seq_len > 0 ? seq_len : r.tokens;
+        const index len = seq_len > 0 ? seq_len : r.batch_tokens();
         if (r.tokens % len != 0)
             throw shape_error("seq_balance: " + std::to_string(r.tokens) + " tokens are not whole sequences of seq_len = " +
-                              std::to_string(seq_len));
-        const double sequences = static_cast<double>(r.tokens / len);
+                              std::to_string(seq_len) + (seq_len > 0 ? "" : " (one sequence of the whole batch's " + std::to_string(len) + " tokens)") +
+                              (r.tokens == r.batch_tokens() ? "" : "; with the batch routed in parts, each part must hold whole sequences"));
+        const double sequences = static_cast<double>(r.batch_tokens() / len);  // of the whole batch
         vector<double> c(r.experts);
         for (index first = 0; first < r.tokens; first += len) {
             c.setZero();
@@ -202,21 +206,21 @@ struct z_loss {
     static constexpr std::string_view name = "z_loss";
 
     template <class Scalar>
-    Scalar value(const routing<Scalar>&, const matrix<Scalar>& z) const {
+    Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
         if (z.rows() == 0 || beta == 0) return 0;
         double sum = 0;
         for (index t = 0; t < z.rows(); ++t) {
             const double lse = logsumexp(z, t);
             sum += lse * lse;
         }
-        return static_cast<Scalar>(beta * sum / static_cast<double>(z.rows()));
+        return static_cast<Scalar>(beta * sum / static_cast<double>(r.batch_tokens()));
     }
 
     /// dL/dz_te = beta * 2 lse_t softmax(z_t)_e / T.
     template <class Scalar>
-    void gradient(const routing<Scalar>&, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
+    void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
         if (z.rows() == 0 || beta == 0) return;
-        const double f = 2 * beta / static_cast<double>(z.rows());
+        const double f = 2 * beta / static_cast<double>(r.batch_tokens());
         for (index t = 0; t < z.rows(); ++t) {
             const double lse = logsumexp(z, t);
             for (index e = 0; e < z.cols(); ++e)
@@ -248,7 +252,8 @@ public:
     template <class Scalar>
     void observe(const routing<Scalar>& r) {
         if (counts_.size() != static_cast<std::size_t>(r.experts)) counts_.assign(static_cast<std::size_t>(r.experts), 0);
-        for (index e = 0; e < r.experts; ++e) counts_[static_cast<std::size_t>(e)] += r.routed_to(e);
+        const std::vector<index> c = r.chosen_counts(r.experts);  // of the whole batch
+        for (std::size_t e = 0; e < c.size(); ++e) counts_[e] += c[e];
     }
 
     /// Updates `bias` from the counts observed since the last call, then clears them. Throws

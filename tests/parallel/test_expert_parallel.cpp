@@ -1,0 +1,263 @@
+// Expert parallelism over MPI, run under mpirun at 2 and 4 ranks (tests/CMakeLists.txt): every rank
+// of an expert-parallel layer against a one-process layer with the same weights.
+//
+// Every test case runs on every rank in the same order. Only CHECK is used where a collective may
+// follow, so that a failure on one rank never leaves the others waiting.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include <moe/moe.hpp>
+#include <moe/parallel/mpi.hpp>
+
+#include <map>
+#include <random>
+
+namespace {
+
+using moe::index;
+
+std::shared_ptr<moe::parallel::mpi_communicator> world() {
+    static auto comm = std::make_shared<moe::parallel::mpi_communicator>(MPI_COMM_WORLD);
+    return comm;
+}
+
+moe::matrix<float> random_matrix(index rows, index cols, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    moe::matrix<float> m(rows, cols);
+    for (index i = 0; i < m.size(); ++i) m.data()[i] = n(rng);
+    return m;
+}
+
+template <class A, class B>
+double relative_error(const A& a, const B& b) {
+    if (a.size() == 0) return 0;
+    const double diff = (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
+    const double scale = b.template cast<double>().cwiseAbs().maxCoeff();
+    return scale > 0 ? diff / scale : diff;
+}
+
+template <class A, class B>
+bool bitwise(const A& a, const B& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() && (a.array() == b.array()).all();
+}
+
+/// What may differ from one process: expert outputs and expert weight gradients are bitwise equal
+/// (an owner computes the rows of its experts in the one-process order); sums over ranks (router and
+/// shared-expert gradients, loss values) and the shared FFN (other row blocks) within 1e-6.
+constexpr double tolerance = 1e-6;
+
+/// `one` on the whole batch and `part` (this rank's layer) on this rank's slice, forward and backward.
+template <class Layer>
+void check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwise_output) {
+    const auto comm = world();
+    const index d = one.shape().d_model;
+    const moe::matrix<float> x = random_matrix(tokens, d, 11), g = random_matrix(tokens, d, 12);
+    const auto s = moe::parallel::token_slice(tokens, comm->rank(), comm->size());
+    one.set_training(true);
+    part.set_training(true);
+    moe::matrix<float> y(tokens, d), y_part(s.rows, d);
+    one.forward(x, y);
+    const moe::matrix<float> x_part = x.middleRows(s.first, s.rows), g_part = g.middleRows(s.first, s.rows);
+    part.forward(x_part, y_part);
+    CHECK(relative_error(y_part, y.middleRows(s.first, s.rows)) <= tolerance);
+    if (bitwise_output) CHECK(bitwise(y_part, y.middleRows(s.first, s.rows)));
+    CHECK(bitwise(part.logits(), one.logits().middleRows(s.first, s.rows)));
+    for (std::size_t i = 0; i < one.loss_values().size(); ++i)
+        CHECK(std::abs(part.loss_values()[i] - one.loss_values()[i]) <= tolerance * std::abs(one.loss_values()[i]) + 1e-9);
+
+    moe::matrix<float> gx(tokens, d), gx_part(s.rows, d);
+    one.backward(x, g, gx);
+    part.backward(x_part, g_part, gx_part);
+    CHECK(relative_error(gx_part, gx.middleRows(s.first, s.rows)) <= tolerance);
+    std::map<std::string, moe::parameter<float>> reference;
+    for (auto& p : one.parameters()) reference.emplace(p.name, p);
+    index experts_held = 0;
+    for (const auto& p : part.parameters()) {
+        INFO(p.name);
+        const auto& q = reference.at(p.name);
+        CHECK(bitwise(p.value, q.value));
+        CHECK(relative_error(p.grad, q.grad) <= tolerance);
+        if (p.name.starts_with("experts.")) {
+            CHECK(bitwise(p.grad, q.grad));
+            experts_held += p.name.ends_with(".in.weight");
+        }
+    }
+    comm->all_sum(std::span<index>(&experts_held, 1));
+    CHECK(experts_held == one.shape().n_experts);  // every expert on exactly one rank
+
+    // Statistics of the whole batch; every routed row computed once.
+    const auto stats = part.statistics(), expected = one.statistics();
+    CHECK(stats.tokens == expected.tokens);
+    CHECK(stats.load == expected.load);
+    CHECK(stats.experts_per_token == expected.experts_per_token);
+    CHECK(stats.null_slots == expected.null_slots);
+    CHECK(stats.imbalance == expected.imbalance);
+    CHECK(std::abs(stats.mean_entropy - expected.mean_entropy) <= 1e-6 * (1 + expected.mean_entropy));
+    const auto load = part.parallel_load();
+    index rows = 0, sent = 0, received = 0;
+    for (std::size_t r = 0; r < load.rows.size(); ++r) {
+        rows += load.rows[r];
+        sent += load.bytes_sent[r];
+        received += load.bytes_received[r];
+    }
+    CHECK(load.rows.size() == static_cast<std::size_t>(comm->size()));
+    CHECK(rows == one.last_routing().rows());
+    CHECK(sent == received);
+    CHECK(sent == 4 * rows * d * static_cast<index>(sizeof(float)));  // rows out and back, forward and backward
+}
+
+template <class Layer, class... Args>
+void compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owners, bool bitwise_output, Args... args) {
+    Layer one(shape, args...);
+    Layer part(shape, moe::parallel::placement{.comm = world(), .owners = std::move(owners)}, args...);
+    one.randomize(3);
+    part.randomize(3);
+    if (auto* bias = moe::correction_bias<float>(one.router_state())) {  // a bias that changes the selection
+        auto* same = moe::correction_bias<float>(part.router_state());
+        for (index e = 0; e < bias->size(); ++e) (*bias)[e] = (*same)[e] = 0.05f * static_cast<float>(e % 3);
+    }
+    check_against_one_process(one, part, tokens, bitwise_output);
+}
+
+}  // namespace
+
+TEST_CASE("expert-parallel top-k layers equal one process: outputs and expert gradients bitwise", "[parallel]") {
+    using lb = moe::losses::load_balance;
+    using zl = moe::losses::z_loss;
+    using layer = moe::mixtral_layer<float, lb, zl>;
+    const moe::layer_shape shape{.d_model = 32, .d_ff = 48, .n_experts = 8};
+    const std::tuple<lb, zl> losses{{.alpha = 0.5}, {.beta = 0.05}};
+    const moe::routers::softmax_topk router{.k = 2};
+    for (const moe::index tokens : {0, 3, 37, 300}) {  // 3 < 4 ranks: a rank without tokens; 300: several pieces
+        INFO("T = " << tokens);
+        compare_layers<layer>(shape, tokens, {}, true, router, moe::experts::swiglu{}, moe::shared_experts::none{}, losses);
+    }
+    const int ranks = world()->size();
+    std::vector<int> interleaved(8), all_on_last(8, ranks - 1);
+    for (int e = 0; e < 8; ++e) interleaved[static_cast<std::size_t>(e)] = (7 - e) % ranks;
+    compare_layers<layer>(shape, 37, interleaved, true, router, moe::experts::swiglu{}, moe::shared_experts::none{}, losses);
+    compare_layers<layer>(shape, 37, all_on_last, true, router, moe::experts::swiglu{}, moe::shared_experts::none{}, losses);
+}
+
+TEST_CASE("expert-parallel layers with shared experts, sigmoid groups, null experts and top-p equal one process",
+          "[parallel]") {
+    const moe::layer_shape shape{.d_model = 24, .d_ff = 40, .n_experts = 8, .d_shared = 32};
+    {
+        // DeepSeek-V3 style with the sequence-wise loss: 24 tokens in sequences of 6 (whole on every rank).
+        using layer = moe::deepseek_v3_layer<float, moe::losses::seq_balance>;
+        const moe::routers::sigmoid_topk router{.k = 2, .normalize = true, .scale = 2.5, .n_group = 4, .topk_group = 2};
+        compare_layers<layer>(shape, 24, {}, false, router, moe::experts::swiglu{}, moe::shared_experts::ungated<>{},
+                              std::tuple<moe::losses::seq_balance>{{.alpha = 0.1, .seq_len = 6}});
+    }
+    {
+        using layer = moe::qwen2_moe_layer<float, moe::losses::load_balance>;
+        compare_layers<layer>(shape, 41, {}, false, moe::routers::softmax_topk{.k = 4, .normalize = false},
+                              moe::experts::swiglu{}, moe::shared_experts::sigmoid_gated<>{},
+                              std::tuple<moe::losses::load_balance>{{.alpha = 0.3, .per_token = true}});
+    }
+    const moe::layer_shape routed{.d_model = 24, .d_ff = 40, .n_experts = 8};
+    {
+        using layer = moe::adamoe_layer<float, moe::losses::null_balance, moe::losses::z_loss>;
+        compare_layers<layer>(routed, 29, {}, true, moe::routers::null_experts{.k = 2, .nulls = 3}, moe::experts::swiglu{},
+                              moe::shared_experts::none{},
+                              std::tuple<moe::losses::null_balance, moe::losses::z_loss>{{.alpha = 0.2}, {.beta = 0.1}});
+    }
+    {
+        using layer = moe::layer<float, moe::routers::top_p, moe::experts::mlp>;
+        compare_layers<layer>(routed, 33, {}, true, moe::routers::top_p{.threshold = 0.6, .max_k = 3},
+                              moe::experts::mlp{moe::activation::gelu});
+    }
+}
+
+TEST_CASE("batch-dependent routers route each rank's tokens as one group", "[parallel]") {
+    // The reference: one process on this rank's slice alone; weight gradients summed over the slices.
+    const auto comm = world();
+    const moe::layer_shape shape{.d_model = 16, .d_ff = 24, .n_experts = 8};
+    const moe::index tokens = 45, d = shape.d_model;
+    const auto check = [&](auto one, auto part) {
+        one.randomize(5);
+        part.randomize(5);
+        one.set_training(true);
+        part.set_training(true);
+        const auto s = moe::parallel::token_slice(tokens, comm->rank(), comm->size());
+        const moe::matrix<float> x = random_matrix(tokens, d, 21).middleRows(s.first, s.rows);
+        const moe::matrix<float> g = random_matrix(tokens, d, 22).middleRows(s.first, s.rows);
+        moe::matrix<float> y(s.rows, d), y_part(s.rows, d), gx(s.rows, d), gx_part(s.rows, d);
+        one.forward(x, y);
+        part.forward(x, y_part);
+        CHECK(relative_error(y_part, y) <= tolerance);
+        one.backward(x, g, gx);
+        part.backward(x, g, gx_part);
+        CHECK(relative_error(gx_part, gx) <= tolerance);
+        std::map<std::string, moe::parameter<float>> mine;
+        for (auto& p : part.parameters()) mine.emplace(p.name, p);
+        for (auto& p : one.parameters()) {
+            moe::matrix<float> sum = p.grad;
+            comm->all_sum(std::span<float>(sum.data(), static_cast<std::size_t>(sum.size())));
+            if (mine.contains(p.name)) {
+                INFO(p.name);
+                CHECK(relative_error(mine.at(p.name).grad, sum) <= tolerance);
+            }
+        }
+    };
+    const moe::parallel::placement where{.comm = comm};
+    using ec = moe::expert_choice_layer<float>;
+    check(ec(shape, moe::routers::expert_choice{.capacity_factor = 1.5}, moe::experts::mlp{moe::activation::relu}),
+          ec(shape, where, moe::routers::expert_choice{.capacity_factor = 1.5}, moe::experts::mlp{moe::activation::relu}));
+    using sw = moe::switch_layer<float>;
+    const moe::routers::capacity<moe::routers::softmax_topk> cap{.inner = {.k = 2}, .capacity_factor = 0.75};
+    check(sw(shape, cap), sw(shape, where, cap));
+}
+
+TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {
+    using layer = moe::deepseek_v3_layer<float>;
+    const moe::layer_shape with_shared{.d_model = 16, .d_ff = 8, .n_experts = 8, .d_shared = 8};
+    const moe::routers::sigmoid_topk router{.k = 3};
+    layer one(with_shared, router), part(with_shared, moe::parallel::placement{.comm = world()}, router);
+    one.randomize(9);
+    part.randomize(9);
+    const moe::index tokens = 50;
+    const auto s = moe::parallel::token_slice(tokens, world()->rank(), world()->size());
+    const moe::matrix<float> x = random_matrix(tokens, 16, 31);
+    moe::matrix<float> y(tokens, 16), y_part(s.rows, 16);
+    one.forward(x, y);
+    part.forward(x.middleRows(s.first, s.rows), y_part);
+    moe::losses::bias_update u1(0.01), u1_part(0.01);
+    u1.observe(one.last_routing());
+    u1_part.observe(part.last_routing());
+    CHECK(u1_part.counts() == u1.counts());
+}
+
+TEST_CASE("expert-parallel placements are checked", "[parallel][errors]") {
+    const moe::layer_shape shape{.d_model = 8, .d_ff = 8, .n_experts = 4};
+    using layer = moe::mixtral_layer<float>;
+    const auto comm = world();
+    CHECK_THROWS_AS(layer(shape, moe::parallel::placement{.comm = comm, .owners = {0, 0, 0}}), moe::value_error);
+    CHECK_THROWS_WITH(layer(shape, moe::parallel::placement{.comm = comm, .owners = {0, 0, comm->size(), 0}}),
+                      Catch::Contains("expert 2") && Catch::Contains("rank " + std::to_string(comm->size())));
+    layer one_process(shape);
+    CHECK_THROWS_AS(one_process.parallel_load(), moe::error);
+    // A rank holds (and allocates) only its experts.
+    layer part(shape, moe::parallel::placement{.comm = comm});
+    for (moe::index e = 0; e < 4; ++e) {
+        const bool held = moe::parallel::placement::blocks(4, comm->size())[static_cast<std::size_t>(e)] == comm->rank();
+        CHECK(part.owns_expert(e) == held);
+        CHECK((part.expert_weights(e).in.size() > 0) == held);
+    }
+}
+
+int main(int argc, char** argv) {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    Catch::Session session;
+    int failed = session.applyCommandLine(argc, argv);
+    if (failed == 0) failed = session.run();
+    // Every rank reports its own failures; the job fails when any rank failed.
+    int any = failed != 0 ? 1 : 0;
+    MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Finalize();
+    return any;
+}
