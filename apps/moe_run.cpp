@@ -321,7 +321,7 @@ std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& laye
     for (moe::index e = 0; e < c.n_experts; ++e) {
         const std::array<std::string, 3> part_names{names.expert_gate(e), names.expert_up(e), names.expert_down(e)};
         for (int part = 0; part < 3; ++part) {
-            const int tag = to_int(3 * e + part);
+            const int tag = part;  // messages between two ranks arrive in order: experts ascending
             if (owners->owns(e)) {
                 const auto& p = mine[next++];
                 if (j.root())
@@ -466,6 +466,8 @@ int main(int argc, char** argv) {
         MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
         job j;
         try {
+            if (provided < MPI_THREAD_FUNNELED)  // the worker threads run beside MPI
+                throw moe::parallel::mpi_error("the MPI library does not provide MPI_THREAD_FUNNELED");
             j.comm = std::make_shared<moe::parallel::mpi_communicator>(MPI_COMM_WORLD);
             j.rank = j.comm->rank();
             j.ranks = j.comm->size();

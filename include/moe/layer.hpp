@@ -269,10 +269,17 @@ public:
         compute_experts(x);
         combine(y);
         if constexpr (sizeof...(Losses) > 0) {
-            loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
-                                          l.value(routing_, logits_)...}; },
-                                      losses_);
-            if (exchange_) exchange_->comm().all_sum(std::span<Scalar>(loss_values_));  // each rank's share
+            const auto values = [&] {
+                loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
+                                              l.value(routing_, logits_)...}; },
+                                          losses_);
+            };
+            if (exchange_) {
+                exchange_->agree(values);  // a loss that fails on one rank (seq_balance) fails on all
+                exchange_->comm().all_sum(std::span<Scalar>(loss_values_));  // each rank's share
+            } else {
+                values();
+            }
         }
         saved_tokens_ = training_ ? t : -1;
     }

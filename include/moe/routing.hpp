@@ -86,9 +86,11 @@ struct routing {
     /// Choices per expert id in [0, width) before capacity drops (null experts counted by their ids
     /// >= E): of this routing with `whole_batch = false`, else of the whole batch (see `batch`).
     [[nodiscard]] std::vector<index> chosen_counts(index width, bool whole_batch = true) const {
-        if (whole_batch && !batch.chosen.empty())
-            return {batch.chosen.begin(), batch.chosen.begin() + std::min<index>(width, static_cast<index>(batch.chosen.size()))};
         std::vector<index> c(static_cast<std::size_t>(width), 0);
+        if (whole_batch && !batch.chosen.empty()) {
+            std::copy_n(batch.chosen.begin(), std::min(width, static_cast<index>(batch.chosen.size())), c.begin());
+            return c;
+        }
         for (index s = 0; s < slots(); ++s) {
             const auto id = chosen_expert(s);
             if (id >= 0 && id < width) ++c[static_cast<std::size_t>(id)];

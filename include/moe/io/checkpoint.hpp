@@ -266,7 +266,8 @@ std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer&
 /// config.json beside it as `model.safetensors`, the folder is a checkpoint that `load_layer` and
 /// moe-run read, so training can save and resume. The file appears only once complete (written to
 /// a temporary file, then renamed). Throws `io_error` naming the file when it cannot be written. An
-/// expert-parallel rank writes the tensors it holds: the router, the shared experts and its experts.
+/// expert-parallel rank writes only the tensors it holds (the router, the shared experts, its
+/// experts): give each rank its own file.
 template <class Layer>
 void save_layer(const std::filesystem::path& file, Layer& layer, family kind, index layer_index) {
     using Scalar = typename Layer::scalar_type;

@@ -213,14 +213,14 @@ struct z_loss {
             const double lse = logsumexp(z, t);
             sum += lse * lse;
         }
-        return static_cast<Scalar>(beta * sum / static_cast<double>(r.batch_tokens()));
+        return static_cast<Scalar>(beta * sum / tokens(r, z));
     }
 
     /// dL/dz_te = beta * 2 lse_t softmax(z_t)_e / T.
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
         if (z.rows() == 0 || beta == 0) return;
-        const double f = 2 * beta / static_cast<double>(r.batch_tokens());
+        const double f = 2 * beta / tokens(r, z);
         for (index t = 0; t < z.rows(); ++t) {
             const double lse = logsumexp(z, t);
             for (index e = 0; e < z.cols(); ++e)
@@ -229,6 +229,12 @@ struct z_loss {
     }
 
 private:
+    // T of the whole batch (of z alone when the routing is the whole batch).
+    template <class Scalar>
+    static double tokens(const routing<Scalar>& r, const matrix<Scalar>& z) {
+        return static_cast<double>(r.batch.chosen.empty() ? z.rows() : r.batch_tokens());
+    }
+
     template <class Scalar>
     static double logsumexp(const matrix<Scalar>& z, index t) {
         const double m = static_cast<double>(z.row(t).maxCoeff());

@@ -1,7 +1,8 @@
 #pragma once
 /// \file
 /// `expert_exchange`: moves a rank's routed rows to the ranks that own their experts and the results
-/// back, over a `communicator` (two all-to-alls per direction: the row counts, then the rows).
+/// back, over a `communicator`: per forward one all-to-all of the row counts per expert, then one of
+/// the rows each way (backward: one each way, with the forward's counts).
 ///
 /// Rows leave a rank ordered by (owner, expert, token). An owner lays the rows it receives for one
 /// expert end to end in rank order; with the tokens spread over the ranks in contiguous slices in rank
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
 #include <numeric>
 #include <string>
 
@@ -22,9 +24,9 @@ namespace moe::parallel {
 struct load_statistics {
     std::vector<index> rows;            ///< routed rows each rank's experts computed
     double imbalance = 0;               ///< max over ranks of rows / mean over ranks (1: even; 0 without rows)
-    std::vector<index> bytes_sent;      ///< bytes of rows each rank sent since the last forward began (rows out,
-                                        ///< results back; the backward's too when it ran)
-    std::vector<index> bytes_received;  ///< bytes of rows each rank received in that time
+    std::vector<index> bytes_sent;      ///< bytes of rows each rank sent to other ranks since the last forward
+                                        ///< began (rows out, results back; the backward's too when it ran)
+    std::vector<index> bytes_received;  ///< bytes of rows each rank received from other ranks in that time
 
     /// {"ranks": P, "rows": [...], "imbalance": x, "bytes_sent": [...], "bytes_received": [...]}
     [[nodiscard]] std::string to_json() const {
@@ -62,6 +64,23 @@ public:
     [[nodiscard]] communicator& comm() { return *comm_; }
     [[nodiscard]] int owner(index e) const { return owners_[static_cast<std::size_t>(e)]; }
     [[nodiscard]] bool owns(index e) const { return owner(e) == comm_->rank(); }
+
+    /// Runs `f` on every rank; when it throws on any rank, it throws on every rank (the rank's own
+    /// exception, else `error`), so that no rank is left waiting in a later collective. Collective.
+    template <class F>
+    void agree(F&& f) {
+        std::exception_ptr failed;
+        try {
+            f();
+        } catch (...) {
+            failed = std::current_exception();
+        }
+        index failures = failed ? 1 : 0;
+        comm_->all_sum(std::span<index>(&failures, 1));
+        if (failed) std::rethrow_exception(failed);
+        if (failures > 0)
+            throw error("expert parallelism: " + std::to_string(failures) + " other rank(s) failed in the same call");
+    }
 
     /// Sets `r.batch` to the totals of every rank's routing (`width` expert ids, null experts
     /// included). Collective.
@@ -139,8 +158,7 @@ public:
         for (std::size_t i = 0; i < send_order_.size(); ++i) fill(send_order_[i], buffer_.row(static_cast<index>(i)).data());
         received.resize(own_offsets_.back(), width);
         exchange(buffer_, send_rows_, received, recv_rows_, width);
-        sent_bytes_ += buffer_.size() * static_cast<index>(sizeof(Scalar));
-        received_bytes_ += received.size() * static_cast<index>(sizeof(Scalar));
+        count_bytes(send_rows_, recv_rows_, width);
     }
 
     /// Returns the results of the own rows (`own`, rows in `own_offsets` order) to the ranks that sent
@@ -152,8 +170,7 @@ public:
         buffer_.resize(static_cast<index>(send_order_.size()), width);
         exchange(back_, recv_rows_, buffer_, send_rows_, width);
         for (std::size_t i = 0; i < send_order_.size(); ++i) out.row(send_order_[i]) = buffer_.row(static_cast<index>(i));
-        sent_bytes_ += back_.size() * static_cast<index>(sizeof(Scalar));
-        received_bytes_ += buffer_.size() * static_cast<index>(sizeof(Scalar));
+        count_bytes(recv_rows_, send_rows_, width);
     }
 
     /// Rows each rank computed in the last `plan`, their imbalance, and every rank's bytes of rows
@@ -177,6 +194,16 @@ public:
     }
 
 private:
+    // Bytes of the rows that crossed to or from other ranks (a rank's rows to itself stay in memory).
+    void count_bytes(const std::vector<index>& out_rows, const std::vector<index>& in_rows, index width) {
+        const auto me = static_cast<std::size_t>(comm_->rank());
+        const auto bytes = [&](const std::vector<index>& rows) {
+            return (std::accumulate(rows.begin(), rows.end(), index{0}) - rows[me]) * width * static_cast<index>(sizeof(Scalar));
+        };
+        sent_bytes_ += bytes(out_rows);
+        received_bytes_ += bytes(in_rows);
+    }
+
     // The rows of `from` go in consecutive blocks of from_rows[p] rows to rank p; `to` receives to_rows[p]
     // rows from rank p.
     void exchange(const matrix<Scalar>& from, const std::vector<index>& from_rows, matrix<Scalar>& to,

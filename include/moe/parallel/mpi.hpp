@@ -66,7 +66,7 @@ private:
         throw mpi_error(std::string(what) + " failed: " + std::string(text, static_cast<std::size_t>(length)));
     }
 
-    // MPI counts and displacements are int: a larger exchange is an error, not a silent truncation.
+    // MPI counts are int: a larger sum (of the same size on every rank) is an error, not a truncation.
     static int to_int(index v, const char* what) {
         if (v < 0 || v > INT_MAX)
             throw mpi_error(std::string("mpi_communicator: ") + what + " of " + std::to_string(v) +
@@ -81,18 +81,23 @@ private:
             throw value_error("mpi_communicator: all_to_all needs one count per rank (" + std::to_string(p) + ")");
         sc_.resize(p), sd_.resize(p), rc_.resize(p), rd_.resize(p);
         index send_at = 0, recv_at = 0;
-        for (std::size_t i = 0; i < p; ++i) {
-            sc_[i] = to_int(send_counts[i], "a block");
-            rc_[i] = to_int(recv_counts[i], "a block");
-            sd_[i] = to_int(send_at, "a buffer");
-            rd_[i] = to_int(recv_at, "a buffer");
+        for (std::size_t i = 0; i < p; ++i) {  // int ranges checked below
+            sc_[i] = static_cast<int>(send_counts[i]);
+            rc_[i] = static_cast<int>(recv_counts[i]);
+            sd_[i] = static_cast<int>(send_at);
+            rd_[i] = static_cast<int>(recv_at);
             send_at += send_counts[i];
             recv_at += recv_counts[i];
         }
-        if (static_cast<std::size_t>(send_at) > send_size || static_cast<std::size_t>(recv_at) > recv_size)
-            throw value_error("mpi_communicator: all_to_all counts (" + std::to_string(send_at) + " sent, " +
-                              std::to_string(recv_at) + " received) exceed the buffers (" + std::to_string(send_size) +
-                              ", " + std::to_string(recv_size) + ")");
+        // Checked on every rank together, so that no rank throws while the others wait in the call.
+        int ok[2] = {send_at <= INT_MAX && recv_at <= INT_MAX,
+                     static_cast<std::size_t>(send_at) <= send_size && static_cast<std::size_t>(recv_at) <= recv_size};
+        check(MPI_Allreduce(MPI_IN_PLACE, ok, 2, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+        if (!ok[0]) throw mpi_error("mpi_communicator: an all-to-all of more than INT_MAX values (MPI's counts are int)");
+        if (!ok[1])
+            throw value_error("mpi_communicator: all_to_all counts (on this rank " + std::to_string(send_at) + " sent, " +
+                              std::to_string(recv_at) + " received) exceed the buffers of a rank (here " +
+                              std::to_string(send_size) + ", " + std::to_string(recv_size) + ")");
         check(MPI_Alltoallv(send, sc_.data(), sd_.data(), type, recv, rc_.data(), rd_.data(), type, comm_), "MPI_Alltoallv");
     }
 
