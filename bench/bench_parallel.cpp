@@ -1,15 +1,20 @@
-// Expert parallelism over MPI: one layer forward (and forward + backward) over the ranks of an MPI job
-// against the same layer in one process. Run under mpirun, e.g.
+// Expert parallelism over MPI: one layer forward (and forward + backward) over the P ranks of an MPI
+// job (one thread each) against the same layer in one process, with one thread and with
+// min(P, cores) threads, in the same run (the one-process layer runs on rank 0 while the other ranks
+// sleep). Run under mpirun, e.g.
 //   mpirun -np 2 build/bench/moe_bench_parallel --benchmark_format=json
 // Every rank runs the same fixed iterations; an iteration's time is the slowest rank's (manual time
 // after a barrier). Counters (rank 0 prints): GFLOP/s on the whole batch's active FLOPs, and bytes of
-// rows exchanged per layer call (all ranks together, rows out and results back).
+// rows that crossed between ranks per layer call (all ranks together, rows out and results back).
 #include <moe/moe.hpp>
 #include <moe/parallel/mpi.hpp>
 
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <string_view>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -29,15 +34,30 @@ double slowest(double seconds) {
     return seconds;
 }
 
+// Waits for every rank without polling (OpenMPI's blocking calls spin), so that a waiting rank leaves
+// its core to rank 0's threads.
+void sleeping_barrier() {
+    MPI_Request request;
+    MPI_Ibarrier(MPI_COMM_WORLD, &request);
+    for (int done = 0; MPI_Test(&request, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done;)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
 double batch_total(double v) {
     MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
     return v;
 }
 
-// Runs the layer on this rank's slice (the whole batch in one process) with the time of the slowest rank.
+enum class mode { one_thread, threads, ranks };
+
+// Runs the layer on this rank's slice (the whole batch on rank 0 in one process) with the time of the
+// slowest rank.
 template <class Layer>
-void run(benchmark::State& state, Layer& layer, const shape& s, bool parallel, bool backward) {
+void run(benchmark::State& state, Layer& layer, const shape& s, mode m, bool backward) {
     const auto comm = world();
+    const bool parallel = m == mode::ranks, idle = !parallel && comm->rank() != 0;
+    if (m == mode::threads)
+        layer.set_threads(std::min<moe::index>(comm->size(), std::max(1u, std::thread::hardware_concurrency())));
     layer.randomize(1);
     layer.set_training(backward);
     const moe::matrix<float> all = moe::matrix<float>::Random(s.tokens, s.d);
@@ -46,19 +66,24 @@ void run(benchmark::State& state, Layer& layer, const shape& s, bool parallel, b
     const moe::matrix<float> x = all.middleRows(mine.first, mine.rows), grad_y = x;
     moe::matrix<float> y(mine.rows, s.d), grad_x(mine.rows, s.d);
     const auto call = [&] {
+        if (idle) return;
         layer.forward(x, y);
         if (backward) layer.backward(x, grad_y, grad_x);
     };
     call();  // sizes the workspace
+    sleeping_barrier();
     for (auto _ : state) {
-        MPI_Barrier(MPI_COMM_WORLD);
+        if (parallel) MPI_Barrier(MPI_COMM_WORLD);
         const auto start = std::chrono::steady_clock::now();
         call();
-        state.SetIterationTime(slowest(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()));
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        state.SetIterationTime(parallel ? slowest(seconds) : seconds);  // one process: rank 0's alone
     }
+    sleeping_barrier();
     const double flops = (backward ? 3 : 1) * (parallel ? batch_total(layer.active_flops()) : layer.active_flops());
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
     state.counters["ranks"] = parallel ? comm->size() : 1;
+    state.counters["threads"] = static_cast<double>(layer.threads());
     if (parallel) {
         double bytes = 0;
         for (const moe::index b : layer.parallel_load().bytes_sent) bytes += static_cast<double>(b);
@@ -66,15 +91,15 @@ void run(benchmark::State& state, Layer& layer, const shape& s, bool parallel, b
     }
 }
 
-void expert_parallel(benchmark::State& state, shape s, bool parallel, bool backward) {
+void expert_parallel(benchmark::State& state, shape s, mode m, bool backward) {
     const moe::routers::softmax_topk router{.k = s.k, .normalize = true};
     const moe::layer_shape ls{s.d, s.ff, s.experts, 0};
-    if (parallel) {
+    if (m == mode::ranks) {
         moe::mixtral_layer<float> layer(ls, moe::parallel::placement{.comm = world()}, router);
-        run(state, layer, s, true, backward);
+        run(state, layer, s, m, backward);
     } else {
         moe::mixtral_layer<float> layer(ls, router);
-        run(state, layer, s, false, backward);
+        run(state, layer, s, m, backward);
     }
 }
 
@@ -91,18 +116,22 @@ int main(int argc, char** argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     for (const shape& s : shapes)
         for (const bool backward : {false, true})
-            for (const bool parallel : {false, true})
+            for (const auto& [m, name] : {std::pair{mode::one_thread, "/one_process"},
+                                          std::pair{mode::threads, "/one_process_threads"}, std::pair{mode::ranks, "/ranks"}})
                 benchmark::RegisterBenchmark(
-                    (std::string("expert_parallel/") + s.name + (backward ? "/forward_backward" : "/forward") +
-                     (parallel ? "/ranks" : "/one_process"))
-                        .c_str(),
-                    expert_parallel, s, parallel, backward)
+                    (std::string("expert_parallel/") + s.name + (backward ? "/forward_backward" : "/forward") + name).c_str(),
+                    expert_parallel, s, m, backward)
                     ->UseManualTime()
                     ->Unit(benchmark::kMillisecond)
                     ->Iterations(5)
                     ->Repetitions(3)
                     ->ReportAggregatesOnly(true);
-    benchmark::Initialize(&argc, argv);
+    // Only rank 0 writes --benchmark_out: the other ranks drop it.
+    std::vector<char*> args(argv, argv + argc);
+    if (world()->rank() != 0)
+        std::erase_if(args, [](const char* a) { return std::string_view(a).starts_with("--benchmark_out"); });
+    int count = static_cast<int>(args.size());
+    benchmark::Initialize(&count, args.data());
     if (world()->rank() == 0) {
         benchmark::RunSpecifiedBenchmarks();
     } else {
