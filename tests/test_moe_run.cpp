@@ -7,6 +7,7 @@
 
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace {
 namespace fs = std::filesystem;
@@ -25,6 +26,7 @@ struct temp_dir {
 struct result {
     int status;
     std::string out, err;
+    long max_rss_kib = 0;  ///< peak resident memory of moe-run itself
 };
 
 std::string slurp(const fs::path& p) {
@@ -36,9 +38,52 @@ std::string slurp(const fs::path& p) {
 
 result moe_run(const std::string& args, const temp_dir& tmp) {
     const auto out = tmp.path / "stdout", err = tmp.path / "stderr";
-    const std::string cmd = std::string(MOE_RUN_PATH) + " " + args + " >" + out.string() + " 2>" + err.string();
-    const int raw = std::system(cmd.c_str());
-    return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, slurp(out), slurp(err)};
+    // The shell execs moe-run, so the process waited for (and its peak memory) is moe-run's own.
+    const std::string cmd = "exec " + std::string(MOE_RUN_PATH) + " " + args + " >" + out.string() + " 2>" + err.string();
+    const pid_t pid = fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    int status = 0;
+    rusage usage{};
+    REQUIRE(wait4(pid, &status, 0, &usage) == pid);
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err), usage.ru_maxrss};
+}
+
+/// "--model M --layer L <flags>" of a case folder's args.json (the flags under `keys`, in order).
+std::string case_flags(const fs::path& dir, std::initializer_list<const char*> keys) {
+    std::ifstream args_file(dir / "args.json");
+    const auto args = nlohmann::json::parse(args_file);
+    const fs::path model = args.contains("model") ? ckpt_dir / args["model"].get<std::string>() : dir;
+    std::string flags = "--model " + model.string() + " --layer " + std::to_string(args["layer"].get<int>());
+    for (const char* key : keys)
+        if (args.contains(key))
+            for (const auto& f : args[key]) flags += " " + f.get<std::string>();
+    return flags;
+}
+
+/// Every tensor of `expected` is in `got` (and nothing else), of its shape, within `tolerance` (the
+/// forward's two within 2e-5 at most).
+void check_file(const moe::io::safetensors_file& got, const moe::io::safetensors_file& expected, double tolerance) {
+    CHECK(got.names() == expected.names());
+    for (const auto& tensor : expected.names()) {
+        INFO(tensor);
+        REQUIRE(got.contains(tensor));
+        CHECK(got.info(tensor).shape == expected.info(tensor).shape);
+        const bool forward = tensor == "hidden_states" || tensor == "router_logits";
+        CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <=
+              (forward ? std::min(tolerance, 2e-5) : tolerance));
+    }
+}
+
+/// Every tensor of `a` is bitwise the same in `b`.
+void check_bitwise(const moe::io::safetensors_file& a, const moe::io::safetensors_file& b) {
+    for (const auto& tensor : a.names()) {
+        INFO(tensor);
+        const auto x = a.bytes(tensor), y = b.bytes(tensor);
+        CHECK(std::equal(x.begin(), x.end(), y.begin(), y.end()));
+    }
 }
 
 std::string case_args(const std::string& name, const fs::path& output, const std::string& input = "") {
@@ -78,25 +123,15 @@ TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run]
     for (const auto& entry : fs::directory_iterator(golden::data_dir / "overrides")) {
         const fs::path dir = entry.path();
         INFO("override case " << dir.filename().string());
-        std::ifstream args_file(dir / "args.json");
-        const auto args = nlohmann::json::parse(args_file);
-        std::string flags;
-        for (const auto& f : args["flags"]) flags += " " + f.get<std::string>();
-        const std::string common = "--model " + (ckpt_dir / args["model"].get<std::string>()).string() + " --layer " +
-                                   std::to_string(args["layer"].get<int>()) + " --input " +
-                                   (dir / "input.safetensors").string() + flags;
+        const std::string common = case_flags(dir, {"flags"}) + " --input " + (dir / "input.safetensors").string();
         const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
         const auto r = moe_run(common + " --output " + one.string(), tmp);
         INFO(r.err);
         REQUIRE(r.status == 0);
         REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
-        const moe::io::safetensors_file got(one), got2(two), expected(dir / "expected.safetensors");
-        for (const char* tensor : {"hidden_states", "router_logits"}) {
-            INFO(tensor);
-            CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <= 2e-5);
-            const auto a = got.bytes(tensor), b = got2.bytes(tensor);
-            CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
-        }
+        const moe::io::safetensors_file got(one), got2(two);
+        check_file(got, moe::io::safetensors_file(dir / "expected.safetensors"), 2e-5);
+        check_bitwise(got, got2);  // 1 vs 2 threads
         ++cases;
     }
     CHECK(cases >= 12);
@@ -111,32 +146,16 @@ TEST_CASE("moe-run --backward reproduces PyTorch autograd for every checkpoint a
             const fs::path dir = entry.path();
             if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // ckpt/mixtral_null: no input of its own
             INFO(kind << " case " << dir.filename().string());
-            std::ifstream args_file(dir / "args.json");
-            const auto args = nlohmann::json::parse(args_file);
-            std::string flags;
-            for (const char* key : {"flags", "backward_flags"})
-                if (args.contains(key))
-                    for (const auto& f : args[key]) flags += " " + f.get<std::string>();
-            const fs::path model = args.contains("model") ? ckpt_dir / args["model"].get<std::string>() : dir;
-            const std::string common = "--model " + model.string() + " --layer " + std::to_string(args["layer"].get<int>()) +
-                                       " --input " + (dir / "input.safetensors").string() + flags;
+            const std::string common =
+                case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
             const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
             const auto r = moe_run(common + " --output " + one.string(), tmp);
             INFO(r.err);
             REQUIRE(r.status == 0);
             REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
-            const moe::io::safetensors_file got(one), got2(two), expected(dir / "expected_backward.safetensors");
-            CHECK(got.names() == expected.names());
-            for (const auto& tensor : expected.names()) {
-                INFO(tensor);
-                REQUIRE(got.contains(tensor));
-                CHECK(got.info(tensor).shape == expected.info(tensor).shape);
-                const bool forward = tensor == "hidden_states" || tensor == "router_logits";
-                CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <=
-                      (forward ? 2e-5 : 1e-4));
-                const auto a = got.bytes(tensor), b = got2.bytes(tensor);
-                CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));  // bitwise, 1 vs 2 threads
-            }
+            const moe::io::safetensors_file got(one), got2(two);
+            check_file(got, moe::io::safetensors_file(dir / "expected_backward.safetensors"), 1e-4);
+            check_bitwise(got, got2);  // 1 vs 2 threads
             ++cases;
         }
     }
@@ -338,9 +357,8 @@ TEST_CASE("moe-run reads only the requested layer of a huge checkpoint", "[moe-r
                                (ckpt_dir / "mixtral_f32" / "input.safetensors").string() + " --output " + output.string(),
                            tmp);
     REQUIRE(r.status == 0);
-    rusage usage{};
-    getrusage(RUSAGE_CHILDREN, &usage);
-    CHECK(usage.ru_maxrss < 200 * 1024);  // KiB: far below the 64 GB the other tensor holds
+    CHECK(r.max_rss_kib > 0);
+    CHECK(r.max_rss_kib < 200 * 1024);  // KiB: far below the 64 GB the other tensor holds
     const moe::io::safetensors_file got(output), expected(ckpt_dir / "mixtral_f32" / "expected.safetensors");
     CHECK(golden::relative_error(golden::read_matrix(got, "hidden_states"), golden::read_matrix(expected, "hidden_states")) <=
           2e-5);
@@ -357,29 +375,6 @@ result moe_run_parallel(int ranks, const std::string& args, const temp_dir& tmp)
     return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, slurp(out), slurp(err)};
 }
 
-/// The flags of a case's args.json (`keys` in order) and its checkpoint folder.
-std::pair<std::string, fs::path> case_flags(const fs::path& dir, std::initializer_list<const char*> keys) {
-    std::ifstream args_file(dir / "args.json");
-    const auto args = nlohmann::json::parse(args_file);
-    std::string flags = " --layer " + std::to_string(args["layer"].get<int>());
-    for (const char* key : keys)
-        if (args.contains(key))
-            for (const auto& f : args[key]) flags += " " + f.get<std::string>();
-    return {flags, args.contains("model") ? ckpt_dir / args["model"].get<std::string>() : dir};
-}
-
-/// Every tensor of `expected` in `got` within `tolerance` (2e-5 for the forward's).
-void check_file(const moe::io::safetensors_file& got, const moe::io::safetensors_file& expected, double tolerance) {
-    CHECK(got.names() == expected.names());
-    for (const auto& tensor : expected.names()) {
-        INFO(tensor);
-        REQUIRE(got.contains(tensor));
-        CHECK(got.info(tensor).shape == expected.info(tensor).shape);
-        const bool forward = tensor == "hidden_states" || tensor == "router_logits";
-        CHECK(golden::relative_error(golden::read_matrix(got, tensor), golden::read_matrix(expected, tensor)) <=
-              (forward ? std::min(tolerance, 2e-5) : tolerance));
-    }
-}
 }  // namespace
 
 TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoint case, forward and backward",
@@ -390,8 +385,8 @@ TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoin
         const fs::path dir = entry.path();
         if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // mixtral_null: no input of its own
         INFO("checkpoint case " << dir.filename().string());
-        const auto [flags, model] = case_flags(dir, {"flags", "backward_flags"});
-        const std::string common = "--model " + model.string() + flags + " --input " + (dir / "input.safetensors").string();
+        const std::string common =
+            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
         const fs::path one = tmp.path / "one.safetensors";
         REQUIRE(moe_run(common + " --output " + one.string(), tmp).status == 0);
         const moe::io::safetensors_file single(one), reference(dir / "expected_backward.safetensors");
@@ -417,14 +412,13 @@ TEST_CASE("moe-run --expert-parallel routes each rank's slice as one group with 
     for (const auto& entry : fs::directory_iterator(golden::data_dir / "expert_parallel")) {
         const fs::path dir = entry.path();
         INFO("case " << dir.filename().string());
-        const auto [flags, model] = case_flags(dir, {"flags", "backward_flags"});
+        const std::string common =
+            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
         std::ifstream args_file(dir / "args.json");
         for (const int ranks : nlohmann::json::parse(args_file)["ranks"].get<std::vector<int>>()) {
             INFO(ranks << " ranks");
             const fs::path out = tmp.path / "out.safetensors";
-            const auto r = moe_run_parallel(ranks, "--model " + model.string() + flags + " --input " +
-                                                       (dir / "input.safetensors").string() + " --output " + out.string(),
-                                            tmp);
+            const auto r = moe_run_parallel(ranks, common + " --output " + out.string(), tmp);
             INFO(r.err);
             REQUIRE(r.status == 0);
             check_file(moe::io::safetensors_file(out),

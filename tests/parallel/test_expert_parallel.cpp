@@ -221,6 +221,9 @@ TEST_CASE("batch-dependent routers route each rank's tokens as one group", "[par
     using sw = moe::switch_layer<float>;
     const moe::routers::capacity<moe::routers::softmax_topk> cap{.inner = {.k = 2}, .capacity_factor = 0.75};
     check(sw(shape, cap), sw(shape, where, cap));
+    using sb = moe::sbase_layer<float>;
+    const moe::routers::sinkhorn sinkhorn{.k = 2, .iterations = 20};
+    check(sb(shape, sinkhorn), sb(shape, where, sinkhorn));
 }
 
 TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {
