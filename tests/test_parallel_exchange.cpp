@@ -1,6 +1,6 @@
 // The expert exchange and an expert-parallel layer over a one-rank communicator (no MPI needed): the
 // whole protocol runs, and the result must be the one-process layer's bit for bit. Several ranks are
-// tested under mpirun by tests/parallel/test_expert_parallel.cpp.
+// tested under mpirun by tests/parallel/test_parallel_mpi.cpp.
 #include <catch2/catch.hpp>
 
 #include <moe/moe.hpp>

@@ -1,5 +1,6 @@
-// Expert parallelism over MPI, run under mpirun at 2 and 4 ranks (tests/CMakeLists.txt): every rank
-// of an expert-parallel layer against a one-process layer with the same weights.
+// moe/parallel/mpi.hpp: expert parallelism over MPI, run under mpirun at 2 and 4 ranks
+// (tests/CMakeLists.txt). Every rank of an expert-parallel layer against a one-process layer with the
+// same weights.
 //
 // Every test case runs on every rank in the same order. Only CHECK is used where a collective may
 // follow, so that a failure on one rank never leaves the others waiting.
