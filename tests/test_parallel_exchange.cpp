@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <moe/moe.hpp>
+#include <moe/parallel/exchange.hpp>
 
 #include <algorithm>
 
