@@ -424,8 +424,8 @@ private:
         const index t = x.rows(), e = router_weight_.rows(), d = shape_.d_model;
         auto run = [&](index chunk, index) {
             const index first = chunk * chunk_rows, rows = std::min(chunk_rows, t - first);
-            for (index i = first; i < first + rows; ++i)
-                kernels::linear_rows(x.row(i).data(), router_weight_.data(), logits_.row(i).data(), 1, e, d);
+            kernels::linear(x.row(first).data(), x.outerStride(), router_weight_.data(), d, logits_.row(first).data(), e, rows,
+                            e, d);
         };
         pool_->run((t + chunk_rows - 1) / chunk_rows, run);
     }

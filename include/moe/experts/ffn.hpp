@@ -2,7 +2,8 @@
 /// \file
 /// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernels that run one expert
 /// over a block of rows: a GEMM for the (fused gate and up) input projection, one SIMD pass for the
-/// activation and product, a GEMM for the output projection; and the backward of the same.
+/// activation and product, a GEMM for the output projection (both `kernels::linear`); and the backward
+/// of the same.
 
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
@@ -62,18 +63,10 @@ constexpr index ffn_in_rows(index ff) {
     return X::gated ? 2 * ff : ff;
 }
 
-/// Blocks of 2 to this many rows use the streaming kernel (`kernels::linear_rows`) instead of a GEMM,
-/// which would spend its time packing weights it uses for a few rows only (decoding: 3x faster at
-/// T=8 with the mixtral shape). A single row goes to Eigen's GEMV, which streams a little faster still.
-inline constexpr index streaming_rows = 8;
-
-/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d).
+/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d) (`kernels::linear`).
 template <class Scalar>
 void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Scalar>& w, Eigen::Map<matrix<Scalar>>& out) {
-    if (x.rows() > 1 && x.rows() <= streaming_rows)
-        kernels::linear_rows(x.data(), w.data(), out.data(), x.rows(), w.rows(), x.cols());
-    else
-        out.noalias() = x * w.transpose();
+    kernels::linear(x.data(), x.cols(), w.data(), w.cols(), out.data(), out.cols(), x.rows(), w.rows(), x.cols());
 }
 
 /// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch.
