@@ -3,10 +3,11 @@
 /// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernels that run one expert
 /// over a block of rows: a GEMM for the (fused gate and up) input projection, one SIMD pass for the
 /// activation and product, a GEMM for the output projection (both `kernels::linear`); and the backward
-/// of the same.
+/// of the same (`kernels::multiply`).
 
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
+#include "moe/kernels/multiply.hpp"
 #include "moe/types.hpp"
 
 #include <concepts>
@@ -94,8 +95,10 @@ template <expert_ffn X, class Scalar>
 void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
                   Eigen::Map<matrix<Scalar>>& h, const Eigen::Map<const matrix<Scalar>>& dout, Eigen::Map<matrix<Scalar>>& a,
                   Eigen::Map<matrix<Scalar>>& da, ffn_weights<Scalar>& grad, Eigen::Map<matrix<Scalar>>& dx) {
-    const index n = x.rows(), ff = w.out.cols();
-    da.noalias() = dout * w.out;
+    using kernels::strided;
+    const index n = x.rows(), ff = w.out.cols(), d = x.cols(), in = w.in.rows();
+    kernels::multiply(strided<Scalar>{dout.data(), dout.outerStride(), 1}, w.out.data(), ff, da.data(), da.outerStride(), n,
+                      ff, d, false);
     kernels::with_activation(expert.act(), [&]<activation A>() {
         for (index r = 0; r < n; ++r) {
             Scalar* hr = h.row(r).data();
@@ -105,9 +108,13 @@ void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Ma
                 kernels::activate_backward<A>(hr, da.row(r).data(), a.row(r).data(), hr, ff);
         }
     });
-    grad.out.noalias() += dout.transpose() * a;
-    grad.in.noalias() += h.transpose() * x;
-    dx.noalias() = h * w.in;
+    // dW_out += dout^T a, dW_in += dh^T x, dx = dh W_in.
+    kernels::multiply(strided<Scalar>{dout.data(), 1, dout.outerStride()}, a.data(), a.outerStride(), grad.out.data(), ff, d,
+                      ff, n, true);
+    kernels::multiply(strided<Scalar>{h.data(), 1, h.outerStride()}, x.data(), x.outerStride(), grad.in.data(), d, in, d, n,
+                      true);
+    kernels::multiply(strided<Scalar>{h.data(), h.outerStride(), 1}, w.in.data(), d, dx.data(), dx.outerStride(), n, d, in,
+                      false);
 }
 
 }  // namespace moe
