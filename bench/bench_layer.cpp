@@ -1,9 +1,14 @@
 // Layer forward and backward on the standard shapes, next to one dense Eigen FFN doing the same active
 // FLOPs. Counters: GFLOP/s on active FLOPs (the expert projections that ran; backward counts twice the
-// forward's, its gradients for the inputs and for the weights).
+// forward's, its gradients for the inputs and for the weights); for the forward also the rate at which
+// the active experts' weights stream ("weights GB/s", the measure for decoding), next to the memory
+// read bandwidth measured in the same run (`memory_read`).
 #include <moe/moe.hpp>
 
 #include <benchmark/benchmark.h>
+#include <xsimd/xsimd.hpp>
+
+#include <vector>
 
 namespace {
 
@@ -32,6 +37,14 @@ void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
         benchmark::ClobberMemory();
     }
     state.counters["GFLOP/s"] = benchmark::Counter(layer.active_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+    // Decoding reads each active expert's weights once per call: the rate at which they stream, to set
+    // against `memory_read`.
+    const moe::routing<float>& r = layer.last_routing();
+    double active = 0;
+    for (moe::index e = 0; e < r.experts; ++e)
+        active += r.expert_offsets[static_cast<std::size_t>(e) + 1] > r.expert_offsets[static_cast<std::size_t>(e)];
+    const double weight_bytes = active * 3.0 * static_cast<double>(s.d * s.ff) * sizeof(float);
+    state.counters["weights GB/s"] = benchmark::Counter(weight_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // The backward alone: each iteration runs a training forward (not timed), then the backward.
@@ -135,7 +148,28 @@ void dense_ffn_backward(benchmark::State& state, shape s) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The memory read bandwidth of one core in the same run: a sum over 1 GiB (far beyond the caches) in
+// SIMD vectors with four accumulators, as the kernels read weights.
+void memory_read(benchmark::State& state) {
+    using batch = xsimd::batch<float>;
+    const std::size_t n = std::size_t{1} << 28;
+    std::vector<float> data(n, 1.0f);
+    for (auto _ : state) {
+        batch a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+        for (std::size_t i = 0; i + 4 * batch::size <= n; i += 4 * batch::size) {
+            a0 += batch::load_unaligned(data.data() + i);
+            a1 += batch::load_unaligned(data.data() + i + batch::size);
+            a2 += batch::load_unaligned(data.data() + i + 2 * batch::size);
+            a3 += batch::load_unaligned(data.data() + i + 3 * batch::size);
+        }
+        benchmark::DoNotOptimize(xsimd::hadd(a0 + a1 + a2 + a3));
+    }
+    state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n * sizeof(float)) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+}
+
 const bool registered = [] {
+    benchmark::RegisterBenchmark("memory_read", memory_read)->Unit(benchmark::kMillisecond)->UseRealTime();
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -54,7 +54,7 @@ TEST_CASE("capacity keeps the pre-drop counts and survives NaN weights", "[route
     moe::routing<double> r;
     router.route(logits, st, r);
     r.build_dispatch();
-    CHECK(r.routed_to(0) == 20);  // every token chose expert 0 ...
+    CHECK(r.chosen_count(0) == 20);  // every token chose expert 0 ...
     CHECK(r.expert_offsets[1] == 5);  // ... which keeps C = 5
     logits(3, 0) = std::numeric_limits<double>::quiet_NaN();
     router.route(logits, st, r);

@@ -39,30 +39,31 @@ TEST_CASE("bucket_size rounds decimal factors as written and clamps", "[routing]
     CHECK(moe::sort_key(2.5) == 2.5);
 }
 
-TEST_CASE("routed_to counts the router's choices before drops", "[routing]") {
-    moe::routing<float> r;
-    r.reset_fixed_k(2, 2, 1);
-    r.expert_ids = {0, moe::dropped_slot};
-    r.build_dispatch();
-    CHECK(r.routed_to(0) == 1);
-    r.routed = {2, 0};
-    CHECK(r.routed_to(0) == 2);
-}
-
-TEST_CASE("chosen_counts counts the choices before drops, of the whole batch when one is set", "[routing]") {
+TEST_CASE("chosen_count counts the choices before drops, of the whole batch when one is set", "[routing]") {
     moe::routing<float> r;
     r.reset_fixed_k(3, 3, 2);
     r.expert_ids = {0, 1, 1, 2, 3, 1};  // id 3: a null expert
     r.build_dispatch();
-    CHECK(r.chosen_counts(4) == std::vector<moe::index>{1, 3, 1, 1});
-    CHECK(r.chosen_counts(2) == std::vector<moe::index>{1, 3});
+    const auto counts = [&](moe::index width, bool whole_batch) {
+        std::vector<moe::index> c;
+        for (moe::index id = 0; id < width; ++id) c.push_back(r.chosen_count(id, whole_batch));
+        return c;
+    };
+    CHECK(counts(5, true) == std::vector<moe::index>{1, 3, 1, 1, 0});  // id 4: chosen by none
+    CHECK(r.chosen_count(-1) == 0);
     CHECK(r.batch_tokens() == 3);
     CHECK(r.batch_slots() == 6);
     r.batch = {.tokens = 10, .slots = 20, .chosen = {5, 6, 7, 2}};
-    CHECK(r.chosen_counts(3) == std::vector<moe::index>{5, 6, 7});
-    CHECK(r.chosen_counts(3, false) == std::vector<moe::index>{1, 3, 1});
+    CHECK(counts(5, true) == std::vector<moe::index>{5, 6, 7, 2, 0});
+    CHECK(counts(4, false) == std::vector<moe::index>{1, 3, 1, 1});
     CHECK(r.batch_tokens() == 10);
     CHECK(r.batch_slots() == 20);
+    r.batch = {};
+    r.undropped_ids = r.expert_ids;  // capacity dropped slot 1: it still counts as chosen
+    r.expert_ids[1] = moe::dropped_slot;
+    r.build_dispatch();
+    CHECK(counts(4, false) == std::vector<moe::index>{1, 3, 1, 1});
+    CHECK(r.expert_offsets[2] - r.expert_offsets[1] == 2);
     r.reset_fixed_k(1, 3, 1);  // a new routing is its own batch again
     CHECK(r.batch.chosen.empty());
     CHECK(r.batch_tokens() == 1);

@@ -386,25 +386,27 @@ private:
     // The weights are public members a user may replace; a wrong shape must not reach the kernels.
     void check_weights() {
         const index d = shape_.d_model;
-        const auto check = [&](const auto& m, index rows, index cols, const std::string& what) {
+        // `what` names the tensor; with `expert` >= 0 it is that expert's, else the layer's (the
+        // message is formed only for a wrong shape: this runs on every call).
+        const auto check = [&](const auto& m, index rows, index cols, const char* what, index expert = -1) {
             if (m.rows() != rows || m.cols() != cols)
-                throw shape_error("layer: " + what + " is " + dims(m.rows(), m.cols()) + ", expected " + dims(rows, cols));
+                throw shape_error("layer: " + (expert >= 0 ? "expert " + std::to_string(expert) + "'s " : std::string("the ")) +
+                                  what + " is " + dims(m.rows(), m.cols()) + ", expected " + dims(rows, cols));
         };
-        check(router_weight_, logit_rows(router_, shape_.n_experts), d, "the router weight");
+        check(router_weight_, logit_rows(router_, shape_.n_experts), d, "router weight");
         for (index e = 0; e < shape_.n_experts; ++e) {
             if (!owns_expert(e)) continue;
             const auto& w = experts_[static_cast<std::size_t>(e)];
-            check(w.in, ffn_in_rows<Expert>(shape_.d_ff), d, "expert " + std::to_string(e) + "'s input weight");
-            check(w.out, d, shape_.d_ff, "expert " + std::to_string(e) + "'s output weight");
+            check(w.in, ffn_in_rows<Expert>(shape_.d_ff), d, "input weight", e);
+            check(w.out, d, shape_.d_ff, "output weight", e);
         }
         if constexpr (Shared::enabled) {
-            check(shared_weights_.in, ffn_in_rows<decltype(shared_.expert)>(shape_.d_shared), d,
-                  "the shared expert's input weight");
-            check(shared_weights_.out, d, shape_.d_shared, "the shared expert's output weight");
-            if constexpr (Shared::gated) check(shared_gate_, d, 1, "the shared-expert gate");
+            check(shared_weights_.in, ffn_in_rows<decltype(shared_.expert)>(shape_.d_shared), d, "shared expert's input weight");
+            check(shared_weights_.out, d, shape_.d_shared, "shared expert's output weight");
+            if constexpr (Shared::gated) check(shared_gate_, d, 1, "shared-expert gate");
         }
         if (const vector<Scalar>* bias = correction_bias<Scalar>(router_state_))
-            check(*bias, shape_.n_experts, 1, "the correction bias");
+            check(*bias, shape_.n_experts, 1, "correction bias");
     }
 
     void zero(ffn_weights<Scalar>& w, index ff, index in_rows) const {

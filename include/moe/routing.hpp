@@ -55,9 +55,6 @@ struct routing {
     std::vector<index> token_offsets;
     std::vector<std::int32_t> expert_ids;  ///< per slot: expert, or `dropped_slot`, or >= E (null)
     std::vector<Scalar> weights;           ///< per slot: combine weight
-    /// Assignments per expert as the router chose them, before capacity dropped any (L1 counts
-    /// these); empty when no capacity was applied, the expert blocks then hold the same counts.
-    std::vector<index> routed;
     /// Per slot, the expert the router chose before capacity dropped any; empty when no capacity was
     /// applied (`expert_ids` then holds the same). Sequence-wise losses count these.
     std::vector<std::int32_t> undropped_ids;
@@ -83,27 +80,15 @@ struct routing {
     /// Tokens and slots of the whole batch (see `batch`).
     [[nodiscard]] index batch_tokens() const { return batch.chosen.empty() ? tokens : batch.tokens; }
     [[nodiscard]] index batch_slots() const { return batch.chosen.empty() ? slots() : batch.slots; }
-    /// Choices per expert id in [0, width) before capacity drops (null experts counted by their ids
-    /// >= E): of this routing with `whole_batch = false`, else of the whole batch (see `batch`).
-    [[nodiscard]] std::vector<index> chosen_counts(index width, bool whole_batch = true) const {
-        std::vector<index> c(static_cast<std::size_t>(width), 0);
-        if (whole_batch && !batch.chosen.empty()) {
-            std::copy_n(batch.chosen.begin(), std::min(width, static_cast<index>(batch.chosen.size())), c.begin());
-            return c;
-        }
-        for (index s = 0; s < slots(); ++s) {
-            const auto id = chosen_expert(s);
-            if (id >= 0 && id < width) ++c[static_cast<std::size_t>(id)];
-        }
-        return c;
+    /// Choices of expert id `id` before capacity drops (null experts counted by their ids >= E; 0 for an
+    /// id no slot chose): of this routing with `whole_batch = false`, else of the whole batch (see
+    /// `batch`). Counted by `build_dispatch`.
+    [[nodiscard]] index chosen_count(index id, bool whole_batch = true) const {
+        const std::vector<index>& c = whole_batch && !batch.chosen.empty() ? batch.chosen : chosen_;
+        return id >= 0 && id < static_cast<index>(c.size()) ? c[static_cast<std::size_t>(id)] : 0;
     }
     /// Number of rows that run an expert (sum of the expert blocks).
     [[nodiscard]] index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
-    /// Assignments of expert e before capacity drops (after `build_dispatch`).
-    [[nodiscard]] index routed_to(index e) const {
-        const auto i = static_cast<std::size_t>(e);
-        return routed.empty() ? expert_offsets[i + 1] - expert_offsets[i] : routed[i];
-    }
     /// The expert slot s chose before capacity drops (see `undropped_ids`).
     [[nodiscard]] std::int32_t chosen_expert(index s) const {
         const auto i = static_cast<std::size_t>(s);
@@ -122,7 +107,6 @@ struct routing {
         for (index i = 0; i <= t; ++i) token_offsets[static_cast<std::size_t>(i)] = i * k;
         expert_ids.resize(static_cast<std::size_t>(t * k));
         weights.resize(static_cast<std::size_t>(t * k));
-        routed.clear();
         undropped_ids.clear();
         batch.tokens = batch.slots = 0;
         batch.chosen.clear();
@@ -137,7 +121,6 @@ struct routing {
         token_offsets.assign(1, 0);
         expert_ids.clear();
         weights.clear();
-        routed.clear();
         undropped_ids.clear();
         batch.tokens = batch.slots = 0;
         batch.chosen.clear();
@@ -151,8 +134,14 @@ struct routing {
         ++tokens;
     }
 
-    /// Derives the expert side from the token side by a stable counting sort over expert ids.
+    /// Derives the expert side from the token side by a stable counting sort over expert ids, and
+    /// counts the choices before drops (`chosen_count`).
     void build_dispatch() {
+        index ids = std::max(experts, scores.cols());
+        for (index s = 0; s < slots(); ++s) ids = std::max<index>(ids, chosen_expert(s) + 1);
+        chosen_.assign(static_cast<std::size_t>(ids), 0);
+        for (index s = 0; s < slots(); ++s)
+            if (const auto id = chosen_expert(s); id >= 0) ++chosen_[static_cast<std::size_t>(id)];
         const auto ne = static_cast<std::size_t>(experts);
         expert_offsets.assign(ne + 1, 0);
         slot_tokens.resize(expert_ids.size());
@@ -179,6 +168,7 @@ struct routing {
     }
 
 private:
+    std::vector<index> chosen_;  // choices per expert id before drops (`chosen_count`)
     std::vector<index> cursor_;  // scratch of build_dispatch, kept to avoid reallocation
 };
 

@@ -7,7 +7,10 @@
 #include "moe/routing.hpp"
 #include "moe/types.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <concepts>
 #include <string>
 #include <string_view>
@@ -21,7 +24,7 @@ namespace moe {
 /// `grad_logits` (shaped like the logits) with the selection held constant. When the routing is one
 /// part of a batch routed in parts (`routing::batch`, expert parallelism), a loss returns this part's
 /// share of the whole batch's loss: it normalises by `batch_tokens()`, `batch_slots()` and
-/// `chosen_counts()`, so that the parts' values sum to the loss of the whole batch.
+/// `chosen_count()`, so that the parts' values sum to the loss of the whole batch.
 template <class L, class Scalar>
 concept loss_term = std::copy_constructible<L> &&
     requires(const L& l, const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& gz) {
@@ -33,31 +36,54 @@ concept loss_term = std::copy_constructible<L> &&
 namespace losses {
 
 namespace detail {
-// softmax of the first `cols` logits of token t, in double.
+// The maximum of the first `cols` logits of token t and sum_e exp(z_te - max), in double: the softmax
+// is p_te = exp(z_te - max) / sum.
 template <class Scalar>
-vector<double> softmax_row(const matrix<Scalar>& z, index t, index cols) {
-    const auto zt = z.row(t).head(cols).template cast<double>();
-    const vector<double> p = (zt.array() - zt.maxCoeff()).exp().matrix().transpose();
-    return p / p.sum();
+std::pair<double, double> softmax_norm(const matrix<Scalar>& z, index t, index cols) {
+    double m = -std::numeric_limits<double>::infinity(), sum = 0;
+    for (index e = 0; e < cols; ++e) m = std::max(m, static_cast<double>(z(t, e)));
+    for (index e = 0; e < cols; ++e) sum += std::exp(static_cast<double>(z(t, e)) - m);
+    return {m, sum};
 }
 
-// L = sum_t sum_e a_e p_te with p the softmax of the first a.size() logits, the form of L1 and L4.
-template <class Scalar>
-double weighted_softmax_value(const vector<double>& a, const matrix<Scalar>& z) {
+// <a, p_t> for the softmax p_t of the first `cols` logits of token t, with a(e) a callable.
+template <class Scalar, class A>
+double weighted_softmax(const A& a, index cols, const matrix<Scalar>& z, index t) {
+    const auto [m, sum] = softmax_norm(z, t, cols);
+    double dot = 0;
+    for (index e = 0; e < cols; ++e) dot += a(e) * std::exp(static_cast<double>(z(t, e)) - m);
+    return dot / sum;
+}
+
+// L = sum_t sum_e a(e) p_te with p the softmax of the first `cols` logits, the form of L1 and L4.
+template <class Scalar, class A>
+double weighted_softmax_value(const A& a, index cols, const matrix<Scalar>& z) {
     double sum = 0;
-    for (index t = 0; t < z.rows(); ++t) sum += a.dot(softmax_row(z, t, a.size()));
+    for (index t = 0; t < z.rows(); ++t) sum += weighted_softmax(a, cols, z, t);
     return sum;
 }
 
-// Adds dL/dz of `weighted_softmax_value` to `grad`: p_te (a_e - <a, p_t>).
-template <class Scalar>
-void weighted_softmax_gradient(const vector<double>& a, const matrix<Scalar>& z, matrix<Scalar>& grad) {
+// Adds dL/dz of `weighted_softmax_value` to `grad`: p_te (a(e) - <a, p_t>).
+template <class Scalar, class A>
+void weighted_softmax_gradient(const A& a, index cols, const matrix<Scalar>& z, matrix<Scalar>& grad) {
     for (index t = 0; t < z.rows(); ++t) {
-        const vector<double> p = softmax_row(z, t, a.size());
-        const double dot = a.dot(p);
-        for (index x = 0; x < a.size(); ++x) grad(t, x) += static_cast<Scalar>(p[x] * (a[x] - dot));
+        const auto [m, sum] = softmax_norm(z, t, cols);
+        const double dot = weighted_softmax(a, cols, z, t);
+        for (index e = 0; e < cols; ++e) {
+            const double p = std::exp(static_cast<double>(z(t, e)) - m) / sum;
+            grad(t, e) += static_cast<Scalar>(p * (a(e) - dot));
+        }
     }
 }
+/// A buffer a loss's const functions reuse between calls, so that a steady state allocates nothing.
+/// Not part of the loss's value: a copy starts empty. One loss object is not for concurrent calls.
+template <class T>
+struct scratch {
+    mutable std::vector<T> values;
+    scratch() = default;
+    scratch(const scratch&) {}
+    scratch& operator=(const scratch&) { return *this; }
+};
 }  // namespace detail
 
 /// L1 load balance (Switch/GShard): `alpha * E * sum_e (c_e / (T*k)) * P_e`, with `c_e` the assignments
@@ -73,25 +99,23 @@ struct load_balance {
     template <class Scalar>
     Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
         if (r.tokens == 0 || r.experts == 0 || alpha == 0) return 0;
-        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r), z));
+        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r), r.experts, z));
     }
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
         if (r.tokens == 0 || r.experts == 0 || alpha == 0) return;
-        detail::weighted_softmax_gradient(coefficients(r), z, grad);
+        detail::weighted_softmax_gradient(coefficients(r), r.experts, z, grad);
     }
 
 private:
-    // alpha * E * c_e / (slots * T), so that L = sum_e a_e sum_t p_te (T, slots, c of the whole batch).
+    // a(e) = alpha * E * c_e / (slots * T), so that L = sum_e a(e) sum_t p_te (T, slots, c of the whole
+    // batch).
     template <class Scalar>
-    vector<double> coefficients(const routing<Scalar>& r) const {
+    auto coefficients(const routing<Scalar>& r) const {
         const double t = static_cast<double>(r.batch_tokens());
         const double slots = per_token ? t : static_cast<double>(r.batch_slots());
-        const std::vector<index> c = r.chosen_counts(r.experts);
-        vector<double> a(r.experts);
-        for (index x = 0; x < r.experts; ++x)
-            a[x] = alpha * static_cast<double>(r.experts) * static_cast<double>(c[static_cast<std::size_t>(x)]) / (slots * t);
-        return a;
+        const double scale = alpha * static_cast<double>(r.experts) / (slots * t);
+        return [&r, scale](index e) { return scale * static_cast<double>(r.chosen_count(e)); };
     }
 };
 
@@ -106,23 +130,26 @@ struct null_balance {
     template <class Scalar>
     Scalar value(const routing<Scalar>& r, const matrix<Scalar>& z) const {
         if (r.tokens == 0) return 0;
-        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r, z.cols()), z));
+        return static_cast<Scalar>(detail::weighted_softmax_value(coefficients(r, z.cols()), z.cols(), z));
     }
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>& z, matrix<Scalar>& grad) const {
         if (r.tokens == 0) return;
-        detail::weighted_softmax_gradient(coefficients(r, z.cols()), z, grad);
+        detail::weighted_softmax_gradient(coefficients(r, z.cols()), z.cols(), z, grad);
     }
 
 private:
+    // a(e) = alpha * all * c'_e / (slots * T) over the `all` = E + N logits.
     template <class Scalar>
-    vector<double> coefficients(const routing<Scalar>& r, index all) const {
-        const std::vector<index> counts = r.chosen_counts(all);
-        vector<double> c(all);
-        for (index x = 0; x < all; ++x) c[x] = static_cast<double>(counts[static_cast<std::size_t>(x)]);
-        if (all > r.experts) c.tail(all - r.experts).setConstant(c.tail(all - r.experts).mean());
-        return c * (alpha * static_cast<double>(all) /
-                    (static_cast<double>(r.batch_slots()) * static_cast<double>(r.batch_tokens())));
+    auto coefficients(const routing<Scalar>& r, index all) const {
+        double null_mean = 0;
+        for (index e = r.experts; e < all; ++e) null_mean += static_cast<double>(r.chosen_count(e));
+        if (all > r.experts) null_mean /= static_cast<double>(all - r.experts);
+        const double scale = alpha * static_cast<double>(all) /
+                             (static_cast<double>(r.batch_slots()) * static_cast<double>(r.batch_tokens()));
+        return [&r, scale, null_mean](index e) {
+            return scale * (e < r.experts ? static_cast<double>(r.chosen_count(e)) : null_mean);
+        };
     }
 };
 
@@ -135,15 +162,19 @@ private:
 struct seq_balance {
     double alpha = 0.001;
     index seq_len = 0;
+    /// Per-sequence coefficients, reused between calls (not a setting; a copy starts empty).
+    detail::scratch<double> work{};
     static constexpr std::string_view name = "seq_balance";
 
     template <class Scalar>
     Scalar value(const routing<Scalar>& r, const matrix<Scalar>&) const {
         double sum = 0;
-        each_sequence(r, [&](index first, index len, const vector<double>& f) {
+        each_sequence(r, [&](index first, index len, const std::vector<double>& f) {
             for (index t = first; t < first + len; ++t) {
-                const auto s = r.scores.row(t).template cast<double>();
-                if (s.sum() > 0) sum += f.dot(s.head(r.experts).transpose()) / s.sum();  // all-underflowed scores: 0
+                double total = 0, weighted = 0;
+                for (index e = 0; e < r.scores.cols(); ++e) total += static_cast<double>(r.scores(t, e));
+                for (index e = 0; e < r.experts; ++e) weighted += f[static_cast<std::size_t>(e)] * static_cast<double>(r.scores(t, e));
+                if (total > 0) sum += weighted / total;  // all-underflowed scores: 0
             }
         });
         return static_cast<Scalar>(sum);
@@ -152,30 +183,31 @@ struct seq_balance {
     template <class Scalar>
     void gradient(const routing<Scalar>& r, const matrix<Scalar>&, matrix<Scalar>& grad) const {
         const index cols = r.scores.cols();
-        vector<double> ds(cols);
-        each_sequence(r, [&](index first, index len, const vector<double>& f) {
+        each_sequence(r, [&](index first, index len, const std::vector<double>& f) {
             for (index t = first; t < first + len; ++t) {
-                const vector<double> s = r.scores.row(t).template cast<double>().transpose();
-                const double total = s.sum();
+                double total = 0, weighted = 0;
+                for (index e = 0; e < cols; ++e) total += static_cast<double>(r.scores(t, e));
                 if (!(total > 0)) continue;
-                // L_t = <f, s_head> / total: dL/ds_j = (f_j - L_t) / total (f_j = 0 beyond the real experts).
-                const double lt = f.dot(s.head(r.experts)) / total;
-                ds.setConstant(-lt / total);
-                ds.head(r.experts) += f / total;
-                const double dot = ds.dot(s);
+                for (index e = 0; e < r.experts; ++e) weighted += f[static_cast<std::size_t>(e)] * static_cast<double>(r.scores(t, e));
+                // L_t = <f, s_head> / total: dL/ds_e = (f_e - L_t) / total (f_e = 0 beyond the real experts).
+                const double lt = weighted / total;
+                const auto ds = [&](index e) { return ((e < r.experts ? f[static_cast<std::size_t>(e)] : 0.0) - lt) / total; };
+                double dot = 0;
+                for (index e = 0; e < cols; ++e) dot += ds(e) * static_cast<double>(r.scores(t, e));
                 for (index e = 0; e < cols; ++e) {
-                    const double se = s[e];
+                    const double se = static_cast<double>(r.scores(t, e));
                     if (r.score == score_function::sigmoid)
-                        grad(t, e) += static_cast<Scalar>(ds[e] * se * (1 - se));
+                        grad(t, e) += static_cast<Scalar>(ds(e) * se * (1 - se));
                     else
-                        grad(t, e) += static_cast<Scalar>(se * (ds[e] - dot));
+                        grad(t, e) += static_cast<Scalar>(se * (ds(e) - dot));
                 }
             }
         });
     }
 
 private:
-    // Calls f(first token, length, alpha * f_e / (len * sequences)) for every sequence with slots.
+    // Calls f(first token, length, alpha * f_e / (len * sequences) per expert) for every sequence with
+    // slots.
     template <class Scalar, class F>
     void each_sequence(const routing<Scalar>& r, F&& f) const {
         if (r.tokens == 0) return;
@@ -185,17 +217,18 @@ private:
                               std::to_string(seq_len) + (seq_len > 0 ? "" : " (one sequence of the whole batch's " + std::to_string(len) + " tokens)") +
                               (r.tokens == r.batch_tokens() ? "" : "; with the batch routed in parts, each part must hold whole sequences"));
         const double sequences = static_cast<double>(r.batch_tokens() / len);  // of the whole batch
-        vector<double> c(r.experts);
+        std::vector<double>& c = work.values;
         for (index first = 0; first < r.tokens; first += len) {
-            c.setZero();
+            c.assign(static_cast<std::size_t>(r.experts), 0.0);
             const index n = r.end(first + len - 1) - r.begin(first);
             if (n == 0) continue;
             for (index s = r.begin(first); s < r.end(first + len - 1); ++s) {
                 const auto id = r.chosen_expert(s);
-                if (id >= 0 && id < r.experts) c[id] += 1;
+                if (id >= 0 && id < r.experts) c[static_cast<std::size_t>(id)] += 1;
             }
             const double scale = alpha * static_cast<double>(r.experts) / (static_cast<double>(n) * static_cast<double>(len) * sequences);
-            f(first, len, vector<double>(c * scale));
+            for (double& v : c) v *= scale;
+            f(first, len, c);
         }
     }
 };
@@ -258,8 +291,7 @@ public:
     template <class Scalar>
     void observe(const routing<Scalar>& r) {
         if (counts_.size() != static_cast<std::size_t>(r.experts)) counts_.assign(static_cast<std::size_t>(r.experts), 0);
-        const std::vector<index> c = r.chosen_counts(r.experts);  // of the whole batch
-        for (std::size_t e = 0; e < c.size(); ++e) counts_[e] += c[e];
+        for (std::size_t e = 0; e < counts_.size(); ++e) counts_[e] += r.chosen_count(static_cast<index>(e));  // of the whole batch
     }
 
     /// Updates `bias` from the counts observed since the last call, then clears them. Throws

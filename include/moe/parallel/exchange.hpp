@@ -85,9 +85,10 @@ public:
     /// Sets `r.batch` to the totals of every rank's routing (`width` expert ids, null experts
     /// included). Collective.
     void share_totals(routing<Scalar>& r, index width) {
-        totals_ = r.chosen_counts(width, false);
-        totals_.push_back(r.tokens);
-        totals_.push_back(r.slots());
+        totals_.resize(static_cast<std::size_t>(width) + 2);
+        for (index id = 0; id < width; ++id) totals_[static_cast<std::size_t>(id)] = r.chosen_count(id, false);
+        totals_[static_cast<std::size_t>(width)] = r.tokens;
+        totals_[static_cast<std::size_t>(width) + 1] = r.slots();
         comm_->all_sum(std::span<index>(totals_));
         r.batch.tokens = totals_[static_cast<std::size_t>(width)];
         r.batch.slots = totals_[static_cast<std::size_t>(width) + 1];

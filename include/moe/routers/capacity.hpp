@@ -63,9 +63,6 @@ struct capacity {
         out.undropped_ids.assign(out.expert_ids.begin(), out.expert_ids.end());
         const index e = out.experts;
         const index cap = expert_capacity(out.slots(), e);
-        out.routed.assign(static_cast<std::size_t>(e), 0);
-        for (const auto id : out.expert_ids)
-            if (id >= 0 && id < e) ++out.routed[static_cast<std::size_t>(id)];
         if (policy == drop_policy::position) {
             // Slots are in token order, so the first `cap` seen per expert are the lowest tokens.
             st.count.assign(static_cast<std::size_t>(e), 0);
