@@ -13,8 +13,11 @@ random float32 weights) and an input file to a scratch folder, then, in one run:
 It prints medians and the ratios the performance issue asks for. Needs Debian's python3-torch:
 run it with /usr/bin/python3.
 
+With --plot FILE it also draws GFLOP/s on active FLOPs per shape and engine (forward) into a PNG
+(Debian's python3-matplotlib).
+
 usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10]
-                                [--shapes small,mixtral,fine,decode_t1] [--backward]
+                                [--shapes small,mixtral,fine,decode_t1] [--backward] [--plot FILE]
 """
 import argparse
 import json
@@ -179,7 +182,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--shapes", default="small,mixtral,fine,decode_t1")
     ap.add_argument("--backward", action="store_true", help="also time and check the backward")
+    ap.add_argument("--plot", metavar="FILE", help="draw GFLOP/s per shape and engine into this PNG")
     args = ap.parse_args()
+    rows = []
     print(f"threads {args.threads}, medians of {args.repeat} runs, float32; torch {torch.__version__}")
     header = f"{'shape':10s} {'torch ms':>9s} {'dense ms':>9s} {'moe ms':>8s} {'vs torch':>8s} {'vs dense':>8s} {'rel err':>8s}"
     if args.backward:
@@ -194,6 +199,36 @@ def main():
             line += (f" {r['torch_bwd_ms']:9.2f} {r['moe_bwd_ms']:8.2f} {r['torch_bwd_ms'] / r['moe_bwd_ms']:7.2f}x"
                      f" {r['grad_error']:8.1e}")
         print(line, flush=True)
+        rows.append(r)
+    if args.plot:
+        plot(rows, args.threads, args.plot)
+
+
+def active_gflop(name):
+    """Forward FLOPs of the experts that run: T*k rows through a SwiGLU FFN (3 projections d x ff)."""
+    T, d, ff, E, k = SHAPES[name]
+    return 2.0 * T * k * 3 * d * ff * 1e-9
+
+
+def plot(rows, threads, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [("torch_ms", "PyTorch block (HF Mixtral style)"), ("dense_ms", "one dense PyTorch FFN, same FLOPs"),
+               ("moe_ms", "moe")]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    width = 0.8 / len(engines)
+    for i, (key, label) in enumerate(engines):
+        values = [active_gflop(r["shape"]) / (r[key] * 1e-3) for r in rows]
+        bars = ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(rows)), [r["shape"] for r in rows])
+    ax.set_ylabel("GFLOP/s (active FLOPs)")
+    ax.set_title(f"MoE layer forward, float32, {threads} thread(s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":

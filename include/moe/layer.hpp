@@ -580,12 +580,15 @@ private:
             const bool shared = expert < 0;
             const ffn_weights<Scalar>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(expert)];
             ffn_weights<Scalar>& grad = shared ? grad_shared_weights_ : grad_experts_[static_cast<std::size_t>(expert)];
-            grad.in.setZero();
-            grad.out.setZero();
             const index begin = shared ? 0 : offsets[static_cast<std::size_t>(expert)];
             const index end = shared ? t : offsets[static_cast<std::size_t>(expert) + 1];
             const index ff = w.out.cols();
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
+            if (end == begin) {
+                grad.in.setZero();
+                grad.out.setZero();
+            }
+            bool first_piece = true;  // writes the weight gradients, the later pieces add to them
             for_each_piece(begin, end - begin, [&](index first, index n) {
                 Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + max_task_rows * d, n, d);
                 for (index r = 0; r < n; ++r) {
@@ -611,10 +614,11 @@ private:
                 Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : routed_grad.row(first).data(), n, d);
                 const Eigen::Map<const matrix<Scalar>> xc(xin.data(), n, d), doc(dout.data(), n, d);
                 if (shared) {
-                    if constexpr (Shared::enabled) ffn_backward(shared_.expert, w, xc, h, doc, a, da, grad, dx);
+                    if constexpr (Shared::enabled) ffn_backward(shared_.expert, w, xc, h, doc, a, da, grad, !first_piece, dx);
                 } else {
-                    ffn_backward(expert_, w, xc, h, doc, a, da, grad, dx);
+                    ffn_backward(expert_, w, xc, h, doc, a, da, grad, !first_piece, dx);
                 }
+                first_piece = false;
             });
         };
         // Experts held elsewhere have no rows and empty gradients: their tasks do nothing.

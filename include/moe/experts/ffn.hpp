@@ -89,12 +89,12 @@ void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map
 }
 
 /// Backward of `ffn_forward` for the n rows of `x`. `h` holds x W_in^T as the forward computed it and
-/// is overwritten with its gradient; `dout` is dL/dout. Adds dL/dW_in and dL/dW_out to `grad` and
-/// writes dL/dx to `dx`. `a` and `da` (n x ff) are scratch.
+/// is overwritten with its gradient; `dout` is dL/dout. Writes dL/dW_in and dL/dW_out to `grad` (adds
+/// them when `accumulate`) and dL/dx to `dx`. `a` and `da` (n x ff) are scratch.
 template <expert_ffn X, class Scalar>
 void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
                   Eigen::Map<matrix<Scalar>>& h, const Eigen::Map<const matrix<Scalar>>& dout, Eigen::Map<matrix<Scalar>>& a,
-                  Eigen::Map<matrix<Scalar>>& da, ffn_weights<Scalar>& grad, Eigen::Map<matrix<Scalar>>& dx) {
+                  Eigen::Map<matrix<Scalar>>& da, ffn_weights<Scalar>& grad, bool accumulate, Eigen::Map<matrix<Scalar>>& dx) {
     using kernels::strided;
     const index n = x.rows(), ff = w.out.cols(), d = x.cols(), in = w.in.rows();
     kernels::multiply(strided<Scalar>{dout.data(), dout.outerStride(), 1}, w.out.data(), ff, da.data(), da.outerStride(), n,
@@ -108,11 +108,11 @@ void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Ma
                 kernels::activate_backward<A>(hr, da.row(r).data(), a.row(r).data(), hr, ff);
         }
     });
-    // dW_out += dout^T a, dW_in += dh^T x, dx = dh W_in.
+    // dW_out (+)= dout^T a, dW_in (+)= dh^T x, dx = dh W_in.
     kernels::multiply(strided<Scalar>{dout.data(), 1, dout.outerStride()}, a.data(), a.outerStride(), grad.out.data(), ff, d,
-                      ff, n, true);
+                      ff, n, accumulate);
     kernels::multiply(strided<Scalar>{h.data(), 1, h.outerStride()}, x.data(), x.outerStride(), grad.in.data(), d, in, d, n,
-                      true);
+                      accumulate);
     kernels::multiply(strided<Scalar>{h.data(), h.outerStride(), 1}, w.in.data(), d, dx.data(), dx.outerStride(), n, d, in,
                       false);
 }
