@@ -47,8 +47,8 @@ void multiply_tile(strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc,
         in_register(b1);
         for (int r = 0; r < R; ++r) {
             const batch av(a(r, k));
-            acc[r][0] = xsimd::fma(av, b0, acc[r][0]);
-            acc[r][1] = xsimd::fma(av, b1, acc[r][1]);
+            acc[r][0] = fused_multiply_add(av, b0, acc[r][0]);
+            acc[r][1] = fused_multiply_add(av, b1, acc[r][1]);
         }
     }
     for (int r = 0; r < R; ++r)
