@@ -217,7 +217,7 @@ def plot(rows, threads, path):
 
     engines = [("torch_ms", "PyTorch block (HF Mixtral style)"), ("dense_ms", "one dense PyTorch FFN, same FLOPs"),
                ("moe_ms", "moe")]
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 3.9), dpi=120)
     width = 0.8 / len(engines)
     for i, (key, label) in enumerate(engines):
         values = [active_gflop(r["shape"]) / (r[key] * 1e-3) for r in rows]
@@ -225,8 +225,9 @@ def plot(rows, threads, path):
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(rows)), [r["shape"] for r in rows])
     ax.set_ylabel("GFLOP/s (active FLOPs)")
-    ax.set_title(f"MoE layer forward, float32, {threads} thread(s)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"MoE layer forward, float32, {threads} thread{'s' if threads > 1 else ''}")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(engines), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 
