@@ -42,7 +42,9 @@ TEST_CASE("bucket_size rounds decimal factors as written and clamps", "[routing]
 TEST_CASE("chosen_count counts the choices before drops, of the whole batch when one is set", "[routing]") {
     moe::routing<float> r;
     r.reset_fixed_k(3, 3, 2);
-    r.expert_ids = {0, 1, 1, 2, 3, 1};  // id 3: a null expert
+    r.expert_ids = {0, 1, 1, 2, 3, 1};  // id 3: a null expert (with a score column, as routers give it)
+    r.scores.resize(3, 4);
+    CHECK(r.chosen_count(0) == 0);  // counted by build_dispatch
     r.build_dispatch();
     const auto counts = [&](moe::index width, bool whole_batch) {
         std::vector<moe::index> c;

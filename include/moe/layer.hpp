@@ -19,6 +19,7 @@
 #include "moe/error.hpp"
 #include "moe/experts/ffn.hpp"
 #include "moe/kernels/linear.hpp"
+#include "moe/kernels/multiply.hpp"
 #include "moe/losses/losses.hpp"
 #include "moe/parallel/exchange.hpp"
 #include "moe/routing.hpp"
@@ -345,8 +346,12 @@ public:
         grad_logits_.resize(logits_.rows(), logits_.cols());
         route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
         std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
-        grad_router_weight_.noalias() = grad_logits_.transpose() * x;
-        grad_x.noalias() = grad_logits_ * router_weight_;
+        // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added).
+        const index e = logits_.cols();
+        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), 1, e}, x.data(), x.outerStride(),
+                          grad_router_weight_.data(), d, e, d, t, false);
+        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), e, 1}, router_weight_.data(), d, grad_x.data(),
+                          grad_x.outerStride(), t, d, e, false);
         if (exchange_) sum_over_ranks(grad_router_weight_);
 
         if constexpr (Shared::gated) {

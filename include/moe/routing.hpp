@@ -110,6 +110,7 @@ struct routing {
         undropped_ids.clear();
         batch.tokens = batch.slots = 0;
         batch.chosen.clear();
+        chosen_.clear();
     }
 
     /// Starts a token side with a variable number of slots per token: call `add_slot` for the slots
@@ -124,6 +125,7 @@ struct routing {
         undropped_ids.clear();
         batch.tokens = batch.slots = 0;
         batch.chosen.clear();
+        chosen_.clear();
     }
     void add_slot(std::int32_t expert, Scalar weight) {
         expert_ids.push_back(expert);
@@ -137,11 +139,11 @@ struct routing {
     /// Derives the expert side from the token side by a stable counting sort over expert ids, and
     /// counts the choices before drops (`chosen_count`).
     void build_dispatch() {
-        index ids = std::max(experts, scores.cols());
-        for (index s = 0; s < slots(); ++s) ids = std::max<index>(ids, chosen_expert(s) + 1);
+        // Ids in [0, E'): the routed experts and, for null-expert routers, the null ones (a score column each).
+        const index ids = std::max(experts, scores.cols());
         chosen_.assign(static_cast<std::size_t>(ids), 0);
         for (index s = 0; s < slots(); ++s)
-            if (const auto id = chosen_expert(s); id >= 0) ++chosen_[static_cast<std::size_t>(id)];
+            if (const auto id = chosen_expert(s); id >= 0 && id < ids) ++chosen_[static_cast<std::size_t>(id)];
         const auto ne = static_cast<std::size_t>(experts);
         expert_offsets.assign(ne + 1, 0);
         slot_tokens.resize(expert_ids.size());

@@ -61,7 +61,7 @@ long allocations_in(F&& f) {
     return allocations.load() - before;
 }
 
-// A few steady-state steps of `layer` on x: forward, training forward + backward, statistics.
+// Steady-state steps of `layer` on x: a forward, then a training forward and its backward.
 template <class Layer>
 void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
     CAPTURE(tokens, threads);
@@ -78,7 +78,6 @@ void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
         layer.backward(x, grad_y, grad_x);
     };
     step();  // sizes the workspace
-    REQUIRE(allocations_in(step) > -1);  // the counter runs
     CHECK(allocations_in(step) == 0);
     // The counter counts: a vector of the layer's size is one allocation.
     CHECK(allocations_in([&] { moe::matrix<float> copy = y; (void)copy; }) == 1);
@@ -96,6 +95,10 @@ TEST_CASE("forward and backward allocate nothing once the workspace is sized", "
         moe::mixtral_layer<float, losses::load_balance> per_token({.d_model = 32, .d_ff = 48, .n_experts = 8}, {.k = 2}, {},
                                                                 {}, {{.alpha = 0.1, .per_token = true}});
         check_steady_state(per_token, 70, 1);
+        // Products past Eigen's 128 KiB stack limit for its GEMM buffers (the router's gradient here).
+        moe::mixtral_layer<float, losses::load_balance> wide({.d_model = 512, .d_ff = 64, .n_experts = 8}, {.k = 2}, {}, {},
+                                                           {{.alpha = 0.1}});
+        check_steady_state(wide, 256, 1);
     }
     SECTION("DeepSeek-V3: sigmoid groups with bias, shared expert, sequence-wise loss") {
         moe::deepseek_v3_layer<float, losses::seq_balance> layer(

@@ -9,8 +9,8 @@
 /// which other rows it was computed with.
 ///
 /// The register tile is up to 4 rows of x times 4 rows of W (16 accumulators; 8 loads per 16 FMAs);
-/// the 16 sums of a tile are reduced together (`xsimd::haddp`), which adds each output's lanes in the
-/// same tree as `xsimd::hadd`. Rows of x are taken in blocks that stay in L2 while every W row passes
+/// on AVX-512 the 16 sums of a tile are reduced together by shuffles (`detail::horizontal_sums`), in a
+/// tree that is the same for every output (and the same for `dot`). Rows of x are taken in blocks that stay in L2 while every W row passes
 /// once, so W streams from memory once per block: for a few rows (decoding) this reads the weights at
 /// memory speed, for many it is a compute-bound GEMM.
 

@@ -79,8 +79,9 @@ void multiply(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, index ld
     using batch = xsimd::batch<Scalar>;
     constexpr index width = static_cast<index>(batch::size), panel_width = 2 * width, kc_max = 128, tile = 8;
     alignas(64) Scalar panel[kc_max * panel_width];
-    // The last columns (fewer than a panel) go through a tile-sized buffer in c's place.
-    alignas(64) Scalar edge[tile * panel_width];
+    // The last columns (fewer than a panel) go through a tile-sized buffer in c's place (zeros beyond
+    // them, so the unused lanes never hold garbage).
+    alignas(64) Scalar edge[tile * panel_width] = {};
     if (k == 0 && !accumulate)
         for (index i = 0; i < n; ++i) std::fill(c + i * ldc, c + i * ldc + m, Scalar(0));
     for (index k0 = 0; k0 < k; k0 += kc_max) {

@@ -158,7 +158,8 @@ private:
 /// capacity drops) and n its slots (E/(k S) c_e for k slots per token), `P'_e = mean_t s'_te` with
 /// `s'_t = scores_t / sum(scores_t)` the per-token normalised router scores (sigmoid scores for R2, p
 /// for softmax routers); `L = alpha * mean_seq sum_e f_e P'_e`. The gradient flows through the scores.
-/// Throws `shape_error` when T is not a multiple of `seq_len`.
+/// Throws `shape_error` when T is not a multiple of `seq_len`. Its const functions reuse `work`, so one
+/// object is not for concurrent calls (a layer calls its losses from one thread).
 struct seq_balance {
     double alpha = 0.001;
     index seq_len = 0;
