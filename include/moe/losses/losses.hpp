@@ -46,20 +46,20 @@ std::pair<double, double> softmax_norm(const matrix<Scalar>& z, index t, index c
     return {m, sum};
 }
 
-// <a, p_t> for the softmax p_t of the first `cols` logits of token t, with a(e) a callable.
+// <a, p_t> for the softmax p_t of the first `cols` logits of token t (normalised by `norm`, its
+// `softmax_norm`), with a(e) a callable.
 template <class Scalar, class A>
-double weighted_softmax(const A& a, index cols, const matrix<Scalar>& z, index t) {
-    const auto [m, sum] = softmax_norm(z, t, cols);
+double weighted_softmax(const A& a, index cols, const matrix<Scalar>& z, index t, std::pair<double, double> norm) {
     double dot = 0;
-    for (index e = 0; e < cols; ++e) dot += a(e) * std::exp(static_cast<double>(z(t, e)) - m);
-    return dot / sum;
+    for (index e = 0; e < cols; ++e) dot += a(e) * std::exp(static_cast<double>(z(t, e)) - norm.first);
+    return dot / norm.second;
 }
 
 // L = sum_t sum_e a(e) p_te with p the softmax of the first `cols` logits, the form of L1 and L4.
 template <class Scalar, class A>
 double weighted_softmax_value(const A& a, index cols, const matrix<Scalar>& z) {
     double sum = 0;
-    for (index t = 0; t < z.rows(); ++t) sum += weighted_softmax(a, cols, z, t);
+    for (index t = 0; t < z.rows(); ++t) sum += weighted_softmax(a, cols, z, t, softmax_norm(z, t, cols));
     return sum;
 }
 
@@ -67,8 +67,9 @@ double weighted_softmax_value(const A& a, index cols, const matrix<Scalar>& z) {
 template <class Scalar, class A>
 void weighted_softmax_gradient(const A& a, index cols, const matrix<Scalar>& z, matrix<Scalar>& grad) {
     for (index t = 0; t < z.rows(); ++t) {
-        const auto [m, sum] = softmax_norm(z, t, cols);
-        const double dot = weighted_softmax(a, cols, z, t);
+        const auto norm = softmax_norm(z, t, cols);
+        const auto [m, sum] = norm;
+        const double dot = weighted_softmax(a, cols, z, t, norm);
         for (index e = 0; e < cols; ++e) {
             const double p = std::exp(static_cast<double>(z(t, e)) - m) / sum;
             grad(t, e) += static_cast<Scalar>(p * (a(e) - dot));
