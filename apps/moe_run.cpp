@@ -22,13 +22,17 @@ namespace {
 
 constexpr const char* usage =
     "usage: moe-run --model DIR --layer L --input IN.safetensors --output OUT.safetensors\n"
-    "               [--threads N] [--repeat N] [--stats] [router overrides] [--backward ...]\n"
+    "               [--threads N] [--repeat N] [--weights f32|bf16] [--stats] [router overrides]\n"
+    "               [--backward ...]\n"
     "\n"
     "Runs MoE layer L of the HuggingFace checkpoint in DIR (config.json plus model.safetensors or\n"
     "model.safetensors.index.json and shards) on IN's `hidden_states` ([T, d] or [B, S, d]) and writes\n"
     "`hidden_states` (same shape) and `router_logits` ([T, E]) to OUT.\n"
     "  --threads N  worker threads (default 1); the output does not depend on it\n"
     "  --repeat N   run the forward N more times and print forward_ms_median=<ms>\n"
+    "  --weights T  how the expert weights are held: f32 (default) or bf16 (BF16 tensors as stored,\n"
+    "               others rounded; each projection's input rounded to bf16, sums in float32, on\n"
+    "               AVX-512 BF16 where the CPU has it: printed as bf16_kernel=<name> with --repeat)\n"
     "  --stats      print the routing statistics as JSON\n"
     "Router overrides (k, normalisation and scaling follow the checkpoint's config):\n"
     "  --router softmax_topk|expert_choice|sinkhorn|null_experts|top_p\n"
@@ -61,7 +65,7 @@ struct argument_error : std::runtime_error {
 struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
-    bool stats = false, backward = false, expert_parallel = false;
+    bool stats = false, backward = false, expert_parallel = false, bf16_weights = false;
     std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.
     std::string router, drop_policy, sinkhorn_gates;
@@ -107,7 +111,7 @@ arguments parse_arguments(int argc, char** argv) {
     static const char* const with_value[] = {
         "--model", "--layer", "--input", "--output", "--threads", "--repeat", "--router", "--capacity-factor",
         "--drop-policy", "--sinkhorn-iters", "--sinkhorn-tolerance", "--sinkhorn-gates", "--null-experts",
-        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef"};
+        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef", "--weights"};
     for (int i = 1; i < argc; ++i) {
         const std::string flag = argv[i];
         if (flag == "--help" || flag == "-h") {
@@ -128,6 +132,7 @@ arguments parse_arguments(int argc, char** argv) {
         else if (flag == "--output") a.output = value;
         else if (flag == "--threads") a.threads = parse_integer(flag, value, 1, moe::max_threads);
         else if (flag == "--repeat") a.repeat = parse_integer(flag, value, 0);
+        else if (flag == "--weights") a.bf16_weights = parse_choice(flag, value, {"f32", "bf16"}) == "bf16";
         else if (flag == "--router")
             a.router = parse_choice(flag, value, {"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"});
         else if (flag == "--capacity-factor") {
@@ -166,6 +171,7 @@ arguments parse_arguments(int argc, char** argv) {
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
     only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
+    if (a.backward && a.bf16_weights) throw argument_error("--backward needs --weights f32 (bf16 weights are for inference)");
 #ifndef MOE_RUN_MPI
     if (a.expert_parallel) throw argument_error("--expert-parallel needs a moe-run built with MPI (CMake found no MPI)");
 #endif
@@ -347,7 +353,7 @@ template <class Layer>
 void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, const job& j) {
     moe::io::load_layer(ckpt, a.layer, layer);
     layer.set_threads(a.threads);
-    layer.set_training(a.backward);
+    if constexpr (Layer::trainable) layer.set_training(a.backward);
     const moe::index d = layer.shape().d_model;
     std::vector<std::int64_t> shape;
     moe::matrix<float> x, grad_output, grad_x;
@@ -370,18 +376,28 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
     if (a.repeat > 0) {
         const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
         if (j.root()) std::printf("forward_ms_median=%.4f\n", forward);
-        if (a.backward) {
-            // Each backward consumes its forward: time the pair and the forward alone, report the difference.
-            const double pair = median_ms(a.repeat, [&] {
-                layer.forward(x, y);
-                layer.backward(x, grad_output, grad_x);
-            });
-            const double again = median_ms(a.repeat, [&] { layer.forward(x, y); });
-            if (j.root()) std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - again));
+        if (j.root() && !Layer::trainable)
+            std::printf("bf16_kernel=%s\n", moe::kernels::avx512_bf16_dot_products() ? "avx512_bf16" : "portable");
+        if constexpr (Layer::trainable) {
+            if (a.backward) {
+                // Each backward consumes its forward: time the pair and the forward alone, report the difference.
+                const double pair = median_ms(a.repeat, [&] {
+                    layer.forward(x, y);
+                    layer.backward(x, grad_output, grad_x);
+                });
+                const double again = median_ms(a.repeat, [&] { layer.forward(x, y); });
+                if (j.root()) std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - again));
+            }
         }
     }
     layer.forward(x, y);
-    if (a.backward) layer.backward(x, grad_output, grad_x);
+    std::vector<moe::parameter<float>> params;  // --backward: every trainable tensor with its gradient
+    if constexpr (Layer::trainable) {
+        if (a.backward) {
+            layer.backward(x, grad_output, grad_x);
+            params = moe::io::checkpoint_parameters(layer, ckpt.config().kind, a.layer);
+        }
+    }
     if (a.stats) {
         const std::string routing = layer.statistics().to_json();
         if (j.root()) std::printf("%s\n", routing.c_str());
@@ -391,8 +407,6 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
         }
     }
     moe::matrix<float> logits = layer.logits();
-    const auto& c = ckpt.config();
-    auto params = moe::io::checkpoint_parameters(layer, c.kind, a.layer);
     std::vector<moe::matrix<float>> remote;  // rank 0: gradients of the experts other ranks hold
 #ifdef MOE_RUN_MPI
     if (j.comm) {
@@ -400,7 +414,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
         logits = gather_rows(j, logits, tokens);
         if (a.backward) {
             grad_x = gather_rows(j, grad_x, tokens);
-            params = gather_expert_grads(j, layer, params, c, a.layer, remote);
+            params = gather_expert_grads(j, layer, params, ckpt.config(), a.layer, remote);
         }
     }
 #endif
@@ -437,17 +451,22 @@ void run(const arguments& a, const job& j) {
     using zl = moe::losses::z_loss;
     const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
     const moe::parallel::placement where{.comm = j.comm};
-    if (c.shared_size == 0) {
-        moe::layer<float, any_router, moe::experts::swiglu, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
-        run(a, ckpt, layer, j);
-    } else if (c.shared_gated) {
-        moe::layer<float, any_router, moe::experts::swiglu, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {},
-                                                                                             losses);
-        run(a, ckpt, layer, j);
-    } else {
-        moe::layer<float, any_router, moe::experts::swiglu, se::ungated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
-        run(a, ckpt, layer, j);
-    }
+    const auto run_with = [&]<class Expert>() {  // Expert: SwiGLU, its weights as float or as bf16
+        if (c.shared_size == 0) {
+            moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
+            run(a, ckpt, layer, j);
+        } else if (c.shared_gated) {
+            moe::layer<float, any_router, Expert, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
+            run(a, ckpt, layer, j);
+        } else {
+            moe::layer<float, any_router, Expert, se::ungated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
+            run(a, ckpt, layer, j);
+        }
+    };
+    if (a.bf16_weights)
+        run_with.template operator()<moe::experts::bf16_weights<moe::experts::swiglu>>();
+    else
+        run_with.template operator()<moe::experts::swiglu>();
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The expert kernels on the products of the standard shapes, each next to Eigen's GEMM of the same
 // product: kernels::linear (x W^T, the forward projections) and kernels::multiply (the backward's
 // dL/da = dout W_out, dL/dx = dh W_in and the weight gradients dout^T a, dh^T x). Rows are those of one
-// expert at the mixtral shape (T k / E = 64) and of the largest task (256). Counter: GFLOP/s.
+// expert at the mixtral shape (T k / E = 64) and of the largest task (256); the forward projections also
+// for one row (decoding) and on bf16 (`kernel_bf16/`). Counter: GFLOP/s.
 #include <moe/kernels/linear.hpp>
 #include <moe/kernels/multiply.hpp>
 
@@ -18,13 +19,16 @@ void set_rate(benchmark::State& state, double flops) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// z (n x m) = x (n x d) W^T, W (m x d).
-void linear(benchmark::State& state, index n, index m, index d, bool eigen) {
+// z (n x m) = x (n x d) W^T, W (m x d); with `bf16`, x and W are bf16 (the sums float32).
+void linear(benchmark::State& state, index n, index m, index d, bool eigen, bool bf16 = false) {
     const matrix<float> x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
+    const matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
     matrix<float> z(n, m);
     for (auto _ : state) {
         if (eigen)
             z.noalias() = x * w.transpose();
+        else if (bf16)
+            moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
         else
             moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
         benchmark::DoNotOptimize(z.data());
@@ -60,14 +64,24 @@ void multiply(benchmark::State& state, index n, index m, index k, bool transpose
 
 const bool registered = [] {
     const index d = 1024, ff = 2816;  // mixtral
-    for (const index rows : {64, 256}) {
+    for (const index rows : {1, 64, 256}) {
         const std::string r = "/rows:" + std::to_string(rows);
+        for (const bool bf16 : {false, true}) {  // the bf16 kernel next to the float one
+            const std::string who = bf16 ? "kernel_bf16/" : "kernel/";
+            benchmark::RegisterBenchmark((who + "linear/in_projection" + r).c_str(), linear, rows, 2 * ff, d, false, bf16)
+                ->Unit(benchmark::kMillisecond);
+            benchmark::RegisterBenchmark((who + "linear/out_projection" + r).c_str(), linear, rows, d, ff, false, bf16)
+                ->Unit(benchmark::kMillisecond);
+        }
+        if (rows == 1) continue;
         for (const bool eigen : {false, true}) {
             const std::string who = eigen ? "eigen/" : "kernel/";
-            benchmark::RegisterBenchmark((who + "linear/in_projection" + r).c_str(), linear, rows, 2 * ff, d, eigen)
-                ->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + "linear/out_projection" + r).c_str(), linear, rows, d, ff, eigen)
-                ->Unit(benchmark::kMillisecond);
+            if (eigen) {
+                benchmark::RegisterBenchmark((who + "linear/in_projection" + r).c_str(), linear, rows, 2 * ff, d, true, false)
+                    ->Unit(benchmark::kMillisecond);
+                benchmark::RegisterBenchmark((who + "linear/out_projection" + r).c_str(), linear, rows, d, ff, true, false)
+                    ->Unit(benchmark::kMillisecond);
+            }
             benchmark::RegisterBenchmark((who + "multiply/grad_activation" + r).c_str(), multiply, rows, ff, d, false, false,
                                          eigen)->Unit(benchmark::kMillisecond);
             benchmark::RegisterBenchmark((who + "multiply/grad_input" + r).c_str(), multiply, rows, d, 2 * ff, false, false,

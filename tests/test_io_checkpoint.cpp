@@ -48,6 +48,58 @@ TEST_CASE("load_layer reads each family's tensors, single or sharded, f32/bf16/f
     }
 }
 
+namespace {
+// A bf16-weight layer loaded from a BF16 checkpoint holds the stored bits and matches the PyTorch
+// reference with bf16-rounded projection inputs (hidden_states_bf16_weights); `Float` is the same
+// family with float weights, loaded from the same tensors.
+template <class Bf16, class Float>
+void check_bf16_case(const std::string& name, Bf16& layer, Float& reference) {
+    INFO("checkpoint case " << name);
+    const moe::io::checkpoint ckpt(ckpt_dir / name);
+    moe::io::load_layer(ckpt, 1, layer);
+    moe::io::load_layer(ckpt, 1, reference);
+    for (moe::index e = 0; e < ckpt.config().n_experts; ++e) {  // BF16 tensors are kept as stored
+        CHECK(layer.expert_weights(e).in.template cast<float>() == reference.expert_weights(e).in);
+        CHECK(layer.expert_weights(e).out.template cast<float>() == reference.expert_weights(e).out);
+    }
+    const moe::io::safetensors_file in(ckpt_dir / name / "input.safetensors");
+    const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
+    const auto d = ckpt.config().hidden_size;
+    const auto raw = golden::read_matrix(in, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / d, d);
+    moe::matrix<float> y(x.rows(), d);
+    layer.forward(x, y);
+    const auto want = golden::read_matrix(expected, "hidden_states_bf16_weights");
+    const auto as_float = golden::read_matrix(expected, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> got(y.data(), want.rows(), want.cols());
+    // Float32 sums against float64 ones, plus the rare activation that rounds to the other bf16
+    // neighbour (one term off by 2^-8 of itself); bf16 rounding itself moves the output ~100x more.
+    CHECK(golden::relative_error(got, want) <= 1e-4);
+    CHECK(golden::relative_error(as_float, want) > 1e-3);
+    CHECK(golden::relative_error(layer.logits(), golden::read_matrix(expected, "router_logits")) <= 2e-5);
+}
+}  // namespace
+
+TEST_CASE("load_layer keeps BF16 expert weights as bf16; the layer matches PyTorch with bf16 inputs", "[io][checkpoint][bf16]") {
+    using bf16_swiglu = moe::experts::bf16_weights<moe::experts::swiglu>;
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "mixtral_bf16").config();
+        moe::layer<float, moe::routers::softmax_topk, bf16_swiglu> layer(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        moe::mixtral_layer<float> reference(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_bf16_case("mixtral_bf16", layer, reference);
+    }
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "deepseek_v3").config();
+        const moe::routers::sigmoid_topk router{.k = c.top_k, .normalize = c.normalize, .scale = c.scale, .n_group = c.n_group,
+                                                .topk_group = c.topk_group};
+        moe::layer<float, moe::routers::sigmoid_topk, bf16_swiglu, moe::shared_experts::ungated<>> layer(moe::io::shape_of(c),
+                                                                                                         router);
+        moe::deepseek_v3_layer<float> reference(moe::io::shape_of(c), router);
+        check_bf16_case("deepseek_v3", layer, reference);
+        CHECK(layer.shared_weights().in.cast<float>() == reference.shared_weights().in);
+    }
+}
+
 TEST_CASE("load_layer names the missing layer, tensor or shard", "[io][checkpoint][errors]") {
     const moe::io::checkpoint ds(ckpt_dir / "deepseek_v3");
     moe::deepseek_v3_layer<float> layer(moe::io::shape_of(ds.config()),

@@ -2,7 +2,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 TEST_CASE("dot sums in an order fixed by the length only", "[kernels]") {
@@ -89,4 +92,105 @@ TEST_CASE("equal rows give equal bits wherever they sit", "[kernels]") {
     moe::matrix<float> alone(1, m);
     moe::kernels::linear(x.row(6).data(), d, w.data(), d, alone.data(), m, 1, m, d);
     CHECK((alone.row(0).array() == z.row(6).array()).all());
+}
+
+TEST_CASE("round_to_bf16 rounds to nearest even as Eigen's conversion does", "[kernels][bf16]") {
+    // Values at, just below and just above the halfway points between bf16 neighbours, both parities,
+    // and the specials.
+    std::vector<float> values;
+    for (const std::uint32_t base : {0x3F80'0000u, 0x3F81'0000u, 0xC049'0000u, 0x0001'0000u, 0x7F7F'0000u})
+        for (const std::uint32_t low : {0x0000u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu}) values.push_back(std::bit_cast<float>(base | low));
+    for (const float v : {0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                          std::numeric_limits<float>::denorm_min(), 3.14159f, -1e-30f})
+        values.push_back(v);
+    for (int i = 0; i < 100; ++i) values.push_back(std::sin(0.7f * static_cast<float>(i)) * std::exp2(static_cast<float>(i % 40 - 20)));
+    std::vector<moe::bf16> got(values.size());
+    moe::kernels::round_to_bf16(values.data(), got.data(), static_cast<moe::index>(values.size()));
+    int wrong = 0;
+    for (std::size_t i = 0; i < values.size(); ++i)
+        wrong += Eigen::numext::bit_cast<std::uint16_t>(got[i]) != Eigen::numext::bit_cast<std::uint16_t>(moe::bf16(values[i]));
+    CHECK(wrong == 0);
+    // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: to even (1); 1 + 3 * 2^-8 goes up to 1 + 2^-6.
+    const float halfway[2] = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f};
+    moe::bf16 rounded[2];
+    moe::kernels::round_to_bf16(halfway, rounded, 2);
+    CHECK(static_cast<float>(rounded[0]) == 1.0f);
+    CHECK(static_cast<float>(rounded[1]) == 1.0f + 0x1p-6f);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    moe::bf16 rounded_nan;
+    moe::kernels::round_to_bf16(&nan, &rounded_nan, 1);
+    CHECK(std::isnan(static_cast<float>(rounded_nan)));
+}
+
+// z = x W^T on bf16 by the tiles `Tiles`: within float32 rounding of the float64 sum of the exact
+// products, and every output bitwise equal to the same output of its row computed alone.
+template <class Tiles>
+void check_linear_bf16(moe::index n, moe::index m, moe::index d, moe::index pad) {
+    using moe::index;
+    n = opaque(n), m = opaque(m), d = opaque(d), pad = opaque(pad);
+    std::vector<moe::bf16> x(static_cast<std::size_t>(n * (d + pad))), w(static_cast<std::size_t>(m * (d + pad)));
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = moe::bf16(std::sin(0.37f * static_cast<float>(i)));
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = moe::bf16(std::cos(0.11f * static_cast<float>(i)));
+    std::vector<float> z(static_cast<std::size_t>(n * (m + pad)), -12345.0f);
+    moe::kernels::detail::linear_with<Tiles>(x.data(), d + pad, w.data(), d + pad, z.data(), m + pad, n, m, d);
+    int wrong_bits = 0, wrong_value = 0, touched_padding = 0;
+    for (index r = 0; r < n; ++r) {
+        // The row alone (1 x 16 tiles and 1-row edges) against the row in the block (4 x 4 tiles, edges).
+        std::vector<float> alone(static_cast<std::size_t>(m));
+        moe::kernels::detail::linear_with<Tiles>(x.data() + r * (d + pad), d + pad, w.data(), d + pad, alone.data(), m, 1, m, d);
+        for (index j = 0; j < m; ++j) {
+            const moe::bf16* xr = x.data() + r * (d + pad);
+            const moe::bf16* wj = w.data() + j * (d + pad);
+            const float got = z[static_cast<std::size_t>(r * (m + pad) + j)];
+            double want = 0, magnitude = 0;
+            for (index i = 0; i < d; ++i) {
+                const double product = static_cast<double>(static_cast<float>(xr[i])) * static_cast<float>(wj[i]);
+                want += product;
+                magnitude += std::abs(product);
+            }
+            wrong_bits += got != alone[static_cast<std::size_t>(j)];
+            wrong_value += std::abs(got - want) > 1e-6 * (1 + magnitude);
+        }
+        for (index j = m; j < m + pad; ++j) touched_padding += z[static_cast<std::size_t>(r * (m + pad) + j)] != -12345.0f;
+    }
+    CHECK(wrong_bits == 0);
+    CHECK(wrong_value == 0);
+    CHECK(touched_padding == 0);
+}
+
+template <class Tiles>
+void check_linear_bf16_shapes() {
+    check_linear_bf16<Tiles>(1, 37, 203, 0);   // one row: 1 x 16 tiles, a partial last step of 32
+    check_linear_bf16<Tiles>(2, 5, 64, 3);
+    check_linear_bf16<Tiles>(3, 19, 17, 1);    // d shorter than one step
+    check_linear_bf16<Tiles>(11, 23, 203, 5);  // 4 x 4 tiles, a 3-row edge, partial groups of W
+    check_linear_bf16<Tiles>(70, 40, 2000, 0); // more rows than one block of x (256 KiB / 4 kB)
+    check_linear_bf16<Tiles>(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
+    check_linear_bf16<Tiles>(4, 4, 0, 0);      // d = 0: zeros
+}
+
+TEST_CASE("linear on bf16 sums exact products in float32, on either kind of tile", "[kernels][bf16]") {
+    SECTION("portable tiles (bf16 widened to float)") { check_linear_bf16_shapes<moe::kernels::detail::simd_tiles>(); }
+#if defined(MOE_AVX512_BF16_DISPATCH)
+    SECTION("AVX-512 BF16 tiles") {
+        if (moe::kernels::avx512_bf16_dot_products())
+            check_linear_bf16_shapes<moe::kernels::detail::avx512_bf16_tiles>();
+        else
+            WARN("this CPU has no AVX-512 BF16 (or MOE_NO_AVX512_BF16 is set): its tiles are not tested here");
+    }
+#endif
+    SECTION("linear chooses one of them") {
+        const moe::index d = 77, m = 6;
+        moe::matrix<moe::bf16> x = moe::matrix<float>::Random(5, d).cast<moe::bf16>(), w = moe::matrix<float>::Random(m, d).cast<moe::bf16>();
+        moe::matrix<float> got(5, m), want(5, m);
+        moe::kernels::linear(x.data(), d, w.data(), d, got.data(), m, 5, m, d);
+        if (moe::kernels::avx512_bf16_dot_products()) {
+#if defined(MOE_AVX512_BF16_DISPATCH)
+            moe::kernels::detail::linear_with<moe::kernels::detail::avx512_bf16_tiles>(x.data(), d, w.data(), d, want.data(), m, 5, m, d);
+#endif
+        } else {
+            moe::kernels::detail::linear_with<moe::kernels::detail::simd_tiles>(x.data(), d, w.data(), d, want.data(), m, 5, m, d);
+        }
+        CHECK((got.array() == want.array()).all());
+    }
 }

@@ -3,6 +3,8 @@
 #include <moe/layer.hpp>
 #include <moe/testing/gradient_check.hpp>
 
+#include <type_traits>
+
 
 
 TEST_CASE("layer matches the PyTorch reference for every expert type", "[layer]") {
@@ -185,4 +187,39 @@ TEST_CASE("layer backward refuses what it cannot differentiate, with typed error
     matrix<double> y6(6, 6), gx6(6, 6);
     CHECK_THROWS_AS(l.forward(six, y6), shape_error);
     CHECK_THROWS_WITH(l.backward(x, g, gx), Catch::Contains("no training forward"));
+}
+
+TEST_CASE("a layer with bf16 weights is the float layer of the rounded weights, up to bf16 inputs", "[layer][bf16]") {
+    using bf16_layer = moe::layer<float, moe::routers::sigmoid_topk, moe::experts::bf16_weights<moe::experts::swiglu>,
+                                  moe::shared_experts::ungated<>>;
+    STATIC_REQUIRE(std::is_same_v<bf16_layer::weight_type, moe::bf16>);
+    STATIC_REQUIRE_FALSE(bf16_layer::trainable);
+    STATIC_REQUIRE(moe::deepseek_v3_layer<float>::trainable);
+    const moe::layer_shape shape{.d_model = 48, .d_ff = 40, .n_experts = 16, .d_shared = 64};
+    const moe::routers::sigmoid_topk router{.k = 4, .normalize = true, .scale = 2.5, .n_group = 4, .topk_group = 2};
+    bf16_layer one(shape, router), two(shape, router);
+    moe::deepseek_v3_layer<float> reference(shape, router);
+    one.randomize(5);
+    two.randomize(5);
+    reference.randomize(5);  // the same draws, as float
+    // randomize rounds the float draws to bf16; the float layer gets those values.
+    CHECK(one.expert_weights(3).in == reference.expert_weights(3).in.cast<moe::bf16>());
+    for (moe::index e = 0; e < shape.n_experts; ++e) {
+        reference.expert_weights(e).in = one.expert_weights(e).in.cast<float>();
+        reference.expert_weights(e).out = one.expert_weights(e).out.cast<float>();
+    }
+    reference.shared_weights().in = one.shared_weights().in.cast<float>();
+    reference.shared_weights().out = one.shared_weights().out.cast<float>();
+    two.set_threads(2);
+    const moe::matrix<float> x = moe::matrix<float>::Random(300, 48);
+    moe::matrix<float> y1(300, 48), y2(300, 48), want(300, 48);
+    one.forward(x, y1);
+    two.forward(x, y2);
+    reference.forward(x, want);
+    CHECK((y1.array() == y2.array()).all());  // bitwise at 1 and 2 threads
+    CHECK((one.logits().array() == reference.logits().array()).all());  // the router stays float
+    // Rounding the projection inputs to bf16 (relative 2^-9 each) moves the output by about that much.
+    const double error = (y1 - want).norm() / want.norm();
+    CHECK(error < 1e-2);
+    CHECK(error > 1e-4);
 }

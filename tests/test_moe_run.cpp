@@ -117,6 +117,30 @@ TEST_CASE("moe-run reproduces the PyTorch reference for every checkpoint case", 
     }
 }
 
+TEST_CASE("moe-run --weights bf16 keeps BF16 weights and reproduces the PyTorch reference with bf16 inputs",
+          "[moe-run][bf16]") {
+    temp_dir tmp;
+    for (const char* name : {"mixtral_bf16", "deepseek_v3"}) {
+        INFO("checkpoint case " << name);
+        const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
+        const auto r = moe_run(case_args(name, one) + " --weights bf16 --repeat 1", tmp);
+        REQUIRE(r.status == 0);
+        CHECK_THAT(r.out, Catch::Contains("bf16_kernel="));
+        REQUIRE(moe_run(case_args(name, two) + " --weights bf16 --threads 2", tmp).status == 0);
+        const moe::io::safetensors_file got(one), got2(two), expected(ckpt_dir / name / "expected.safetensors");
+        // Within float32 sums of the reference (see test_io_checkpoint.cpp), not of the float one.
+        const auto y = golden::read_matrix(got, "hidden_states");
+        CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states_bf16_weights")) <= 1e-4);
+        CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states")) > 1e-3);
+        CHECK(golden::relative_error(golden::read_matrix(got, "router_logits"), golden::read_matrix(expected, "router_logits")) <=
+              2e-5);
+        check_bitwise(got, got2);  // 1 vs 2 threads
+    }
+    const auto r = moe_run(case_args("mixtral_bf16", tmp.path / "out.safetensors") + " --weights bf16 --backward", tmp);
+    CHECK(r.status == 2);
+    CHECK_THAT(r.err, Catch::Contains("--backward needs --weights f32"));
+}
+
 TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run][routers]") {
     temp_dir tmp;
     moe::index cases = 0;

@@ -42,7 +42,9 @@ What is implemented (the spec the C++ library is tested against):
 * Ties are broken by the lower index everywhere (experts, groups, tokens); this is
   done explicitly with a sort on (-score, index), never via torch.topk.
 * Experts: SwiGLU  W_down(silu(W_gate x) * W_up x); GeGLU the same with erf-GELU;
-  MLP W_down act(W_up x) with act in relu / gelu (erf) / silu.
+  MLP W_down act(W_up x) with act in relu / gelu (erf) / silu. With bf16 weights kept as
+  bf16 (the library's ``experts::bf16_weights``) the input of each projection, x and the
+  activation, is rounded to bfloat16 (torch's float32 -> bfloat16, ties to even) first.
 * Layer: y_t = sum over kept slots (t, e) of w_te * Expert_e(x_t) + shared(x_t),
   where shared is ungated, or gated by sigmoid(x . w_g) (Qwen2-MoE).
 * Losses, for every router (alpha = beta = 1): L1 = E * sum_e (routed_e / slots) * P_e,
@@ -70,7 +72,8 @@ Outputs:
 * ``tests/data/ckpt/<case>/``: a HuggingFace-style model folder (config.json,
   model.safetensors or an index + 2 shards) for the mixtral / qwen2_moe / qwen3_moe /
   olmoe / deepseek_v3 families, plus input.safetensors (hidden_states, grad_output),
-  expected.safetensors, args.json ({"layer": 1, "backward_flags": [...]}) and
+  expected.safetensors (for BF16 checkpoints also hidden_states_bf16_weights: the output
+  with bf16-rounded projection inputs), args.json ({"layer": 1, "backward_flags": [...]}) and
   expected_backward.safetensors: hidden_states, router_logits, grad_hidden_states and
   grad.<checkpoint name> of every trainable layer-1 tensor for the loss
   L_y + A L1 + B L2 (A, B = BACKWARD_COEFS, the run's --load-balance-coef and
@@ -103,7 +106,7 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import List, Optional
 
@@ -470,28 +473,39 @@ def relu(x):
 ACTIVATIONS = {"silu": silu, "gelu": gelu_erf, "relu": relu}
 
 
-def expert_swiglu(x, w_gate, w_up, w_down):
-    """SwiGLU: W_down (silu(W_gate x) * (W_up x)); weights are [out, in]."""
-    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+def keep(t):
+    return t
 
 
-def expert_geglu(x, w_gate, w_up, w_down):
+def round_bf16(t):
+    """t rounded to the nearest bfloat16 (ties to even; float64 -> float32 is exact for the float32
+    rows the library holds), back in float64."""
+    return t.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+
+
+def expert_swiglu(x, w_gate, w_up, w_down, r=keep):
+    """SwiGLU: W_down (silu(W_gate x) * (W_up x)); weights are [out, in]. `r` rounds the input of
+    each projection (round_bf16: the library's bf16-weight experts)."""
+    return r(silu(r(x) @ w_gate.T) * (r(x) @ w_up.T)) @ w_down.T
+
+
+def expert_geglu(x, w_gate, w_up, w_down, r=keep):
     """GeGLU: W_down (gelu_erf(W_gate x) * (W_up x))."""
-    return (gelu_erf(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+    return r(gelu_erf(r(x) @ w_gate.T) * (r(x) @ w_up.T)) @ w_down.T
 
 
-def expert_mlp(x, w_in, w_out, activation):
+def expert_mlp(x, w_in, w_out, activation, r=keep):
     """MLP: W_out act(W_in x), act in relu / gelu (erf) / silu."""
-    return ACTIVATIONS[activation](x @ w_in.T) @ w_out.T
+    return r(ACTIVATIONS[activation](r(x) @ w_in.T)) @ w_out.T
 
 
-def apply_expert(kind, activation, params, x):
+def apply_expert(kind, activation, params, x, r=keep):
     if kind == "swiglu":
-        return expert_swiglu(x, *params)
+        return expert_swiglu(x, *params, r)
     if kind == "geglu":
-        return expert_geglu(x, *params)
+        return expert_geglu(x, *params, r)
     if kind == "mlp":
-        return expert_mlp(x, *params, activation)
+        return expert_mlp(x, *params, activation, r)
     raise ValueError(kind)
 
 
@@ -525,6 +539,7 @@ class MoeSpec:
     gates: str = "softmax"           # R6: "softmax" | "plan"
     inference_topk: bool = False     # R6: route with R1 (normalize) instead
     groups: int = 1                  # expert parallelism: see grouped()
+    bf16_inputs: bool = False        # experts round each projection's input to bf16 (bf16 weights)
 
     @property
     def E(self):
@@ -594,12 +609,13 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
                                spec.groups, ids, weights)
 
     y = torch.zeros_like(x)
+    r = round_bf16 if spec.bf16_inputs else keep
     for e, params in enumerate(spec.experts):
-        out = apply_expert(spec.expert, spec.activation, params, x)   # [T, d]
+        out = apply_expert(spec.expert, spec.activation, params, x, r)   # [T, d]
         w_e = (weights * (ids == e)).sum(dim=1, keepdim=True)          # [T, 1]
         y = y + w_e * out
     if spec.shared is not None:
-        sh = apply_expert(spec.expert, spec.activation, spec.shared, x)
+        sh = apply_expert(spec.expert, spec.activation, spec.shared, x, r)
         if spec.shared_gate is not None:
             sh = torch.sigmoid(x @ spec.shared_gate.T) * sh
         y = y + sh
@@ -1103,19 +1119,26 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
     g, expected_backward, backward_info = run_backward("ckpt/" + name, tensors, spec, x, shape, out)
     write_safetensors(os.path.join(folder, "input.safetensors"),
                       [("hidden_states", "F32", x.reshape(shape)), ("grad_output", "F32", g)], meta)
-    write_safetensors(os.path.join(folder, "expected.safetensors"), [
+    expected = [
         ("hidden_states", "F32", out["y"].reshape(shape)),
         ("router_logits", "F32", out["logits"]),
         ("topk_ids", "I64", out["ids"]),
         ("topk_weights", "F32", out["weights"]),
-    ], meta)
+    ]
+    info = ""
+    if kwargs.get("dtype") == "BF16":  # the layer with its expert weights kept as bf16
+        y16 = moe_forward(x, replace(spec, bf16_inputs=True), Decisions())["y"]
+        expected.append(("hidden_states_bf16_weights", "F32", y16.reshape(shape)))
+        info = (f"bf16-weight experts (inputs rounded to bf16) vs float: relative error "
+                f"{float((y16 - out['y']).norm() / out['y'].norm()):.2e}, ")
+    write_safetensors(os.path.join(folder, "expected.safetensors"), expected, meta)
     write_safetensors(os.path.join(folder, "expected_backward.safetensors"), expected_backward,
                       meta)
     write_json(os.path.join(folder, "args.json"), {"layer": 1, "backward_flags": backward_flags()})
     if registry is not None:
         registry[name] = {"tensors": tensors, "spec": spec, "x": x, "shape": shape}
 
-    info = f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
+    info += f"seed attempt {attempt}, min decision gap {dec.min_gap:.2e}"
     if spec.router == "sigmoid_topk":
         info += f", tokens whose selection the bias changed: {selection_changed_by_bias(x, spec)}"
     if name.endswith("ties"):

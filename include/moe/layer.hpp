@@ -64,6 +64,13 @@ public:
     using router_type = Router;
     using expert_type = Expert;
     using shared_type = Shared;
+    /// What the expert weights (routed and shared) are stored as: Scalar, or bf16 with
+    /// `experts::bf16_weights` (inference only: no training mode, backward or `parameters`).
+    using weight_type = weight_type_t<Expert, Scalar>;
+    static_assert(std::is_same_v<weight_type, Scalar> || (std::is_same_v<weight_type, bf16> && std::is_same_v<Scalar, float>),
+                  "expert weights are stored as the layer's scalar type, or as bf16 in a float layer");
+    /// Whether the layer can train (its weights are its scalar type).
+    static constexpr bool trainable = std::is_same_v<weight_type, Scalar>;
 
     /// Tokens per task of the token-wise passes (logits, combine).
     static constexpr index chunk_rows = 64;
@@ -126,12 +133,12 @@ public:
     /// Router state (e.g. the correction bias of `sigmoid_topk`).
     [[nodiscard]] router_state_t<Router, Scalar>& router_state() { return router_state_; }
     /// Weights of routed expert e.
-    [[nodiscard]] ffn_weights<Scalar>& expert_weights(index e) { return experts_.at(static_cast<std::size_t>(e)); }
-    [[nodiscard]] const ffn_weights<Scalar>& expert_weights(index e) const {
+    [[nodiscard]] ffn_weights<weight_type>& expert_weights(index e) { return experts_.at(static_cast<std::size_t>(e)); }
+    [[nodiscard]] const ffn_weights<weight_type>& expert_weights(index e) const {
         return experts_.at(static_cast<std::size_t>(e));
     }
     /// Weights of the shared FFN (only with a shared expert).
-    [[nodiscard]] ffn_weights<Scalar>& shared_weights()
+    [[nodiscard]] ffn_weights<weight_type>& shared_weights()
         requires Shared::enabled
     {
         return shared_weights_;
@@ -148,18 +155,18 @@ public:
     /// weights are those of the one-process layer.
     void randomize(std::uint64_t seed) {
         std::mt19937_64 rng(seed);
-        const auto draw = [&](Scalar* out, index rows, index cols) {
+        const auto draw = [&]<class T>(T* out, index rows, index cols) {
             std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(cols)));
             for (index i = 0; i < rows * cols; ++i) {
                 const double v = n(rng);
-                if (out != nullptr) out[i] = static_cast<Scalar>(v);
+                if (out != nullptr) out[i] = static_cast<T>(v);
             }
         };
         const auto fill = [&](auto& m) { draw(m.data(), m.rows(), m.cols()); };
         fill(router_weight_);
         const index in_rows = ffn_in_rows<Expert>(shape_.d_ff), d = shape_.d_model;
         for (index e = 0; e < shape_.n_experts; ++e) {
-            ffn_weights<Scalar>& w = experts_[static_cast<std::size_t>(e)];
+            ffn_weights<weight_type>& w = experts_[static_cast<std::size_t>(e)];
             const bool held = owns_expert(e);
             draw(held ? w.in.data() : nullptr, in_rows, d);
             draw(held ? w.out.data() : nullptr, d, shape_.d_ff);
@@ -177,7 +184,9 @@ public:
     /// Training mode: forward keeps what backward needs (each routed row's hidden activations) and the
     /// gradients are allocated. Off by default, so inference keeps nothing; turning it off keeps the
     /// buffers already allocated (for the next training phase).
-    void set_training(bool on) {
+    void set_training(bool on)
+        requires trainable
+    {
         training_ = on;
         saved_tokens_ = -1;
         if (!on) return;
@@ -203,7 +212,9 @@ public:
     /// "shared.out.weight", "shared.gate.weight" (a 1 x d row). The correction bias is not trained by
     /// gradient and is not listed; nor are the experts an expert-parallel rank does not hold. An
     /// optimiser steps `value` with `grad` in place.
-    [[nodiscard]] std::vector<parameter<Scalar>> parameters() {
+    [[nodiscard]] std::vector<parameter<Scalar>> parameters()
+        requires trainable
+    {
         std::vector<parameter<Scalar>> out;
         const auto add = [&](std::string name, matrix<Scalar>& value, matrix<Scalar>* grad) {
             out.push_back({std::move(name), Eigen::Map<matrix<Scalar>>(value.data(), value.rows(), value.cols()),
@@ -229,11 +240,13 @@ public:
 
     /// Gradients of the last `backward` call, shaped like the weights.
     [[nodiscard]] const matrix<Scalar>& grad_router_weight() const { return grad_router_weight_; }
-    [[nodiscard]] const ffn_weights<Scalar>& grad_expert_weights(index e) const {
+    [[nodiscard]] const ffn_weights<Scalar>& grad_expert_weights(index e) const
+        requires trainable
+    {
         return grad_experts_.at(static_cast<std::size_t>(e));
     }
     [[nodiscard]] const ffn_weights<Scalar>& grad_shared_weights() const
-        requires Shared::enabled
+        requires Shared::enabled && trainable
     {
         return grad_shared_weights_;
     }
@@ -313,7 +326,7 @@ public:
     /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
     /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
     void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-        requires differentiable_router<Router, Scalar>
+        requires differentiable_router<Router, Scalar> && trainable
     {
         const index t = x.rows(), d = shape_.d_model;
         if (!training_ || saved_tokens_ < 0)
@@ -414,9 +427,9 @@ private:
             check(*bias, shape_.n_experts, 1, "correction bias");
     }
 
-    void zero(ffn_weights<Scalar>& w, index ff, index in_rows) const {
-        w.in = matrix<Scalar>::Zero(in_rows, shape_.d_model);
-        w.out = matrix<Scalar>::Zero(shape_.d_model, ff);
+    void zero(ffn_weights<weight_type>& w, index ff, index in_rows) const {
+        w.in = matrix<weight_type>::Zero(in_rows, shape_.d_model);
+        w.out = matrix<weight_type>::Zero(shape_.d_model, ff);
     }
 
     // One task: `rows` rows starting at `first` of expert `expert` (shared FFN when expert == E).
@@ -506,11 +519,15 @@ private:
         }
         if constexpr (Shared::gated) shared_gate_values_.resize(t);
         scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
+        // bf16 weights: each projection's input rows rounded to bf16.
+        const std::size_t rounded_per_thread = trainable ? 0 : static_cast<std::size_t>(max_task_rows * std::max(d, widest));
+        rounded_.resize(rounded_per_thread * static_cast<std::size_t>(pool_->size()));
         auto run = [&](index i, index thread) {
             const task& tk = tasks_[static_cast<std::size_t>(i)];
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
+            bf16* rounded = rounded_.data() + rounded_per_thread * static_cast<std::size_t>(thread);
             const bool shared = tk.expert == e;
-            const ffn_weights<Scalar>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(tk.expert)];
+            const ffn_weights<weight_type>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(tk.expert)];
             const index ff = w.out.cols();
             Eigen::Map<matrix<Scalar>> xin(base, tk.rows, d);
             for (index r = 0; r < tk.rows; ++r) {
@@ -528,7 +545,7 @@ private:
             const Eigen::Map<const matrix<Scalar>> xc(xin.data(), tk.rows, d);
             if (shared) {
                 if constexpr (Shared::enabled) {
-                    ffn_forward(shared_.expert, w, xc, h, a, out);
+                    ffn_forward(shared_.expert, w, xc, h, a, out, rounded);
                     if constexpr (Shared::gated)
                         for (index r = 0; r < tk.rows; ++r) {
                             const Scalar g = xc.row(r).dot(shared_gate_);
@@ -536,7 +553,7 @@ private:
                         }
                 }
             } else {
-                ffn_forward(expert_, w, xc, h, a, out);
+                ffn_forward(expert_, w, xc, h, a, out, rounded);
             }
         };
         pool_->run(static_cast<index>(tasks_.size()), run);
@@ -671,8 +688,8 @@ private:
     std::unique_ptr<detail::thread_pool> pool_;
 
     matrix<Scalar> router_weight_;
-    std::vector<ffn_weights<Scalar>> experts_;
-    ffn_weights<Scalar> shared_weights_;
+    std::vector<ffn_weights<weight_type>> experts_;
+    ffn_weights<weight_type> shared_weights_;
     vector<Scalar> shared_gate_;
 
     // Workspace, reused between calls.
@@ -682,6 +699,7 @@ private:
     matrix<Scalar> expert_out_;
     matrix<Scalar> shared_out_;
     std::vector<Scalar> scratch_;
+    std::vector<bf16> rounded_;  // bf16 weights: projection inputs rounded to bf16
     vector<Scalar> shared_gate_values_;  // sigma(w_g . x_t) per token (gated shared expert)
     std::array<Scalar, sizeof...(Losses)> loss_values_{};
 

@@ -11,6 +11,10 @@ namespace moe {
 /// Signed index type used for sizes and positions (Eigen's).
 using index = Eigen::Index;
 
+/// bfloat16 (Eigen's): the upper half of a float32, as checkpoints store weights. Converting from float
+/// rounds to nearest even; converting to float is exact.
+using bf16 = Eigen::bfloat16;
+
 /// Row-major dense matrix: one token (or one output feature) per row, as checkpoints store them.
 template <class Scalar>
 using matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

@@ -61,7 +61,8 @@ long allocations_in(F&& f) {
     return allocations.load() - before;
 }
 
-// Steady-state steps of `layer` on x: a forward, then a training forward and its backward.
+// Steady-state steps of `layer` on x: a forward, then a training forward and its backward (a forward
+// alone for bf16 weights).
 template <class Layer>
 void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
     CAPTURE(tokens, threads);
@@ -71,11 +72,15 @@ void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
     const moe::matrix<float> x = moe::matrix<float>::Random(tokens, d), grad_y = moe::matrix<float>::Random(tokens, d);
     moe::matrix<float> y(tokens, d), grad_x(tokens, d);
     const auto step = [&] {
-        layer.set_training(false);
-        layer.forward(x, y);
-        layer.set_training(true);
-        layer.forward(x, y);
-        layer.backward(x, grad_y, grad_x);
+        if constexpr (Layer::trainable) {
+            layer.set_training(false);
+            layer.forward(x, y);
+            layer.set_training(true);
+            layer.forward(x, y);
+            layer.backward(x, grad_y, grad_x);
+        } else {  // bf16 weights: inference only
+            layer.forward(x, y);
+        }
     };
     step();  // sizes the workspace
     CHECK(allocations_in(step) == 0);
@@ -126,6 +131,11 @@ TEST_CASE("forward and backward allocate nothing once the workspace is sized", "
         moe::layer<float, moe::routers::top_p, moe::experts::geglu> top_p({.d_model = 32, .d_ff = 48, .n_experts = 8},
                                                                           {.threshold = 0.5, .max_k = 3});
         check_steady_state(top_p, 100, 1);
+    }
+    SECTION("bf16 weights, shared expert") {
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::bf16_weights<moe::experts::swiglu>, moe::shared_experts::ungated<>>
+            layer({.d_model = 64, .d_ff = 96, .n_experts = 8, .d_shared = 80}, {.k = 2});
+        for (const index threads : {1, 2}) check_steady_state(layer, 300, threads);
     }
     SECTION("Qwen2-MoE: gated shared expert") {
         moe::qwen2_moe_layer<float> layer({.d_model = 32, .d_ff = 40, .n_experts = 6, .d_shared = 56}, {.k = 2});

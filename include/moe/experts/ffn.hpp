@@ -14,7 +14,8 @@
 
 namespace moe {
 
-/// Weights of one FFN, stored [out_features, in_features] as checkpoints store them.
+/// Weights of one FFN, stored [out_features, in_features] as checkpoints store them, as `Scalar` (the
+/// layer's, or bf16: see `experts::bf16_weights`).
 template <class Scalar>
 struct ffn_weights {
     /// Input projection, (gated ? 2*ff : ff) x d. Gated experts keep the gate rows first, then the up rows,
@@ -54,9 +55,36 @@ struct mlp {
     [[nodiscard]] constexpr activation act() const { return function; }
 };
 
-static_assert(expert_ffn<swiglu> && expert_ffn<geglu> && expert_ffn<mlp>);
+/// X with the layer's expert weights (routed and shared) stored as bf16, as checkpoints store them:
+/// half the memory and the bytes a decode step streams. The layer's inputs, outputs and sums stay
+/// float32: each projection rounds its input rows to bf16 and sums the exact products in float32
+/// (`kernels::linear`, AVX-512 BF16 where the CPU has it). For inference: such a layer has no
+/// backward.
+template <expert_ffn X>
+struct bf16_weights : X {
+    using weight_type = bf16;
+};
+
+static_assert(expert_ffn<swiglu> && expert_ffn<geglu> && expert_ffn<mlp> && expert_ffn<bf16_weights<swiglu>>);
 
 }  // namespace experts
+
+namespace detail {
+template <class X, class Scalar>
+struct weight_type_of {
+    using type = Scalar;
+};
+template <class X, class Scalar>
+    requires requires { typename X::weight_type; }
+struct weight_type_of<X, Scalar> {
+    using type = typename X::weight_type;
+};
+}  // namespace detail
+
+/// The element type a layer of `Scalar` stores the weights of expert `X` in: `X::weight_type` where X
+/// names one (`experts::bf16_weights`), else Scalar.
+template <expert_ffn X, class Scalar>
+using weight_type_t = typename detail::weight_type_of<X, Scalar>::type;
 
 /// Rows of the input projection of an expert of width `ff`.
 template <expert_ffn X>
@@ -64,18 +92,29 @@ constexpr index ffn_in_rows(index ff) {
     return X::gated ? 2 * ff : ff;
 }
 
-/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d) (`kernels::linear`).
-template <class Scalar>
-void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Scalar>& w, Eigen::Map<matrix<Scalar>>& out) {
-    kernels::linear(x.data(), x.cols(), w.data(), w.cols(), out.data(), out.cols(), x.rows(), w.rows(), x.cols());
+/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d) (`kernels::linear`). With
+/// bf16 W, x is first rounded to bf16 into `rounded` (n x d).
+template <class Scalar, class Weight>
+void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Weight>& w, Eigen::Map<matrix<Scalar>>& out,
+             [[maybe_unused]] bf16* rounded) {
+    const index n = x.rows(), d = x.cols();
+    if constexpr (std::is_same_v<Weight, Scalar>) {
+        kernels::linear(x.data(), d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
+    } else {
+        static_assert(std::is_same_v<Weight, bf16> && std::is_same_v<Scalar, float>, "bf16 weights need float rows");
+        kernels::round_to_bf16(x.data(), rounded, n * d);
+        kernels::linear(rounded, d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
+    }
 }
 
-/// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch.
-template <expert_ffn X, class Scalar>
-void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
-                 Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out) {
+/// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch; with
+/// bf16 weights so is `rounded` (n x max(d, ff)), unused otherwise.
+template <expert_ffn X, class Scalar, class Weight>
+void ffn_forward(const X& expert, const ffn_weights<Weight>& w, const Eigen::Map<const matrix<Scalar>>& x,
+                 Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out,
+                 bf16* rounded = nullptr) {
     const index n = x.rows(), ff = w.out.cols();
-    project(x, w.in, h);
+    project(x, w.in, h, rounded);
     kernels::with_activation(expert.act(), [&]<activation A>() {
         for (index r = 0; r < n; ++r) {
             const Scalar* hr = h.row(r).data();
@@ -85,7 +124,7 @@ void ffn_forward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map
                 kernels::activate<A>(hr, a.row(r).data(), ff);
         }
     });
-    project(Eigen::Map<const matrix<Scalar>>(a.data(), n, ff), w.out, out);
+    project(Eigen::Map<const matrix<Scalar>>(a.data(), n, ff), w.out, out, rounded);
 }
 
 /// Backward of `ffn_forward` for the n rows of `x`. `h` holds x W_in^T as the forward computed it and

@@ -3,7 +3,8 @@
 /// Loading one MoE layer of a HuggingFace checkpoint folder: `config.json` plus `model.safetensors`,
 /// or `model.safetensors.index.json` plus its shards. Shards are memory-mapped and opened only when
 /// one of the requested tensors lives in them, so loading a layer of a huge checkpoint costs that
-/// layer. Weights stored as F32, BF16, F16 or F64 are converted to the layer's scalar type.
+/// layer. Weights stored as F32, BF16, F16 or F64 are converted to the layer's scalar type (expert
+/// weights to its `weight_type`: BF16 tensors are then kept as stored).
 
 #include "moe/error.hpp"
 #include "moe/io/config.hpp"
@@ -195,11 +196,11 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         throw shape_error("load_layer: the layer's shape does not match " + ckpt.directory().string() + "/config.json");
     const auto names = layer_tensor_names::of(c.kind, layer_index);
     const index d = c.hidden_size;
-    const auto read = [&](const std::string& name, Scalar* out, index rows, index cols) {
+    const auto read = [&]<class T>(const std::string& name, T* out, index rows, index cols) {
         const std::int64_t shape[2] = {rows, cols};
-        ckpt.read(name, std::span<Scalar>(out, static_cast<std::size_t>(rows * cols)), std::span<const std::int64_t>(shape));
+        ckpt.read(name, std::span<T>(out, static_cast<std::size_t>(rows * cols)), std::span<const std::int64_t>(shape));
     };
-    const auto read_ffn = [&](ffn_weights<Scalar>& w, const std::string& gate, const std::string& up,
+    const auto read_ffn = [&](ffn_weights<typename Layer::weight_type>& w, const std::string& gate, const std::string& up,
                               const std::string& down) {
         const index ff = w.out.cols();
         read(gate, w.in.data(), ff, d);  // gate rows first, then up rows: one fused input projection

@@ -5,6 +5,7 @@
 /// metadata, then the raw little-endian tensor data.
 
 #include "moe/error.hpp"
+#include "moe/types.hpp"
 
 #include <algorithm>
 #include <array>
@@ -283,13 +284,14 @@ public:
         return {data_section() + entry.begin, entry.end - entry.begin};
     }
 
-    /// Reads a floating-point tensor (F64, F32, F16, BF16) converted to T (float or double) into
-    /// `out`, which must hold exactly numel() elements (else shape_error); integer and boolean
-    /// tensors are rejected with io_error naming the tensor, the file and the dtype.
+    /// Reads a floating-point tensor (F64, F32, F16, BF16) converted to T (float, double or bf16: BF16
+    /// values as stored, others rounded to nearest even) into `out`, which must hold exactly numel()
+    /// elements (else shape_error); integer and boolean tensors are rejected with io_error naming the
+    /// tensor, the file and the dtype.
     template <class T>
     void read(std::string_view name, std::span<T> out) const {
-        static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                      "safetensors_file::read converts to float or double");
+        static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                      "safetensors_file::read converts to float, double or bf16");
         const tensor_info& entry = info(name);
         if (!detail::is_floating(entry.type)) {
             fail("tensor '" + entry.name + "' has dtype " + std::string(dtype_name(entry.type)) +
@@ -312,7 +314,10 @@ public:
                 break;
             default:  // bf16, the only floating-point dtype left
                 detail::decode<std::uint16_t>(source, out, [](std::uint16_t v) {
-                    return static_cast<T>(detail::bf16_to_float(v));
+                    if constexpr (std::is_same_v<T, bf16>)
+                        return Eigen::numext::bit_cast<bf16>(v);
+                    else
+                        return static_cast<T>(detail::bf16_to_float(v));
                 });
                 break;
         }
