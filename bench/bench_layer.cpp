@@ -2,7 +2,8 @@
 // FLOPs. Counters: GFLOP/s on active FLOPs (the expert projections that ran; backward counts twice the
 // forward's, its gradients for the inputs and for the weights); for the forward also the rate at which
 // the active experts' weights stream ("weights GB/s", the measure for decoding), next to the memory
-// read bandwidth measured in the same run (`memory_read`).
+// read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*` is the same layer with
+// its expert weights kept as bf16 (`experts::bf16_weights`), to set against `layer_forward/*`.
 #include <moe/moe.hpp>
 
 #include <benchmark/benchmark.h>
@@ -43,7 +44,7 @@ void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
     double active = 0;
     for (moe::index e = 0; e < r.experts; ++e)
         active += r.expert_offsets[static_cast<std::size_t>(e) + 1] > r.expert_offsets[static_cast<std::size_t>(e)];
-    const double weight_bytes = active * 3.0 * static_cast<double>(s.d * s.ff) * sizeof(float);
+    const double weight_bytes = active * 3.0 * static_cast<double>(s.d * s.ff) * sizeof(typename Layer::weight_type);
     state.counters["weights GB/s"] = benchmark::Counter(weight_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -68,22 +69,28 @@ void run_backward(benchmark::State& state, Layer& layer, const shape& s) {
         benchmark::Counter(2 * layer.active_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// Runs `f(state, layer, s)` on the layer of shape `s`: Mixtral-like, or with an ungated shared expert.
-template <class F>
+// Runs `f(state, layer, s)` on the layer of shape `s` with SwiGLU experts `Expert` (float or bf16
+// weights): Mixtral-like, or with an ungated shared expert.
+template <class Expert = moe::experts::swiglu, class F>
 void with_layer(benchmark::State& state, const shape& s, F&& f) {
     const moe::routers::softmax_topk router{.k = s.k, .normalize = true};
     if (s.shared_ff > 0) {
-        moe::layer<float, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
-            {s.d, s.ff, s.experts, s.shared_ff}, router);
+        moe::layer<float, moe::routers::softmax_topk, Expert, moe::shared_experts::ungated<>> layer({s.d, s.ff, s.experts, s.shared_ff},
+                                                                                                 router);
         f(state, layer, s);
     } else {
-        moe::mixtral_layer<float> layer({s.d, s.ff, s.experts, 0}, router);
+        moe::layer<float, moe::routers::softmax_topk, Expert> layer({s.d, s.ff, s.experts, 0}, router);
         f(state, layer, s);
     }
 }
 
 void layer_forward(benchmark::State& state, shape s) {
     with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_layer(st, layer, sh); });
+}
+
+void layer_forward_bf16(benchmark::State& state, shape s) {
+    with_layer<moe::experts::bf16_weights<moe::experts::swiglu>>(
+        state, s, [](auto& st, auto& layer, const shape& sh) { run_layer(st, layer, sh); });
 }
 
 void layer_backward(benchmark::State& state, shape s) {
@@ -172,6 +179,8 @@ const bool registered = [] {
     benchmark::RegisterBenchmark("memory_read", memory_read)->Unit(benchmark::kMillisecond)->UseRealTime();
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
+            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("layer_forward_bf16/") + s.name).c_str(), layer_forward_bf16, s)
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
                 ->Unit(benchmark::kMillisecond)->UseRealTime();

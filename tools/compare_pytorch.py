@@ -13,11 +13,16 @@ random float32 weights) and an input file to a scratch folder, then, in one run:
 It prints medians and the ratios the performance issue asks for. Needs Debian's python3-torch:
 run it with /usr/bin/python3.
 
+With --bf16 the checkpoint stores its weights as BF16 (as real ones do; PyTorch and the float32 run
+get the same values widened) and moe-run also runs with --weights bf16: its time, the speed-up over
+the float32 run and its error against the float32 PyTorch block.
+
 With --plot FILE it also draws GFLOP/s on active FLOPs per shape and engine (forward) into a PNG
 (Debian's python3-matplotlib).
 
 usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10]
-                                [--shapes small,mixtral,fine,decode_t1] [--backward] [--plot FILE]
+                                [--shapes small,mixtral,fine,decode_t1] [--backward] [--bf16]
+                                [--plot FILE]
 """
 import argparse
 import json
@@ -38,7 +43,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_golden import write_json, write_safetensors  # noqa: E402  (one safetensors writer)
+from gen_golden import round_to, write_json, write_safetensors  # noqa: E402  (one safetensors writer)
 
 # The standard shapes of bench/bench_layer.cpp: tokens, d, ff, experts, k.
 SHAPES = {
@@ -107,12 +112,14 @@ def relative_error(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def compare(name, moe_run, threads, repeat, backward, folder):
+def compare(name, moe_run, threads, repeat, backward, bf16, folder):
     T, d, ff, E, k = SHAPES[name]
     g = torch.Generator().manual_seed(1)
-    gate = torch.randn(E, d, generator=g) / d ** 0.5
-    experts = [(torch.randn(ff, d, generator=g) / d ** 0.5, torch.randn(ff, d, generator=g) / d ** 0.5,
-                torch.randn(d, ff, generator=g) / ff ** 0.5) for _ in range(E)]
+    dtype = "BF16" if bf16 else "F32"
+    stored = lambda t: round_to(t, dtype).to(torch.float32)  # noqa: E731  the values as the file holds them
+    gate = stored(torch.randn(E, d, generator=g) / d ** 0.5)
+    experts = [(stored(torch.randn(ff, d, generator=g) / d ** 0.5), stored(torch.randn(ff, d, generator=g) / d ** 0.5),
+                stored(torch.randn(d, ff, generator=g) / ff ** 0.5)) for _ in range(E)]
     x = torch.randn(T, d, generator=g)
     grad_out = torch.randn(T, d, generator=g)
 
@@ -120,10 +127,10 @@ def compare(name, moe_run, threads, repeat, backward, folder):
               "num_experts_per_tok": k, "num_hidden_layers": 1, "hidden_act": "silu"}
     write_json(os.path.join(folder, "config.json"), config)
     p = "model.layers.0.block_sparse_moe"
-    tensors = [(f"{p}.gate.weight", "F32", gate)]
+    tensors = [(f"{p}.gate.weight", dtype, gate)]
     for e, (w1, w3, w2) in enumerate(experts):
-        tensors += [(f"{p}.experts.{e}.w1.weight", "F32", w1), (f"{p}.experts.{e}.w2.weight", "F32", w2),
-                    (f"{p}.experts.{e}.w3.weight", "F32", w3)]
+        tensors += [(f"{p}.experts.{e}.w1.weight", dtype, w1), (f"{p}.experts.{e}.w2.weight", dtype, w2),
+                    (f"{p}.experts.{e}.w3.weight", dtype, w3)]
     write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
     inputs = [("hidden_states", "F32", x)] + ([("grad_output", "F32", grad_out)] if backward else [])
     write_safetensors(os.path.join(folder, "input.safetensors"), inputs, {})
@@ -163,6 +170,15 @@ def compare(name, moe_run, threads, repeat, backward, folder):
     row["moe_ms"] = float(timings["forward_ms_median"])
     got = read_safetensors(out)
     row["error"] = relative_error(got["hidden_states"], reference)
+    if bf16:
+        out16 = os.path.join(folder, "out_bf16.safetensors")
+        run = subprocess.run([moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
+                              "--output", out16, "--threads", str(threads), "--repeat", str(repeat), "--weights", "bf16"],
+                             capture_output=True, text=True, check=True)
+        printed = dict(line.split("=") for line in run.stdout.split() if "=" in line)
+        row["moe_bf16_ms"] = float(printed["forward_ms_median"])
+        row["bf16_kernel"] = printed["bf16_kernel"]
+        row["bf16_error"] = relative_error(read_safetensors(out16)["hidden_states"], reference)
     if backward:
         row["moe_bwd_ms"] = float(timings["backward_ms_median"])
         pairs = [("grad_hidden_states", xg), (f"grad.{p}.gate.weight", block.gate)]
@@ -182,24 +198,32 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--shapes", default="small,mixtral,fine,decode_t1")
     ap.add_argument("--backward", action="store_true", help="also time and check the backward")
+    ap.add_argument("--bf16", action="store_true", help="BF16 checkpoint; also run moe-run --weights bf16")
     ap.add_argument("--plot", metavar="FILE", help="draw GFLOP/s per shape and engine into this PNG")
     args = ap.parse_args()
     rows = []
-    print(f"threads {args.threads}, medians of {args.repeat} runs, float32; torch {torch.__version__}")
+    print(f"threads {args.threads}, medians of {args.repeat} runs, float32{' (BF16 checkpoint)' if args.bf16 else ''}; "
+          f"torch {torch.__version__}")
     header = f"{'shape':10s} {'torch ms':>9s} {'dense ms':>9s} {'moe ms':>8s} {'vs torch':>8s} {'vs dense':>8s} {'rel err':>8s}"
     if args.backward:
         header += f" {'torch bwd':>9s} {'moe bwd':>8s} {'vs torch':>8s} {'grad err':>8s}"
+    if args.bf16:
+        header += f" {'bf16 ms':>8s} {'vs moe':>7s} {'bf16 err':>8s}"
     print(header)
     for name in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            r = compare(name, args.moe_run, args.threads, args.repeat, args.backward, folder)
+            r = compare(name, args.moe_run, args.threads, args.repeat, args.backward, args.bf16, folder)
         line = (f"{name:10s} {r['torch_ms']:9.2f} {r['dense_ms']:9.2f} {r['moe_ms']:8.2f} "
                 f"{r['torch_ms'] / r['moe_ms']:7.2f}x {r['dense_ms'] / r['moe_ms']:7.2f}x {r['error']:8.1e}")
         if args.backward:
             line += (f" {r['torch_bwd_ms']:9.2f} {r['moe_bwd_ms']:8.2f} {r['torch_bwd_ms'] / r['moe_bwd_ms']:7.2f}x"
                      f" {r['grad_error']:8.1e}")
+        if args.bf16:
+            line += f" {r['moe_bf16_ms']:8.2f} {r['moe_ms'] / r['moe_bf16_ms']:6.2f}x {r['bf16_error']:8.1e}"
         print(line, flush=True)
         rows.append(r)
+    if args.bf16:
+        print(f"bf16 kernel: {rows[0]['bf16_kernel']}")
     if args.plot:
         plot(rows, args.threads, args.plot)
 
@@ -217,17 +241,19 @@ def plot(rows, threads, path):
 
     engines = [("torch_ms", "PyTorch block (HF Mixtral style)"), ("dense_ms", "one dense PyTorch FFN, same FLOPs"),
                ("moe_ms", "moe")]
+    if "moe_bf16_ms" in rows[0]:
+        engines.append(("moe_bf16_ms", "moe, bf16 weights"))
     fig, ax = plt.subplots(figsize=(7.5, 3.9), dpi=120)
     width = 0.8 / len(engines)
     for i, (key, label) in enumerate(engines):
         values = [active_gflop(r["shape"]) / (r[key] * 1e-3) for r in rows]
-        bars = ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=label)
+        bars = ax.bar([j + (i - (len(engines) - 1) / 2) * width for j in range(len(rows))], values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(rows)), [r["shape"] for r in rows])
     ax.set_ylabel("GFLOP/s (active FLOPs)")
-    ax.set_title(f"MoE layer forward, float32, {threads} thread{'s' if threads > 1 else ''}")
+    ax.set_title(f"MoE layer forward, float32 activations, {threads} thread{'s' if threads > 1 else ''}")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(engines), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 

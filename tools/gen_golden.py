@@ -477,15 +477,9 @@ def keep(t):
     return t
 
 
-def round_bf16(t):
-    """t rounded to the nearest bfloat16 (ties to even; float64 -> float32 is exact for the float32
-    rows the library holds), back in float64."""
-    return t.to(torch.float32).to(torch.bfloat16).to(torch.float64)
-
-
 def expert_swiglu(x, w_gate, w_up, w_down, r=keep):
     """SwiGLU: W_down (silu(W_gate x) * (W_up x)); weights are [out, in]. `r` rounds the input of
-    each projection (round_bf16: the library's bf16-weight experts)."""
+    each projection (to bf16 for the library's bf16-weight experts)."""
     return r(silu(r(x) @ w_gate.T) * (r(x) @ w_up.T)) @ w_down.T
 
 
@@ -609,7 +603,7 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
                                spec.groups, ids, weights)
 
     y = torch.zeros_like(x)
-    r = round_bf16 if spec.bf16_inputs else keep
+    r = (lambda t: round_to(t, "BF16")) if spec.bf16_inputs else keep
     for e, params in enumerate(spec.experts):
         out = apply_expert(spec.expert, spec.activation, params, x, r)   # [T, d]
         w_e = (weights * (ids == e)).sum(dim=1, keepdim=True)          # [T, 1]
