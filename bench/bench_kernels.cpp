@@ -9,6 +9,7 @@
 #include <benchmark/benchmark.h>
 
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -17,24 +18,6 @@ using moe::matrix;
 
 void set_rate(benchmark::State& state, double flops) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-}
-
-// z (n x m) = x (n x d) W^T, W (m x d); with `bf16`, x and W are bf16 (the sums float32).
-void linear(benchmark::State& state, index n, index m, index d, bool eigen, bool bf16 = false) {
-    const matrix<float> x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
-    const matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
-    matrix<float> z(n, m);
-    for (auto _ : state) {
-        if (eigen)
-            z.noalias() = x * w.transpose();
-        else if (bf16)
-            moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
-        else
-            moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
-        benchmark::DoNotOptimize(z.data());
-        benchmark::ClobberMemory();
-    }
-    set_rate(state, 2.0 * static_cast<double>(n * m * d));
 }
 
 // c (n x m) = a b with b (k x m) row-major and a (n x k) as stored or transposed from (k x n); `add`
@@ -62,26 +45,42 @@ void multiply(benchmark::State& state, index n, index m, index k, bool transpose
     set_rate(state, 2.0 * static_cast<double>(n * m * k));
 }
 
+// The engines of the forward projections.
+enum class engine { kernel, kernel_bf16, eigen };
+
+// z (n x m) = x (n x d) W^T, W (m x d), by `how` (bf16: x and W bf16, the sums float32).
+void linear(benchmark::State& state, index n, index m, index d, engine how) {
+    const matrix<float> x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
+    const matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
+    matrix<float> z(n, m);
+    for (auto _ : state) {
+        if (how == engine::eigen)
+            z.noalias() = x * w.transpose();
+        else if (how == engine::kernel_bf16)
+            moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
+        else
+            moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
+        benchmark::DoNotOptimize(z.data());
+        benchmark::ClobberMemory();
+    }
+    set_rate(state, 2.0 * static_cast<double>(n * m * d));
+}
+
 const bool registered = [] {
     const index d = 1024, ff = 2816;  // mixtral
     for (const index rows : {1, 64, 256}) {
         const std::string r = "/rows:" + std::to_string(rows);
-        for (const bool bf16 : {false, true}) {  // the bf16 kernel next to the float one
-            const std::string who = bf16 ? "kernel_bf16/" : "kernel/";
-            benchmark::RegisterBenchmark((who + "linear/in_projection" + r).c_str(), linear, rows, 2 * ff, d, false, bf16)
+        for (const auto& [how, who] : {std::pair{engine::kernel, "kernel/"}, std::pair{engine::kernel_bf16, "kernel_bf16/"},
+                                       std::pair{engine::eigen, "eigen/"}}) {
+            if (rows == 1 && how == engine::eigen) continue;
+            benchmark::RegisterBenchmark((who + std::string("linear/in_projection") + r).c_str(), linear, rows, 2 * ff, d, how)
                 ->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + "linear/out_projection" + r).c_str(), linear, rows, d, ff, false, bf16)
+            benchmark::RegisterBenchmark((who + std::string("linear/out_projection") + r).c_str(), linear, rows, d, ff, how)
                 ->Unit(benchmark::kMillisecond);
         }
-        if (rows == 1) continue;
+        if (rows == 1) continue;  // the backward's products: training shapes only
         for (const bool eigen : {false, true}) {
             const std::string who = eigen ? "eigen/" : "kernel/";
-            if (eigen) {
-                benchmark::RegisterBenchmark((who + "linear/in_projection" + r).c_str(), linear, rows, 2 * ff, d, true, false)
-                    ->Unit(benchmark::kMillisecond);
-                benchmark::RegisterBenchmark((who + "linear/out_projection" + r).c_str(), linear, rows, d, ff, true, false)
-                    ->Unit(benchmark::kMillisecond);
-            }
             benchmark::RegisterBenchmark((who + "multiply/grad_activation" + r).c_str(), multiply, rows, ff, d, false, false,
                                          eigen)->Unit(benchmark::kMillisecond);
             benchmark::RegisterBenchmark((who + "multiply/grad_input" + r).c_str(), multiply, rows, d, 2 * ff, false, false,

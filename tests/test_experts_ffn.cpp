@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -67,21 +68,26 @@ TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the
     std::vector<moe::bf16> rounded(static_cast<std::size_t>(n * std::max(d, ff)));
     Eigen::Map<const moe::matrix<float>> xm(x.data(), n, d);
     Eigen::Map<moe::matrix<float>> hm(h.data(), n, 2 * ff), am(a.data(), n, ff), om(out.data(), n, d);
-    moe::ffn_forward(X{}, w, xm, hm, am, om, rounded.data());
-    // Reference in double: inputs rounded by Eigen's float -> bf16 conversion, products of the stored values.
+    moe::ffn_forward(X{}, w, xm, hm, am, om, std::span<moe::bf16>(rounded));
+    // Reference in double, step by step (each step from the implementation's own previous one, so that an
+    // activation on the edge between two bf16 values cannot round differently here): the products of
+    // the stored weights with the inputs rounded by Eigen's float -> bf16 conversion.
     const auto round = [](double v) { return static_cast<double>(static_cast<float>(moe::bf16(static_cast<float>(v)))); };
+    const auto silu = [](double v) { return v / (1 + std::exp(-v)); };
     const moe::matrix<double> win = w.in.cast<float>().cast<double>(), wout = w.out.cast<float>().cast<double>();
     for (moe::index r = 0; r < n; ++r) {
         const Eigen::VectorXd xr = x.row(r).cast<double>().transpose().unaryExpr(round);
-        const Eigen::VectorXd g = win.topRows(ff) * xr, u = win.bottomRows(ff) * xr;
-        const Eigen::VectorXd act = g.unaryExpr([](double v) { return v / (1 + std::exp(-v)); }).cwiseProduct(u).unaryExpr(round);
-        const Eigen::VectorXd want = wout * act;
-        CHECK((out.row(r).cast<double>().transpose() - want).cwiseAbs().maxCoeff() <= 2e-5 * want.cwiseAbs().maxCoeff());
-        // Not the float computation: without the rounding the output differs by far more.
-        const Eigen::VectorXd unrounded =
-            wout * (win.topRows(ff) * x.row(r).cast<double>().transpose())
-                       .unaryExpr([](double v) { return v / (1 + std::exp(-v)); })
-                       .cwiseProduct(win.bottomRows(ff) * x.row(r).cast<double>().transpose());
-        CHECK((unrounded - want).cwiseAbs().maxCoeff() > 2e-4 * want.cwiseAbs().maxCoeff());
+        const Eigen::VectorXd hr = win * xr;
+        CHECK((h.row(r).cast<double>().transpose() - hr).cwiseAbs().maxCoeff() <= 1e-5 * (1 + hr.cwiseAbs().maxCoeff()));
+        const Eigen::VectorXd g = h.row(r).head(ff).cast<double>().transpose(), u = h.row(r).tail(ff).cast<double>().transpose();
+        CHECK((a.row(r).cast<double>().transpose() - g.unaryExpr(silu).cwiseProduct(u)).cwiseAbs().maxCoeff() <=
+              1e-5 * (1 + a.row(r).cwiseAbs().maxCoeff()));
+        const Eigen::VectorXd want = wout * a.row(r).cast<double>().transpose().unaryExpr(round);
+        CHECK((out.row(r).cast<double>().transpose() - want).cwiseAbs().maxCoeff() <= 1e-5 * (1 + want.cwiseAbs().maxCoeff()));
+        // Not the float computation: without the rounding of the activation the output differs by far more.
+        const Eigen::VectorXd unrounded = wout * a.row(r).cast<double>().transpose();
+        CHECK((unrounded - want).cwiseAbs().maxCoeff() > 1e-4 * want.cwiseAbs().maxCoeff());
     }
+    std::vector<moe::bf16> short_buffer(static_cast<std::size_t>(n * d - 1));
+    CHECK_THROWS_AS(moe::ffn_forward(X{}, w, xm, hm, am, om, std::span<moe::bf16>(short_buffer)), moe::shape_error);
 }

@@ -221,6 +221,33 @@ TEST_CASE("safetensors: F16 and BF16 decoding") {
     CHECK(bf16[4] == double{from_bits(0x0001'0000)});
 }
 
+TEST_CASE("safetensors: reading into bf16 keeps BF16 bits and rounds the other dtypes to nearest even", "[bf16]") {
+    temp_dir dir;
+    const fs::path path = dir / "to_bf16.safetensors";
+    // 1 + 2^-8 (halfway: to even, 1), 1 + 3 * 2^-8 (halfway: up, 1 + 2^-6), a NaN with payload.
+    const std::vector<float> f32{1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -2.5f, from_bits(0x7FC1'2345)};
+    const std::vector<std::uint16_t> bf16_bits{0x3F80, 0x4049, 0xFF80, 0x7FC1, 0x0001};
+    const std::vector<std::uint16_t> f16_bits{0x3C01};  // 1 + 2^-10: rounds to 1
+    std::string f32_bytes(f32.size() * 4, '\0');
+    std::memcpy(f32_bytes.data(), f32.data(), f32_bytes.size());
+    write_file(path, file_bytes(R"({"f32":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                                R"("bf16":{"dtype":"BF16","shape":[5],"data_offsets":[16,26]},)"
+                                R"("f16":{"dtype":"F16","shape":[1],"data_offsets":[26,28]}})",
+                                f32_bytes + u16_le(bf16_bits) + u16_le(f16_bits)));
+    const safetensors_file file(path);
+    const auto bits = [](moe::bf16 v) { return Eigen::numext::bit_cast<std::uint16_t>(v); };
+    std::vector<moe::bf16> from_f32(4), from_bf16(5), from_f16(1);
+    file.read<moe::bf16>("f32", from_f32);
+    file.read<moe::bf16>("bf16", from_bf16);
+    file.read<moe::bf16>("f16", from_f16);
+    CHECK(bits(from_f32[0]) == 0x3F80);
+    CHECK(bits(from_f32[1]) == 0x3F82);
+    CHECK(bits(from_f32[2]) == 0xC020);
+    CHECK(bits(from_f32[3]) == 0x7FC1);  // still a NaN, payload's upper half kept
+    for (std::size_t i = 0; i < bf16_bits.size(); ++i) CHECK(bits(from_bf16[i]) == bf16_bits[i]);
+    CHECK(bits(from_f16[0]) == 0x3F80);
+}
+
 TEST_CASE("safetensors: every F16 value survives decoding and re-encoding") {
     temp_dir dir;
     std::vector<std::uint16_t> all(65536);

@@ -5,6 +5,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -179,7 +180,8 @@ TEST_CASE("linear on bf16 sums exact products in float32, on either kind of tile
             WARN("this CPU has no AVX-512 BF16 (or MOE_NO_AVX512_BF16 is set): its tiles are not tested here");
     }
 #endif
-    SECTION("linear chooses one of them") {
+    SECTION("linear chooses one of them; MOE_NO_AVX512_BF16 chooses the portable tiles") {
+        if (std::getenv("MOE_NO_AVX512_BF16") != nullptr) CHECK_FALSE(moe::kernels::avx512_bf16_dot_products());
         const moe::index d = 77, m = 6;
         moe::matrix<moe::bf16> x = moe::matrix<float>::Random(5, d).cast<moe::bf16>(), w = moe::matrix<float>::Random(m, d).cast<moe::bf16>();
         moe::matrix<float> got(5, m), want(5, m);

@@ -2,6 +2,12 @@
 
 #include <catch2/catch.hpp>
 
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
 TEST_CASE("matrices are row-major with one token per row, and views accept blocks of them", "[types]") {
     STATIC_REQUIRE(moe::matrix<float>::IsRowMajor);
     STATIC_REQUIRE(std::is_same_v<moe::index, Eigen::Index>);
@@ -14,4 +20,23 @@ TEST_CASE("matrices are row-major with one token per row, and views accept block
     moe::matrix_ref<double> writable = m.topRows(1);
     writable.setZero();
     CHECK(m.row(0).isZero());
+}
+
+TEST_CASE("bf16 is the upper half of a float32; to_bf16 rounds to nearest even", "[types][bf16]") {
+    STATIC_REQUIRE(sizeof(moe::bf16) == 2);
+    const auto bits = [](float v) { return Eigen::numext::bit_cast<std::uint16_t>(moe::to_bf16(v)); };
+    CHECK(bits(1.0f) == 0x3F80);
+    CHECK(static_cast<float>(moe::to_bf16(1.0f + 0x1p-8f)) == 1.0f);              // halfway, to even (down)
+    CHECK(static_cast<float>(moe::to_bf16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f);  // halfway, to even (up)
+    CHECK(static_cast<float>(moe::to_bf16(1.0f + 0x1p-8f + 0x1p-20f)) == 1.0f + 0x1p-7f);  // past halfway
+    CHECK(static_cast<float>(moe::to_bf16(-std::numeric_limits<float>::max())) == -std::numeric_limits<float>::infinity());
+    CHECK(std::isinf(static_cast<float>(moe::to_bf16(std::numeric_limits<float>::infinity()))));
+    CHECK(std::isnan(static_cast<float>(moe::to_bf16(std::bit_cast<float>(0x7F80'0001u)))));  // not infinity
+    // Agrees with Eigen's conversion away from NaN.
+    int differ = 0;
+    for (std::uint32_t i = 0; i < 100000; ++i) {
+        const float v = std::bit_cast<float>(i * 42949u + 12345u);
+        if (!std::isnan(v)) differ += bits(v) != Eigen::numext::bit_cast<std::uint16_t>(moe::bf16(v));
+    }
+    CHECK(differ == 0);
 }

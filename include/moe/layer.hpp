@@ -32,6 +32,8 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moe {
@@ -56,6 +58,20 @@ struct parameter {
     Eigen::Map<matrix<Scalar>> grad;
 };
 
+namespace detail {
+// Whether the shared expert's FFN policy (if any) names no weight type of its own or the routed
+// experts' one: the layer stores both alike, as the routed policy says.
+template <class Shared, class Scalar, class Weight>
+constexpr bool shared_weight_type_agrees() {
+    if constexpr (Shared::enabled) {
+        using own = weight_type_t<std::remove_cvref_t<decltype(std::declval<Shared>().expert)>, Scalar>;
+        return std::is_same_v<own, Scalar> || std::is_same_v<own, Weight>;
+    } else {
+        return true;
+    }
+}
+}  // namespace detail
+
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert,
           shared_expert Shared = shared_experts::none, loss_term<Scalar>... Losses>
 class layer {
@@ -69,6 +85,8 @@ public:
     using weight_type = weight_type_t<Expert, Scalar>;
     static_assert(std::is_same_v<weight_type, Scalar> || (std::is_same_v<weight_type, bf16> && std::is_same_v<Scalar, float>),
                   "expert weights are stored as the layer's scalar type, or as bf16 in a float layer");
+    static_assert(detail::shared_weight_type_agrees<Shared, Scalar, weight_type>(),
+                  "the shared expert's weights are stored as the routed experts' are: name bf16_weights on the routed expert policy");
     /// Whether the layer can train (its weights are its scalar type).
     static constexpr bool trainable = std::is_same_v<weight_type, Scalar>;
 
@@ -525,7 +543,7 @@ private:
         auto run = [&](index i, index thread) {
             const task& tk = tasks_[static_cast<std::size_t>(i)];
             Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
-            bf16* rounded = rounded_.data() + rounded_per_thread * static_cast<std::size_t>(thread);
+            const std::span<bf16> rounded(rounded_.data() + rounded_per_thread * static_cast<std::size_t>(thread), rounded_per_thread);
             const bool shared = tk.expert == e;
             const ffn_weights<weight_type>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(tk.expert)];
             const index ff = w.out.cols();

@@ -8,9 +8,12 @@
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
 #include "moe/kernels/multiply.hpp"
+#include "moe/error.hpp"
 #include "moe/types.hpp"
 
 #include <concepts>
+#include <span>
+#include <string>
 
 namespace moe {
 
@@ -93,26 +96,29 @@ constexpr index ffn_in_rows(index ff) {
 }
 
 /// out = x W^T for a row-major block x (n x d) and a row-major W (m x d) (`kernels::linear`). With
-/// bf16 W, x is first rounded to bf16 into `rounded` (n x d).
+/// bf16 W, x is first rounded to bf16 into `rounded` (at least n x d values, else `shape_error`).
 template <class Scalar, class Weight>
 void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Weight>& w, Eigen::Map<matrix<Scalar>>& out,
-             [[maybe_unused]] bf16* rounded) {
+             [[maybe_unused]] std::span<bf16> rounded) {
     const index n = x.rows(), d = x.cols();
     if constexpr (std::is_same_v<Weight, Scalar>) {
         kernels::linear(x.data(), d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
     } else {
         static_assert(std::is_same_v<Weight, bf16> && std::is_same_v<Scalar, float>, "bf16 weights need float rows");
-        kernels::round_to_bf16(x.data(), rounded, n * d);
-        kernels::linear(rounded, d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
+        if (static_cast<index>(rounded.size()) < n * d)
+            throw shape_error("project: bf16 weights need " + std::to_string(n * d) + " values to round the input to, got " +
+                              std::to_string(rounded.size()));
+        kernels::round_to_bf16(x.data(), rounded.data(), n * d);
+        kernels::linear(rounded.data(), d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
     }
 }
 
 /// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch; with
-/// bf16 weights so is `rounded` (n x max(d, ff)), unused otherwise.
+/// bf16 weights so is `rounded` (n x max(d, ff) values, else `shape_error`), unused otherwise.
 template <expert_ffn X, class Scalar, class Weight>
 void ffn_forward(const X& expert, const ffn_weights<Weight>& w, const Eigen::Map<const matrix<Scalar>>& x,
                  Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out,
-                 bf16* rounded = nullptr) {
+                 std::span<bf16> rounded = {}) {
     const index n = x.rows(), ff = w.out.cols();
     project(x, w.in, h, rounded);
     kernels::with_activation(expert.act(), [&]<activation A>() {

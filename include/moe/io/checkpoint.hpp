@@ -226,6 +226,7 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
 /// (views of its row halves), so an optimiser, a gradient dump or a writer sees HuggingFace's layout.
 template <class Layer>
 std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer& layer, family kind, index layer_index) {
+    static_assert(Layer::trainable, "checkpoint_parameters lists float weights with their gradients: not of a bf16-weight layer");
     using Scalar = typename Layer::scalar_type;
     static_assert(Layer::expert_type::gated, "checkpoint families store gated (SwiGLU) experts");
     if constexpr (Layer::shared_type::enabled)

@@ -90,13 +90,7 @@ inline float bf16_to_float(std::uint16_t bits) {
 }
 
 inline std::uint16_t float_to_bf16(float value) {
-    const auto bits = std::bit_cast<std::uint32_t>(value);
-    // Rounding could carry a NaN's payload into the exponent and turn it into infinity.
-    if ((bits & 0x7FFF'FFFFu) > 0x7F80'0000u) {
-        return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
-    }
-    const std::uint32_t round_to_even = 0x7FFFu + ((bits >> 16) & 1u);
-    return static_cast<std::uint16_t>((bits + round_to_even) >> 16);
+    return Eigen::numext::bit_cast<std::uint16_t>(to_bf16(value));
 }
 
 inline float f16_to_float(std::uint16_t bits) {
@@ -285,7 +279,7 @@ public:
     }
 
     /// Reads a floating-point tensor (F64, F32, F16, BF16) converted to T (float, double or bf16: BF16
-    /// values as stored, others rounded to nearest even) into `out`, which must hold exactly numel()
+    /// values as stored, others by `to_bf16`, F64 through float) into `out`, which must hold exactly numel()
     /// elements (else shape_error); integer and boolean tensors are rejected with io_error naming the
     /// tensor, the file and the dtype.
     template <class T>
@@ -300,25 +294,25 @@ public:
         }
         check_output_size(entry, out.size());
         const std::byte* source = data_section() + entry.begin;
+        // A stored value as T: bf16 by `to_bf16` (exact for BF16), float and double by conversion.
+        const auto as_t = [](auto v) {
+            if constexpr (std::is_same_v<T, bf16>)
+                return to_bf16(static_cast<float>(v));
+            else
+                return static_cast<T>(v);
+        };
         switch (entry.type) {
             case dtype::f64:
-                detail::decode<double>(source, out, [](double v) { return static_cast<T>(v); });
+                detail::decode<double>(source, out, as_t);
                 break;
             case dtype::f32:
-                detail::decode<float>(source, out, [](float v) { return static_cast<T>(v); });
+                detail::decode<float>(source, out, as_t);
                 break;
             case dtype::f16:
-                detail::decode<std::uint16_t>(source, out, [](std::uint16_t v) {
-                    return static_cast<T>(detail::f16_to_float(v));
-                });
+                detail::decode<std::uint16_t>(source, out, [&](std::uint16_t v) { return as_t(detail::f16_to_float(v)); });
                 break;
             default:  // bf16, the only floating-point dtype left
-                detail::decode<std::uint16_t>(source, out, [](std::uint16_t v) {
-                    if constexpr (std::is_same_v<T, bf16>)
-                        return Eigen::numext::bit_cast<bf16>(v);
-                    else
-                        return static_cast<T>(detail::bf16_to_float(v));
-                });
+                detail::decode<std::uint16_t>(source, out, [&](std::uint16_t v) { return as_t(detail::bf16_to_float(v)); });
                 break;
         }
     }

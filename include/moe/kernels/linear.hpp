@@ -9,16 +9,17 @@
 /// which other rows it was computed with.
 ///
 /// The register tile is up to 4 rows of x times 4 rows of W (16 accumulators; 8 loads per 16 FMAs);
-/// on AVX-512 the 16 sums of a tile are reduced together by shuffles (`detail::horizontal_sums`), in a
-/// tree that is the same for every output (and the same for `dot`). Rows of x are taken in blocks that stay in L2 while every W row passes
-/// once, so W streams from memory once per block: for a few rows (decoding) this reads the weights at
-/// memory speed, for many it is a compute-bound GEMM.
+/// on AVX-512 the 16 sums of a tile are reduced together by shuffles (`detail::avx512_sums`), in a
+/// tree that is the same for every output (and the same for `dot`). Rows of x are taken in blocks
+/// that stay in L2 while every W row passes once, so W streams from memory once per block: for a few
+/// rows (decoding) this reads the weights at memory speed, for many it is a compute-bound GEMM.
 ///
-/// With bf16 operands (weights kept as checkpoints store them, x rounded to bf16 by `round_to_bf16`)
-/// the products are exact and the sums float32. Where the CPU has AVX-512 BF16 (checked at run time,
-/// whatever the build flags) a tile takes `vdpbf16ps` steps of 32 pairs; elsewhere the same tiles as
-/// float widen each bf16 exactly to float first. Both keep the properties above; the two differ only
-/// in summation order.
+/// With bf16 operands (weights kept as checkpoints store them, x rounded by `round_to_bf16`) the
+/// products are exact and the sums float32. Where the CPU has AVX-512 BF16 (asked at run time; the
+/// code is built for it whatever the flags) a tile takes `vdpbf16ps` steps of 32 values (16 pairs per
+/// accumulator lane), the last step masked instead of a scalar tail; like that instruction, this path
+/// treats denormal inputs and sums as zero. Elsewhere the float tiles widen each bf16 exactly to float.
+/// Each path keeps the properties above; the two differ in summation order (and denormals).
 
 #include "moe/types.hpp"
 
@@ -30,10 +31,12 @@
 #include <cstdlib>
 #include <type_traits>
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
-/// Defined where the compiler can build AVX-512 BF16 code in functions of their own (whatever the
-/// flags of the rest) and the CPU can be asked at run time whether it runs it.
+/// Defined where the compiler can build AVX-512 (BF16) code in functions of their own whatever the
+/// flags of the rest (target attributes, `__builtin_shufflevector`) and the CPU can be asked at run
+/// time whether it runs it. Translation units of one program must still share their flags: an inline
+/// function built with different flags in two of them is one function to the linker.
 #define MOE_AVX512_BF16_DISPATCH 1
 #endif
 
@@ -41,12 +44,15 @@ namespace moe::kernels {
 
 namespace detail {
 
-/// Keeps a loaded vector in a register: without it GCC 12 folds the loads of a tile into its FMAs'
-/// memory operands and loads every vector four times (half the FMA rate).
-template <class Batch>
-inline void in_register([[maybe_unused]] Batch& b) {
+/// Keeps a loaded vector (an xsimd batch or a raw vector) in a register: without it GCC 12 folds the
+/// loads of a tile into its FMAs' memory operands and loads every vector four times (half the FMA rate).
+template <class Vector>
+inline void in_register([[maybe_unused]] Vector& v) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    asm("" : "+v"(b.data));
+    if constexpr (requires { v.data; })
+        asm("" : "+v"(v.data));
+    else
+        asm("" : "+v"(v));
 #endif
 }
 
@@ -68,36 +74,39 @@ inline Batch fused_multiply_add(const Batch& a, const Batch& b, const Batch& c) 
 }
 
 #if defined(MOE_AVX512_BF16_DISPATCH)
-/// sums[i] = the sum of the 16 lanes of acc[i] for i < N, formed together by shuffles: per 128-bit
-/// block (x0 + x2) + (x1 + x3), then (B0 + B1) + (B2 + B3) over the blocks, a tree that is the same for
-/// every i (so an output's bits do not depend on its place in a tile). (xsimd 8.1's `haddp` would do
-/// this but returns the sums in permuted lanes on AVX-512.)
-/// The shuffles of `avx512_sums` (those of unpacklo_ps, unpackhi_ps and shuffle_f32x4 with
-/// _MM_SHUFFLE(2, 0, 2, 0) and (3, 1, 3, 1)) written as vector shuffles: GCC 12's intrinsics for them
-/// warn of an uninitialised variable in their own header wherever they are inlined.
-__attribute__((target("avx512f"), always_inline)) inline __m512 unpack_low(__m512 a, __m512 b) {
+// Functions on AVX-512 vectors, built for AVX-512 whatever the flags.
+#define MOE_AVX512F_FUNCTION __attribute__((target("avx512f"), always_inline)) inline
+
+// The shuffles of `avx512_sums` (those of unpacklo_ps, unpackhi_ps and shuffle_f32x4 with
+// _MM_SHUFFLE(2, 0, 2, 0) and (3, 1, 3, 1)) written as vector shuffles: GCC 12's intrinsics for them
+// warn of an uninitialised variable in their own header wherever they are inlined.
+MOE_AVX512F_FUNCTION __m512 unpack_low(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
 }
-__attribute__((target("avx512f"), always_inline)) inline __m512 unpack_high(__m512 a, __m512 b) {
+MOE_AVX512F_FUNCTION __m512 unpack_high(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
 }
-/// Blocks 0 and 2 of a, then of b.
-__attribute__((target("avx512f"), always_inline)) inline __m512 even_blocks(__m512 a, __m512 b) {
+// Blocks 0 and 2 of a, then of b.
+MOE_AVX512F_FUNCTION __m512 even_blocks(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
 }
-/// Blocks 1 and 3 of a, then of b.
-__attribute__((target("avx512f"), always_inline)) inline __m512 odd_blocks(__m512 a, __m512 b) {
+// Blocks 1 and 3 of a, then of b.
+MOE_AVX512F_FUNCTION __m512 odd_blocks(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
 }
 
-template <int N>
-__attribute__((target("avx512f"), always_inline)) inline void avx512_sums(const __m512* acc, float* sums) {
+/// sums[i] = the sum of the 16 lanes of acc[i].data (an __m512) for i < N, formed together by
+/// shuffles: per 128-bit block (x0 + x2) + (x1 + x3), then (B0 + B1) + (B2 + B3) over the blocks, a
+/// tree that is the same for every i (so an output's bits do not depend on its place in a tile).
+/// (xsimd 8.1's `haddp` would do this but returns the sums in permuted lanes on AVX-512.)
+template <int N, class Vector>
+MOE_AVX512F_FUNCTION void avx512_sums(const Vector* acc, float* sums) {
     for (int g = 0; g < N; g += 16) {
         // Inputs 4q+1 and 4q+2 swapped, so that the sums come out in order (see below).
         __m512 in[16];
         for (int i = 0; i < 16; ++i) {
             const int from = g + ((i & 3) == 1 ? i + 1 : (i & 3) == 2 ? i - 1 : i);
-            in[i] = from < N ? acc[from] : _mm512_setzero_ps();
+            in[i] = from < N ? acc[from].data : _mm512_setzero_ps();
         }
         // Per block: v_p = [a0+a2, b0+b2, a1+a3, b1+b3] of a = in[2p], b = in[2p+1] ...
         __m512 v[8];
@@ -123,9 +132,7 @@ template <int N, class Batch, class Scalar>
 inline void horizontal_sums(const Batch* acc, Scalar* sums) {
 #if defined(__AVX512F__) && defined(MOE_AVX512_BF16_DISPATCH)
     if constexpr (std::is_same_v<Scalar, float> && Batch::size == 16) {
-        __m512 raw[N];
-        for (int i = 0; i < N; ++i) raw[i] = acc[i].data;
-        avx512_sums<N>(raw, sums);
+        avx512_sums<N>(acc, sums);
         return;
     }
 #endif
@@ -136,14 +143,16 @@ inline void horizontal_sums(const Batch* acc, Scalar* sums) {
 template <class In>
 using sum_type = std::conditional_t<std::is_same_v<In, bf16>, float, In>;
 
-/// A vector of `Batch` from `Batch::size` values at p, bf16 widened exactly to float.
+/// A vector of `Batch` from `Batch::size` values at p, bf16 widened exactly to float (its bits shifted
+/// into the upper half: a loop the compiler turns into vector zero-extends and shifts).
 template <class Batch, class In>
 inline Batch load(const In* p) {
     if constexpr (std::is_same_v<In, typename Batch::value_type>) {
         return Batch::load_unaligned(p);
     } else {
         alignas(Batch::arch_type::alignment()) float wide[Batch::size];
-        for (std::size_t k = 0; k < Batch::size; ++k) wide[k] = static_cast<float>(p[k]);
+        for (std::size_t k = 0; k < Batch::size; ++k)
+            wide[k] = std::bit_cast<float>(std::uint32_t{Eigen::numext::bit_cast<std::uint16_t>(p[k])} << 16);
         return Batch::load_aligned(wide);
     }
 }
@@ -194,20 +203,22 @@ struct avx512_bf16_tiles {
     template <int R, int J>
     __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void tile(const bf16* x, index ldx, const bf16* w,
                                                                             index ldw, float* z, index ldz, index d) {
-        __m512 acc[R * J];
-        for (int i = 0; i < R * J; ++i) acc[i] = _mm512_setzero_ps();
+        struct {
+            __m512 data;
+        } acc[R * J];
+        for (int i = 0; i < R * J; ++i) acc[i].data = _mm512_setzero_ps();
         for (index i = 0; i < d; i += 32) {
             // acc[r J + j] += the pairwise dot products of the 32 values from i of x_r and w_j.
             const __mmask32 mask = d - i >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((std::uint64_t{1} << (d - i)) - 1);
             __m512bh wv[J];
             for (int j = 0; j < J; ++j) {
                 wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + i);
-                asm("" : "+v"(wv[j]));  // as `in_register`
+                in_register(wv[j]);
             }
             for (int r = 0; r < R; ++r) {
                 __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
-                asm("" : "+v"(xv));
-                for (int j = 0; j < J; ++j) acc[r * J + j] = _mm512_dpbf16_ps(acc[r * J + j], xv, wv[j]);
+                in_register(xv);
+                for (int j = 0; j < J; ++j) acc[r * J + j].data = _mm512_dpbf16_ps(acc[r * J + j].data, xv, wv[j]);
             }
         }
         float sums[R * J];
@@ -273,8 +284,8 @@ void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
 }  // namespace detail
 
 /// sum_i a[i] * b[i] in a fixed order: one SIMD accumulator over the body, its horizontal sum
-/// (`detail::horizontal_sums`), then the scalar tail. `linear` computes exactly this for every output,
-/// so equal inputs give equal bits.
+/// (`detail::horizontal_sums`), then the scalar tail. `linear` on float or double computes exactly this
+/// for every output, so equal inputs give equal bits.
 template <class Scalar>
 Scalar dot(const Scalar* a, const Scalar* b, index n) {
     Scalar z;
@@ -293,8 +304,11 @@ void linear(const Scalar* x, index ldx, const Scalar* w, index ldw, Scalar* z, i
 /// variable MOE_NO_AVX512_BF16 is unset (set, it selects the portable tiles, e.g. to test them).
 inline bool avx512_bf16_dot_products() {
 #if defined(MOE_AVX512_BF16_DISPATCH)
-    static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                  __builtin_cpu_supports("avx512bf16") && std::getenv("MOE_NO_AVX512_BF16") == nullptr;
+    static const bool available = [] {
+        __builtin_cpu_init();  // this may run before the constructor that would call it
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512bf16") && std::getenv("MOE_NO_AVX512_BF16") == nullptr;
+    }();
     return available;
 #else
     return false;
@@ -311,15 +325,9 @@ inline void linear(const bf16* x, index ldx, const bf16* w, index ldw, float* z,
     detail::linear_with<detail::simd_tiles>(x, ldx, w, ldw, z, ldz, n, m, d);
 }
 
-/// out[i] = x[i] rounded to the nearest bf16 (ties to even), for i < n: the rows `linear` takes with
-/// bf16 weights. Written as bit operations so that it vectorises; NaN stays NaN.
+/// out[i] = to_bf16(x[i]) for i < n: the rows `linear` takes with bf16 weights.
 inline void round_to_bf16(const float* x, bf16* out, index n) {
-    for (index i = 0; i < n; ++i) {
-        const auto bits = std::bit_cast<std::uint32_t>(x[i]);
-        const std::uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-        const std::uint32_t nan = (bits >> 16) | 0x40u;  // rounding could carry a NaN into infinity
-        out[i] = Eigen::numext::bit_cast<bf16>(static_cast<std::uint16_t>((bits & 0x7FFF'FFFFu) > 0x7F80'0000u ? nan : rounded));
-    }
+    for (index i = 0; i < n; ++i) out[i] = to_bf16(x[i]);
 }
 
 }  // namespace moe::kernels
