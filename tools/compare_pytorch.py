@@ -7,8 +7,8 @@ random float32 weights) and an input file to a scratch folder, then, in one run:
     linear, softmax, top-k, renormalise, one masked gather per expert, index_add_), forward and,
     with --backward, its autograd backward;
   * times one dense PyTorch (OpenBLAS) SwiGLU FFN doing the same active FLOPs (T*k rows);
-  * runs `moe-run --repeat N` on the same files and reads its forward_ms_median (and
-    backward_ms_median);
+  * runs `moe-run --repeat N` on the same files (--rounds times, median taken) and reads its
+    forward_ms_median (and backward_ms_median);
   * checks that moe-run's output (and gradients) agree with PyTorch's.
 It prints medians and the ratios the performance issue asks for. Needs Debian's python3-torch:
 run it with /usr/bin/python3.
@@ -20,7 +20,7 @@ the float32 run and its error against the float32 PyTorch block.
 With --plot FILE it also draws GFLOP/s on active FLOPs per shape and engine (forward) into a PNG
 (Debian's python3-matplotlib).
 
-usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10]
+usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10] [--rounds 3]
                                 [--shapes small,mixtral,fine,decode_t1] [--backward] [--bf16]
                                 [--plot FILE]
 """
@@ -112,7 +112,7 @@ def relative_error(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def compare(name, moe_run, threads, repeat, backward, bf16, folder):
+def compare(name, moe_run, threads, repeat, rounds, backward, bf16, folder):
     T, d, ff, E, k = SHAPES[name]
     g = torch.Generator().manual_seed(1)
     dtype = "BF16" if bf16 else "F32"
@@ -162,25 +162,29 @@ def compare(name, moe_run, threads, repeat, backward, bf16, folder):
         row["torch_bwd_ms"] = max(0.0, pair - forward)
         forward_backward()
 
-    out = os.path.join(folder, "out.safetensors")
-    cmd = [moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
-           "--output", out, "--threads", str(threads), "--repeat", str(repeat)] + (["--backward"] if backward else [])
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    timings = dict(line.split("=") for line in run.stdout.split() if "_ms_median=" in line)
-    row["moe_ms"] = float(timings["forward_ms_median"])
+    # moe-run (and with --bf16 moe-run --weights bf16, alternately) `rounds` times: the medians of
+    # their medians, so that a burst of load on a shared machine does not decide a ratio.
+    out, out16 = os.path.join(folder, "out.safetensors"), os.path.join(folder, "out_bf16.safetensors")
+    common = [moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
+              "--threads", str(threads), "--repeat", str(repeat)]
+    samples = {"f32": [], "bf16": []}
+    for _ in range(rounds):
+        for weights in ("f32", "bf16") if bf16 else ("f32",):
+            extra = ["--backward"] if backward and weights == "f32" else []
+            run = subprocess.run(common + ["--output", out if weights == "f32" else out16, "--weights", weights] + extra,
+                                 capture_output=True, text=True, check=True)
+            printed = dict(line.split("=") for line in run.stdout.split() if "=" in line)
+            samples[weights].append(printed)
+    timings = {key: statistics.median(float(p[key]) for p in samples["f32"]) for key in samples["f32"][0]}
+    row["moe_ms"] = timings["forward_ms_median"]
     got = read_safetensors(out)
     row["error"] = relative_error(got["hidden_states"], reference)
     if bf16:
-        out16 = os.path.join(folder, "out_bf16.safetensors")
-        run = subprocess.run([moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
-                              "--output", out16, "--threads", str(threads), "--repeat", str(repeat), "--weights", "bf16"],
-                             capture_output=True, text=True, check=True)
-        printed = dict(line.split("=") for line in run.stdout.split() if "=" in line)
-        row["moe_bf16_ms"] = float(printed["forward_ms_median"])
-        row["bf16_kernel"] = printed["bf16_kernel"]
+        row["moe_bf16_ms"] = statistics.median(float(p["forward_ms_median"]) for p in samples["bf16"])
+        row["bf16_kernel"] = samples["bf16"][0]["bf16_kernel"]
         row["bf16_error"] = relative_error(read_safetensors(out16)["hidden_states"], reference)
     if backward:
-        row["moe_bwd_ms"] = float(timings["backward_ms_median"])
+        row["moe_bwd_ms"] = timings["backward_ms_median"]
         pairs = [("grad_hidden_states", xg), (f"grad.{p}.gate.weight", block.gate)]
         for e in range(E):
             pairs += [(f"grad.{p}.experts.{e}.{w}.weight", getattr(block, w)[e]) for w in ("w1", "w2", "w3")]
@@ -196,14 +200,15 @@ def main():
     ap.add_argument("--moe-run", default=os.path.join(here, "..", "build", "apps", "moe-run"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="moe-run processes per engine (median taken)")
     ap.add_argument("--shapes", default="small,mixtral,fine,decode_t1")
     ap.add_argument("--backward", action="store_true", help="also time and check the backward")
     ap.add_argument("--bf16", action="store_true", help="BF16 checkpoint; also run moe-run --weights bf16")
     ap.add_argument("--plot", metavar="FILE", help="draw GFLOP/s per shape and engine into this PNG")
     args = ap.parse_args()
     rows = []
-    print(f"threads {args.threads}, medians of {args.repeat} runs, float32{' (BF16 checkpoint)' if args.bf16 else ''}; "
-          f"torch {torch.__version__}")
+    print(f"threads {args.threads}, medians of {args.repeat} runs (moe: median of {args.rounds} such), "
+          f"float32{' (BF16 checkpoint)' if args.bf16 else ''}; torch {torch.__version__}")
     header = f"{'shape':10s} {'torch ms':>9s} {'dense ms':>9s} {'moe ms':>8s} {'vs torch':>8s} {'vs dense':>8s} {'rel err':>8s}"
     if args.backward:
         header += f" {'torch bwd':>9s} {'moe bwd':>8s} {'vs torch':>8s} {'grad err':>8s}"
@@ -212,7 +217,7 @@ def main():
     print(header)
     for name in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            r = compare(name, args.moe_run, args.threads, args.repeat, args.backward, args.bf16, folder)
+            r = compare(name, args.moe_run, args.threads, args.repeat, args.rounds, args.backward, args.bf16, folder)
         line = (f"{name:10s} {r['torch_ms']:9.2f} {r['dense_ms']:9.2f} {r['moe_ms']:8.2f} "
                 f"{r['torch_ms'] / r['moe_ms']:7.2f}x {r['dense_ms'] / r['moe_ms']:7.2f}x {r['error']:8.1e}")
         if args.backward:
