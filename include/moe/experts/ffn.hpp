@@ -5,10 +5,10 @@
 /// activation and product, a GEMM for the output projection (both `kernels::linear`); and the backward
 /// of the same (`kernels::multiply`).
 
+#include "moe/error.hpp"
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
 #include "moe/kernels/multiply.hpp"
-#include "moe/error.hpp"
 #include "moe/types.hpp"
 
 #include <concepts>

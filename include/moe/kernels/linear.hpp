@@ -124,6 +124,7 @@ MOE_AVX512F_FUNCTION void avx512_sums(const Vector* acc, float* sums) {
         for (int i = 0; i < 16 && g + i < N; ++i) sums[g + i] = out[i];
     }
 }
+#undef MOE_AVX512F_FUNCTION
 #endif
 
 /// sums[i] = the sum of the lanes of acc[i], in a tree that is the same for every i: `avx512_sums` for
