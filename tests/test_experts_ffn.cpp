@@ -54,34 +54,33 @@ TEST_CASE("MLP experts apply their activation", "[experts]") {
     STATIC_REQUIRE_FALSE(moe::expert_ffn<int>);
 }
 
-TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the exact products", "[experts][bf16]") {
-    using X = moe::experts::bf16_weights<moe::experts::swiglu>;
-    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<X, float>, moe::bf16>);
-    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<moe::experts::swiglu, float>, float>);
-    STATIC_REQUIRE(X::gated);
-    const moe::index d = 70, ff = 45, n = 5;  // partial steps of 32 in both projections
+namespace {
+// ffn_forward of bf16_weights<X> against double, step by step (each step from the implementation's own
+// previous one, so that an activation on the edge between two bf16 values cannot round differently
+// here): the products of the stored weights with the inputs rounded by Eigen's float -> bf16
+// conversion. `act` is X's activation in double.
+template <class X, class Act>
+void check_bf16_expert(const X& expert, Act act) {
+    const moe::experts::bf16_weights<X> bf16_expert{expert};
+    const moe::index d = 70, ff = 45, n = 5, in = moe::ffn_in_rows<X>(ff);  // partial steps of 32 in both projections
     moe::ffn_weights<moe::bf16> w;
-    w.in = moe::matrix<float>::Random(2 * ff, d).cast<moe::bf16>();
+    w.in = moe::matrix<float>::Random(in, d).cast<moe::bf16>();
     w.out = moe::matrix<float>::Random(d, ff).cast<moe::bf16>();
     const moe::matrix<float> x = moe::matrix<float>::Random(n, d);
-    moe::matrix<float> h(n, 2 * ff), a(n, ff), out(n, d);
+    moe::matrix<float> h(n, in), a(n, ff), out(n, d);
     std::vector<moe::bf16> rounded(static_cast<std::size_t>(n * std::max(d, ff)));
     Eigen::Map<const moe::matrix<float>> xm(x.data(), n, d);
-    Eigen::Map<moe::matrix<float>> hm(h.data(), n, 2 * ff), am(a.data(), n, ff), om(out.data(), n, d);
-    moe::ffn_forward(X{}, w, xm, hm, am, om, std::span<moe::bf16>(rounded));
-    // Reference in double, step by step (each step from the implementation's own previous one, so that an
-    // activation on the edge between two bf16 values cannot round differently here): the products of
-    // the stored weights with the inputs rounded by Eigen's float -> bf16 conversion.
+    Eigen::Map<moe::matrix<float>> hm(h.data(), n, in), am(a.data(), n, ff), om(out.data(), n, d);
+    moe::ffn_forward(bf16_expert, w, xm, hm, am, om, std::span<moe::bf16>(rounded));
     const auto round = [](double v) { return static_cast<double>(static_cast<float>(moe::bf16(static_cast<float>(v)))); };
-    const auto silu = [](double v) { return v / (1 + std::exp(-v)); };
     const moe::matrix<double> win = w.in.cast<float>().cast<double>(), wout = w.out.cast<float>().cast<double>();
     for (moe::index r = 0; r < n; ++r) {
         const Eigen::VectorXd xr = x.row(r).cast<double>().transpose().unaryExpr(round);
         const Eigen::VectorXd hr = win * xr;
         CHECK((h.row(r).cast<double>().transpose() - hr).cwiseAbs().maxCoeff() <= 1e-5 * (1 + hr.cwiseAbs().maxCoeff()));
-        const Eigen::VectorXd g = h.row(r).head(ff).cast<double>().transpose(), u = h.row(r).tail(ff).cast<double>().transpose();
-        CHECK((a.row(r).cast<double>().transpose() - g.unaryExpr(silu).cwiseProduct(u)).cwiseAbs().maxCoeff() <=
-              1e-5 * (1 + a.row(r).cwiseAbs().maxCoeff()));
+        const Eigen::VectorXd g = h.row(r).head(ff).cast<double>().transpose().unaryExpr(act);
+        const Eigen::VectorXd activated = X::gated ? Eigen::VectorXd(g.cwiseProduct(h.row(r).tail(ff).cast<double>().transpose())) : g;
+        CHECK((a.row(r).cast<double>().transpose() - activated).cwiseAbs().maxCoeff() <= 1e-5 * (1 + a.row(r).cwiseAbs().maxCoeff()));
         const Eigen::VectorXd want = wout * a.row(r).cast<double>().transpose().unaryExpr(round);
         CHECK((out.row(r).cast<double>().transpose() - want).cwiseAbs().maxCoeff() <= 1e-5 * (1 + want.cwiseAbs().maxCoeff()));
         // Not the float computation: without the rounding of the activation the output differs by far more.
@@ -89,5 +88,20 @@ TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the
         CHECK((unrounded - want).cwiseAbs().maxCoeff() > 1e-4 * want.cwiseAbs().maxCoeff());
     }
     std::vector<moe::bf16> short_buffer(static_cast<std::size_t>(n * d - 1));
-    CHECK_THROWS_AS(moe::ffn_forward(X{}, w, xm, hm, am, om, std::span<moe::bf16>(short_buffer)), moe::shape_error);
+    CHECK_THROWS_AS(moe::ffn_forward(bf16_expert, w, xm, hm, am, om, std::span<moe::bf16>(short_buffer)), moe::shape_error);
+}
+}  // namespace
+
+TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the exact products", "[experts][bf16]") {
+    using X = moe::experts::bf16_weights<moe::experts::swiglu>;
+    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<X, float>, moe::bf16>);
+    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<moe::experts::swiglu, float>, float>);
+    STATIC_REQUIRE(X::gated);
+    SECTION("SwiGLU") { check_bf16_expert(moe::experts::swiglu{}, [](double v) { return v / (1 + std::exp(-v)); }); }
+    SECTION("GeGLU") {
+        check_bf16_expert(moe::experts::geglu{}, [](double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); });
+    }
+    SECTION("MLP, relu") {
+        check_bf16_expert(moe::experts::mlp{moe::activation::relu}, [](double v) { return v > 0 ? v : 0.0; });
+    }
 }
