@@ -4,11 +4,16 @@
 // the active experts' weights stream ("weights GB/s", the measure for decoding), next to the memory
 // read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*` is the same layer with
 // its expert weights kept as bf16 (`experts::bf16_weights`), to set against `layer_forward/*`.
+#include <moe/detail/expert_schedule.hpp>
 #include <moe/moe.hpp>
 
 #include <benchmark/benchmark.h>
 #include <xsimd/xsimd.hpp>
 
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -16,18 +21,38 @@ namespace {
 struct shape {
     const char* name;
     moe::index tokens, d, ff, experts, k, shared_ff;
+    bool hot = false;  // every token on expert 0 (all-zero router weights tie every logit)
 };
 
-// The standard shapes (float32). decode_* use the mixtral weights.
+// The standard shapes (float32). decode_* use the mixtral weights; decode_4096_* those of
+// Mixtral-8x7B's size (one expert's weights, 704 MB, far beyond any cache).
 constexpr shape shapes[] = {
-    {"small", 512, 512, 1024, 8, 2, 0},      {"mixtral", 256, 1024, 2816, 8, 2, 0},
-    {"fine", 512, 1024, 512, 64, 8, 0},      {"fine_shared", 512, 1024, 512, 64, 8, 1024},
-    {"decode_t1", 1, 1024, 2816, 8, 2, 0},   {"decode_t8", 8, 1024, 2816, 8, 2, 0},
+    {"small", 512, 512, 1024, 8, 2, 0},          {"mixtral", 256, 1024, 2816, 8, 2, 0},
+    {"fine", 512, 1024, 512, 64, 8, 0},          {"fine_shared", 512, 1024, 512, 64, 8, 1024},
+    {"hot", 256, 1024, 2816, 8, 1, 0, true},     {"decode_t1", 1, 1024, 2816, 8, 2, 0},
+    {"decode_k1", 1, 1024, 2816, 8, 1, 0},       {"decode_t8", 8, 1024, 2816, 8, 2, 0},
+    {"decode_4096_k1", 1, 4096, 14336, 8, 1, 0}, {"decode_4096_k2", 1, 4096, 14336, 8, 2, 0},
 };
+
+// Fills the layer's weights: random draws, or (for the largest shapes, where drawing 1.4 G values
+// would take a minute) a random router and constant experts, which run at the same speed.
+template <class Layer>
+void fill(Layer& layer, const shape& s) {
+    if (s.d * s.ff < 16 * 1024 * 1024) {
+        layer.randomize(1);
+    } else {
+        layer.router_weight() = moe::matrix<float>::Random(s.experts, s.d);
+        for (moe::index e = 0; e < s.experts; ++e) {
+            layer.expert_weights(e).in.setConstant(typename Layer::weight_type(0.01f));
+            layer.expert_weights(e).out.setConstant(typename Layer::weight_type(0.01f));
+        }
+    }
+    if (s.hot) layer.router_weight().setZero();
+}
 
 template <class Layer>
 void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
-    layer.randomize(1);
+    fill(layer, s);
     layer.set_threads(state.range(0));
     const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
     moe::matrix<float> y(s.tokens, s.d);
@@ -51,7 +76,7 @@ void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
 // The backward alone: each iteration runs a training forward (not timed), then the backward.
 template <class Layer>
 void run_backward(benchmark::State& state, Layer& layer, const shape& s) {
-    layer.randomize(1);
+    fill(layer, s);
     layer.set_threads(state.range(0));
     layer.set_training(true);
     const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
@@ -155,35 +180,101 @@ void dense_ffn_backward(benchmark::State& state, shape s) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// The memory read bandwidth of one core in the same run: a sum over 1 GiB (far beyond the caches) in
-// SIMD vectors with four accumulators, as the kernels read weights.
+// The memory read bandwidth in the same run, at 1 and 2 threads: each thread sums its share of 1 GiB
+// (far beyond the caches) in SIMD vectors with four accumulators, as the kernels read weights.
 void memory_read(benchmark::State& state) {
     using batch = xsimd::batch<float>;
-    const std::size_t n = std::size_t{1} << 28;
-    std::vector<float> data(n, 1.0f);
+    static const std::vector<float> data(std::size_t{1} << 28, 1.0f);
+    const std::size_t n = data.size() / static_cast<std::size_t>(state.threads());
+    const float* first = data.data() + n * static_cast<std::size_t>(state.thread_index());
     for (auto _ : state) {
         batch a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
         for (std::size_t i = 0; i + 4 * batch::size <= n; i += 4 * batch::size) {
-            a0 += batch::load_unaligned(data.data() + i);
-            a1 += batch::load_unaligned(data.data() + i + batch::size);
-            a2 += batch::load_unaligned(data.data() + i + 2 * batch::size);
-            a3 += batch::load_unaligned(data.data() + i + 3 * batch::size);
+            a0 += batch::load_unaligned(first + i);
+            a1 += batch::load_unaligned(first + i + batch::size);
+            a2 += batch::load_unaligned(first + i + 2 * batch::size);
+            a3 += batch::load_unaligned(first + i + 3 * batch::size);
         }
         benchmark::DoNotOptimize(xsimd::hadd(a0 + a1 + a2 + a3));
     }
+    // Each thread's bytes; the counters of the threads are summed.
     state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n * sizeof(float)) * 1e-9,
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// What the layer's task lists would do on P cores, for P = 1 to 64, measured on one thread: the call
+// runs with the tasks planned for P threads (`layer::plan_for_threads`), each pool run's tasks are
+// list-scheduled on P workers with their measured times, and the rest of the call (routing, losses)
+// counts as serial. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the call on one thread
+// with the one-thread plan; medians of 5 calls. It shows load balance and the cost of the finer cut,
+// not memory bandwidth shared between cores.
+template <class Layer>
+void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool backward) {
+    fill(layer, s);
+    layer.set_threads(1);
+    if constexpr (Layer::trainable)
+        if (backward) layer.set_training(true);
+    const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
+    const moe::matrix<float> grad_y = moe::matrix<float>::Random(s.tokens, s.d);
+    moe::matrix<float> y(s.tokens, s.d), grad_x(s.tokens, s.d);
+    std::vector<std::vector<double>> trace;
+    // One call with the tasks of P threads: its wall time and its simulated time on P workers.
+    const auto call = [&](moe::index p) {
+        layer.plan_for_threads(p);
+        if (backward) layer.forward(x, y);
+        trace.clear();
+        layer.plan_for_threads(p, &trace);
+        const auto start = std::chrono::steady_clock::now();
+        if constexpr (Layer::trainable) {
+            if (backward)
+                layer.backward(x, grad_y, grad_x);
+            else
+                layer.forward(x, y);
+        } else {
+            layer.forward(x, y);
+        }
+        const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        layer.plan_for_threads(0);
+        double tasks = 0, simulated = 0;
+        for (const std::vector<double>& run : trace) {
+            for (const double t : run) tasks += t;
+            simulated += moe::detail::list_schedule(run, p);
+        }
+        return std::pair{wall, wall - tasks + simulated};
+    };
+    const auto median = [&](moe::index p, bool simulated) {
+        std::vector<double> v;
+        for (int r = 0; r < 5; ++r) v.push_back(simulated ? call(p).second : call(p).first);
+        std::nth_element(v.begin(), v.begin() + 2, v.end());
+        return v[2];
+    };
+    for (auto _ : state) {
+        const double one = median(1, false);
+        for (const moe::index p : {1, 2, 4, 8, 16, 32, 64})
+            state.counters["P" + std::to_string(p)] = one / (static_cast<double>(p) * median(p, true));
+    }
+}
+
+void efficiency_forward(benchmark::State& state, shape s) {
+    with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_efficiency(st, layer, sh, false); });
+}
+
+void efficiency_backward(benchmark::State& state, shape s) {
+    with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_efficiency(st, layer, sh, true); });
+}
+
 const bool registered = [] {
-    benchmark::RegisterBenchmark("memory_read", memory_read)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark("memory_read", memory_read)->Threads(1)->Threads(2)->Unit(benchmark::kMillisecond)->UseRealTime();
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("layer_forward_bf16/") + s.name).c_str(), layer_forward_bf16, s)
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
-        benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
+        if (s.d * s.ff < 16 * 1024 * 1024)  // the dense FFN of the largest shapes would only time a GEMV
+            benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
                 ->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("task_list_efficiency/forward/") + s.name).c_str(), efficiency_forward, s)
+            ->Iterations(1)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
     for (const shape& s : shapes) {
         if (s.tokens < 64) continue;  // training shapes only
@@ -191,6 +282,8 @@ const bool registered = [] {
             ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("dense_ffn_backward/") + s.name).c_str(), dense_ffn_backward, s)
             ->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("task_list_efficiency/backward/") + s.name).c_str(), efficiency_backward, s)
+            ->Iterations(1)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
     return true;
 }();

@@ -4,10 +4,13 @@
 /// expert and loss policies, forward and backward.
 ///
 /// forward: logits z = x W_r^T -> router -> routing -> dispatch (counting sort into per-expert row
-/// blocks) -> experts over (expert, row-chunk) tasks -> combine in a fixed order -> y.
-/// backward: the same path in reverse with the same routing (the selection is held constant).
-/// The row chunks are the same at every thread count, and each output row is summed in slot order,
-/// so the result is bitwise identical across runs and thread counts.
+/// blocks) -> the expert FFNs, shared FFN included, as tasks of (FFN, row block, column block) for
+/// each projection (detail/expert_pass.hpp, cut for the pool's threads by detail/expert_schedule.hpp)
+/// -> combine in a fixed order -> y.
+/// backward: the same path in reverse with the same routing (the selection is held constant); weight
+/// gradients by blocks of their rows and columns, each value summed over all of its FFN's rows.
+/// Every value is one whole sum in an order that no block or thread changes, and each output row is
+/// summed in slot order, so the result is bitwise identical across runs and thread counts.
 ///
 /// Expert parallelism: a layer built with a `parallel::placement` is one rank of a layer whose routed
 /// experts are spread over the ranks of a communicator. Every rank calls forward (and backward) with
@@ -15,6 +18,8 @@
 /// Router, shared experts and losses are replicated; their gradients are summed over the ranks.
 
 #include "moe/concepts.hpp"
+#include "moe/detail/expert_pass.hpp"
+#include "moe/detail/expert_schedule.hpp"
 #include "moe/detail/thread_pool.hpp"
 #include "moe/error.hpp"
 #include "moe/experts/ffn.hpp"
@@ -90,12 +95,6 @@ public:
     /// Whether the layer can train (its weights are its scalar type).
     static constexpr bool trainable = std::is_same_v<weight_type, Scalar>;
 
-    /// Tokens per task of the token-wise passes (logits, combine).
-    static constexpr index chunk_rows = 64;
-    /// An expert's block of n rows runs as ceil(n / max_task_rows) tasks of nearly equal size. The split
-    /// depends on n alone, never on the thread count, so rounding (and the output) does not either.
-    /// Large tasks keep the GEMMs efficient: a block of 70 rows is one GEMM, not 64 rows plus 6.
-    static constexpr index max_task_rows = 256;
 
     /// Allocates zero weights of the given shape. Throws `value_error` when a size or a router
     /// hyper-parameter is out of range.
@@ -279,9 +278,23 @@ public:
         if (threads < 1 || threads > max_threads)
             throw value_error("layer: threads = " + std::to_string(threads) + " must be in [1, " +
                               std::to_string(max_threads) + "]");
-        if (threads != pool_->size()) pool_ = std::make_unique<detail::thread_pool>(threads);
+        if (threads == pool_->size()) return;
+        pool_ = std::make_unique<detail::thread_pool>(threads);
+        pool_->set_trace(trace_);
     }
     [[nodiscard]] index threads() const { return pool_->size(); }
+
+    /// Benchmarks: cut the work into the tasks planned for `threads` threads (0: the pool's own size),
+    /// whatever runs them, and (with `trace` set) record each pool run's task times: so one thread can
+    /// time the task list of a larger machine. Results do not depend on either.
+    void plan_for_threads(index threads, std::vector<std::vector<double>>* trace = nullptr) {
+        if (threads < 0 || threads > max_threads)
+            throw value_error("layer: planned threads = " + std::to_string(threads) + " must be in [0, " +
+                              std::to_string(max_threads) + "]");
+        plan_threads_ = threads;
+        trace_ = trace;
+        pool_->set_trace(trace);
+    }
 
     /// y = MoE(x) for x of shape T x d; y must be T x d too. Throws `shape_error` otherwise.
     void forward(const_matrix_ref<Scalar> x, matrix_ref<Scalar> y) {
@@ -299,7 +312,7 @@ public:
         routing_.build_dispatch();
         if (exchange_) exchange_->share_totals(routing_, logits_.cols());
         compute_experts(x);
-        combine(y);
+        combine(x, y);
         if constexpr (sizeof...(Losses) > 0) {
             const auto values = [&] {
                 loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
@@ -450,37 +463,22 @@ private:
         w.out = matrix<weight_type>::Zero(shape_.d_model, ff);
     }
 
-    // One task: `rows` rows starting at `first` of expert `expert` (shared FFN when expert == E).
-    struct task {
-        index expert;
-        index first;
-        index rows;
-    };
+    // Calls f(begin, end) for chunks of the n rows (`detail::chunk_rows`) on the pool. Each row's result
+    // is computed by itself, so the chunking does not change it.
+    template <class F>
+    void for_row_chunks(index n, F&& f) {
+        const index chunk = detail::chunk_rows(n, plan_threads_ > 0 ? plan_threads_ : pool_->size());
+        auto run = [&](index c, index) { f(c * chunk, std::min(n, (c + 1) * chunk)); };
+        pool_->run((n + chunk - 1) / chunk, run);
+    }
 
     // Logits per token chunk; each is a fixed-order dot product (see kernels/linear.hpp).
     void compute_logits(const const_matrix_ref<Scalar>& x) {
-        const index t = x.rows(), e = router_weight_.rows(), d = shape_.d_model;
-        auto run = [&](index chunk, index) {
-            const index first = chunk * chunk_rows, rows = std::min(chunk_rows, t - first);
-            kernels::linear(x.row(first).data(), x.outerStride(), router_weight_.data(), d, logits_.row(first).data(), e, rows,
-                            e, d);
-        };
-        pool_->run((t + chunk_rows - 1) / chunk_rows, run);
-    }
-
-    // Calls f(first, rows) for the pieces of the n rows starting at `first` (see `max_task_rows`).
-    template <class F>
-    static void for_each_piece(index first, index n, F&& f) {
-        const index pieces = (n + max_task_rows - 1) / max_task_rows;
-        for (index p = 0; p < pieces; ++p) {
-            const index begin = first + n * p / pieces, end = first + n * (p + 1) / pieces;
-            f(begin, end - begin);
-        }
-    }
-
-    // Tasks for `n` rows of expert `expert` starting at row `first`.
-    void add_tasks(index expert, index first, index n) {
-        for_each_piece(first, n, [&](index begin, index rows) { tasks_.push_back({expert, begin, rows}); });
+        const index e = router_weight_.rows(), d = shape_.d_model;
+        for_row_chunks(x.rows(), [&](index begin, index end) {
+            kernels::linear(x.row(begin).data(), x.outerStride(), router_weight_.data(), d, logits_.row(begin).data(), e,
+                            end - begin, e, d);
+        });
     }
 
     // The token routed row `row` (of `routing_`) comes from.
@@ -507,99 +505,112 @@ private:
 
     using row_vector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     static Eigen::Map<row_vector> row_map(Scalar* p, index n) { return {p, n}; }
-    static Eigen::Map<const row_vector> const_row(const Scalar* p, index n) { return {p, n}; }
 
     // Input row `row` of the routed rows this rank computes.
     [[nodiscard]] const Scalar* routed_input(const const_matrix_ref<Scalar>& x, index row) const {
         return exchange_ ? received_x_.row(exchange_->received_row(row)).data() : x.row(token_of(row)).data();
     }
 
-    // The shared FFN over every token and the routed experts over the row blocks `offsets` (E + 1
-    // entries) into `out`, as (expert, piece) tasks.
-    void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
-        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
-        tasks_.clear();
-        // Shared-expert tasks (every token) first: the largest tasks start first and the small
-        // routed ones fill the gaps at the end.
-        if constexpr (Shared::enabled) {
-            shared_out_.resize(t, d);
-            add_tasks(e, 0, t);
-        }
-        for (index x_ = 0; x_ < e; ++x_) {
-            const index b = offsets[static_cast<std::size_t>(x_)];
-            add_tasks(x_, b, offsets[static_cast<std::size_t>(x_) + 1] - b);
-        }
-        const index widest = std::max(shape_.d_ff, shape_.d_shared);
-        const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (d + 3 * widest));
-        if (training_) {
-            hidden_.resize(offsets.back(), ffn_in_rows<Expert>(shape_.d_ff));
-            if constexpr (Shared::enabled) shared_hidden_.resize(t, shared_weights_.in.rows());
-        }
-        if constexpr (Shared::gated) shared_gate_values_.resize(t);
-        scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
-        // bf16 weights: each projection's input rows rounded to bf16.
-        const std::size_t rounded_per_thread = trainable ? 0 : static_cast<std::size_t>(max_task_rows * std::max(d, widest));
-        rounded_.resize(rounded_per_thread * static_cast<std::size_t>(pool_->size()));
-        auto run = [&](index i, index thread) {
-            const task& tk = tasks_[static_cast<std::size_t>(i)];
-            Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
-            const std::span<bf16> rounded(rounded_.data() + rounded_per_thread * static_cast<std::size_t>(thread), rounded_per_thread);
-            const bool shared = tk.expert == e;
-            const ffn_weights<weight_type>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(tk.expert)];
-            const index ff = w.out.cols();
-            Eigen::Map<matrix<Scalar>> xin(base, tk.rows, d);
-            for (index r = 0; r < tk.rows; ++r) {
-                if (shared)
-                    xin.row(r) = x.row(tk.first + r);
-                else
-                    xin.row(r) = const_row(routed_input(x, tk.first + r), d);
-            }
-            Scalar* h_data = base + max_task_rows * d;
-            if (training_) h_data = shared ? shared_hidden_.row(tk.first).data() : hidden_.row(tk.first).data();
-            Eigen::Map<matrix<Scalar>> h(h_data, tk.rows, w.in.rows());
-            Eigen::Map<matrix<Scalar>> a(base + max_task_rows * (d + 2 * widest), tk.rows, ff);
-            Eigen::Map<matrix<Scalar>> out = shared ? Eigen::Map<matrix<Scalar>>(shared_out_.row(tk.first).data(), tk.rows, d)
-                                                    : Eigen::Map<matrix<Scalar>>(routed_out.row(tk.first).data(), tk.rows, d);
-            const Eigen::Map<const matrix<Scalar>> xc(xin.data(), tk.rows, d);
-            if (shared) {
-                if constexpr (Shared::enabled) {
-                    ffn_forward(shared_.expert, w, xc, h, a, out, rounded);
-                    if constexpr (Shared::gated)
-                        for (index r = 0; r < tk.rows; ++r) {
-                            const Scalar g = xc.row(r).dot(shared_gate_);
-                            shared_gate_values_[tk.first + r] = Scalar(1) / (Scalar(1) + std::exp(-g));
-                        }
-                }
-            } else {
-                ffn_forward(expert_, w, xc, h, a, out, rounded);
-            }
-        };
-        pool_->run(static_cast<index>(tasks_.size()), run);
+    // n values from `from` as the weight type (bf16 weights: rounded, as their projections take them).
+    static void store_input(const Scalar* from, weight_type* to, index n) {
+        if constexpr (trainable)
+            std::copy(from, from + n, to);
+        else
+            kernels::round_to_bf16(from, to, n);
     }
 
-    void combine(matrix_ref<Scalar>& y) {
-        const index t = routing_.tokens;
-        auto run = [&](index chunk, index) {
-            const index end = std::min(t, (chunk + 1) * chunk_rows);
-            for (index i = chunk * chunk_rows; i < end; ++i) {
+    // The policy of the shared FFN (the routed one's when there is none: it then has no rows).
+    [[nodiscard]] const auto& shared_policy() const {
+        if constexpr (Shared::enabled)
+            return shared_.expert;
+        else
+            return expert_;
+    }
+
+    // The routed experts over the row blocks `offsets` (E + 1 entries) into `routed_out`, and the shared
+    // FFN over every token, as the tasks of `detail::expert_pass`: the routed rows' inputs are gathered
+    // (and, for bf16 weights, rounded) first.
+    void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
+        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows(), rows = offsets.back();
+        routed_in_.resize(rows, d);
+        for_row_chunks(rows, [&](index begin, index end) {
+            for (index r = begin; r < end; ++r) store_input(routed_input(x, r), routed_in_.data() + r * d, d);
+        });
+        const index in_rows = ffn_in_rows<Expert>(shape_.d_ff);
+        act_.resize(rows, shape_.d_ff);
+        if (training_) hidden_.resize(rows, in_rows);
+        blocks_.resize(static_cast<std::size_t>(e) + 1);
+        for (index ex = 0; ex < e; ++ex) {
+            const index first = offsets[static_cast<std::size_t>(ex)];
+            auto& b = blocks_[static_cast<std::size_t>(ex)];
+            b.weights = &experts_[static_cast<std::size_t>(ex)];
+            b.rows = offsets[static_cast<std::size_t>(ex) + 1] - first;
+            b.x = routed_in_.data() + first * d;
+            b.ldx = d;
+            b.hidden = training_ ? hidden_.data() + first * in_rows : nullptr;
+            b.ldh = in_rows;
+            b.act = act_.data() + first * shape_.d_ff;
+            b.lda = shape_.d_ff;
+            b.out = routed_out.data() + first * d;
+            b.ldo = d;
+        }
+        auto& sb = blocks_.back();  // the shared FFN (no rows without one)
+        sb = {};
+        sb.shared = true;
+        if constexpr (Shared::enabled) {
+            const index ds = shape_.d_shared, shared_in_rows = shared_weights_.in.rows();
+            if constexpr (trainable) {
+                sb.x = x.data();
+                sb.ldx = x.outerStride();
+            } else {
+                shared_in_.resize(t, d);
+                for_row_chunks(t, [&](index begin, index end) {
+                    for (index r = begin; r < end; ++r) store_input(x.row(r).data(), shared_in_.data() + r * d, d);
+                });
+                sb.x = shared_in_.data();
+                sb.ldx = d;
+            }
+            shared_out_.resize(t, d);
+            shared_act_.resize(t, ds);
+            if (training_) shared_hidden_.resize(t, shared_in_rows);
+            sb.weights = &shared_weights_;
+            sb.rows = t;
+            sb.hidden = training_ ? shared_hidden_.data() : nullptr;
+            sb.ldh = shared_in_rows;
+            sb.act = shared_act_.data();
+            sb.lda = ds;
+            sb.out = shared_out_.data();
+            sb.ldo = d;
+        }
+        pass_.forward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
+    }
+
+    // y_t = the weighted rows of token t's slots in slot order, plus the shared FFN's (gated: times
+    // sigma(w_g . x_t), kept for backward).
+    void combine(const const_matrix_ref<Scalar>& x, matrix_ref<Scalar>& y) {
+        if constexpr (Shared::gated) shared_gate_values_.resize(x.rows());
+        for_row_chunks(routing_.tokens, [&](index begin, index end) {
+            for (index i = begin; i < end; ++i) {
                 auto yi = y.row(i);
                 yi.setZero();
                 for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
                     const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
                     if (row >= 0) yi += routing_.weights[static_cast<std::size_t>(s)] * expert_out_.row(row);
                 }
-                if constexpr (Shared::gated)
+                if constexpr (Shared::gated) {
+                    const Scalar g = x.row(i).dot(shared_gate_);
+                    shared_gate_values_[i] = Scalar(1) / (Scalar(1) + std::exp(-g));
                     yi += shared_gate_values_[i] * shared_out_.row(i);
-                else if constexpr (Shared::enabled)
+                } else if constexpr (Shared::enabled) {
                     yi += shared_out_.row(i);
+                }
             }
-        };
-        pool_->run((t + chunk_rows - 1) / chunk_rows, run);
+        });
     }
 
-    // One task per expert (the shared FFN first), each over its rows in the pieces of `max_task_rows` in
-    // order, so every weight gradient is summed in the same order at any thread count. Expert-parallel:
-    // dL/d(out) of every routed row goes to the row's owner, which returns dL/dx of the row.
+    // The expert pass backward over the blocks of the forward: each routed row's dL/d(out) (its combine
+    // weight times dL/dy of its token) is gathered first. Expert-parallel: dL/d(out) of every routed row
+    // goes to the row's owner, which returns dL/dx of the row.
     void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y) {
         const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
         const auto scaled_grad = [&](index row, Scalar* to) {
@@ -608,61 +619,48 @@ private:
         };
         if (exchange_) exchange_->send(d, scaled_grad, received_grad_);
         const std::vector<index>& offsets = exchange_ ? exchange_->own_offsets() : routing_.expert_offsets;
-        matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
-        routed_grad.resize(offsets.back(), d);
-        if constexpr (Shared::enabled) shared_grad_.resize(t, d);
-        const index widest = std::max(shape_.d_ff, shape_.d_shared);
-        const std::size_t per_thread = static_cast<std::size_t>(max_task_rows * (2 * d + 2 * widest));
-        scratch_.resize(per_thread * static_cast<std::size_t>(pool_->size()));
-        const index first_task = Shared::enabled ? -1 : 0;
-        auto run = [&](index i, index thread) {
-            const index expert = i + first_task;  // -1: the shared FFN
-            const bool shared = expert < 0;
-            const ffn_weights<Scalar>& w = shared ? shared_weights_ : experts_[static_cast<std::size_t>(expert)];
-            ffn_weights<Scalar>& grad = shared ? grad_shared_weights_ : grad_experts_[static_cast<std::size_t>(expert)];
-            const index begin = shared ? 0 : offsets[static_cast<std::size_t>(expert)];
-            const index end = shared ? t : offsets[static_cast<std::size_t>(expert) + 1];
-            const index ff = w.out.cols();
-            Scalar* base = scratch_.data() + per_thread * static_cast<std::size_t>(thread);
-            if (end == begin) {
-                grad.in.setZero();
-                grad.out.setZero();
+        const index rows = offsets.back();
+        dout_.resize(rows, d);
+        for_row_chunks(rows, [&](index begin, index end) {
+            for (index r = begin; r < end; ++r) {
+                if (exchange_)
+                    row_map(dout_.data() + r * d, d) = received_grad_.row(exchange_->received_row(r));
+                else
+                    scaled_grad(r, dout_.data() + r * d);
             }
-            bool first_piece = true;  // writes the weight gradients, the later pieces add to them
-            for_each_piece(begin, end - begin, [&](index first, index n) {
-                Eigen::Map<matrix<Scalar>> xin(base, n, d), dout(base + max_task_rows * d, n, d);
-                for (index r = 0; r < n; ++r) {
-                    const index row = first + r;
-                    if (shared) {
-                        Scalar scale = 1;
-                        if constexpr (Shared::gated) scale = shared_gate_values_[row];
-                        xin.row(r) = x.row(row);
-                        dout.row(r) = scale * grad_y.row(row);
-                    } else if (exchange_) {
-                        const index at = exchange_->received_row(row);
-                        xin.row(r) = received_x_.row(at);
-                        dout.row(r) = received_grad_.row(at);
-                    } else {
-                        xin.row(r) = x.row(token_of(row));
-                        scaled_grad(row, dout.row(r).data());
-                    }
-                }
-                Eigen::Map<matrix<Scalar>> h(shared ? shared_hidden_.row(first).data() : hidden_.row(first).data(), n,
-                                             w.in.rows());
-                Eigen::Map<matrix<Scalar>> a(base + 2 * max_task_rows * d, n, ff);
-                Eigen::Map<matrix<Scalar>> da(base + 2 * max_task_rows * d + max_task_rows * widest, n, ff);
-                Eigen::Map<matrix<Scalar>> dx(shared ? shared_grad_.row(first).data() : routed_grad.row(first).data(), n, d);
-                const Eigen::Map<const matrix<Scalar>> xc(xin.data(), n, d), doc(dout.data(), n, d);
-                if (shared) {
-                    if constexpr (Shared::enabled) ffn_backward(shared_.expert, w, xc, h, doc, a, da, grad, !first_piece, dx);
-                } else {
-                    ffn_backward(expert_, w, xc, h, doc, a, da, grad, !first_piece, dx);
-                }
-                first_piece = false;
-            });
-        };
-        // Experts held elsewhere have no rows and empty gradients: their tasks do nothing.
-        pool_->run(e - first_task, run);
+        });
+        matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
+        routed_grad.resize(rows, d);
+        for (index ex = 0; ex < e; ++ex) {
+            const index first = offsets[static_cast<std::size_t>(ex)];
+            auto& b = blocks_[static_cast<std::size_t>(ex)];
+            b.dout = dout_.data() + first * d;
+            b.ldd = d;
+            b.grad = &grad_experts_[static_cast<std::size_t>(ex)];
+            b.dx = routed_grad.data() + first * d;
+            b.lddx = d;
+        }
+        if constexpr (Shared::enabled) {
+            auto& sb = blocks_.back();
+            sb.x = x.data();  // the forward's x may live elsewhere now
+            sb.ldx = x.outerStride();
+            if constexpr (Shared::gated) {
+                shared_dout_.resize(t, d);
+                for_row_chunks(t, [&](index begin, index end) {
+                    for (index i = begin; i < end; ++i) shared_dout_.row(i) = shared_gate_values_[i] * grad_y.row(i);
+                });
+                sb.dout = shared_dout_.data();
+                sb.ldd = d;
+            } else {
+                sb.dout = grad_y.data();
+                sb.ldd = grad_y.outerStride();
+            }
+            shared_grad_.resize(t, d);
+            sb.grad = &grad_shared_weights_;
+            sb.dx = shared_grad_.data();
+            sb.lddx = d;
+        }
+        pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
         if (exchange_) {
             row_grad_.resize(routing_.rows(), d);
             exchange_->give_back(own_grad_, row_grad_);
@@ -676,10 +674,8 @@ private:
 
     // dL/dx_t += the rows of token t's slots in slot order, then the shared FFN's and its gate's terms.
     void combine_backward(matrix_ref<Scalar>& grad_x) {
-        const index t = routing_.tokens;
-        auto run = [&](index chunk, index) {
-            const index end = std::min(t, (chunk + 1) * chunk_rows);
-            for (index i = chunk * chunk_rows; i < end; ++i) {
+        for_row_chunks(routing_.tokens, [&](index begin, index end) {
+            for (index i = begin; i < end; ++i) {
                 auto gi = grad_x.row(i);
                 for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
                     const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
@@ -688,8 +684,7 @@ private:
                 if constexpr (Shared::enabled) gi += shared_grad_.row(i);
                 if constexpr (Shared::gated) gi += shared_gate_grad_[i] * shared_gate_.transpose();
             }
-        };
-        pool_->run((t + chunk_rows - 1) / chunk_rows, run);
+        });
     }
 
     static Eigen::Map<matrix<Scalar>> view(matrix<Scalar>* m, index rows, index cols) {
@@ -713,11 +708,17 @@ private:
     // Workspace, reused between calls.
     matrix<Scalar> logits_;
     routing<Scalar> routing_;
-    std::vector<task> tasks_;
+    index plan_threads_ = 0;                          // see plan_for_threads
+    std::vector<std::vector<double>>* trace_ = nullptr;  // see plan_for_threads
+    using block = detail::ffn_block<Scalar, weight_type>;
+    std::vector<block> blocks_;    // routed experts, then the shared FFN (see detail/expert_pass.hpp)
+    detail::expert_pass<Scalar, weight_type> pass_;
+    matrix<weight_type> routed_in_;   // input of each routed row this rank computes (bf16: rounded)
+    matrix<weight_type> shared_in_;   // bf16 weights: the tokens rounded for the shared FFN
+    matrix<weight_type> act_;         // act(h) per routed row
+    matrix<weight_type> shared_act_;  // act(h) of the shared FFN per token
     matrix<Scalar> expert_out_;
     matrix<Scalar> shared_out_;
-    std::vector<Scalar> scratch_;
-    std::vector<bf16> rounded_;  // bf16 weights: projection inputs rounded to bf16
     vector<Scalar> shared_gate_values_;  // sigma(w_g . x_t) per token (gated shared expert)
     std::array<Scalar, sizeof...(Losses)> loss_values_{};
 
@@ -732,6 +733,8 @@ private:
     vector<Scalar> grad_shared_gate_;
     std::vector<Scalar> grad_weights_;   // dL/dw per slot
     matrix<Scalar> grad_logits_;
+    matrix<Scalar> dout_;                // dL/d(out) per routed row this rank computes
+    matrix<Scalar> shared_dout_;         // gated shared FFN: dL/d(out) per token
     matrix<Scalar> row_grad_;            // dL/dx per routed row
     matrix<Scalar> shared_grad_;         // dL/dx of the shared FFN per token
     vector<Scalar> shared_gate_grad_;    // dL/dg_t of the shared gate per token

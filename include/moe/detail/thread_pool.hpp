@@ -5,6 +5,7 @@
 #include "moe/types.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -35,8 +36,9 @@ public:
     /// [0, size()) and identifies per-thread scratch. The first exception a task throws is rethrown here.
     template <class F>
     void run(index tasks, F& f) {
+        if (trace_ != nullptr) trace_->emplace_back(static_cast<std::size_t>(tasks), 0.0);
         if (workers_.empty() || tasks <= 1) {
-            for (index t = 0; t < tasks; ++t) f(t, 0);
+            for (index t = 0; t < tasks; ++t) timed(t, [&] { f(t, 0); });
             return;
         }
         {
@@ -56,7 +58,19 @@ public:
         if (error_) std::rethrow_exception(error_);
     }
 
+    /// Benchmarks: while `trace` is set, every `run` appends the seconds each of its tasks took, by task
+    /// index (to list-schedule a task list for more threads than run it).
+    void set_trace(std::vector<std::vector<double>>* trace) { trace_ = trace; }
+
 private:
+    template <class Call>
+    void timed(index task, Call&& call) {
+        if (trace_ == nullptr) return call();
+        const auto start = std::chrono::steady_clock::now();
+        call();
+        trace_->back()[static_cast<std::size_t>(task)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+
     void stop_and_join() {
         {
             std::lock_guard lock(mutex_);
@@ -69,7 +83,7 @@ private:
     void drain(index thread) {
         for (index t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
             try {
-                call_(context_, t, thread);
+                timed(t, [&] { call_(context_, t, thread); });
             } catch (...) {
                 std::lock_guard lock(mutex_);
                 if (!error_) error_ = std::current_exception();
@@ -103,6 +117,7 @@ private:
     std::atomic<index> next_{0};
     index busy_ = 0;
     std::exception_ptr error_;
+    std::vector<std::vector<double>>* trace_ = nullptr;
 };
 
 }  // namespace moe::detail

@@ -1,9 +1,10 @@
 #pragma once
 /// \file
 /// Expert FFN types (SwiGLU, GeGLU, MLP), their weight layout, and the kernels that run one expert
-/// over a block of rows: a GEMM for the (fused gate and up) input projection, one SIMD pass for the
-/// activation and product, a GEMM for the output projection (both `kernels::linear`); and the backward
-/// of the same (`kernels::multiply`).
+/// over a block of rows and columns: the (fused gate and up) input projection with the activation and
+/// product, the output projection (both `kernels::linear`), and the backward of the same
+/// (`kernels::multiply`). The layer cuts each FFN's work into such blocks for its threads
+/// (detail/expert_pass.hpp); `ffn_forward` runs all of one FFN at once.
 
 #include "moe/error.hpp"
 #include "moe/kernels/activations.hpp"
@@ -95,71 +96,99 @@ constexpr index ffn_in_rows(index ff) {
     return X::gated ? 2 * ff : ff;
 }
 
-/// out = x W^T for a row-major block x (n x d) and a row-major W (m x d) (`kernels::linear`). With
-/// bf16 W, x is first rounded to bf16 into `rounded` (at least n x d values, else `shape_error`).
-template <class Scalar, class Weight>
-void project(const Eigen::Map<const matrix<Scalar>>& x, const matrix<Weight>& w, Eigen::Map<matrix<Scalar>>& out,
-             [[maybe_unused]] std::span<bf16> rounded) {
-    const index n = x.rows(), d = x.cols();
-    if constexpr (std::is_same_v<Weight, Scalar>) {
-        kernels::linear(x.data(), d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
-    } else {
-        static_assert(std::is_same_v<Weight, bf16> && std::is_same_v<Scalar, float>, "bf16 weights need float rows");
-        if (static_cast<index>(rounded.size()) < n * d)
-            throw shape_error("project: bf16 weights need " + std::to_string(n * d) + " values to round the input to, got " +
-                              std::to_string(rounded.size()));
-        kernels::round_to_bf16(x.data(), rounded.data(), n * d);
-        kernels::linear(rounded.data(), d, w.data(), w.cols(), out.data(), out.cols(), n, w.rows(), d);
-    }
+/// Columns [c0, c1) of an FFN's hidden layer for the n rows of x (row stride ldx; bf16 weights take x
+/// rounded to bf16): the input projection's rows of those columns (gated: the gate rows c0.. and the up
+/// rows ff + c0..) as h = x W_in^T, then a = act(h) (gated: act(h_gate) * h_up). `h` points at the
+/// block's first gate value, its up values `up_offset` further, rows `ldh` apart; `a` at its first
+/// value, rows `lda` apart. Each value is `kernels::linear`'s dot product of its two rows, so it does not
+/// depend on the block it is computed in.
+template <expert_ffn X, class Weight, class Scalar>
+void ffn_hidden_columns(const X& expert, const ffn_weights<Weight>& w, const Weight* x, index ldx, index n, index c0,
+                        index c1, Scalar* h, index ldh, [[maybe_unused]] index up_offset, Scalar* a, index lda) {
+    const index d = w.in.cols(), ff = w.out.cols(), cols = c1 - c0;
+    kernels::linear(x, ldx, w.in.data() + c0 * d, d, h, ldh, n, cols, d);
+    if constexpr (X::gated) kernels::linear(x, ldx, w.in.data() + (ff + c0) * d, d, h + up_offset, ldh, n, cols, d);
+    kernels::with_activation(expert.act(), [&]<activation A>() {
+        for (index r = 0; r < n; ++r) {
+            const Scalar* hr = h + r * ldh;
+            if constexpr (X::gated)
+                kernels::gated_activate<A>(hr, hr + up_offset, a + r * lda, cols);
+            else
+                kernels::activate<A>(hr, a + r * lda, cols);
+        }
+    });
 }
 
-/// out = FFN(x) for the n rows of `x` (n x d). `h` (n x in-rows) and `a` (n x ff) are scratch; with
-/// bf16 weights so is `rounded` (n x max(d, ff) values, else `shape_error`), unused otherwise.
+/// Columns [c0, c1) of an FFN's output for n rows of activations a (row stride lda; bf16 weights take
+/// them rounded): out = a W_out^T for those columns, at `out` (the block's first value, rows ldo apart).
+template <class Weight, class Scalar>
+void ffn_output_columns(const ffn_weights<Weight>& w, const Weight* a, index lda, index n, index c0, index c1, Scalar* out,
+                        index ldo) {
+    const index ff = w.out.cols();
+    kernels::linear(a, lda, w.out.data() + c0 * ff, ff, out, ldo, n, c1 - c0, ff);
+}
+
+/// Backward of `ffn_hidden_columns` for columns [c0, c1) of n rows: da = dout W_out[:, c0:c1] (dout's
+/// rows ldd apart; da is n x (c1 - c0) scratch), then a (recomputed, as the forward had it) and dL/dh in
+/// place of h (same pointers and strides as the forward's).
+template <expert_ffn X, class Scalar>
+void ffn_hidden_columns_backward(const X& expert, const ffn_weights<Scalar>& w, const Scalar* dout, index ldd, index n,
+                                 index c0, index c1, Scalar* h, index ldh, [[maybe_unused]] index up_offset, Scalar* a,
+                                 index lda, Scalar* da) {
+    const index ff = w.out.cols(), d = w.out.rows(), cols = c1 - c0;
+    kernels::multiply(kernels::strided<Scalar>{dout, ldd, 1}, w.out.data() + c0, ff, da, cols, n, cols, d, false);
+    kernels::with_activation(expert.act(), [&]<activation A>() {
+        for (index r = 0; r < n; ++r) {
+            Scalar* hr = h + r * ldh;
+            if constexpr (X::gated)
+                kernels::gated_activate_backward<A>(hr, hr + up_offset, da + r * cols, a + r * lda, hr, hr + up_offset, cols);
+            else
+                kernels::activate_backward<A>(hr, da + r * cols, a + r * lda, hr, cols);
+        }
+    });
+}
+
+/// Rows [r0, r1) x columns [c0, c1) of a weight gradient, g = left^T right over n rows (rows of left
+/// ldl apart, of right ldr apart; g's rows ldg apart): dW_out = dout^T a, dW_in = dh^T x. Each value is
+/// summed over the rows in order (`kernels::multiply`), whatever the block.
+template <class Scalar>
+void ffn_weight_gradient(const Scalar* left, index ldl, const Scalar* right, index ldr, index n, index r0, index r1,
+                         index c0, index c1, Scalar* g, index ldg) {
+    kernels::multiply(kernels::strided<Scalar>{left + r0, 1, ldl}, right + c0, ldr, g + r0 * ldg + c0, ldg, r1 - r0,
+                      c1 - c0, n, false);
+}
+
+/// Columns [c0, c1) of dL/dx = dh W_in for n rows of dh (rows ldh apart), at `dx` (the block's first
+/// value, rows lddx apart).
+template <class Scalar>
+void ffn_input_gradient(const ffn_weights<Scalar>& w, const Scalar* dh, index ldh, index n, index c0, index c1, Scalar* dx,
+                        index lddx) {
+    const index d = w.in.cols();
+    kernels::multiply(kernels::strided<Scalar>{dh, ldh, 1}, w.in.data() + c0, d, dx, lddx, n, c1 - c0, w.in.rows(), false);
+}
+
+/// out = FFN(x) for the n rows of `x` (n x d), all columns at once. `h` (n x in-rows) and `a` (n x ff)
+/// are scratch; with bf16 weights so is `rounded` (n x max(d, ff) values, else `shape_error`), unused
+/// otherwise.
 template <expert_ffn X, class Scalar, class Weight>
 void ffn_forward(const X& expert, const ffn_weights<Weight>& w, const Eigen::Map<const matrix<Scalar>>& x,
                  Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out,
-                 std::span<bf16> rounded = {}) {
-    const index n = x.rows(), ff = w.out.cols();
-    project(x, w.in, h, rounded);
-    kernels::with_activation(expert.act(), [&]<activation A>() {
-        for (index r = 0; r < n; ++r) {
-            const Scalar* hr = h.row(r).data();
-            if constexpr (X::gated)
-                kernels::gated_activate<A>(hr, hr + ff, a.row(r).data(), ff);
-            else
-                kernels::activate<A>(hr, a.row(r).data(), ff);
+                 [[maybe_unused]] std::span<bf16> rounded = {}) {
+    const index n = x.rows(), d = x.cols(), ff = w.out.cols();
+    const auto input = [&](const Scalar* v, index cols) -> const Weight* {
+        if constexpr (std::is_same_v<Weight, Scalar>) {
+            return v;
+        } else {
+            static_assert(std::is_same_v<Weight, bf16> && std::is_same_v<Scalar, float>, "bf16 weights need float rows");
+            if (static_cast<index>(rounded.size()) < n * cols)
+                throw shape_error("ffn_forward: bf16 weights need " + std::to_string(n * cols) +
+                                  " values to round the input to, got " + std::to_string(rounded.size()));
+            kernels::round_to_bf16(v, rounded.data(), n * cols);
+            return rounded.data();
         }
-    });
-    project(Eigen::Map<const matrix<Scalar>>(a.data(), n, ff), w.out, out, rounded);
-}
-
-/// Backward of `ffn_forward` for the n rows of `x`. `h` holds x W_in^T as the forward computed it and
-/// is overwritten with its gradient; `dout` is dL/dout. Writes dL/dW_in and dL/dW_out to `grad` (adds
-/// them when `accumulate`) and dL/dx to `dx`. `a` and `da` (n x ff) are scratch.
-template <expert_ffn X, class Scalar>
-void ffn_backward(const X& expert, const ffn_weights<Scalar>& w, const Eigen::Map<const matrix<Scalar>>& x,
-                  Eigen::Map<matrix<Scalar>>& h, const Eigen::Map<const matrix<Scalar>>& dout, Eigen::Map<matrix<Scalar>>& a,
-                  Eigen::Map<matrix<Scalar>>& da, ffn_weights<Scalar>& grad, bool accumulate, Eigen::Map<matrix<Scalar>>& dx) {
-    using kernels::strided;
-    const index n = x.rows(), ff = w.out.cols(), d = x.cols(), in = w.in.rows();
-    kernels::multiply(strided<Scalar>{dout.data(), dout.outerStride(), 1}, w.out.data(), ff, da.data(), da.outerStride(), n,
-                      ff, d, false);
-    kernels::with_activation(expert.act(), [&]<activation A>() {
-        for (index r = 0; r < n; ++r) {
-            Scalar* hr = h.row(r).data();
-            if constexpr (X::gated)
-                kernels::gated_activate_backward<A>(hr, hr + ff, da.row(r).data(), a.row(r).data(), hr, hr + ff, ff);
-            else
-                kernels::activate_backward<A>(hr, da.row(r).data(), a.row(r).data(), hr, ff);
-        }
-    });
-    // dW_out (+)= dout^T a, dW_in (+)= dh^T x, dx = dh W_in.
-    kernels::multiply(strided<Scalar>{dout.data(), 1, dout.outerStride()}, a.data(), a.outerStride(), grad.out.data(), ff, d,
-                      ff, n, accumulate);
-    kernels::multiply(strided<Scalar>{h.data(), 1, h.outerStride()}, x.data(), x.outerStride(), grad.in.data(), d, in, d, n,
-                      accumulate);
-    kernels::multiply(strided<Scalar>{h.data(), h.outerStride(), 1}, w.in.data(), d, dx.data(), dx.outerStride(), n, d, in,
-                      false);
+    };
+    ffn_hidden_columns(expert, w, input(x.data(), d), d, n, 0, ff, h.data(), h.cols(), ff, a.data(), ff);
+    ffn_output_columns(w, input(a.data(), ff), ff, n, 0, d, out.data(), d);
 }
 
 }  // namespace moe

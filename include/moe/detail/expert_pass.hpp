@@ -1,0 +1,172 @@
+#pragma once
+// Internal: the expert FFNs of a layer call (routed experts and shared FFN alike) run as one task list
+// per stage on the thread pool, cut by `plan_tasks` (detail/expert_schedule.hpp).
+//
+// forward:  1. hidden columns: h = x W_in^T and a = act(h), tasks of (FFN, row block, column block of ff)
+//           2. output columns: out = a W_out^T, tasks of (FFN, row block, column block of d)
+// backward: 1. hidden columns: da = dout W_out, then a (recomputed) and dL/dh in place of h
+//           2. dW_out = dout^T a and dW_in = dh^T x by blocks of their rows and columns, each summed over
+//              all of the FFN's rows in order; dL/dx = dh W_in by blocks of rows and columns.
+// Every value is one whole sum whose order does not depend on the block (kernels/linear.hpp,
+// kernels/multiply.hpp): the results are the same bits at any thread count and for any plan.
+
+#include "moe/detail/expert_schedule.hpp"
+#include "moe/detail/thread_pool.hpp"
+#include "moe/experts/ffn.hpp"
+#include "moe/kernels/linear.hpp"
+
+#include <xsimd/xsimd.hpp>
+
+#include <algorithm>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+namespace moe::detail {
+
+/// One FFN's rows in the expert pass, forward and backward: a routed expert's block of rows or the
+/// shared FFN's tokens, encoded alike. Pointers are to row 0; `ld*` are row strides.
+template <class Scalar, class Weight>
+struct ffn_block {
+    const ffn_weights<Weight>* weights = nullptr;
+    bool shared = false;  // runs the shared FFN's policy (else the routed experts')
+    index rows = 0;
+    const Weight* x = nullptr;  // input rows (bf16 weights: rounded to bf16)
+    index ldx = 0;
+    Scalar* hidden = nullptr;  // training: x W_in^T per row, overwritten by its gradient in backward; else null
+    index ldh = 0;
+    Weight* act = nullptr;  // act(h): the output projection's input (bf16 weights: rounded)
+    index lda = 0;
+    Scalar* out = nullptr;
+    index ldo = 0;
+    // Backward.
+    const Scalar* dout = nullptr;  // dL/d(out) per row
+    index ldd = 0;
+    ffn_weights<Scalar>* grad = nullptr;  // dL/dW_in and dL/dW_out (empty: an expert held elsewhere)
+    Scalar* dx = nullptr;                 // dL/dx per row
+    index lddx = 0;
+};
+
+template <class Scalar, class Weight>
+class expert_pass {
+public:
+    using block = ffn_block<Scalar, Weight>;
+
+    /// Row blocks of the projections: at most this many rows, so per-thread scratch is bounded.
+    static constexpr index max_rows = 256;
+
+    /// out of every block (and, with `hidden` set, h), by the routed policy `routed` or the shared one.
+    template <class X, class S>
+    void forward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads) {
+        const index widest = reserve(blocks, pool);
+        items_.clear();
+        for (const block& b : blocks) items_.push_back({b.rows, ff(b), ff(b) > 0 ? b.weights->in.rows() / ff(b) * d(b) : 0});
+        // Stage 1: hidden columns.
+        run_plan(pool, plan_threads, {max_rows, 16, 16}, [&](const work_task& tk, index thread) {
+            const block& b = blocks[static_cast<std::size_t>(tk.item)];
+            const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
+            Scalar* scratch = thread_scratch(thread, widest);
+            Scalar* h = b.hidden ? b.hidden + tk.row_begin * b.ldh + c0 : scratch;
+            const index ldh = b.hidden ? b.ldh : 2 * cols, up = b.hidden ? ff(b) : cols;
+            Weight* act = b.act + tk.row_begin * b.lda + c0;
+            with_policy(b, routed, shared, [&](const auto& policy) {
+                const Weight* x = b.x + tk.row_begin * b.ldx;
+                if constexpr (std::is_same_v<Weight, Scalar>) {
+                    ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, act, b.lda);
+                } else {
+                    Scalar* a = scratch + max_rows * 2 * widest;  // float activations, then rounded
+                    ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, a, cols);
+                    for (index r = 0; r < n; ++r) kernels::round_to_bf16(a + r * cols, act + r * b.lda, cols);
+                }
+            });
+        });
+        // Stage 2: output columns.
+        items_.clear();
+        for (const block& b : blocks) items_.push_back({b.rows, d(b), ff(b)});
+        run_plan(pool, plan_threads, {max_rows, 16, 16}, [&](const work_task& tk, index) {
+            const block& b = blocks[static_cast<std::size_t>(tk.item)];
+            ffn_output_columns(*b.weights, b.act + tk.row_begin * b.lda, b.lda, tk.row_end - tk.row_begin, tk.column_begin,
+                               tk.column_end, b.out + tk.row_begin * b.ldo + tk.column_begin, b.ldo);
+        });
+    }
+
+    /// Backward of `forward` (which ran with `hidden` set): every block's gradients and dx.
+    template <class X, class S>
+    void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
+        requires std::is_same_v<Weight, Scalar>
+    {
+        const index widest = reserve(blocks, pool);
+        const index panel = 2 * static_cast<index>(xsimd::batch<Scalar>::size);  // kernels::multiply's panel width
+        // Stage 1: da, a and dh by hidden columns.
+        items_.clear();
+        for (const block& b : blocks) items_.push_back({b.rows, ff(b), d(b)});
+        run_plan(pool, plan_threads, {max_rows, 16, panel}, [&](const work_task& tk, index thread) {
+            const block& b = blocks[static_cast<std::size_t>(tk.item)];
+            const index r0 = tk.row_begin, c0 = tk.column_begin;
+            with_policy(b, routed, shared, [&](const auto& policy) {
+                ffn_hidden_columns_backward(policy, *b.weights, b.dout + r0 * b.ldd, b.ldd, tk.row_end - r0, c0,
+                                            tk.column_end, b.hidden + r0 * b.ldh + c0, b.ldh, ff(b), b.act + r0 * b.lda + c0,
+                                            b.lda, thread_scratch(thread, widest));
+            });
+        });
+        // Stage 2: dW_out, dW_in (each value summed over all rows) and dx, three items per block.
+        items_.clear();
+        for (const block& b : blocks) {
+            const bool held = b.grad != nullptr && b.grad->in.size() > 0;  // else an expert held elsewhere
+            items_.push_back({held ? b.grad->out.rows() : 0, ff(b), b.rows});
+            items_.push_back({held ? b.grad->in.rows() : 0, d(b), b.rows});
+            items_.push_back({held ? b.rows : 0, d(b), held ? b.grad->in.rows() : 0});
+        }
+        run_plan(pool, plan_threads, {max_rows, 16, panel}, [&](const work_task& tk, index) {
+            const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
+            const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
+            switch (tk.item % 3) {
+                case 0:
+                    ffn_weight_gradient(b.dout, b.ldd, b.act, b.lda, b.rows, r0, r1, c0, c1, b.grad->out.data(), ff(b));
+                    break;
+                case 1:
+                    ffn_weight_gradient(b.hidden, b.ldh, b.x, b.ldx, b.rows, r0, r1, c0, c1, b.grad->in.data(), d(b));
+                    break;
+                default:
+                    ffn_input_gradient(*b.weights, b.hidden + r0 * b.ldh, b.ldh, r1 - r0, c0, c1, b.dx + r0 * b.lddx + c0,
+                                       b.lddx);
+            }
+        });
+    }
+
+private:
+    static index ff(const block& b) { return b.weights ? b.weights->out.cols() : 0; }
+    static index d(const block& b) { return b.weights ? b.weights->in.cols() : 0; }
+
+    template <class X, class S, class F>
+    static void with_policy(const block& b, const X& routed, const S& shared, F&& f) {
+        if (b.shared)
+            f(shared);
+        else
+            f(routed);
+    }
+
+    // Sizes the per-thread scratch for blocks up to `max_rows` rows of the widest FFN; returns that width.
+    index reserve(std::span<const block> blocks, const thread_pool& pool) {
+        index widest = 0;
+        for (const block& b : blocks) widest = std::max(widest, ff(b));
+        scratch_.resize(static_cast<std::size_t>(pool.size() * per_thread(widest)));
+        return widest;
+    }
+    // h (2 x widest per row) and, with bf16 weights, the float activations before rounding; backward: da.
+    static index per_thread(index widest) { return max_rows * 3 * widest; }
+    Scalar* thread_scratch(index thread, index widest) { return scratch_.data() + thread * per_thread(widest); }
+
+    template <class F>
+    void run_plan(thread_pool& pool, index plan_threads, const split_rules& rules, F&& f) {
+        plan_tasks(items_, plan_threads > 0 ? plan_threads : pool.size(), rules, tasks_);
+        auto run = [&](index i, index thread) { f(tasks_[static_cast<std::size_t>(i)], thread); };
+        pool.run(static_cast<index>(tasks_.size()), run);
+    }
+
+    std::vector<work_item> items_;
+    std::vector<work_task> tasks_;
+    std::vector<Scalar> scratch_;
+};
+
+}  // namespace moe::detail

@@ -1,0 +1,126 @@
+#pragma once
+// Internal: how the layer's expert work is cut into tasks for P threads.
+//
+// A stage of the expert pass (the input projections, the output projections, the gradient products)
+// is a list of items, one or more per FFN (the routed experts, then the shared FFN): an output of
+// `rows` x `columns` values, each a sum of `depth` products. `plan_tasks` cuts every item into blocks
+// of rows x columns so that P threads stay busy when the work allows (about `tasks_per_thread` P tasks
+// of similar cost, never cheaper than `min_task_cost` multiply-adds) and orders them largest first,
+// which is what a pool pulling tasks from a shared counter needs to finish together. A decoding step
+// (one to a few rows per expert) is cut along the columns, so every thread streams its own slice of
+// each active expert's weights; a hot expert is cut along rows and columns like any other work.
+//
+// A block never splits `depth`: each output is one whole sum, computed by a kernel whose summation
+// order does not depend on the block around it (kernels/linear.hpp, kernels/multiply.hpp). So the plan
+// may depend on P and the results still do not.
+
+#include "moe/types.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <queue>
+#include <span>
+#include <vector>
+
+namespace moe::detail {
+
+/// One item of a stage: `rows` x `columns` outputs of `depth` products each.
+struct work_item {
+    index rows = 0;
+    index columns = 0;
+    index depth = 0;
+};
+
+/// How finely a stage may be cut: blocks have at most `max_rows` rows and at least `row_unit` (unless
+/// the item has fewer), columns in multiples of `column_unit` (the last block takes the rest).
+struct split_rules {
+    index max_rows = 256;
+    index row_unit = 16;
+    index column_unit = 16;
+};
+
+/// One task: rows [row_begin, row_end) x columns [column_begin, column_end) of item `item`.
+struct work_task {
+    index item;
+    index row_begin, row_end;
+    index column_begin, column_end;
+    double cost;  // estimated multiply-adds, with the reads of the right operand (see `task_cost`)
+};
+
+/// Tasks a stage aims at per thread, and the smallest task worth its scheduling (multiply-adds).
+inline constexpr index tasks_per_thread = 4;
+inline constexpr double min_task_cost = 1 << 17;
+
+/// Estimated cost of a block in multiply-adds: the products, plus the right operand's values (a
+/// weight slice, read once per block whatever its rows: a memory read costs about as much as 16
+/// multiply-adds on one core), plus the outputs written.
+inline double task_cost(index rows, index columns, index depth) {
+    const double r = static_cast<double>(rows), c = static_cast<double>(columns), k = static_cast<double>(depth);
+    return r * c * k + 16.0 * c * k + r * c;
+}
+
+/// The tasks of `items` for `threads` threads, largest first (ties: item, then rows, then columns), into
+/// `out` (cleared first; reuses its capacity). Items without outputs get no task; every output of the
+/// others is in exactly one task. With one thread each item is only cut into blocks of `max_rows` rows.
+inline void plan_tasks(std::span<const work_item> items, index threads, const split_rules& rules,
+                       std::vector<work_task>& out) {
+    out.clear();
+    double total = 0;
+    for (const work_item& it : items)
+        if (it.rows > 0 && it.columns > 0) total += task_cost(it.rows, it.columns, it.depth);
+    const double target = threads > 1 ? std::max(total / static_cast<double>(tasks_per_thread * threads), min_task_cost)
+                                       : total + 1;
+    const auto ceil_div = [](index a, index b) { return (a + b - 1) / b; };
+    for (index i = 0; i < static_cast<index>(items.size()); ++i) {
+        const work_item& it = items[static_cast<std::size_t>(i)];
+        if (it.rows <= 0 || it.columns <= 0) continue;
+        const double cost = task_cost(it.rows, it.columns, it.depth);
+        const index want = std::max<index>(1, static_cast<index>(std::ceil(cost / target)));
+        index row_blocks = ceil_div(it.rows, rules.max_rows);
+        const index column_units = ceil_div(it.columns, rules.column_unit);
+        const index column_blocks = std::min(column_units, std::max<index>(1, ceil_div(want, row_blocks)));
+        if (row_blocks * column_blocks < want)
+            row_blocks = std::max(row_blocks, std::min(ceil_div(it.rows, rules.row_unit), ceil_div(want, column_blocks)));
+        for (index rb = 0; rb < row_blocks; ++rb) {
+            const index r0 = it.rows * rb / row_blocks, r1 = it.rows * (rb + 1) / row_blocks;
+            for (index cb = 0; cb < column_blocks; ++cb) {
+                const index c0 = std::min(it.columns, column_units * cb / column_blocks * rules.column_unit);
+                const index c1 = cb + 1 == column_blocks
+                                     ? it.columns
+                                     : std::min(it.columns, column_units * (cb + 1) / column_blocks * rules.column_unit);
+                if (r1 > r0 && c1 > c0) out.push_back({i, r0, r1, c0, c1, task_cost(r1 - r0, c1 - c0, it.depth)});
+            }
+        }
+    }
+    std::sort(out.begin(), out.end(), [](const work_task& a, const work_task& b) {
+        if (a.cost != b.cost) return a.cost > b.cost;
+        if (a.item != b.item) return a.item < b.item;
+        if (a.row_begin != b.row_begin) return a.row_begin < b.row_begin;
+        return a.column_begin < b.column_begin;
+    });
+}
+
+/// Rows per chunk of the token-wise passes (logits, gathering rows, combine) over n rows: about
+/// `tasks_per_thread` chunks per thread, between 16 and 64 rows each.
+inline index chunk_rows(index n, index threads) {
+    const index per = (n + tasks_per_thread * threads - 1) / std::max<index>(1, tasks_per_thread * threads);
+    return std::clamp<index>(per, 16, 64);
+}
+
+/// The time P workers take to run tasks of the given `times` when each, in order, goes to the first
+/// worker free (what the pool's shared counter does): greedy list scheduling.
+inline double list_schedule(std::span<const double> times, index workers) {
+    std::priority_queue<double, std::vector<double>, std::greater<>> free_at;
+    for (index w = 0; w < workers; ++w) free_at.push(0.0);
+    double end = 0;
+    for (const double t : times) {
+        const double start = free_at.top();
+        free_at.pop();
+        free_at.push(start + t);
+        end = std::max(end, start + t);
+    }
+    return end;
+}
+
+}  // namespace moe::detail

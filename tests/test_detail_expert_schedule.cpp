@@ -1,0 +1,128 @@
+#include <moe/detail/expert_schedule.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+namespace {
+using moe::detail::work_item;
+using moe::detail::work_task;
+
+// How many tasks cover each output of each item (all must be 1).
+std::vector<std::vector<int>> coverage(const std::vector<work_item>& items, const std::vector<work_task>& tasks) {
+    std::vector<std::vector<int>> seen(items.size());
+    for (std::size_t i = 0; i < items.size(); ++i)
+        seen[i].assign(static_cast<std::size_t>(std::max<moe::index>(0, items[i].rows * items[i].columns)), 0);
+    for (const work_task& t : tasks)
+        for (moe::index r = t.row_begin; r < t.row_end; ++r)
+            for (moe::index c = t.column_begin; c < t.column_end; ++c)
+                ++seen[static_cast<std::size_t>(t.item)][static_cast<std::size_t>(r * items[static_cast<std::size_t>(t.item)].columns + c)];
+    return seen;
+}
+
+std::vector<work_task> plan(const std::vector<work_item>& items, moe::index threads, moe::detail::split_rules rules = {}) {
+    std::vector<work_task> tasks;
+    moe::detail::plan_tasks(items, threads, rules, tasks);
+    return tasks;
+}
+
+// The efficiency the tasks reach on P workers if each takes time proportional to its cost.
+double efficiency(const std::vector<work_task>& tasks, moe::index threads) {
+    std::vector<double> times;
+    double total = 0;
+    for (const work_task& t : tasks) {
+        times.push_back(t.cost);
+        total += t.cost;
+    }
+    return total / (static_cast<double>(threads) * moe::detail::list_schedule(times, threads));
+}
+}  // namespace
+
+TEST_CASE("plan_tasks covers every output of every item exactly once, largest task first", "[schedule]") {
+    std::mt19937 rng(5);
+    std::uniform_int_distribution<moe::index> rows(0, 700), cols(1, 3000), depth(0, 2048);
+    for (int round = 0; round < 40; ++round) {
+        std::vector<work_item> items(static_cast<std::size_t>(1 + round % 9));
+        for (auto& it : items) it = {rows(rng), cols(rng), depth(rng)};
+        for (const moe::index threads : {1, 2, 3, 7, 16, 64}) {
+            const auto tasks = plan(items, threads);
+            bool once = true;
+            for (const auto& per_item : coverage(items, tasks))
+                once = once && std::all_of(per_item.begin(), per_item.end(), [](int c) { return c == 1; });
+            REQUIRE(once);
+            for (std::size_t i = 1; i < tasks.size(); ++i) REQUIRE(tasks[i - 1].cost >= tasks[i].cost);
+            for (const work_task& t : tasks) {
+                REQUIRE(t.row_end - t.row_begin <= 256);
+                // Columns are cut at multiples of the unit; only an item's last block ends elsewhere.
+                REQUIRE(t.column_begin % 16 == 0);
+                const moe::index width = items[static_cast<std::size_t>(t.item)].columns;
+                REQUIRE((t.column_end % 16 == 0 || t.column_end == width));
+            }
+        }
+    }
+}
+
+TEST_CASE("plan_tasks cuts nothing but rows of 256 for one thread", "[schedule]") {
+    const std::vector<work_item> items{{1, 2816, 2048}, {600, 1024, 2816}, {0, 100, 100}};
+    const auto tasks = plan(items, 1);
+    REQUIRE(tasks.size() == 1 + 3);  // 600 rows: 3 blocks of 200
+    for (const work_task& t : tasks) {
+        CHECK(t.column_begin == 0);
+        CHECK(t.column_end == items[static_cast<std::size_t>(t.item)].columns);
+        if (t.item == 1) CHECK(t.row_end - t.row_begin == 200);
+    }
+}
+
+TEST_CASE("decoding cuts each active expert's weight rows across every thread", "[schedule]") {
+    // T = 1, k = 2 at d 1024, ff 2816: two items of one row (the input projections' columns).
+    const std::vector<work_item> items{{1, 2816, 2 * 1024}, {1, 2816, 2 * 1024}};
+    for (const moe::index threads : {2, 4, 8, 16, 32, 64}) {
+        const auto tasks = plan(items, threads);
+        CHECK(static_cast<moe::index>(tasks.size()) >= moe::detail::tasks_per_thread * threads);
+        for (const work_task& t : tasks) CHECK(t.row_end - t.row_begin == 1);  // disjoint weight slices
+        CHECK(efficiency(tasks, threads) >= 0.85);
+    }
+}
+
+TEST_CASE("a hot expert is cut into rows and columns", "[schedule]") {
+    // Every one of 256 tokens on one expert, and the empty others.
+    std::vector<work_item> items(8, work_item{0, 2816, 2048});
+    items[3].rows = 256;
+    for (const moe::index threads : {2, 16, 64}) {
+        const auto tasks = plan(items, threads);
+        CHECK(static_cast<moe::index>(tasks.size()) >= moe::detail::tasks_per_thread * threads);
+        CHECK(efficiency(tasks, threads) >= 0.85);
+    }
+    // More rows than a block holds: blocks of rows, and columns where needed.
+    items[3].rows = 2048;
+    const auto tasks = plan(items, 64);
+    CHECK(efficiency(tasks, 64) >= 0.85);
+}
+
+TEST_CASE("plan_tasks does not cut below the smallest useful task", "[schedule]") {
+    const std::vector<work_item> items{{4, 64, 32}};  // 8192 multiply-adds in all
+    CHECK(plan(items, 64).size() == 1);
+    // Large work for 2 threads: about tasks_per_thread * 2 tasks, not more.
+    const std::vector<work_item> big{{256, 4096, 1024}};
+    const auto tasks = plan(big, 2);
+    CHECK(tasks.size() >= 8);
+    CHECK(tasks.size() <= 16);
+}
+
+TEST_CASE("list_schedule gives each task, in order, to the first worker free", "[schedule]") {
+    const std::vector<double> times{3, 3, 2, 2, 2};
+    // Two workers: 3 | 3, then 2 on each (5 | 5), then the last on the first (7).
+    CHECK(moe::detail::list_schedule(times, 2) == 7);
+    CHECK(moe::detail::list_schedule(times, 5) == 3);
+    CHECK(moe::detail::list_schedule(times, 1) == 12);
+    CHECK(moe::detail::list_schedule({}, 4) == 0);
+}
+
+TEST_CASE("chunk_rows gives about four chunks a thread, of 16 to 64 rows", "[schedule]") {
+    CHECK(moe::detail::chunk_rows(1, 1) == 16);
+    CHECK(moe::detail::chunk_rows(10000, 1) == 64);
+    CHECK(moe::detail::chunk_rows(1024, 8) == 32);
+    CHECK(moe::detail::chunk_rows(256, 64) == 16);
+}
