@@ -4,6 +4,7 @@
 // the active experts' weights stream ("weights GB/s", the measure for decoding), next to the memory
 // read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*` is the same layer with
 // its expert weights kept as bf16 (`experts::bf16_weights`), to set against `layer_forward/*`.
+// `task_list_efficiency/*` prints what the task lists would do on 1 to 64 cores (see run_efficiency).
 #include <moe/detail/expert_schedule.hpp>
 #include <moe/moe.hpp>
 
@@ -203,11 +204,12 @@ void memory_read(benchmark::State& state) {
 }
 
 // What the layer's task lists would do on P cores, for P = 1 to 64, measured on one thread: the call
-// runs with the tasks planned for P threads (`layer::plan_for_threads`), each pool run's tasks are
-// list-scheduled on P workers with their measured times, and the rest of the call (routing, losses)
-// counts as serial. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the call on one thread
-// with the one-thread plan; medians of 5 calls. It shows load balance and the cost of the finer cut,
-// not memory bandwidth shared between cores.
+// runs 5 times with the tasks planned for P threads (`layer::plan_for_threads`); each pool run's tasks
+// are list-scheduled on P workers with their median measured times, and the rest of the call (routing,
+// planning, the pool's own work, less one clock read per task for the tracing) counts as serial, at
+// its median. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the median call on one thread
+// with the one-thread plan, timed just before. It shows load balance and the cost of the finer cut;
+// not memory bandwidth shared by the cores, nor the time P threads take to wake.
 template <class Layer>
 void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool backward) {
     fill(layer, s);
@@ -217,41 +219,63 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
     const moe::matrix<float> x = moe::matrix<float>::Random(s.tokens, s.d);
     const moe::matrix<float> grad_y = moe::matrix<float>::Random(s.tokens, s.d);
     moe::matrix<float> y(s.tokens, s.d), grad_x(s.tokens, s.d);
-    std::vector<std::vector<double>> trace;
-    // One call with the tasks of P threads: its wall time and its simulated time on P workers.
-    const auto call = [&](moe::index p) {
-        layer.plan_for_threads(p);
-        if (backward) layer.forward(x, y);
-        trace.clear();
-        layer.plan_for_threads(p, &trace);
-        const auto start = std::chrono::steady_clock::now();
-        if constexpr (Layer::trainable) {
-            if (backward)
-                layer.backward(x, grad_y, grad_x);
-            else
+    const auto median = [](std::vector<double> v) {
+        std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+        return v[v.size() / 2];
+    };
+    constexpr int calls = 5;
+    // The wall times of `calls` calls with the tasks of P threads, and (with `trace`) their task times.
+    const auto time_calls = [&](moe::index p, std::vector<std::vector<std::vector<double>>>* traces) {
+        std::vector<double> walls;
+        for (int c = 0; c < calls; ++c) {
+            layer.plan_for_threads(p);
+            if (backward) layer.forward(x, y);
+            if (traces) layer.plan_for_threads(p, &traces->emplace_back());
+            const auto start = std::chrono::steady_clock::now();
+            if constexpr (Layer::trainable) {
+                if (backward)
+                    layer.backward(x, grad_y, grad_x);
+                else
+                    layer.forward(x, y);
+            } else {
                 layer.forward(x, y);
-        } else {
-            layer.forward(x, y);
+            }
+            walls.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+            layer.plan_for_threads(0);
         }
-        const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        layer.plan_for_threads(0);
-        double tasks = 0, simulated = 0;
-        for (const std::vector<double>& run : trace) {
-            for (const double t : run) tasks += t;
-            simulated += moe::detail::list_schedule(run, p);
-        }
-        return std::pair{wall, wall - tasks + simulated};
+        return walls;
     };
-    const auto median = [&](moe::index p, bool simulated) {
-        std::vector<double> v;
-        for (int r = 0; r < 5; ++r) v.push_back(simulated ? call(p).second : call(p).first);
-        std::nth_element(v.begin(), v.begin() + 2, v.end());
-        return v[2];
-    };
+    time_calls(1, nullptr);  // warm: the weights as far in the caches as they will be
+    // One clock read per task falls outside the tasks' times: the tracing's own cost, taken off.
+    const double clock_read = [] {
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < 10000; ++i) benchmark::DoNotOptimize(std::chrono::steady_clock::now());
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 10000;
+    }();
     for (auto _ : state) {
-        const double one = median(1, false);
-        for (const moe::index p : {1, 2, 4, 8, 16, 32, 64})
-            state.counters["P" + std::to_string(p)] = one / (static_cast<double>(p) * median(p, true));
+        for (const moe::index p : {1, 2, 4, 8, 16, 32, 64}) {
+            const double one = median(time_calls(1, nullptr));  // next to the calls it is set against
+            std::vector<std::vector<std::vector<double>>> traces;  // call, pool run, task
+            const std::vector<double> walls = time_calls(p, &traces);
+            std::vector<double> serial;
+            for (int c = 0; c < calls; ++c) {
+                double tasks = 0;
+                for (const auto& run : traces[static_cast<std::size_t>(c)])
+                    for (const double t : run) tasks += t + clock_read;
+                serial.push_back(walls[static_cast<std::size_t>(c)] - tasks);
+            }
+            double simulated = median(serial);
+            for (std::size_t r = 0; r < traces[0].size(); ++r) {  // the same runs and tasks in every call
+                std::vector<double> times(traces[0][r].size());
+                for (std::size_t t = 0; t < times.size(); ++t) {
+                    std::vector<double> per_call;
+                    for (const auto& call : traces) per_call.push_back(call[r][t]);
+                    times[t] = median(per_call);
+                }
+                simulated += moe::detail::list_schedule(times, p);
+            }
+            state.counters["P" + std::to_string(p)] = one / (static_cast<double>(p) * simulated);
+        }
     }
 }
 
