@@ -12,6 +12,10 @@
 /// Every value is one whole sum in an order that no block or thread changes, and each output row is
 /// summed in slot order, so the result is bitwise identical across runs and thread counts.
 ///
+/// The class below states the API and the state; its members are defined by responsibility in
+/// detail/layer_weights.hpp (weights, training state, checks), detail/layer_forward.hpp (logits, expert
+/// pass, combine, the expert-parallel exchange of rows) and detail/layer_backward.hpp.
+///
 /// Expert parallelism: a layer built with a `parallel::placement` is one rank of a layer whose routed
 /// experts are spread over the ranks of a communicator. Every rank calls forward (and backward) with
 /// its own tokens; the rows of an expert go to its owner and come back (`parallel::expert_exchange`).
@@ -170,58 +174,13 @@ public:
     /// Fills every weight with N(0, 1/fan_in) values from `seed` (examples and benchmarks). An
     /// expert-parallel rank draws the values of the experts it does not hold too, so every rank's
     /// weights are those of the one-process layer.
-    void randomize(std::uint64_t seed) {
-        std::mt19937_64 rng(seed);
-        const auto draw = [&]<class T>(T* out, index rows, index cols) {
-            std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(cols)));
-            for (index i = 0; i < rows * cols; ++i) {
-                const double v = n(rng);
-                if (out != nullptr) out[i] = static_cast<T>(v);
-            }
-        };
-        const auto fill = [&](auto& m) { draw(m.data(), m.rows(), m.cols()); };
-        fill(router_weight_);
-        const index in_rows = ffn_in_rows<Expert>(shape_.d_ff), d = shape_.d_model;
-        for (index e = 0; e < shape_.n_experts; ++e) {
-            ffn_weights<weight_type>& w = experts_[static_cast<std::size_t>(e)];
-            const bool held = owns_expert(e);
-            draw(held ? w.in.data() : nullptr, in_rows, d);
-            draw(held ? w.out.data() : nullptr, d, shape_.d_ff);
-        }
-        if constexpr (Shared::enabled) {
-            fill(shared_weights_.in);
-            fill(shared_weights_.out);
-            if constexpr (Shared::gated) {
-                std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(shape_.d_model)));
-                for (index i = 0; i < shared_gate_.size(); ++i) shared_gate_[i] = static_cast<Scalar>(n(rng));
-            }
-        }
-    }
+    void randomize(std::uint64_t seed);
 
     /// Training mode: forward keeps what backward needs (each routed row's hidden activations) and the
     /// gradients are allocated. Off by default, so inference keeps nothing; turning it off keeps the
     /// buffers already allocated (for the next training phase).
     void set_training(bool on)
-        requires trainable
-    {
-        training_ = on;
-        saved_tokens_ = -1;
-        if (!on) return;
-        const auto same_shape = [](matrix<Scalar>& g, const auto& w) {
-            if (g.rows() != w.rows() || g.cols() != w.cols()) g = matrix<Scalar>::Zero(w.rows(), w.cols());
-        };
-        same_shape(grad_router_weight_, router_weight_);
-        grad_experts_.resize(experts_.size());
-        for (std::size_t e = 0; e < experts_.size(); ++e) {  // empty for experts held elsewhere
-            same_shape(grad_experts_[e].in, experts_[e].in);
-            same_shape(grad_experts_[e].out, experts_[e].out);
-        }
-        if constexpr (Shared::enabled) {
-            same_shape(grad_shared_weights_.in, shared_weights_.in);
-            same_shape(grad_shared_weights_.out, shared_weights_.out);
-            if (grad_shared_gate_.size() != shared_gate_.size()) grad_shared_gate_ = vector<Scalar>::Zero(shared_gate_.size());
-        }
-    }
+        requires trainable;
     [[nodiscard]] bool training() const { return training_; }
 
     /// Every trainable tensor with its gradient, by name: "router.weight", "experts.<e>.in.weight"
@@ -230,30 +189,7 @@ public:
     /// gradient and is not listed; nor are the experts an expert-parallel rank does not hold. An
     /// optimiser steps `value` with `grad` in place.
     [[nodiscard]] std::vector<parameter<Scalar>> parameters()
-        requires trainable
-    {
-        std::vector<parameter<Scalar>> out;
-        const auto add = [&](std::string name, matrix<Scalar>& value, matrix<Scalar>* grad) {
-            out.push_back({std::move(name), Eigen::Map<matrix<Scalar>>(value.data(), value.rows(), value.cols()),
-                           view(grad, value.rows(), value.cols())});
-        };
-        add("router.weight", router_weight_, &grad_router_weight_);
-        for (std::size_t e = 0; e < experts_.size(); ++e) {
-            if (!owns_expert(static_cast<index>(e))) continue;
-            const std::string prefix = "experts." + std::to_string(e) + ".";
-            add(prefix + "in.weight", experts_[e].in, e < grad_experts_.size() ? &grad_experts_[e].in : nullptr);
-            add(prefix + "out.weight", experts_[e].out, e < grad_experts_.size() ? &grad_experts_[e].out : nullptr);
-        }
-        if constexpr (Shared::enabled) {
-            add("shared.in.weight", shared_weights_.in, &grad_shared_weights_.in);
-            add("shared.out.weight", shared_weights_.out, &grad_shared_weights_.out);
-            if constexpr (Shared::gated)
-                out.push_back({"shared.gate.weight", Eigen::Map<matrix<Scalar>>(shared_gate_.data(), 1, shared_gate_.size()),
-                               Eigen::Map<matrix<Scalar>>(grad_shared_gate_.data(), grad_shared_gate_.size() ? 1 : 0,
-                                                          grad_shared_gate_.size())});
-        }
-        return out;
-    }
+        requires trainable;
 
     /// Gradients of the last `backward` call, shaped like the weights.
     [[nodiscard]] const matrix<Scalar>& grad_router_weight() const { return grad_router_weight_; }
@@ -297,37 +233,7 @@ public:
     }
 
     /// y = MoE(x) for x of shape T x d; y must be T x d too. Throws `shape_error` otherwise.
-    void forward(const_matrix_ref<Scalar> x, matrix_ref<Scalar> y) {
-        const index t = x.rows(), d = shape_.d_model;
-        if (x.cols() != d)
-            throw shape_error("layer::forward: input is " + dims(x.rows(), x.cols()) + ", expected [T, " +
-                              std::to_string(d) + "]");
-        if (y.rows() != t || y.cols() != d)
-            throw shape_error("layer::forward: output is " + dims(y.rows(), y.cols()) + ", expected " + dims(t, d));
-        check_weights();
-        saved_tokens_ = -1;  // set again only when this call completes
-        logits_.resize(t, router_weight_.rows());
-        compute_logits(x);
-        moe::route(router_, logits_, router_state_, routing_);
-        routing_.build_dispatch();
-        if (exchange_) exchange_->share_totals(routing_, logits_.cols());
-        compute_experts(x);
-        combine(x, y);
-        if constexpr (sizeof...(Losses) > 0) {
-            const auto values = [&] {
-                loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
-                                              l.value(routing_, logits_)...}; },
-                                          losses_);
-            };
-            if (exchange_) {
-                exchange_->agree(values);  // a loss that fails on one rank (seq_balance) fails on all
-                exchange_->comm().all_sum(std::span<Scalar>(loss_values_));  // each rank's share
-            } else {
-                values();
-            }
-        }
-        saved_tokens_ = training_ ? t : -1;
-    }
+    void forward(const_matrix_ref<Scalar> x, matrix_ref<Scalar> y);
 
     /// Rows each rank's experts computed in the last forward, their imbalance and every rank's bytes
     /// of rows exchanged since (an expert-parallel layer; collective: every rank must call it). Throws
@@ -357,65 +263,7 @@ public:
     /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
     /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
     void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-        requires differentiable_router<Router, Scalar> && trainable
-    {
-        const index t = x.rows(), d = shape_.d_model;
-        if (!training_ || saved_tokens_ < 0)
-            throw error("layer::backward: no training forward to differentiate: call set_training(true), then forward, "
-                        "then backward (once)");
-        if (t != saved_tokens_ || x.cols() != d)
-            throw shape_error("layer::backward: input is " + dims(x.rows(), x.cols()) + ", the forward's was " +
-                              dims(saved_tokens_, d));
-        if (grad_y.rows() != t || grad_y.cols() != d)
-            throw shape_error("layer::backward: output gradient is " + dims(grad_y.rows(), grad_y.cols()) + ", expected " +
-                              dims(t, d));
-        if (grad_x.rows() != t || grad_x.cols() != d)
-            throw shape_error("layer::backward: input gradient is " + dims(grad_x.rows(), grad_x.cols()) + ", expected " +
-                              dims(t, d));
-        const auto overlaps = [&](const Scalar* a, const Scalar* b) { return t > 0 && a < b + t * d && b < a + t * d; };
-        if (overlaps(grad_x.data(), x.data()) || overlaps(grad_x.data(), grad_y.data()))
-            throw value_error("layer::backward: the input gradient must not share memory with the input or the output "
-                              "gradient (both are read after it is written)");
-        check_weights();
-        saved_tokens_ = -1;
-
-        // dL/dw per slot, then dL/dz through the router and the loss terms.
-        grad_weights_.assign(static_cast<std::size_t>(routing_.slots()), Scalar(0));
-        for (index s = 0; s < routing_.slots(); ++s) {
-            const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
-            if (row >= 0)
-                grad_weights_[static_cast<std::size_t>(s)] =
-                    grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row));
-        }
-        grad_logits_.resize(logits_.rows(), logits_.cols());
-        route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
-        std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
-        // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added).
-        const index e = logits_.cols();
-        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), 1, e}, x.data(), x.outerStride(),
-                          grad_router_weight_.data(), d, e, d, t, false);
-        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), e, 1}, router_weight_.data(), d, grad_x.data(),
-                          grad_x.outerStride(), t, d, e, false);
-        if (exchange_) sum_over_ranks(grad_router_weight_);
-
-        if constexpr (Shared::gated) {
-            // y += sigma(g_t) * shared_t with g_t = w_g . x_t.
-            shared_gate_grad_.resize(t);
-            for (index i = 0; i < t; ++i) {
-                const Scalar sg = shared_gate_values_[i];
-                shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
-            }
-            grad_shared_gate_.noalias() = x.transpose() * shared_gate_grad_;
-            if (exchange_) sum_over_ranks(grad_shared_gate_);
-        }
-        backward_experts(x, grad_y);
-        if constexpr (Shared::enabled)
-            if (exchange_) {
-                sum_over_ranks(grad_shared_weights_.in);
-                sum_over_ranks(grad_shared_weights_.out);
-            }
-        combine_backward(grad_x);
-    }
+        requires differentiable_router<Router, Scalar> && trainable;
 
     /// FLOPs of the last forward call's expert work (2 per multiply-add of the projections that ran).
     [[nodiscard]] double active_flops() const {
@@ -433,30 +281,7 @@ private:
     static std::string dims(index r, index c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; }
 
     // The weights are public members a user may replace; a wrong shape must not reach the kernels.
-    void check_weights() {
-        const index d = shape_.d_model;
-        // `what` names the tensor; with `expert` >= 0 it is that expert's, else the layer's (the
-        // message is formed only for a wrong shape: this runs on every call).
-        const auto check = [&](const auto& m, index rows, index cols, const char* what, index expert = -1) {
-            if (m.rows() != rows || m.cols() != cols)
-                throw shape_error("layer: " + (expert >= 0 ? "expert " + std::to_string(expert) + "'s " : std::string("the ")) +
-                                  what + " is " + dims(m.rows(), m.cols()) + ", expected " + dims(rows, cols));
-        };
-        check(router_weight_, logit_rows(router_, shape_.n_experts), d, "router weight");
-        for (index e = 0; e < shape_.n_experts; ++e) {
-            if (!owns_expert(e)) continue;
-            const auto& w = experts_[static_cast<std::size_t>(e)];
-            check(w.in, ffn_in_rows<Expert>(shape_.d_ff), d, "input weight", e);
-            check(w.out, d, shape_.d_ff, "output weight", e);
-        }
-        if constexpr (Shared::enabled) {
-            check(shared_weights_.in, ffn_in_rows<decltype(shared_.expert)>(shape_.d_shared), d, "shared expert's input weight");
-            check(shared_weights_.out, d, shape_.d_shared, "shared expert's output weight");
-            if constexpr (Shared::gated) check(shared_gate_, d, 1, "shared-expert gate");
-        }
-        if (const vector<Scalar>* bias = correction_bias<Scalar>(router_state_))
-            check(*bias, shape_.n_experts, 1, "correction bias");
-    }
+    void check_weights();
 
     void zero(ffn_weights<weight_type>& w, index ff, index in_rows) const {
         w.in = matrix<weight_type>::Zero(in_rows, shape_.d_model);
@@ -473,13 +298,7 @@ private:
     }
 
     // Logits per token chunk; each is a fixed-order dot product (see kernels/linear.hpp).
-    void compute_logits(const const_matrix_ref<Scalar>& x) {
-        const index e = router_weight_.rows(), d = shape_.d_model;
-        for_row_chunks(x.rows(), [&](index begin, index end) {
-            kernels::linear(x.row(begin).data(), x.outerStride(), router_weight_.data(), d, logits_.row(begin).data(), e,
-                            end - begin, e, d);
-        });
-    }
+    void compute_logits(const const_matrix_ref<Scalar>& x);
 
     // The token routed row `row` (of `routing_`) comes from.
     [[nodiscard]] index token_of(index row) const {
@@ -488,20 +307,7 @@ private:
 
     // Routed rows run on this rank's experts: the routing's own, or (expert-parallel) those received
     // from every rank; results in `expert_out_` by routing row either way.
-    void compute_experts(const const_matrix_ref<Scalar>& x) {
-        const index d = shape_.d_model;
-        if (!exchange_) {
-            expert_out_.resize(routing_.rows(), d);
-            run_experts(x, routing_.expert_offsets, expert_out_);
-            return;
-        }
-        exchange_->plan(routing_);
-        exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
-        own_out_.resize(exchange_->own_offsets().back(), d);
-        run_experts(x, exchange_->own_offsets(), own_out_);
-        expert_out_.resize(routing_.rows(), d);
-        exchange_->give_back(own_out_, expert_out_);
-    }
+    void compute_experts(const const_matrix_ref<Scalar>& x);
 
     using row_vector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     static Eigen::Map<row_vector> row_map(Scalar* p, index n) { return {p, n}; }
@@ -530,142 +336,16 @@ private:
     // The routed experts over the row blocks `offsets` (E + 1 entries) into `routed_out`, and the shared
     // FFN over every token, as the tasks of `detail::expert_pass`: the routed rows' inputs are gathered
     // (and, for bf16 weights, rounded) first.
-    void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
-        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows(), rows = offsets.back();
-        routed_in_.resize(rows, d);
-        for_row_chunks(rows, [&](index begin, index end) {
-            for (index r = begin; r < end; ++r) store_input(routed_input(x, r), routed_in_.data() + r * d, d);
-        });
-        const index in_rows = ffn_in_rows<Expert>(shape_.d_ff);
-        act_.resize(rows, shape_.d_ff);
-        if (training_) hidden_.resize(rows, in_rows);
-        blocks_.resize(static_cast<std::size_t>(e) + 1);
-        for (index ex = 0; ex < e; ++ex) {
-            const index first = offsets[static_cast<std::size_t>(ex)];
-            auto& b = blocks_[static_cast<std::size_t>(ex)];
-            b.weights = &experts_[static_cast<std::size_t>(ex)];
-            b.rows = offsets[static_cast<std::size_t>(ex) + 1] - first;
-            b.x = routed_in_.data() + first * d;
-            b.ldx = d;
-            b.hidden = training_ ? hidden_.data() + first * in_rows : nullptr;
-            b.ldh = in_rows;
-            b.act = act_.data() + first * shape_.d_ff;
-            b.lda = shape_.d_ff;
-            b.out = routed_out.data() + first * d;
-            b.ldo = d;
-        }
-        auto& sb = blocks_.back();  // the shared FFN (no rows without one)
-        sb = {};
-        sb.shared = true;
-        if constexpr (Shared::enabled) {
-            const index ds = shape_.d_shared, shared_in_rows = shared_weights_.in.rows();
-            if constexpr (trainable) {
-                sb.x = x.data();
-                sb.ldx = x.outerStride();
-            } else {
-                shared_in_.resize(t, d);
-                for_row_chunks(t, [&](index begin, index end) {
-                    for (index r = begin; r < end; ++r) store_input(x.row(r).data(), shared_in_.data() + r * d, d);
-                });
-                sb.x = shared_in_.data();
-                sb.ldx = d;
-            }
-            shared_out_.resize(t, d);
-            shared_act_.resize(t, ds);
-            if (training_) shared_hidden_.resize(t, shared_in_rows);
-            sb.weights = &shared_weights_;
-            sb.rows = t;
-            sb.hidden = training_ ? shared_hidden_.data() : nullptr;
-            sb.ldh = shared_in_rows;
-            sb.act = shared_act_.data();
-            sb.lda = ds;
-            sb.out = shared_out_.data();
-            sb.ldo = d;
-        }
-        pass_.forward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
-    }
+    void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out);
 
     // y_t = the weighted rows of token t's slots in slot order, plus the shared FFN's (gated: times
     // sigma(w_g . x_t), kept for backward).
-    void combine(const const_matrix_ref<Scalar>& x, matrix_ref<Scalar>& y) {
-        if constexpr (Shared::gated) shared_gate_values_.resize(x.rows());
-        for_row_chunks(routing_.tokens, [&](index begin, index end) {
-            for (index i = begin; i < end; ++i) {
-                auto yi = y.row(i);
-                yi.setZero();
-                for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
-                    const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
-                    if (row >= 0) yi += routing_.weights[static_cast<std::size_t>(s)] * expert_out_.row(row);
-                }
-                if constexpr (Shared::gated) {
-                    const Scalar g = x.row(i).dot(shared_gate_);
-                    shared_gate_values_[i] = Scalar(1) / (Scalar(1) + std::exp(-g));
-                    yi += shared_gate_values_[i] * shared_out_.row(i);
-                } else if constexpr (Shared::enabled) {
-                    yi += shared_out_.row(i);
-                }
-            }
-        });
-    }
+    void combine(const const_matrix_ref<Scalar>& x, matrix_ref<Scalar>& y);
 
     // The expert pass backward over the blocks of the forward: each routed row's dL/d(out) (its combine
     // weight times dL/dy of its token) is gathered first. Expert-parallel: dL/d(out) of every routed row
     // goes to the row's owner, which returns dL/dx of the row.
-    void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y) {
-        const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
-        const auto scaled_grad = [&](index row, Scalar* to) {
-            const auto slot = static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(row)]);
-            row_map(to, d) = routing_.weights[slot] * grad_y.row(routing_.slot_tokens[slot]);
-        };
-        if (exchange_) exchange_->send(d, scaled_grad, received_grad_);
-        const std::vector<index>& offsets = exchange_ ? exchange_->own_offsets() : routing_.expert_offsets;
-        const index rows = offsets.back();
-        dout_.resize(rows, d);
-        for_row_chunks(rows, [&](index begin, index end) {
-            for (index r = begin; r < end; ++r) {
-                if (exchange_)
-                    row_map(dout_.data() + r * d, d) = received_grad_.row(exchange_->received_row(r));
-                else
-                    scaled_grad(r, dout_.data() + r * d);
-            }
-        });
-        matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
-        routed_grad.resize(rows, d);
-        for (index ex = 0; ex < e; ++ex) {
-            const index first = offsets[static_cast<std::size_t>(ex)];
-            auto& b = blocks_[static_cast<std::size_t>(ex)];
-            b.dout = dout_.data() + first * d;
-            b.ldd = d;
-            b.grad = &grad_experts_[static_cast<std::size_t>(ex)];
-            b.dx = routed_grad.data() + first * d;
-            b.lddx = d;
-        }
-        if constexpr (Shared::enabled) {
-            auto& sb = blocks_.back();
-            sb.x = x.data();  // the forward's x may live elsewhere now
-            sb.ldx = x.outerStride();
-            if constexpr (Shared::gated) {
-                shared_dout_.resize(t, d);
-                for_row_chunks(t, [&](index begin, index end) {
-                    for (index i = begin; i < end; ++i) shared_dout_.row(i) = shared_gate_values_[i] * grad_y.row(i);
-                });
-                sb.dout = shared_dout_.data();
-                sb.ldd = d;
-            } else {
-                sb.dout = grad_y.data();
-                sb.ldd = grad_y.outerStride();
-            }
-            shared_grad_.resize(t, d);
-            sb.grad = &grad_shared_weights_;
-            sb.dx = shared_grad_.data();
-            sb.lddx = d;
-        }
-        pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
-        if (exchange_) {
-            row_grad_.resize(routing_.rows(), d);
-            exchange_->give_back(own_grad_, row_grad_);
-        }
-    }
+    void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y);
 
     template <class M>
     void sum_over_ranks(M& m) {
@@ -673,19 +353,7 @@ private:
     }
 
     // dL/dx_t += the rows of token t's slots in slot order, then the shared FFN's and its gate's terms.
-    void combine_backward(matrix_ref<Scalar>& grad_x) {
-        for_row_chunks(routing_.tokens, [&](index begin, index end) {
-            for (index i = begin; i < end; ++i) {
-                auto gi = grad_x.row(i);
-                for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
-                    const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
-                    if (row >= 0) gi += row_grad_.row(row);
-                }
-                if constexpr (Shared::enabled) gi += shared_grad_.row(i);
-                if constexpr (Shared::gated) gi += shared_gate_grad_[i] * shared_gate_.transpose();
-            }
-        });
-    }
+    void combine_backward(matrix_ref<Scalar>& grad_x);
 
     static Eigen::Map<matrix<Scalar>> view(matrix<Scalar>* m, index rows, index cols) {
         if (m == nullptr || m->rows() != rows || m->cols() != cols) return {nullptr, 0, 0};
@@ -748,3 +416,10 @@ private:
 };
 
 }  // namespace moe
+
+// The members' definitions, by responsibility.
+#define MOE_LAYER_DEFINITIONS
+#include "moe/detail/layer_weights.hpp"
+#include "moe/detail/layer_forward.hpp"
+#include "moe/detail/layer_backward.hpp"
+#undef MOE_LAYER_DEFINITIONS

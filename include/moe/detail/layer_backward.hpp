@@ -1,0 +1,152 @@
+#pragma once
+// Internal: the definitions of `moe::layer`'s members for the backward path: the router's and the losses'
+// gradients, the expert pass backward (expert-parallel: gradients of the rows to their owners and back,
+// replicated gradients summed over the ranks), combine backward.
+// Included by moe/layer.hpp, after the class.
+
+#if !defined(MOE_LAYER_DEFINITIONS)
+#error "moe/detail/layer_backward.hpp is part of moe/layer.hpp: include that instead"
+#endif
+
+namespace moe {
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref<Scalar> x,
+    const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
+    requires differentiable_router<Router, Scalar> && trainable
+{
+    const index t = x.rows(), d = shape_.d_model;
+    if (!training_ || saved_tokens_ < 0)
+        throw error("layer::backward: no training forward to differentiate: call set_training(true), then forward, "
+                    "then backward (once)");
+    if (t != saved_tokens_ || x.cols() != d)
+        throw shape_error("layer::backward: input is " + dims(x.rows(), x.cols()) + ", the forward's was " +
+                          dims(saved_tokens_, d));
+    if (grad_y.rows() != t || grad_y.cols() != d)
+        throw shape_error("layer::backward: output gradient is " + dims(grad_y.rows(), grad_y.cols()) + ", expected " +
+                          dims(t, d));
+    if (grad_x.rows() != t || grad_x.cols() != d)
+        throw shape_error("layer::backward: input gradient is " + dims(grad_x.rows(), grad_x.cols()) + ", expected " +
+                          dims(t, d));
+    const auto overlaps = [&](const Scalar* a, const Scalar* b) { return t > 0 && a < b + t * d && b < a + t * d; };
+    if (overlaps(grad_x.data(), x.data()) || overlaps(grad_x.data(), grad_y.data()))
+        throw value_error("layer::backward: the input gradient must not share memory with the input or the output "
+                          "gradient (both are read after it is written)");
+    check_weights();
+    saved_tokens_ = -1;
+
+    // dL/dw per slot, then dL/dz through the router and the loss terms.
+    grad_weights_.assign(static_cast<std::size_t>(routing_.slots()), Scalar(0));
+    for (index s = 0; s < routing_.slots(); ++s) {
+        const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
+        if (row >= 0)
+            grad_weights_[static_cast<std::size_t>(s)] =
+                grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row));
+    }
+    grad_logits_.resize(logits_.rows(), logits_.cols());
+    route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
+    std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
+    // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added).
+    const index e = logits_.cols();
+    kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), 1, e}, x.data(), x.outerStride(),
+                      grad_router_weight_.data(), d, e, d, t, false);
+    kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), e, 1}, router_weight_.data(), d, grad_x.data(),
+                      grad_x.outerStride(), t, d, e, false);
+    if (exchange_) sum_over_ranks(grad_router_weight_);
+
+    if constexpr (Shared::gated) {
+        // y += sigma(g_t) * shared_t with g_t = w_g . x_t.
+        shared_gate_grad_.resize(t);
+        for (index i = 0; i < t; ++i) {
+            const Scalar sg = shared_gate_values_[i];
+            shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
+        }
+        grad_shared_gate_.noalias() = x.transpose() * shared_gate_grad_;
+        if (exchange_) sum_over_ranks(grad_shared_gate_);
+    }
+    backward_experts(x, grad_y);
+    if constexpr (Shared::enabled)
+        if (exchange_) {
+            sum_over_ranks(grad_shared_weights_.in);
+            sum_over_ranks(grad_shared_weights_.out);
+        }
+    combine_backward(grad_x);
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const const_matrix_ref<Scalar>& x,
+    const const_matrix_ref<Scalar>& grad_y) {
+    const index d = shape_.d_model, e = shape_.n_experts, t = x.rows();
+    const auto scaled_grad = [&](index row, Scalar* to) {
+        const auto slot = static_cast<std::size_t>(routing_.row_slots[static_cast<std::size_t>(row)]);
+        row_map(to, d) = routing_.weights[slot] * grad_y.row(routing_.slot_tokens[slot]);
+    };
+    if (exchange_) exchange_->send(d, scaled_grad, received_grad_);
+    const std::vector<index>& offsets = exchange_ ? exchange_->own_offsets() : routing_.expert_offsets;
+    const index rows = offsets.back();
+    dout_.resize(rows, d);
+    for_row_chunks(rows, [&](index begin, index end) {
+        for (index r = begin; r < end; ++r) {
+            if (exchange_)
+                row_map(dout_.data() + r * d, d) = received_grad_.row(exchange_->received_row(r));
+            else
+                scaled_grad(r, dout_.data() + r * d);
+        }
+    });
+    matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
+    routed_grad.resize(rows, d);
+    for (index ex = 0; ex < e; ++ex) {
+        const index first = offsets[static_cast<std::size_t>(ex)];
+        auto& b = blocks_[static_cast<std::size_t>(ex)];
+        b.dout = dout_.data() + first * d;
+        b.ldd = d;
+        b.grad = &grad_experts_[static_cast<std::size_t>(ex)];
+        b.dx = routed_grad.data() + first * d;
+        b.lddx = d;
+    }
+    if constexpr (Shared::enabled) {
+        auto& sb = blocks_.back();
+        sb.x = x.data();  // the forward's x may live elsewhere now
+        sb.ldx = x.outerStride();
+        if constexpr (Shared::gated) {
+            shared_dout_.resize(t, d);
+            for_row_chunks(t, [&](index begin, index end) {
+                for (index i = begin; i < end; ++i) shared_dout_.row(i) = shared_gate_values_[i] * grad_y.row(i);
+            });
+            sb.dout = shared_dout_.data();
+            sb.ldd = d;
+        } else {
+            sb.dout = grad_y.data();
+            sb.ldd = grad_y.outerStride();
+        }
+        shared_grad_.resize(t, d);
+        sb.grad = &grad_shared_weights_;
+        sb.dx = shared_grad_.data();
+        sb.lddx = d;
+    }
+    pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
+    if (exchange_) {
+        row_grad_.resize(routing_.rows(), d);
+        exchange_->give_back(own_grad_, row_grad_);
+    }
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::combine_backward(matrix_ref<Scalar>& grad_x) {
+    for_row_chunks(routing_.tokens, [&](index begin, index end) {
+        for (index i = begin; i < end; ++i) {
+            auto gi = grad_x.row(i);
+            for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
+                const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
+                if (row >= 0) gi += row_grad_.row(row);
+            }
+            if constexpr (Shared::enabled) gi += shared_grad_.row(i);
+            if constexpr (Shared::gated) gi += shared_gate_grad_[i] * shared_gate_.transpose();
+        }
+    });
+}
+
+}  // namespace moe

@@ -1,0 +1,156 @@
+#pragma once
+// Internal: the definitions of `moe::layer`'s members for the forward path: logits, routing, the expert
+// pass (routed rows gathered, per-FFN blocks for detail/expert_pass.hpp; expert-parallel: rows to their
+// owners and back), combine.
+// Included by moe/layer.hpp, after the class.
+
+#if !defined(MOE_LAYER_DEFINITIONS)
+#error "moe/detail/layer_forward.hpp is part of moe/layer.hpp: include that instead"
+#endif
+
+namespace moe {
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::forward(const_matrix_ref<Scalar> x, matrix_ref<Scalar> y) {
+    const index t = x.rows(), d = shape_.d_model;
+    if (x.cols() != d)
+        throw shape_error("layer::forward: input is " + dims(x.rows(), x.cols()) + ", expected [T, " +
+                          std::to_string(d) + "]");
+    if (y.rows() != t || y.cols() != d)
+        throw shape_error("layer::forward: output is " + dims(y.rows(), y.cols()) + ", expected " + dims(t, d));
+    check_weights();
+    saved_tokens_ = -1;  // set again only when this call completes
+    logits_.resize(t, router_weight_.rows());
+    compute_logits(x);
+    moe::route(router_, logits_, router_state_, routing_);
+    routing_.build_dispatch();
+    if (exchange_) exchange_->share_totals(routing_, logits_.cols());
+    compute_experts(x);
+    combine(x, y);
+    if constexpr (sizeof...(Losses) > 0) {
+        const auto values = [&] {
+            loss_values_ = std::apply([&](const auto&... l) { return std::array<Scalar, sizeof...(Losses)>{
+                                          l.value(routing_, logits_)...}; },
+                                      losses_);
+        };
+        if (exchange_) {
+            exchange_->agree(values);  // a loss that fails on one rank (seq_balance) fails on all
+            exchange_->comm().all_sum(std::span<Scalar>(loss_values_));  // each rank's share
+        } else {
+            values();
+        }
+    }
+    saved_tokens_ = training_ ? t : -1;
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::compute_logits(const const_matrix_ref<Scalar>& x) {
+    const index e = router_weight_.rows(), d = shape_.d_model;
+    for_row_chunks(x.rows(), [&](index begin, index end) {
+        kernels::linear(x.row(begin).data(), x.outerStride(), router_weight_.data(), d, logits_.row(begin).data(), e,
+                        end - begin, e, d);
+    });
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const const_matrix_ref<Scalar>& x) {
+    const index d = shape_.d_model;
+    if (!exchange_) {
+        expert_out_.resize(routing_.rows(), d);
+        run_experts(x, routing_.expert_offsets, expert_out_);
+        return;
+    }
+    exchange_->plan(routing_);
+    exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
+    own_out_.resize(exchange_->own_offsets().back(), d);
+    run_experts(x, exchange_->own_offsets(), own_out_);
+    expert_out_.resize(routing_.rows(), d);
+    exchange_->give_back(own_out_, expert_out_);
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_matrix_ref<Scalar>& x,
+    const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
+    const index d = shape_.d_model, e = shape_.n_experts, t = x.rows(), rows = offsets.back();
+    routed_in_.resize(rows, d);
+    for_row_chunks(rows, [&](index begin, index end) {
+        for (index r = begin; r < end; ++r) store_input(routed_input(x, r), routed_in_.data() + r * d, d);
+    });
+    const index in_rows = ffn_in_rows<Expert>(shape_.d_ff);
+    act_.resize(rows, shape_.d_ff);
+    if (training_) hidden_.resize(rows, in_rows);
+    blocks_.resize(static_cast<std::size_t>(e) + 1);
+    for (index ex = 0; ex < e; ++ex) {
+        const index first = offsets[static_cast<std::size_t>(ex)];
+        auto& b = blocks_[static_cast<std::size_t>(ex)];
+        b.weights = &experts_[static_cast<std::size_t>(ex)];
+        b.rows = offsets[static_cast<std::size_t>(ex) + 1] - first;
+        b.x = routed_in_.data() + first * d;
+        b.ldx = d;
+        b.hidden = training_ ? hidden_.data() + first * in_rows : nullptr;
+        b.ldh = in_rows;
+        b.act = act_.data() + first * shape_.d_ff;
+        b.lda = shape_.d_ff;
+        b.out = routed_out.data() + first * d;
+        b.ldo = d;
+    }
+    auto& sb = blocks_.back();  // the shared FFN (no rows without one)
+    sb = {};
+    sb.shared = true;
+    if constexpr (Shared::enabled) {
+        const index ds = shape_.d_shared, shared_in_rows = shared_weights_.in.rows();
+        if constexpr (trainable) {
+            sb.x = x.data();
+            sb.ldx = x.outerStride();
+        } else {
+            shared_in_.resize(t, d);
+            for_row_chunks(t, [&](index begin, index end) {
+                for (index r = begin; r < end; ++r) store_input(x.row(r).data(), shared_in_.data() + r * d, d);
+            });
+            sb.x = shared_in_.data();
+            sb.ldx = d;
+        }
+        shared_out_.resize(t, d);
+        shared_act_.resize(t, ds);
+        if (training_) shared_hidden_.resize(t, shared_in_rows);
+        sb.weights = &shared_weights_;
+        sb.rows = t;
+        sb.hidden = training_ ? shared_hidden_.data() : nullptr;
+        sb.ldh = shared_in_rows;
+        sb.act = shared_act_.data();
+        sb.lda = ds;
+        sb.out = shared_out_.data();
+        sb.ldo = d;
+    }
+    pass_.forward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::combine(const const_matrix_ref<Scalar>& x,
+    matrix_ref<Scalar>& y) {
+    if constexpr (Shared::gated) shared_gate_values_.resize(x.rows());
+    for_row_chunks(routing_.tokens, [&](index begin, index end) {
+        for (index i = begin; i < end; ++i) {
+            auto yi = y.row(i);
+            yi.setZero();
+            for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
+                const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
+                if (row >= 0) yi += routing_.weights[static_cast<std::size_t>(s)] * expert_out_.row(row);
+            }
+            if constexpr (Shared::gated) {
+                const Scalar g = x.row(i).dot(shared_gate_);
+                shared_gate_values_[i] = Scalar(1) / (Scalar(1) + std::exp(-g));
+                yi += shared_gate_values_[i] * shared_out_.row(i);
+            } else if constexpr (Shared::enabled) {
+                yi += shared_out_.row(i);
+            }
+        }
+    });
+}
+
+}  // namespace moe
