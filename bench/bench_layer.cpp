@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -181,7 +183,7 @@ void dense_ffn_backward(benchmark::State& state, shape s) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// The memory read bandwidth in the same run, at 1 and 2 threads: each thread sums its share of 1 GiB
+// The memory read bandwidth in the same run, at each thread count: each thread sums its share of 1 GiB
 // (far beyond the caches) in SIMD vectors with four accumulators, as the kernels read weights.
 void memory_read(benchmark::State& state) {
     using batch = xsimd::batch<float>;
@@ -287,13 +289,39 @@ void efficiency_backward(benchmark::State& state, shape s) {
     with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_efficiency(st, layer, sh, true); });
 }
 
+// The thread counts of the threaded benchmarks: MOE_BENCH_THREADS (e.g. "1,2,4,8,16", as
+// scripts/scaling sets it), else 1 and 2.
+std::vector<int> thread_counts() {
+    std::vector<int> counts;
+    const char* list = std::getenv("MOE_BENCH_THREADS");
+    for (const char* p = list ? list : "1,2"; *p != 0;) {
+        char* end = nullptr;
+        const long n = std::strtol(p, &end, 10);
+        if (end == p || n < 1 || n > moe::max_threads) {
+            std::fprintf(stderr, "moe_bench: MOE_BENCH_THREADS=%s: expected a list like 1,2,4\n", list);
+            std::exit(2);
+        }
+        counts.push_back(static_cast<int>(n));
+        p = *end == ',' ? end + 1 : end;
+    }
+    return counts;
+}
+
+// Each thread count as the benchmark's argument "threads".
+void with_threads(benchmark::internal::Benchmark* b) {
+    for (const int t : thread_counts()) b->Arg(t);
+    b->ArgName("threads");
+}
+
 const bool registered = [] {
-    benchmark::RegisterBenchmark("memory_read", memory_read)->Threads(1)->Threads(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+    auto* read = benchmark::RegisterBenchmark("memory_read", memory_read);
+    for (const int t : thread_counts()) read->Threads(t);
+    read->Unit(benchmark::kMillisecond)->UseRealTime();
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
-            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+            ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("layer_forward_bf16/") + s.name).c_str(), layer_forward_bf16, s)
-            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+            ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
         if (s.d * s.ff < 16 * 1024 * 1024)  // the dense FFN of the largest shapes would only time a GEMV
             benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
                 ->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -303,7 +331,7 @@ const bool registered = [] {
     for (const shape& s : shapes) {
         if (s.tokens < 64) continue;  // training shapes only
         benchmark::RegisterBenchmark((std::string("layer_backward/") + s.name).c_str(), layer_backward, s)
-            ->Arg(1)->Arg(2)->ArgName("threads")->Unit(benchmark::kMillisecond)->UseRealTime();
+            ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("dense_ffn_backward/") + s.name).c_str(), dense_ffn_backward, s)
             ->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("task_list_efficiency/backward/") + s.name).c_str(), efficiency_backward, s)
