@@ -52,20 +52,21 @@ class expert_pass {
 public:
     using block = ffn_block<Scalar, Weight>;
 
-    /// Row blocks of the projections: at most this many rows, so per-thread scratch is bounded.
+    /// Row blocks of the projections: at most this many rows.
     static constexpr index max_rows = 256;
 
     /// out of every block (and, with `hidden` set, h), by the routed policy `routed` or the shared one.
     template <class X, class S>
     void forward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads) {
-        const index widest = reserve(blocks, pool);
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), ff(b) > 0 ? b.weights->in.rows() / ff(b) * d(b) : 0});
-        // Stage 1: hidden columns.
-        run_plan(pool, plan_threads, {max_rows, 16, 16}, [&](const work_task& tk, index thread) {
+        // Stage 1: hidden columns. Scratch per output: h (gate and up) unless kept for training, and with
+        // bf16 weights the float activations before rounding.
+        const bool keep_h = !blocks.empty() && blocks.front().hidden != nullptr;
+        const index scratch = (keep_h ? 0 : 2) + (std::is_same_v<Weight, Scalar> ? 0 : 1);
+        run_plan(pool, plan_threads, {max_rows, 16, 16}, scratch, [&](const work_task& tk, Scalar* scratch) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
-            Scalar* scratch = thread_scratch(thread, widest);
             Scalar* h = b.hidden ? b.hidden + tk.row_begin * b.ldh + c0 : scratch;
             const index ldh = b.hidden ? b.ldh : 2 * cols, up = b.hidden ? ff(b) : cols;
             Weight* act = b.act + tk.row_begin * b.lda + c0;
@@ -74,7 +75,7 @@ public:
                 if constexpr (std::is_same_v<Weight, Scalar>) {
                     ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, act, b.lda);
                 } else {
-                    Scalar* a = scratch + max_rows * 2 * widest;  // float activations, then rounded
+                    Scalar* a = b.hidden ? scratch : scratch + 2 * n * cols;  // float activations, then rounded
                     ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, a, cols);
                     for (index r = 0; r < n; ++r) kernels::round_to_bf16(a + r * cols, act + r * b.lda, cols);
                 }
@@ -83,7 +84,7 @@ public:
         // Stage 2: output columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, d(b), ff(b)});
-        run_plan(pool, plan_threads, {max_rows, 16, 16}, [&](const work_task& tk, index) {
+        run_plan(pool, plan_threads, {max_rows, 16, 16}, 0, [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             ffn_output_columns(*b.weights, b.act + tk.row_begin * b.lda, b.lda, tk.row_end - tk.row_begin, tk.column_begin,
                                tk.column_end, b.out + tk.row_begin * b.ldo + tk.column_begin, b.ldo);
@@ -95,18 +96,17 @@ public:
     void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
         requires std::is_same_v<Weight, Scalar>
     {
-        const index widest = reserve(blocks, pool);
         const index panel = 2 * static_cast<index>(xsimd::batch<Scalar>::size);  // kernels::multiply's panel width
         // Stage 1: da, a and dh by hidden columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), d(b)});
-        run_plan(pool, plan_threads, {max_rows, 16, panel}, [&](const work_task& tk, index thread) {
+        run_plan(pool, plan_threads, {max_rows, 16, panel}, 1, [&](const work_task& tk, Scalar* da) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index r0 = tk.row_begin, c0 = tk.column_begin;
             with_policy(b, routed, shared, [&](const auto& policy) {
                 ffn_hidden_columns_backward(policy, *b.weights, b.dout + r0 * b.ldd, b.ldd, tk.row_end - r0, c0,
                                             tk.column_end, b.hidden + r0 * b.ldh + c0, b.ldh, ff(b), b.act + r0 * b.lda + c0,
-                                            b.lda, thread_scratch(thread, widest));
+                                            b.lda, da);
             });
         });
         // Stage 2: dW_out, dW_in (each value summed over all rows) and dx, three items per block.
@@ -117,7 +117,7 @@ public:
             items_.push_back({held ? b.grad->in.rows() : 0, d(b), b.rows});
             items_.push_back({held ? b.rows : 0, d(b), held ? b.grad->in.rows() : 0});
         }
-        run_plan(pool, plan_threads, {max_rows, 16, panel}, [&](const work_task& tk, index) {
+        run_plan(pool, plan_threads, {max_rows, 16, panel}, 0, [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
             const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
             switch (tk.item % 3) {
@@ -146,21 +146,19 @@ private:
             f(routed);
     }
 
-    // Sizes the per-thread scratch for blocks up to `max_rows` rows of the widest FFN; returns that width.
-    index reserve(std::span<const block> blocks, const thread_pool& pool) {
-        index widest = 0;
-        for (const block& b : blocks) widest = std::max(widest, ff(b));
-        scratch_.resize(static_cast<std::size_t>(pool.size() * per_thread(widest)));
-        return widest;
-    }
-    // h (2 x widest per row) and, with bf16 weights, the float activations before rounding; backward: da.
-    static index per_thread(index widest) { return max_rows * 3 * widest; }
-    Scalar* thread_scratch(index thread, index widest) { return scratch_.data() + thread * per_thread(widest); }
-
+    // Plans the tasks of `items_` and runs f(task, scratch) for each on the pool, with `per_output`
+    // values of scratch per output of the task (sized for the largest task, per thread).
     template <class F>
-    void run_plan(thread_pool& pool, index plan_threads, const split_rules& rules, F&& f) {
+    void run_plan(thread_pool& pool, index plan_threads, const split_rules& rules, index per_output, F&& f) {
         plan_tasks(items_, plan_threads > 0 ? plan_threads : pool.size(), rules, tasks_);
-        auto run = [&](index i, index thread) { f(tasks_[static_cast<std::size_t>(i)], thread); };
+        index per_thread = 0;
+        for (const work_task& t : tasks_)
+            per_thread = std::max(per_thread, per_output * (t.row_end - t.row_begin) * (t.column_end - t.column_begin));
+        if (scratch_.size() < static_cast<std::size_t>(per_thread * pool.size()))
+            scratch_.resize(static_cast<std::size_t>(per_thread * pool.size()));
+        auto run = [&](index i, index thread) {
+            f(tasks_[static_cast<std::size_t>(i)], scratch_.data() + thread * per_thread);
+        };
         pool.run(static_cast<index>(tasks_.size()), run);
     }
 
