@@ -5,7 +5,6 @@
 #include <fstream>
 #include <sstream>
 
-#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,17 +37,20 @@ std::string slurp(const fs::path& p) {
 
 result moe_run(const std::string& args, const temp_dir& tmp) {
     const auto out = tmp.path / "stdout", err = tmp.path / "stderr";
-    // The shell execs moe-run, so the process waited for (and its peak memory) is moe-run's own.
-    const std::string cmd = "exec " + std::string(MOE_RUN_PATH) + " " + args + " >" + out.string() + " 2>" + err.string();
+    // The shell execs peak_rss, which runs moe-run and writes its peak memory (see tests/peak_rss.cpp).
+    const std::string cmd = "exec " + std::string(MOE_PEAK_RSS_PATH) + " " + (tmp.path / "peak_rss").string() + " " +
+                            MOE_RUN_PATH + " " + args + " >" + out.string() + " 2>" + err.string();
     const pid_t pid = fork();
     if (pid == 0) {
         execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
         _exit(127);
     }
     int status = 0;
-    rusage usage{};
-    REQUIRE(wait4(pid, &status, 0, &usage) == pid);
-    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err), usage.ru_maxrss};
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    std::ifstream rss(tmp.path / "peak_rss");
+    long peak = 0;
+    rss >> peak;
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err), peak};
 }
 
 /// "--model M --layer L <flags>" of a case folder's args.json (the flags under `keys`, in order).
