@@ -46,9 +46,12 @@ namespace detail {
 
 /// Keeps a loaded vector (an xsimd batch or a raw vector) in a register: without it GCC 12 folds the
 /// loads of a tile into its FMAs' memory operands and loads every vector four times (half the FMA rate).
+/// Only when optimising: unoptimised, nothing is folded, and this function is not inlined into the
+/// AVX-512 functions that call it, so a 512-bit operand would be an impossible constraint on CPUs
+/// built for without AVX-512 (Debug builds).
 template <class Vector>
 inline void in_register([[maybe_unused]] Vector& v) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__OPTIMIZE__) && (defined(__x86_64__) || defined(__i386__))
     if constexpr (requires { v.data; })
         asm("" : "+v"(v.data));
     else
