@@ -376,8 +376,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
     if (a.repeat > 0) {
         const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
         if (j.root()) std::printf("forward_ms_median=%.4f\n", forward);
-        if (j.root() && !Layer::trainable)
-            std::printf("bf16_kernel=%s\n", moe::kernels::avx512_bf16_dot_products() ? "avx512_bf16" : "portable");
+        if (j.root()) std::printf("kernels=%s\n", std::string(moe::kernels::isa_name(moe::kernels::active_isa())).c_str());
         if constexpr (Layer::trainable) {
             if (a.backward) {
                 // Each backward consumes its forward: time the pair and the forward alone, report the difference.

@@ -66,6 +66,7 @@ void check_linear(moe::index n, moe::index m, moe::index d, moe::index pad) {
 }
 
 TEST_CASE("linear computes x W^T with every output equal to dot of its rows", "[kernels]") {
+    INFO("instruction set: " << moe::kernels::isa_name(moe::kernels::active_isa()));
     SECTION("float") {
         check_linear<float>(1, 37, 203, 0);    // one row: 1 x 16 tiles and the edges after them
         check_linear<float>(2, 5, 64, 3);
@@ -123,9 +124,9 @@ TEST_CASE("round_to_bf16 rounds to nearest even as Eigen's conversion does", "[k
     CHECK(std::isnan(static_cast<float>(rounded_nan)));
 }
 
-// z = x W^T on bf16 by the tiles `Tiles`: within float32 rounding of the float64 sum of the exact
-// products, and every output bitwise equal to the same output of its row computed alone.
-template <class Tiles>
+// z = x W^T on bf16 by the active family (AVX-512 BF16 dot products on `avx512_bf16`, float tiles that
+// widen each value elsewhere): within float32 rounding of the float64 sum of the exact products, and
+// every output bitwise equal to the same output of its row computed alone.
 void check_linear_bf16(moe::index n, moe::index m, moe::index d, moe::index pad) {
     using moe::index;
     n = opaque(n), m = opaque(m), d = opaque(d), pad = opaque(pad);
@@ -133,12 +134,12 @@ void check_linear_bf16(moe::index n, moe::index m, moe::index d, moe::index pad)
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = moe::bf16(std::sin(0.37f * static_cast<float>(i)));
     for (std::size_t i = 0; i < w.size(); ++i) w[i] = moe::bf16(std::cos(0.11f * static_cast<float>(i)));
     std::vector<float> z(static_cast<std::size_t>(n * (m + pad)), -12345.0f);
-    moe::kernels::detail::linear_with<Tiles>(x.data(), d + pad, w.data(), d + pad, z.data(), m + pad, n, m, d);
+    moe::kernels::linear(x.data(), d + pad, w.data(), d + pad, z.data(), m + pad, n, m, d);
     int wrong_bits = 0, wrong_value = 0, touched_padding = 0;
     for (index r = 0; r < n; ++r) {
         // The row alone (1 x 16 tiles and 1-row edges) against the row in the block (4 x 4 tiles, edges).
         std::vector<float> alone(static_cast<std::size_t>(m));
-        moe::kernels::detail::linear_with<Tiles>(x.data() + r * (d + pad), d + pad, w.data(), d + pad, alone.data(), m, 1, m, d);
+        moe::kernels::linear(x.data() + r * (d + pad), d + pad, w.data(), d + pad, alone.data(), m, 1, m, d);
         for (index j = 0; j < m; ++j) {
             const moe::bf16* xr = x.data() + r * (d + pad);
             const moe::bf16* wj = w.data() + j * (d + pad);
@@ -159,40 +160,13 @@ void check_linear_bf16(moe::index n, moe::index m, moe::index d, moe::index pad)
     CHECK(touched_padding == 0);
 }
 
-template <class Tiles>
-void check_linear_bf16_shapes() {
-    check_linear_bf16<Tiles>(1, 37, 203, 0);   // one row: 1 x 16 tiles, a partial last step of 32
-    check_linear_bf16<Tiles>(2, 5, 64, 3);
-    check_linear_bf16<Tiles>(3, 19, 17, 1);    // d shorter than one step
-    check_linear_bf16<Tiles>(11, 23, 203, 5);  // 4 x 4 tiles, a 3-row edge, partial groups of W
-    check_linear_bf16<Tiles>(70, 40, 2000, 0); // more rows than one block of x (256 KiB / 4 kB)
-    check_linear_bf16<Tiles>(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
-    check_linear_bf16<Tiles>(4, 4, 0, 0);      // d = 0: zeros
-}
-
-TEST_CASE("linear on bf16 sums exact products in float32, on either kind of tile", "[kernels][bf16]") {
-    SECTION("portable tiles (bf16 widened to float)") { check_linear_bf16_shapes<moe::kernels::detail::simd_tiles>(); }
-#if defined(MOE_AVX512_BF16_DISPATCH)
-    SECTION("AVX-512 BF16 tiles") {
-        if (moe::kernels::avx512_bf16_dot_products())
-            check_linear_bf16_shapes<moe::kernels::detail::avx512_bf16_tiles>();
-        else
-            WARN("this CPU has no AVX-512 BF16 (or MOE_NO_AVX512_BF16 is set): its tiles are not tested here");
-    }
-#endif
-    SECTION("linear chooses one of them; MOE_NO_AVX512_BF16 chooses the portable tiles") {
-        if (std::getenv("MOE_NO_AVX512_BF16") != nullptr) CHECK_FALSE(moe::kernels::avx512_bf16_dot_products());
-        const moe::index d = 77, m = 6;
-        moe::matrix<moe::bf16> x = moe::matrix<float>::Random(5, d).cast<moe::bf16>(), w = moe::matrix<float>::Random(m, d).cast<moe::bf16>();
-        moe::matrix<float> got(5, m), want(5, m);
-        moe::kernels::linear(x.data(), d, w.data(), d, got.data(), m, 5, m, d);
-        if (moe::kernels::avx512_bf16_dot_products()) {
-#if defined(MOE_AVX512_BF16_DISPATCH)
-            moe::kernels::detail::linear_with<moe::kernels::detail::avx512_bf16_tiles>(x.data(), d, w.data(), d, want.data(), m, 5, m, d);
-#endif
-        } else {
-            moe::kernels::detail::linear_with<moe::kernels::detail::simd_tiles>(x.data(), d, w.data(), d, want.data(), m, 5, m, d);
-        }
-        CHECK((got.array() == want.array()).all());
-    }
+TEST_CASE("linear on bf16 sums exact products in float32", "[kernels][bf16]") {
+    INFO("instruction set: " << moe::kernels::isa_name(moe::kernels::active_isa()));
+    check_linear_bf16(1, 37, 203, 0);   // one row: 1 x 16 tiles, a partial last step of 32
+    check_linear_bf16(2, 5, 64, 3);
+    check_linear_bf16(3, 19, 17, 1);    // d shorter than one step
+    check_linear_bf16(11, 23, 203, 5);  // 4 x 4 tiles, a 3-row edge, partial groups of W
+    check_linear_bf16(70, 40, 2000, 0); // more rows than one block of x (256 KiB / 4 kB)
+    check_linear_bf16(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
+    check_linear_bf16(4, 4, 0, 0);      // d = 0: zeros
 }

@@ -127,7 +127,7 @@ TEST_CASE("moe-run --weights bf16 keeps BF16 weights and reproduces the PyTorch 
         const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
         const auto r = moe_run(case_args(name, one) + " --weights bf16 --repeat 1", tmp);
         REQUIRE(r.status == 0);
-        CHECK_THAT(r.out, Catch::Contains("bf16_kernel="));
+        CHECK_THAT(r.out, Catch::Contains("kernels="));
         REQUIRE(moe_run(case_args(name, two) + " --weights bf16 --threads 2", tmp).status == 0);
         const moe::io::safetensors_file got(one), got2(two), expected(ckpt_dir / name / "expected.safetensors");
         // Within float32 sums of the reference (see test_io_checkpoint.cpp), not of the float one.
@@ -252,10 +252,13 @@ TEST_CASE("moe-run prints statistics and timings on request", "[moe-run]") {
     const auto r = moe_run(case_args("deepseek_v3", tmp.path / "o.safetensors") + " --stats --repeat 3", tmp);
     REQUIRE(r.status == 0);
     std::istringstream lines(r.out);
-    std::string timing, stats;
+    std::string timing, kernels, stats;
     std::getline(lines, timing);
+    std::getline(lines, kernels);
     std::getline(lines, stats);
     CHECK(timing.rfind("forward_ms_median=", 0) == 0);
+    // The instruction-set family the kernels ran on: this process's (the same CPU, the same MOE_ISA).
+    CHECK(kernels == "kernels=" + std::string(moe::kernels::isa_name(moe::kernels::active_isa())));
     const auto j = nlohmann::json::parse(stats);
     CHECK(j["tokens"] == 40);
     CHECK(j["assignments"] == 160);
@@ -463,8 +466,9 @@ TEST_CASE("moe-run --expert-parallel reports the whole batch's statistics and pe
     const auto r = moe_run_parallel(4, case_args("deepseek_v3", out) + " --stats --repeat 2", tmp);
     REQUIRE(r.status == 0);
     std::istringstream lines(r.out);
-    std::string timing, stats, load;
+    std::string timing, kernels, stats, load;
     std::getline(lines, timing);
+    std::getline(lines, kernels);
     std::getline(lines, stats);
     std::getline(lines, load);
     CHECK(timing.rfind("forward_ms_median=", 0) == 0);

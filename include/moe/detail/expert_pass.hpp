@@ -14,8 +14,8 @@
 #include "moe/detail/thread_pool.hpp"
 #include "moe/experts/ffn.hpp"
 #include "moe/kernels/linear.hpp"
+#include "moe/kernels/multiply.hpp"
 
-#include <xsimd/xsimd.hpp>
 
 #include <algorithm>
 #include <span>
@@ -96,7 +96,7 @@ public:
     void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
         requires std::is_same_v<Weight, Scalar>
     {
-        const index panel = 2 * static_cast<index>(xsimd::batch<Scalar>::size);  // kernels::multiply's panel width
+        const index panel = kernels::multiply_panel_width<Scalar>();
         // Stage 1: da, a and dh by hidden columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), d(b)});

@@ -1,0 +1,291 @@
+#pragma once
+/// \file
+/// The products of `linear.hpp` and `multiply.hpp`, built once per instruction-set family (`isa.hpp`).
+///
+/// The tiles and blocks are written once (`products_body.hpp`) over a small vector type `vec<Scalar>`
+/// (zero, broadcast, load, store, fused multiply-add, horizontal sums) and included once per family,
+/// each time in a namespace of its own whose `vec` is that family's:
+///
+/// - `portable`: xsimd's batches for the program's own flags (float and double);
+/// - `avx2` and `avx512` (x86-64, float): intrinsics, the whole namespace compiled for the family by a
+///   target pragma whatever the program's flags, so that a program built for the x86-64 baseline still
+///   carries them; only called when the CPU runs them.
+///
+/// Every header the bodies use is included before the first target region: a standard-library
+/// function first seen inside one would be built for that family.
+
+#include "moe/kernels/isa.hpp"
+#include "moe/types.hpp"
+
+#include <xsimd/xsimd.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(MOE_X86_DISPATCH)
+#include <immintrin.h>
+#endif
+
+namespace moe::kernels {
+
+/// A matrix operand read in place: element (i, j) at `data[i * row_stride + j * col_stride]`, so a
+/// row-major matrix and its transpose are both views of the same memory.
+template <class Scalar>
+struct strided {
+    const Scalar* data;
+    index row_stride;
+    index col_stride;
+    [[nodiscard]] const Scalar& operator()(index i, index j) const { return data[i * row_stride + j * col_stride]; }
+};
+
+namespace detail {
+
+/// The type a product of two `In` is summed in: float for bf16, else `In`.
+template <class In>
+using sum_type = std::conditional_t<std::is_same_v<In, bf16>, float, In>;
+
+/// The bits of a bf16 as a float's upper half: its exact value.
+inline float widen(bf16 v) { return std::bit_cast<float>(std::uint32_t{Eigen::numext::bit_cast<std::uint16_t>(v)} << 16); }
+
+namespace portable {
+
+/// xsimd's batch of `Scalar` for the program's own flags.
+template <class Scalar>
+struct vec {
+    using reg = xsimd::batch<Scalar>;
+    static constexpr int width = static_cast<int>(reg::size);
+    static reg zero() { return reg(Scalar(0)); }
+    static reg broadcast(Scalar v) { return reg(v); }
+    static reg load(const Scalar* p) { return reg::load_unaligned(p); }
+    static reg load_aligned(const Scalar* p) { return reg::load_aligned(p); }
+    /// bf16 widened exactly to float (a loop the compiler turns into vector zero-extends and shifts).
+    static reg load(const bf16* p) {
+        alignas(reg::arch_type::alignment()) float wide[width];
+        for (int k = 0; k < width; ++k) wide[k] = widen(p[k]);
+        return reg::load_aligned(wide);
+    }
+    static void store(Scalar* p, const reg& v) { v.store_unaligned(p); }
+    /// a * b + c, rounded once where the target has FMA. xsimd 8.1 has no AVX-512 `fma` and computes
+    /// a * b + c there, which GCC fuses only with contraction allowed (its gnu++ default, not
+    /// -std=c++20), so AVX-512 is fused here; xsimd's FMA3 and NEON kernels fuse the other targets.
+    static reg fma(const reg& a, const reg& b, const reg& c) {
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<Scalar, float> && width == 16)
+            return _mm512_fmadd_ps(a.data, b.data, c.data);
+        else if constexpr (std::is_same_v<Scalar, double> && width == 8)
+            return _mm512_fmadd_pd(a.data, b.data, c.data);
+        else
+#endif
+            return xsimd::fma(a, b, c);
+    }
+    /// Keeps a loaded vector in a register: without it GCC 12 folds the loads of a tile into its FMAs'
+    /// memory operands and loads every vector once per use (half the FMA rate on AVX-512).
+    static void keep([[maybe_unused]] reg& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        asm("" : "+x"(v.data));
+#endif
+    }
+    /// sums[i] = the sum of the lanes of acc[i], by xsimd's reduction (one tree for every i).
+    template <int N>
+    static void sums(const reg* acc, Scalar* out) {
+        for (int i = 0; i < N; ++i) out[i] = xsimd::hadd(acc[i]);
+    }
+};
+
+#include "moe/kernels/detail/products_body.hpp"
+
+}  // namespace portable
+
+#if defined(MOE_X86_DISPATCH)
+
+// Everything from here to the matching end is compiled for the named x86 extensions.
+#if defined(__clang__)
+#define MOE_TARGET_BEGIN(features) _Pragma(MOE_TARGET_STRING(clang attribute push(__attribute__((target(features))), apply_to = function)))
+#define MOE_TARGET_END _Pragma("clang attribute pop")
+#else
+#define MOE_TARGET_BEGIN(features) _Pragma("GCC push_options") _Pragma(MOE_TARGET_STRING(GCC target(features)))
+#define MOE_TARGET_END _Pragma("GCC pop_options")
+#endif
+#define MOE_TARGET_STRING(...) #__VA_ARGS__
+
+// GCC 12's AVX-512 widening and shift intrinsics warn of an uninitialised variable in their own header
+// wherever they are inlined (GCC bug 105593): vector extensions do the same work here.
+using u16x8 = std::uint16_t __attribute__((vector_size(16)));
+using u16x16 = std::uint16_t __attribute__((vector_size(32)));
+using u32x8 = std::uint32_t __attribute__((vector_size(32)));
+using u32x16 = std::uint32_t __attribute__((vector_size(64)));
+
+MOE_TARGET_BEGIN("avx2,fma")
+namespace avx2 {
+
+template <class Scalar>
+struct vec;
+
+/// 8 floats in an AVX register.
+template <>
+struct vec<float> {
+    using reg = __m256;
+    static constexpr int width = 8;
+    static reg zero() { return _mm256_setzero_ps(); }
+    static reg broadcast(float v) { return _mm256_set1_ps(v); }
+    static reg load(const float* p) { return _mm256_loadu_ps(p); }
+    static reg load_aligned(const float* p) { return _mm256_load_ps(p); }
+    static reg load(const bf16* p) {
+        const u16x8 h = (u16x8)_mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        return (reg)(__builtin_convertvector(h, u32x8) << 16);
+    }
+    static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+    static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+    static void keep(reg& v) { asm("" : "+x"(v)); }
+    /// Per sum: the two halves added lane by lane, then (l0 + l2) + (l1 + l3).
+    template <int N>
+    static void sums(const reg* acc, float* out) {
+        for (int i = 0; i < N; ++i) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            out[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+        }
+    }
+};
+
+#include "moe/kernels/detail/products_body.hpp"
+
+}  // namespace avx2
+MOE_TARGET_END
+
+MOE_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+namespace avx512 {
+
+// The shuffles of `sums` (those of unpacklo_ps, unpackhi_ps and shuffle_f32x4 with _MM_SHUFFLE(2, 0,
+// 2, 0) and (3, 1, 3, 1)) written as vector shuffles, for the GCC bug above.
+inline __m512 unpack_low(__m512 a, __m512 b) {
+    return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+}
+inline __m512 unpack_high(__m512 a, __m512 b) {
+    return __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+}
+// Blocks 0 and 2 of a, then of b.
+inline __m512 even_blocks(__m512 a, __m512 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+}
+// Blocks 1 and 3 of a, then of b.
+inline __m512 odd_blocks(__m512 a, __m512 b) {
+    return __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+
+/// out[i] = the sum of the 16 lanes of acc[i] for i < N, formed together by shuffles: per 128-bit
+/// block (x0 + x2) + (x1 + x3), then (B0 + B1) + (B2 + B3) over the blocks, a tree that is the same for
+/// every i (so an output's bits do not depend on its place in a tile).
+template <int N>
+void sums_of(const __m512* acc, float* out) {
+    for (int g = 0; g < N; g += 16) {
+        // Inputs 4q+1 and 4q+2 swapped, so that the sums come out in order (see below).
+        __m512 in[16];
+        for (int i = 0; i < 16; ++i) {
+            const int from = g + ((i & 3) == 1 ? i + 1 : (i & 3) == 2 ? i - 1 : i);
+            in[i] = from < N ? acc[from] : _mm512_setzero_ps();
+        }
+        // Per block: v_p = [a0+a2, b0+b2, a1+a3, b1+b3] of a = in[2p], b = in[2p+1] ...
+        __m512 v[8];
+        for (int p = 0; p < 8; ++p) v[p] = unpack_low(in[2 * p], in[2 * p + 1]) + unpack_high(in[2 * p], in[2 * p + 1]);
+        // ... u_q = the block sums of in[4q], in[4q+2], in[4q+1], in[4q+3] (so, of the swapped
+        // inputs, outputs 4q..4q+3 in order) ...
+        __m512 u[4];
+        for (int q = 0; q < 4; ++q) u[q] = unpack_low(v[2 * q], v[2 * q + 1]) + unpack_high(v[2 * q], v[2 * q + 1]);
+        // ... then (B0 + B1) + (B2 + B3) across the blocks, block q of the result from u_q.
+        const __m512 s01 = even_blocks(u[0], u[1]) + odd_blocks(u[0], u[1]);
+        const __m512 s23 = even_blocks(u[2], u[3]) + odd_blocks(u[2], u[3]);
+        const __m512 all = even_blocks(s01, s23) + odd_blocks(s01, s23);
+        alignas(64) float sum[16];
+        _mm512_store_ps(sum, all);
+        for (int i = 0; i < 16 && g + i < N; ++i) out[g + i] = sum[i];
+    }
+}
+
+template <class Scalar>
+struct vec;
+
+/// 16 floats in an AVX-512 register.
+template <>
+struct vec<float> {
+    using reg = __m512;
+    static constexpr int width = 16;
+    static reg zero() { return _mm512_setzero_ps(); }
+    static reg broadcast(float v) { return _mm512_set1_ps(v); }
+    static reg load(const float* p) { return _mm512_loadu_ps(p); }
+    static reg load_aligned(const float* p) { return _mm512_load_ps(p); }
+    static reg load(const bf16* p) {
+        const u16x16 h = (u16x16)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return (reg)(__builtin_convertvector(h, u32x16) << 16);
+    }
+    static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+    static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+    static void keep(reg& v) { asm("" : "+v"(v)); }
+    template <int N>
+    static void sums(const reg* acc, float* out) {
+        sums_of<N>(acc, out);
+    }
+};
+
+#include "moe/kernels/detail/products_body.hpp"
+
+/// Tiles of bf16 dot products by AVX-512 BF16 (`vdpbf16ps`: 16 float sums of pairs of exact products
+/// per step of 32 values); only called when the CPU has it. The last partial step loads zeros past d.
+/// Like that instruction, they treat denormal inputs and sums as zero.
+struct bf16_dot_tiles {
+    template <int R, int J>
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,avx512bf16"))) static void tile(
+        const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index d) {
+        __m512 acc[R * J];
+        for (int i = 0; i < R * J; ++i) acc[i] = _mm512_setzero_ps();
+        for (index i = 0; i < d; i += 32) {
+            // acc[r J + j] += the pairwise dot products of the 32 values from i of x_r and w_j.
+            const __mmask32 mask = d - i >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((std::uint64_t{1} << (d - i)) - 1);
+            __m512bh wv[J];
+            for (int j = 0; j < J; ++j) {
+                wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + i);
+                asm("" : "+v"(wv[j]));
+            }
+            for (int r = 0; r < R; ++r) {
+                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
+                asm("" : "+v"(xv));
+                for (int j = 0; j < J; ++j) acc[r * J + j] = _mm512_dpbf16_ps(acc[r * J + j], xv, wv[j]);
+            }
+        }
+        float sum[R * J];
+        sums_of<R * J>(acc, sum);
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < J; ++j) z[r * ldz + j] = sum[r * J + j];
+    }
+};
+
+}  // namespace avx512
+MOE_TARGET_END
+
+#undef MOE_TARGET_BEGIN
+#undef MOE_TARGET_END
+#undef MOE_TARGET_STRING
+#endif  // MOE_X86_DISPATCH
+
+/// Calls `f.template operator()<Family>()` with the namespace-like struct of the active family's
+/// products (`portable::products`, `avx2::products` or `avx512::products`) for float; double (and any
+/// other type) always runs the portable products.
+template <class Scalar, class F>
+decltype(auto) with_products(F&& f) {
+#if defined(MOE_X86_DISPATCH)
+    if constexpr (std::is_same_v<Scalar, float>) {
+        switch (active_isa()) {
+            case isa::avx512_bf16:
+            case isa::avx512: return f.template operator()<avx512::products>();
+            case isa::avx2: return f.template operator()<avx2::products>();
+            default: break;
+        }
+    }
+#endif
+    return f.template operator()<portable::products>();
+}
+
+}  // namespace detail
+}  // namespace moe::kernels

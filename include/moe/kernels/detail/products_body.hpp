@@ -1,0 +1,195 @@
+// The tiles and blocks of the products, written once over the vector type `vec<Scalar>` of the
+// namespace that includes this file (see products.hpp: once per instruction-set family, so no include
+// guard; nothing here may include a header). No lambdas: every function must be a declaration that
+// the family's target pragma applies to.
+
+// ---- linear: z = x W^T by dot products along rows ------------------------------------------------------
+
+/// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W, one accumulator per
+/// output over the body of d, then `vec::sums` and the scalar tail.
+template <int R, int J, class In, class Scalar = sum_type<In>>
+void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
+    using V = vec<Scalar>;
+    using reg = typename V::reg;
+    const index body = d / V::width * V::width;
+    reg acc[R * J];
+    for (int i = 0; i < R * J; ++i) acc[i] = V::zero();
+    for (index i = 0; i < body; i += V::width) {
+        reg wv[J];
+        for (int j = 0; j < J; ++j) {
+            wv[j] = V::load(w + j * ldw + i);
+            V::keep(wv[j]);
+        }
+        for (int r = 0; r < R; ++r) {
+            reg xv = V::load(x + r * ldx + i);
+            V::keep(xv);
+            for (int j = 0; j < J; ++j) acc[r * J + j] = V::fma(xv, wv[j], acc[r * J + j]);
+        }
+    }
+    Scalar sums[R * J];
+    V::template sums<R * J>(acc, sums);
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < J; ++j) {
+            Scalar s = sums[r * J + j];
+            for (index i = body; i < d; ++i) s += static_cast<Scalar>(x[r * ldx + i]) * static_cast<Scalar>(w[j * ldw + i]);
+            z[r * ldz + j] = s;
+        }
+}
+
+/// Tiles of `linear_tile` on this family's vectors (bf16 widened exactly to float).
+struct simd_tiles {
+    template <int R, int J, class In, class Scalar>
+    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
+        linear_tile<R, J>(x, ldx, w, ldw, z, ldz, d);
+    }
+};
+
+/// `Tiles::tile<R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
+template <class Tiles, int R, class In, class Scalar>
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
+    switch (j) {
+        case 1: return Tiles::template tile<R, 1>(x, ldx, w, ldw, z, ldz, d);
+        case 2: return Tiles::template tile<R, 2>(x, ldx, w, ldw, z, ldz, d);
+        case 3: return Tiles::template tile<R, 3>(x, ldx, w, ldw, z, ldz, d);
+        default: return Tiles::template tile<R, 4>(x, ldx, w, ldw, z, ldz, d);
+    }
+}
+
+/// Rows [r0, r1) of x against rows [j0, j1) of W: 4 x 4 tiles, the W rows of a tile staying in L1 while
+/// the x rows pass; leftover rows of x in tiles of 2 or 3 rows, a single one in 1 x 16 tiles (a row
+/// against W streams W: more rows of W per tile hide the loads' latency).
+template <class Tiles, class In, class Scalar>
+void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
+                  index j1, index d) {
+    const index full = r0 + (r1 - r0) / 4 * 4;
+    for (index j = j0; j < j1; j += 4) {
+        const index jn = std::min<index>(4, j1 - j);
+        const In* wj = w + j * ldw;
+        for (index r = r0; r < full; r += 4) {
+            if (jn == 4)
+                Tiles::template tile<4, 4>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
+            else
+                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
+        }
+        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d);
+        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d);
+    }
+    if (r1 - full == 1) {
+        const In* xr = x + full * ldx;
+        Scalar* zr = z + full * ldz;
+        index j = j0;
+        for (; j + 16 <= j1; j += 16) Tiles::template tile<1, 16>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
+        for (; j < j1; j += 4) linear_edge<Tiles, 1>(std::min<index>(4, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
+    }
+}
+
+/// `linear` by the tiles of `Tiles`. Blocks of W rows (about 128 KiB) and of x rows (about 256 KiB)
+/// stay in L2 together: W passes from memory once, each block of x once per block of W.
+template <class Tiles, class In, class Scalar>
+void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
+    const index per_row = static_cast<index>(sizeof(In)) * std::max<index>(d, 1);
+    const index w_block = std::max<index>(16, 128 * 1024 / per_row / 16 * 16);
+    const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
+    for (index j0 = 0; j0 < m; j0 += w_block)
+        for (index r0 = 0; r0 < n; r0 += x_block)
+            linear_block<Tiles>(x, ldx, w, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0, std::min(m, j0 + w_block), d);
+}
+
+// ---- multiply: c = a b (or c += a b) for a row-major b -------------------------------------------------
+
+/// R rows of c (row stride ldc), two vectors wide, updated with kc terms: c_r += sum_k a(r, k) panel_k
+/// (or c_r = that sum when `!add`). `panel` holds kc rows of two vectors each, aligned.
+template <int R, class Scalar>
+void multiply_tile(strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc, index kc, bool add) {
+    using V = vec<Scalar>;
+    using reg = typename V::reg;
+    constexpr index width = V::width;
+    reg acc[R][2];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 2; ++v) acc[r][v] = add ? V::load(c + r * ldc + v * width) : V::zero();
+    for (index k = 0; k < kc; ++k) {
+        reg b0 = V::load_aligned(panel + k * 2 * width), b1 = V::load_aligned(panel + k * 2 * width + width);
+        V::keep(b0);
+        V::keep(b1);
+        for (int r = 0; r < R; ++r) {
+            const reg av = V::broadcast(a(r, k));
+            acc[r][0] = V::fma(av, b0, acc[r][0]);
+            acc[r][1] = V::fma(av, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 2; ++v) V::store(c + r * ldc + v * width, acc[r][v]);
+}
+
+/// `multiply_tile<R>` for R = 1 to 8 rows chosen at run time.
+template <class Scalar>
+void multiply_rows(int rows, strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc, index kc, bool add) {
+    switch (rows) {
+        case 1: return multiply_tile<1>(a, panel, c, ldc, kc, add);
+        case 2: return multiply_tile<2>(a, panel, c, ldc, kc, add);
+        case 3: return multiply_tile<3>(a, panel, c, ldc, kc, add);
+        case 4: return multiply_tile<4>(a, panel, c, ldc, kc, add);
+        case 5: return multiply_tile<5>(a, panel, c, ldc, kc, add);
+        case 6: return multiply_tile<6>(a, panel, c, ldc, kc, add);
+        case 7: return multiply_tile<7>(a, panel, c, ldc, kc, add);
+        default: return multiply_tile<8>(a, panel, c, ldc, kc, add);
+    }
+}
+
+/// c = a b, or c += a b when `accumulate` (see `kernels::multiply`). b is copied, 128 rows at a time,
+/// into panels two vectors wide that stay in L1 while every row of a passes; a register tile is 8 rows
+/// of a (broadcast) times one panel. Each output is summed in k order, one term at a time (a k-block
+/// continues from the value the previous one stored), so its bits do not depend on its place in a tile.
+/// The panel lives on the stack: nothing is allocated.
+template <class Scalar>
+void multiply_with(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, index ldc, index n, index m, index k,
+                   bool accumulate) {
+    constexpr index panel_width = 2 * vec<Scalar>::width, kc_max = 128, tile = 8;
+    alignas(64) Scalar panel[kc_max * panel_width];
+    // The last columns (fewer than a panel) go through a tile-sized buffer in c's place (zeros beyond
+    // them, so the unused lanes never hold garbage).
+    alignas(64) Scalar edge[tile * panel_width] = {};
+    if (k == 0 && !accumulate)
+        for (index i = 0; i < n; ++i) std::fill(c + i * ldc, c + i * ldc + m, Scalar(0));
+    for (index k0 = 0; k0 < k; k0 += kc_max) {
+        const index kc = std::min(kc_max, k - k0);
+        const bool add = accumulate || k0 > 0;
+        for (index j0 = 0; j0 < m; j0 += panel_width) {
+            const index cols = std::min(panel_width, m - j0);
+            for (index kk = 0; kk < kc; ++kk) {
+                const Scalar* from = b + (k0 + kk) * ldb + j0;
+                Scalar* to = panel + kk * panel_width;
+                std::copy(from, from + cols, to);
+                std::fill(to + cols, to + panel_width, Scalar(0));
+            }
+            for (index r = 0; r < n; r += tile) {
+                const int rows = static_cast<int>(std::min(tile, n - r));
+                const strided<Scalar> ar{&a(r, k0), a.row_stride, a.col_stride};
+                Scalar* cr = c + r * ldc + j0;
+                if (cols == panel_width) {
+                    multiply_rows(rows, ar, panel, cr, ldc, kc, add);
+                    continue;
+                }
+                for (int i = 0; i < rows; ++i) std::copy(cr + i * ldc, cr + i * ldc + cols, edge + i * panel_width);
+                multiply_rows(rows, ar, panel, edge, panel_width, kc, add);
+                for (int i = 0; i < rows; ++i) std::copy(edge + i * panel_width, edge + i * panel_width + cols, cr + i * ldc);
+            }
+        }
+    }
+}
+
+/// This family's products, as `with_products` hands them to the public functions.
+struct products {
+    template <class In, class Scalar>
+    static void linear(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
+        linear_with<simd_tiles>(x, ldx, w, ldw, z, ldz, n, m, d);
+    }
+    template <class Scalar>
+    static void multiply(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, index ldc, index n, index m, index k,
+                         bool accumulate) {
+        multiply_with(a, b, ldb, c, ldc, n, m, k, accumulate);
+    }
+    /// The width of `multiply`'s panels: the column blocks it runs at full speed.
+    template <class Scalar>
+    static constexpr index panel_width = 2 * vec<Scalar>::width;
+};

@@ -1,0 +1,128 @@
+#pragma once
+/// \file
+/// The instruction sets the kernels are built for, and the one they run on.
+///
+/// The headers build the products (`linear`, `dot`, `multiply`) once per instruction-set family, each
+/// in functions of its own compiled for that family whatever the program's flags, and pick one on
+/// first use: the best this CPU runs, or a lower one named by the environment variable `MOE_ISA` (for
+/// tests and comparisons) or by `set_active_isa`. A program built without `-march` thus runs the
+/// AVX-512 or AVX2 products where the CPU has them.
+///
+/// | isa           | vectors                                      | built where                 |
+/// |---------------|----------------------------------------------|-----------------------------|
+/// | `portable`    | xsimd's, for the program's own flags         | everywhere (NEON on aarch64)|
+/// | `avx2`        | 256-bit AVX2 + FMA                           | x86-64 with GCC >= 12/clang |
+/// | `avx512`      | 512-bit AVX-512 F/BW/DQ/VL                   | x86-64 with GCC >= 12/clang |
+/// | `avx512_bf16` | `avx512`, and AVX-512 BF16 dot products for bf16 operands | as `avx512`    |
+///
+/// Every family keeps the products' guarantees (an output's bits depend only on its two rows, or on
+/// its k terms in order), so results are bitwise identical at any thread count on one family. Two
+/// families sum in other orders (vector widths, reduction trees, fused or separate multiply-adds on
+/// the x86-64 baseline), so their float32 results differ in the last bits; the tests bound the
+/// difference against a float64 reference.
+
+#include "moe/error.hpp"
+
+#include <xsimd/xsimd.hpp>
+
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__x86_64__)
+/// Defined where the AVX2 and AVX-512 families are built (functions with target attributes, asked of
+/// the CPU at run time).
+#define MOE_X86_DISPATCH 1
+#endif
+
+namespace moe::kernels {
+
+/// An instruction-set family of the kernels, lowest first.
+enum class isa { portable = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+
+/// The name `MOE_ISA` takes: "portable", "avx2", "avx512", "avx512_bf16".
+constexpr std::string_view isa_name(isa which) {
+    switch (which) {
+        case isa::avx2: return "avx2";
+        case isa::avx512: return "avx512";
+        case isa::avx512_bf16: return "avx512_bf16";
+        default: return "portable";
+    }
+}
+
+/// The vectors of the `portable` family: xsimd's architecture for the program's flags ("sse2" at the
+/// x86-64 baseline, "neon64" on aarch64, ...).
+inline std::string portable_vectors() { return xsimd::default_arch::name(); }
+
+/// Whether this build has the family's kernels and this CPU (and its operating system) runs them.
+inline bool isa_supported(isa which) {
+    if (which == isa::portable) return true;
+#if defined(MOE_X86_DISPATCH)
+    __builtin_cpu_init();  // this may run before the constructor that would call it
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    switch (which) {
+        case isa::avx2: return avx2;
+        case isa::avx512: return avx512;
+        case isa::avx512_bf16: return avx512 && __builtin_cpu_supports("avx512bf16");
+        default: return false;
+    }
+#else
+    return false;
+#endif
+}
+
+/// The highest family this CPU runs.
+inline isa best_isa() {
+    for (const isa which : {isa::avx512_bf16, isa::avx512, isa::avx2})
+        if (isa_supported(which)) return which;
+    return isa::portable;
+}
+
+/// Every family, lowest first.
+constexpr isa all_isas[] = {isa::portable, isa::avx2, isa::avx512, isa::avx512_bf16};
+
+/// The family whose `isa_name` is `name`, if any.
+inline std::optional<isa> find_isa(std::string_view name) {
+    for (const isa which : all_isas)
+        if (name == isa_name(which)) return which;
+    return std::nullopt;
+}
+
+/// The family named `name`; value_error for an unknown name or a family this CPU does not run.
+inline isa parse_isa(std::string_view name) {
+    const std::optional<isa> which = find_isa(name);
+    if (!which)
+        throw value_error("unknown instruction set '" + std::string(name) + "' (expected portable, avx2, avx512 or avx512_bf16)");
+    if (!isa_supported(*which))
+        throw value_error("instruction set '" + std::string(name) + "' is not available on this CPU or build (best: " +
+                          std::string(isa_name(best_isa())) + ")");
+    return *which;
+}
+
+namespace detail {
+/// The family the kernels run on: `MOE_ISA` if set, else the best (read on first use).
+inline std::atomic<isa>& isa_setting() {
+    static std::atomic<isa> setting{[] {
+        const char* name = std::getenv("MOE_ISA");
+        return name != nullptr && *name != '\0' ? parse_isa(name) : best_isa();
+    }()};
+    return setting;
+}
+}  // namespace detail
+
+/// The family the kernels run on now. The first call reads `MOE_ISA` and throws value_error if it
+/// names an unknown family or one this CPU lacks.
+inline isa active_isa() { return detail::isa_setting().load(std::memory_order_relaxed); }
+
+/// Runs the kernels on `which` from now on (for the whole process; not while kernels run on other
+/// threads). Throws value_error if the CPU or the build lacks it.
+inline void set_active_isa(isa which) {
+    if (!isa_supported(which)) throw value_error("instruction set '" + std::string(isa_name(which)) + "' is not available on this CPU or build");
+    detail::isa_setting().store(which, std::memory_order_relaxed);
+}
+
+}  // namespace moe::kernels
