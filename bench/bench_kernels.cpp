@@ -1,62 +1,93 @@
-// The expert kernels on the products of the standard shapes, each next to Eigen's GEMM of the same
-// product: kernels::linear (x W^T, the forward projections) and kernels::multiply (the backward's
-// dL/da = dout W_out, dL/dx = dh W_in and the weight gradients dout^T a, dh^T x). Rows are those of one
-// expert at the mixtral shape (T k / E = 64) and of the largest task (256); the forward projections also
-// for one row (decoding) and on bf16 (`kernel_bf16/`). Counter: GFLOP/s.
+// The expert kernels on the products of the standard shapes, once per instruction-set family this CPU
+// runs (`kernel/<family>/...`), each next to the family's FMA peak (`fma_peak/<family>`, the limit)
+// and to OpenBLAS's sgemm of the same product (`openblas/...`, one thread; OPENBLAS_CORETYPE=Haswell
+// makes it use its AVX2 kernels, for the comparison with `kernel/avx2`): kernels::linear (x W^T, the
+// forward projections, on float and on bf16 operands) and kernels::multiply (the backward's dL/da =
+// dout W_out, dL/dx = dh W_in and the weight gradients dout^T a, dh^T x). Rows are those of one
+// expert at the mixtral shape (T k / E = 64) and of the largest task (256); the forward projections
+// also for one row (decoding). Counter: GFLOP/s.
+#include <moe/kernels/isa.hpp>
 #include <moe/kernels/linear.hpp>
 #include <moe/kernels/multiply.hpp>
 
 #include <benchmark/benchmark.h>
+#include <cblas.h>
 
 #include <string>
-#include <utility>
 
 namespace {
 
 using moe::index;
 using moe::matrix;
+using moe::kernels::isa;
 
 void set_rate(benchmark::State& state, double flops) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// Runs the kernels on `family` for one benchmark (the process-wide setting, restored after).
+struct on_family {
+    isa before = moe::kernels::active_isa();
+    explicit on_family(isa family) { moe::kernels::set_active_isa(family); }
+    ~on_family() { moe::kernels::set_active_isa(before); }
+};
+
+// The family's fused multiply-add peak on one core: 12 independent chains of vector FMAs.
+void fma_peak(benchmark::State& state, isa family) {
+    const on_family scope(family);
+    const index rounds = 1 << 20;
+    index width = 0;
+    for (auto _ : state) {
+        float sum = 0;
+        moe::kernels::detail::with_products<float>([&]<class P>() {
+            sum = P::template peak<float>(rounds);
+            width = P::template width<float>;
+        });
+        benchmark::DoNotOptimize(sum);
+    }
+    set_rate(state, 2.0 * 12 * static_cast<double>(width) * static_cast<double>(rounds));
+}
+
+// The engines of a product: one of the families' kernels, or OpenBLAS.
+struct engine {
+    bool blas;
+    isa family;
+};
+
 // c (n x m) = a b with b (k x m) row-major and a (n x k) as stored or transposed from (k x n); `add`
 // accumulates, as the weight gradients do.
-void multiply(benchmark::State& state, index n, index m, index k, bool transposed, bool add, bool eigen) {
+void multiply(benchmark::State& state, engine how, index n, index m, index k, bool transposed, bool add) {
+    const on_family scope(how.family);
     const matrix<float> a = transposed ? matrix<float>::Random(k, n) : matrix<float>::Random(n, k);
     const matrix<float> b = matrix<float>::Random(k, m);
     matrix<float> c = matrix<float>::Zero(n, m);
     const moe::kernels::strided<float> view = transposed ? moe::kernels::strided<float>{a.data(), 1, n}
                                                          : moe::kernels::strided<float>{a.data(), k, 1};
     for (auto _ : state) {
-        if (!eigen)
-            moe::kernels::multiply(view, b.data(), m, c.data(), m, n, m, k, add);
-        else if (transposed && add)
-            c.noalias() += a.transpose() * b;
-        else if (transposed)
-            c.noalias() = a.transpose() * b;
-        else if (add)
-            c.noalias() += a * b;
+        if (how.blas)  // row-major a (n x k, or its transpose stored k x n) times b (k x m)
+            cblas_sgemm(CblasRowMajor, transposed ? CblasTrans : CblasNoTrans, CblasNoTrans, static_cast<int>(n),
+                        static_cast<int>(m), static_cast<int>(k), 1.0f, a.data(), static_cast<int>(transposed ? n : k),
+                        b.data(), static_cast<int>(m), add ? 1.0f : 0.0f, c.data(), static_cast<int>(m));
         else
-            c.noalias() = a * b;
+            moe::kernels::multiply(view, b.data(), m, c.data(), m, n, m, k, add);
         benchmark::DoNotOptimize(c.data());
         benchmark::ClobberMemory();
     }
     set_rate(state, 2.0 * static_cast<double>(n * m * k));
 }
 
-// The engines of the forward projections.
-enum class engine { kernel, kernel_bf16, eigen };
-
-// z (n x m) = x (n x d) W^T, W (m x d), by `how` (bf16: x and W bf16, the sums float32).
-void linear(benchmark::State& state, index n, index m, index d, engine how) {
+// z (n x m) = x (n x d) W^T, W (m x d); bf16: x and W bf16, the sums float32 (not OpenBLAS).
+void linear(benchmark::State& state, engine how, bool bf16, index n, index m, index d) {
+    const on_family scope(how.family);
     const matrix<float> x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
     const matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
     matrix<float> z(n, m);
     for (auto _ : state) {
-        if (how == engine::eigen)
-            z.noalias() = x * w.transpose();
-        else if (how == engine::kernel_bf16)
+        if (how.blas)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(m),
+                        static_cast<int>(d), 1.0f, x.data(), static_cast<int>(d), w.data(), static_cast<int>(d), 0.0f,
+                        z.data(), static_cast<int>(m));
+        else if (bf16)
             moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
         else
             moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
@@ -66,31 +97,40 @@ void linear(benchmark::State& state, index n, index m, index d, engine how) {
     set_rate(state, 2.0 * static_cast<double>(n * m * d));
 }
 
-const bool registered = [] {
+// The products of one engine (`who` names it), at the mixtral shape.
+void register_products(const std::string& who, engine how) {
     const index d = 1024, ff = 2816;  // mixtral
     for (const index rows : {1, 64, 256}) {
         const std::string r = "/rows:" + std::to_string(rows);
-        for (const auto& [how, who] : {std::pair{engine::kernel, "kernel/"}, std::pair{engine::kernel_bf16, "kernel_bf16/"},
-                                       std::pair{engine::eigen, "eigen/"}}) {
-            if (rows == 1 && how == engine::eigen) continue;
-            benchmark::RegisterBenchmark((who + std::string("linear/in_projection") + r).c_str(), linear, rows, 2 * ff, d, how)
+        for (const bool bf16 : {false, true}) {
+            if (bf16 && how.blas) continue;
+            const std::string name = who + (bf16 ? "linear_bf16" : "linear");
+            benchmark::RegisterBenchmark((name + "/in_projection" + r).c_str(), linear, how, bf16, rows, 2 * ff, d)
                 ->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + std::string("linear/out_projection") + r).c_str(), linear, rows, d, ff, how)
+            benchmark::RegisterBenchmark((name + "/out_projection" + r).c_str(), linear, how, bf16, rows, d, ff)
                 ->Unit(benchmark::kMillisecond);
         }
         if (rows == 1) continue;  // the backward's products: training shapes only
-        for (const bool eigen : {false, true}) {
-            const std::string who = eigen ? "eigen/" : "kernel/";
-            benchmark::RegisterBenchmark((who + "multiply/grad_activation" + r).c_str(), multiply, rows, ff, d, false, false,
-                                         eigen)->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + "multiply/grad_input" + r).c_str(), multiply, rows, d, 2 * ff, false, false,
-                                         eigen)->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + "multiply/grad_out_weight" + r).c_str(), multiply, d, ff, rows, true, true,
-                                         eigen)->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((who + "multiply/grad_in_weight" + r).c_str(), multiply, 2 * ff, d, rows, true, true,
-                                         eigen)->Unit(benchmark::kMillisecond);
-        }
+        benchmark::RegisterBenchmark((who + "multiply/grad_activation" + r).c_str(), multiply, how, rows, ff, d, false, false)
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark((who + "multiply/grad_input" + r).c_str(), multiply, how, rows, d, 2 * ff, false, false)
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark((who + "multiply/grad_out_weight" + r).c_str(), multiply, how, d, ff, rows, true, true)
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark((who + "multiply/grad_in_weight" + r).c_str(), multiply, how, 2 * ff, d, rows, true, true)
+            ->Unit(benchmark::kMillisecond);
     }
+}
+
+const bool registered = [] {
+    openblas_set_num_threads(1);
+    for (const isa family : moe::kernels::all_isas) {
+        if (!moe::kernels::isa_supported(family)) continue;
+        const std::string name(moe::kernels::isa_name(family));
+        benchmark::RegisterBenchmark(("fma_peak/" + name).c_str(), fma_peak, family)->Unit(benchmark::kMillisecond);
+        register_products("kernel/" + name + "/", engine{false, family});
+    }
+    register_products("openblas/", engine{true, moe::kernels::best_isa()});
     return true;
 }();
 

@@ -28,6 +28,10 @@
 #include <immintrin.h>
 #endif
 
+// Inlined even where the compiler would not: a tile's accumulators whose address escaped into an
+// out-of-line reduction would live in memory (stored every step, zeroed by `rep stos`).
+#define MOE_ALWAYS_INLINE __attribute__((always_inline)) inline
+
 namespace moe::kernels {
 
 /// A matrix operand read in place: element (i, j) at `data[i * row_stride + j * col_stride]`, so a
@@ -89,7 +93,7 @@ struct vec {
     }
     /// sums[i] = the sum of the lanes of acc[i], by xsimd's reduction (one tree for every i).
     template <int N>
-    static void sums(const reg* acc, Scalar* out) {
+    MOE_ALWAYS_INLINE static void sums(const reg* acc, Scalar* out) {
         for (int i = 0; i < N; ++i) out[i] = xsimd::hadd(acc[i]);
     }
 };
@@ -141,7 +145,7 @@ struct vec<float> {
     static void keep(reg& v) { asm("" : "+x"(v)); }
     /// Per sum: the two halves added lane by lane, then (l0 + l2) + (l1 + l3).
     template <int N>
-    static void sums(const reg* acc, float* out) {
+    MOE_ALWAYS_INLINE static void sums(const reg* acc, float* out) {
         for (int i = 0; i < N; ++i) {
             __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
             s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -160,18 +164,18 @@ namespace avx512 {
 
 // The shuffles of `sums` (those of unpacklo_ps, unpackhi_ps and shuffle_f32x4 with _MM_SHUFFLE(2, 0,
 // 2, 0) and (3, 1, 3, 1)) written as vector shuffles, for the GCC bug above.
-inline __m512 unpack_low(__m512 a, __m512 b) {
+MOE_ALWAYS_INLINE __m512 unpack_low(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
 }
-inline __m512 unpack_high(__m512 a, __m512 b) {
+MOE_ALWAYS_INLINE __m512 unpack_high(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
 }
 // Blocks 0 and 2 of a, then of b.
-inline __m512 even_blocks(__m512 a, __m512 b) {
+MOE_ALWAYS_INLINE __m512 even_blocks(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
 }
 // Blocks 1 and 3 of a, then of b.
-inline __m512 odd_blocks(__m512 a, __m512 b) {
+MOE_ALWAYS_INLINE __m512 odd_blocks(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
 }
 
@@ -179,7 +183,7 @@ inline __m512 odd_blocks(__m512 a, __m512 b) {
 /// block (x0 + x2) + (x1 + x3), then (B0 + B1) + (B2 + B3) over the blocks, a tree that is the same for
 /// every i (so an output's bits do not depend on its place in a tile).
 template <int N>
-void sums_of(const __m512* acc, float* out) {
+MOE_ALWAYS_INLINE void sums_of(const __m512* acc, float* out) {
     for (int g = 0; g < N; g += 16) {
         // Inputs 4q+1 and 4q+2 swapped, so that the sums come out in order (see below).
         __m512 in[16];
@@ -224,7 +228,7 @@ struct vec<float> {
     static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
     static void keep(reg& v) { asm("" : "+v"(v)); }
     template <int N>
-    static void sums(const reg* acc, float* out) {
+    MOE_ALWAYS_INLINE static void sums(const reg* acc, float* out) {
         sums_of<N>(acc, out);
     }
 };
@@ -289,3 +293,5 @@ decltype(auto) with_products(F&& f) {
 
 }  // namespace detail
 }  // namespace moe::kernels
+
+#undef MOE_ALWAYS_INLINE

@@ -13,12 +13,19 @@ void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
     using reg = typename V::reg;
     const index body = d / V::width * V::width;
     reg acc[R * J];
-    for (int i = 0; i < R * J; ++i) acc[i] = V::zero();
+    // Zeros through a register: a zeroing loop the compiler sees becomes `memset`, at the x86-64
+    // baseline's tuning `rep stos`, which costs a tenth of a 4 x 4 tile at d = 1024.
+    for (int i = 0; i < R * J; ++i) {
+        acc[i] = V::zero();
+        V::keep(acc[i]);
+    }
     for (index i = 0; i < body; i += V::width) {
         reg wv[J];
         for (int j = 0; j < J; ++j) {
             wv[j] = V::load(w + j * ldw + i);
-            V::keep(wv[j]);
+            // Used by R rows: loaded once. With one row each is used once, and folding its load into
+            // the FMA leaves the registers to the accumulators (1 x 16 tiles would spill otherwise).
+            if constexpr (R > 1) V::keep(wv[j]);
         }
         for (int r = 0; r < R; ++r) {
             reg xv = V::load(x + r * ldx + i);
@@ -144,7 +151,8 @@ void multiply_rows(int rows, strided<Scalar> a, const Scalar* panel, Scalar* c, 
 template <class Scalar>
 void multiply_with(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, index ldc, index n, index m, index k,
                    bool accumulate) {
-    constexpr index panel_width = 2 * vec<Scalar>::width, kc_max = 128, tile = 8;
+    using V = vec<Scalar>;
+    constexpr index panel_width = 2 * V::width, kc_max = 128, tile = 8;
     alignas(64) Scalar panel[kc_max * panel_width];
     // The last columns (fewer than a panel) go through a tile-sized buffer in c's place (zeros beyond
     // them, so the unused lanes never hold garbage).
@@ -156,11 +164,18 @@ void multiply_with(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, ind
         const bool add = accumulate || k0 > 0;
         for (index j0 = 0; j0 < m; j0 += panel_width) {
             const index cols = std::min(panel_width, m - j0);
+            // The panel: two vector loads and stores a row (std::copy of a run-time length may become
+            // `rep movs`, whose start-up cost per 2-vector row is that of the row's multiply-adds
+            // when a task has few rows).
             for (index kk = 0; kk < kc; ++kk) {
                 const Scalar* from = b + (k0 + kk) * ldb + j0;
                 Scalar* to = panel + kk * panel_width;
-                std::copy(from, from + cols, to);
-                std::fill(to + cols, to + panel_width, Scalar(0));
+                if (cols == panel_width) {
+                    V::store(to, V::load(from));
+                    V::store(to + V::width, V::load(from + V::width));
+                    continue;
+                }
+                for (index j = 0; j < panel_width; ++j) to[j] = j < cols ? from[j] : Scalar(0);
             }
             for (index r = 0; r < n; r += tile) {
                 const int rows = static_cast<int>(std::min(tile, n - r));
@@ -178,8 +193,34 @@ void multiply_with(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, ind
     }
 }
 
+// ---- the limit --------------------------------------------------------------------------------------
+
+/// `rounds` times 12 independent fused multiply-adds of a vector (enough in flight to cover the FMA
+/// latency on the cores we know): the benchmarks' measure of this family's peak. Returns the sum of the
+/// lanes so that nothing is optimised away.
+template <class Scalar>
+Scalar fma_peak(index rounds) {
+    using V = vec<Scalar>;
+    using reg = typename V::reg;
+    constexpr int chains = 12;
+    reg acc[chains];
+    const reg scale = V::broadcast(Scalar(0.999999)), step = V::broadcast(Scalar(1e-6));
+    for (int j = 0; j < chains; ++j) acc[j] = V::broadcast(Scalar(j));
+    for (index i = 0; i < rounds; ++i)
+        for (int j = 0; j < chains; ++j) acc[j] = V::fma(acc[j], scale, step);
+    Scalar sums[chains], total = 0;
+    V::template sums<chains>(acc, sums);
+    for (int j = 0; j < chains; ++j) total += sums[j];
+    return total;
+}
+
 /// This family's products, as `with_products` hands them to the public functions.
 struct products {
+    /// `fma_peak` (benchmarks): 2 x 12 x width FLOPs a round.
+    template <class Scalar>
+    static Scalar peak(index rounds) {
+        return fma_peak<Scalar>(rounds);
+    }
     template <class In, class Scalar>
     static void linear(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
         linear_with<simd_tiles>(x, ldx, w, ldw, z, ldz, n, m, d);
@@ -189,6 +230,9 @@ struct products {
                          bool accumulate) {
         multiply_with(a, b, ldb, c, ldc, n, m, k, accumulate);
     }
+    /// Values of `Scalar` in a vector.
+    template <class Scalar>
+    static constexpr index width = vec<Scalar>::width;
     /// The width of `multiply`'s panels: the column blocks it runs at full speed.
     template <class Scalar>
     static constexpr index panel_width = 2 * vec<Scalar>::width;
