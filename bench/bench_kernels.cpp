@@ -20,6 +20,8 @@ namespace {
 using moe::index;
 using moe::matrix;
 using moe::kernels::isa;
+// Operands on cache-line boundaries, as the layer holds its weights.
+using aligned = moe::aligned_matrix<float>;
 
 void set_rate(benchmark::State& state, double flops) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -58,9 +60,9 @@ struct engine {
 // accumulates, as the weight gradients do.
 void multiply(benchmark::State& state, engine how, index n, index m, index k, bool transposed, bool add) {
     const on_family scope(how.family);
-    const matrix<float> a = transposed ? matrix<float>::Random(k, n) : matrix<float>::Random(n, k);
-    const matrix<float> b = matrix<float>::Random(k, m);
-    matrix<float> c = matrix<float>::Zero(n, m);
+    const aligned a = transposed ? matrix<float>::Random(k, n) : matrix<float>::Random(n, k);
+    const aligned b = matrix<float>::Random(k, m);
+    aligned c(n, m);
     const moe::kernels::strided<float> view = transposed ? moe::kernels::strided<float>{a.data(), 1, n}
                                                          : moe::kernels::strided<float>{a.data(), k, 1};
     for (auto _ : state) {
@@ -79,9 +81,9 @@ void multiply(benchmark::State& state, engine how, index n, index m, index k, bo
 // z (n x m) = x (n x d) W^T, W (m x d); bf16: x and W bf16, the sums float32 (not OpenBLAS).
 void linear(benchmark::State& state, engine how, bool bf16, index n, index m, index d) {
     const on_family scope(how.family);
-    const matrix<float> x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
-    const matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
-    matrix<float> z(n, m);
+    const aligned x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
+    const moe::aligned_matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
+    aligned z(n, m);
     for (auto _ : state) {
         if (how.blas)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(m),

@@ -284,8 +284,8 @@ private:
     void check_weights();
 
     void zero(ffn_weights<weight_type>& w, index ff, index in_rows) const {
-        w.in = matrix<weight_type>::Zero(in_rows, shape_.d_model);
-        w.out = matrix<weight_type>::Zero(shape_.d_model, ff);
+        w.in = aligned_matrix<weight_type>(in_rows, shape_.d_model);
+        w.out = aligned_matrix<weight_type>(shape_.d_model, ff);
     }
 
     // Calls f(begin, end) for chunks of the n rows (`detail::chunk_rows`) on the pool. Each row's result
@@ -355,7 +355,8 @@ private:
     // dL/dx_t += the rows of token t's slots in slot order, then the shared FFN's and its gate's terms.
     void combine_backward(matrix_ref<Scalar>& grad_x);
 
-    static Eigen::Map<matrix<Scalar>> view(matrix<Scalar>* m, index rows, index cols) {
+    template <class M>
+    static Eigen::Map<matrix<Scalar>> view(M* m, index rows, index cols) {
         if (m == nullptr || m->rows() != rows || m->cols() != cols) return {nullptr, 0, 0};
         return {m->data(), rows, cols};
     }

@@ -47,7 +47,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on)
     training_ = on;
     saved_tokens_ = -1;
     if (!on) return;
-    const auto same_shape = [](matrix<Scalar>& g, const auto& w) {
+    const auto same_shape = [](auto& g, const auto& w) {
         if (g.rows() != w.rows() || g.cols() != w.cols()) g = matrix<Scalar>::Zero(w.rows(), w.cols());
     };
     same_shape(grad_router_weight_, router_weight_);
@@ -69,7 +69,7 @@ std::vector<parameter<Scalar>> layer<Scalar, Router, Expert, Shared, Losses...>:
     requires trainable
 {
     std::vector<parameter<Scalar>> out;
-    const auto add = [&](std::string name, matrix<Scalar>& value, matrix<Scalar>* grad) {
+    const auto add = [&](std::string name, auto& value, auto* grad) {
         out.push_back({std::move(name), Eigen::Map<matrix<Scalar>>(value.data(), value.rows(), value.cols()),
                        view(grad, value.rows(), value.cols())});
     };

@@ -19,14 +19,14 @@
 namespace moe {
 
 /// Weights of one FFN, stored [out_features, in_features] as checkpoints store them, as `Scalar` (the
-/// layer's, or bf16: see `experts::bf16_weights`).
+/// layer's, or bf16: see `experts::bf16_weights`), each on a cache-line boundary (`aligned_matrix`).
 template <class Scalar>
 struct ffn_weights {
     /// Input projection, (gated ? 2*ff : ff) x d. Gated experts keep the gate rows first, then the up rows,
     /// so both projections are one GEMM.
-    matrix<Scalar> in;
+    aligned_matrix<Scalar> in;
     /// Output (down) projection, d x ff.
-    matrix<Scalar> out;
+    aligned_matrix<Scalar> out;
 };
 
 /// An expert FFN policy: `static constexpr bool gated` (output `W_out (act(W_gate x) * (W_up x))` when
