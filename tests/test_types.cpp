@@ -40,3 +40,33 @@ TEST_CASE("bf16 is the upper half of a float32; to_bf16 rounds to nearest even",
     }
     CHECK(differ == 0);
 }
+
+TEST_CASE("aligned_matrix holds its values on a cache line and behaves as a matrix", "[types]") {
+    const auto on_cache_line = [](const auto& m) { return reinterpret_cast<std::uintptr_t>(m.data()) % 64 == 0; };
+    moe::aligned_matrix<float> zeros(3, 5);
+    CHECK(zeros.rows() == 3);
+    CHECK(zeros.cols() == 5);
+    CHECK(on_cache_line(zeros));
+    CHECK((zeros.array() == 0).all());
+    // Every size, so that the allocator's own alignment cannot make it pass by chance.
+    for (moe::index n = 1; n < 40; ++n) CHECK(on_cache_line(moe::aligned_matrix<moe::bf16>(n, 3)));
+
+    const moe::matrix<float> value = moe::matrix<float>::Random(4, 6);
+    moe::aligned_matrix<float> m = value;  // from any Eigen expression, resized to it
+    CHECK(m == value);
+    CHECK(on_cache_line(m));
+    moe::aligned_matrix<float> copy = m;  // deep copies
+    copy(0, 0) += 1;
+    CHECK(m(0, 0) == value(0, 0));
+    const float* storage = copy.data();
+    const moe::aligned_matrix<float> moved = std::move(copy);  // moves keep the storage
+    CHECK(moved.data() == storage);
+    CHECK(copy.size() == 0);
+    m = m.transpose();  // another shape, read from its own storage
+    CHECK(m.rows() == 6);
+    CHECK(m == value.transpose());
+    m.row(2).setConstant(7);  // blocks write through
+    CHECK(m(2, 3) == 7);
+    m = moe::aligned_matrix<float>();
+    CHECK(m.size() == 0);
+}

@@ -382,10 +382,11 @@ private:
     using block = detail::ffn_block<Scalar, weight_type>;
     std::vector<block> blocks_;    // routed experts, then the shared FFN (see detail/expert_pass.hpp)
     detail::expert_pass<Scalar, weight_type> pass_;
-    matrix<weight_type> routed_in_;   // input of each routed row this rank computes (bf16: rounded)
-    matrix<weight_type> shared_in_;   // bf16 weights: the tokens rounded for the shared FFN
-    matrix<weight_type> act_;         // act(h) per routed row
-    matrix<weight_type> shared_act_;  // act(h) of the shared FFN per token
+    // The left operands of the projections, on cache lines (see aligned_matrix).
+    aligned_matrix<weight_type> routed_in_;   // input of each routed row this rank computes (bf16: rounded)
+    aligned_matrix<weight_type> shared_in_;   // bf16 weights: the tokens rounded for the shared FFN
+    aligned_matrix<weight_type> act_;         // act(h) per routed row
+    aligned_matrix<weight_type> shared_act_;  // act(h) of the shared FFN per token
     matrix<Scalar> expert_out_;
     matrix<Scalar> shared_out_;
     vector<Scalar> shared_gate_values_;  // sigma(w_g . x_t) per token (gated shared expert)

@@ -56,9 +56,10 @@ inline void linear(const bf16* x, index ldx, const bf16* w, index ldw, float* z,
     detail::with_products<float>([&]<class P>() { P::template linear<bf16, float>(x, ldx, w, ldw, z, ldz, n, m, d); });
 }
 
-/// out[i] = to_bf16(x[i]) for i < n: the rows `linear` takes with bf16 weights.
+/// out[i] = to_bf16(x[i]) for i < n: the rows `linear` takes with bf16 weights (vectorised for the
+/// active family).
 inline void round_to_bf16(const float* x, bf16* out, index n) {
-    for (index i = 0; i < n; ++i) out[i] = to_bf16(x[i]);
+    detail::with_products<float>([&]<class P>() { P::round(x, out, n); });
 }
 
 }  // namespace moe::kernels

@@ -214,8 +214,14 @@ Scalar fma_peak(index rounds) {
     return total;
 }
 
+/// out[i] = to_bf16(x[i]): bit operations the compiler vectorises for this family.
+inline void round_to_bf16(const float* x, bf16* out, index n) {
+    for (index i = 0; i < n; ++i) out[i] = to_bf16(x[i]);
+}
+
 /// This family's products, as `with_products` hands them to the public functions.
 struct products {
+    static void round(const float* x, bf16* out, index n) { round_to_bf16(x, out, n); }
     /// `fma_peak` (benchmarks): 2 x 12 x width FLOPs a round.
     template <class Scalar>
     static Scalar peak(index rounds) {
