@@ -60,6 +60,15 @@ template <class Scalar>
 struct vec {
     using reg = xsimd::batch<Scalar>;
     static constexpr int width = static_cast<int>(reg::size);
+#if defined(__AVX512F__) || defined(__aarch64__)
+    static constexpr int registers = 32;
+#else
+    static constexpr int registers = 16;
+#endif
+    /// Register tiles (products_body.hpp): 4 x tile_columns and 1 x row_tile dot products,
+    /// multiply_rows x 2 vectors for `multiply`, so that accumulators and operands fit the registers.
+    static constexpr int tile_columns = registers >= 32 ? 4 : 3, row_tile = registers >= 32 ? 16 : 12,
+                         multiply_rows = registers >= 32 ? 8 : 6;
     static reg zero() { return reg(Scalar(0)); }
     static reg broadcast(Scalar v) { return reg(v); }
     static reg load(const Scalar* p) { return reg::load_unaligned(p); }
@@ -132,6 +141,7 @@ template <>
 struct vec<float> {
     using reg = __m256;
     static constexpr int width = 8;
+    static constexpr int tile_columns = 3, row_tile = 12, multiply_rows = 6;  // 16 registers
     static reg zero() { return _mm256_setzero_ps(); }
     static reg broadcast(float v) { return _mm256_set1_ps(v); }
     static reg load(const float* p) { return _mm256_loadu_ps(p); }
@@ -216,6 +226,7 @@ template <>
 struct vec<float> {
     using reg = __m512;
     static constexpr int width = 16;
+    static constexpr int tile_columns = 4, row_tile = 16, multiply_rows = 8;  // 32 registers
     static reg zero() { return _mm512_setzero_ps(); }
     static reg broadcast(float v) { return _mm512_set1_ps(v); }
     static reg load(const float* p) { return _mm512_loadu_ps(p); }

@@ -62,19 +62,22 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
     }
 }
 
-/// Rows [r0, r1) of x against rows [j0, j1) of W: 4 x 4 tiles, the W rows of a tile staying in L1 while
-/// the x rows pass; leftover rows of x in tiles of 2 or 3 rows, a single one in 1 x 16 tiles (a row
-/// against W streams W: more rows of W per tile hide the loads' latency).
+/// Rows [r0, r1) of x against rows [j0, j1) of W: 4 x J tiles (J = `vec::tile_columns`: 4 where the
+/// family has 32 vector registers, 3 where it has 16, so that 4 J accumulators, J rows of W and a row
+/// of x fit), the W rows of a tile staying in L1 while the x rows pass; leftover rows of x in tiles of
+/// 2 or 3 rows, a single one in 1 x `vec::row_tile` tiles (a row against W streams W: more rows of W
+/// per tile hide the loads' latency).
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
                   index j1, index d) {
+    constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
     const index full = r0 + (r1 - r0) / 4 * 4;
-    for (index j = j0; j < j1; j += 4) {
-        const index jn = std::min<index>(4, j1 - j);
+    for (index j = j0; j < j1; j += J) {
+        const index jn = std::min<index>(J, j1 - j);
         const In* wj = w + j * ldw;
         for (index r = r0; r < full; r += 4) {
-            if (jn == 4)
-                Tiles::template tile<4, 4>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
+            if (jn == J)
+                Tiles::template tile<4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
             else
                 linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
         }
@@ -85,8 +88,8 @@ void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, ind
         const In* xr = x + full * ldx;
         Scalar* zr = z + full * ldz;
         index j = j0;
-        for (; j + 16 <= j1; j += 16) Tiles::template tile<1, 16>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
-        for (; j < j1; j += 4) linear_edge<Tiles, 1>(std::min<index>(4, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
+        for (; j + single <= j1; j += single) Tiles::template tile<1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
+        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
     }
 }
 
@@ -128,7 +131,7 @@ void multiply_tile(strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc,
         for (int v = 0; v < 2; ++v) V::store(c + r * ldc + v * width, acc[r][v]);
 }
 
-/// `multiply_tile<R>` for R = 1 to 8 rows chosen at run time.
+/// `multiply_tile<R>` for R = 1 to 8 rows chosen at run time (up to `vec::multiply_rows`).
 template <class Scalar>
 void multiply_rows(int rows, strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc, index kc, bool add) {
     switch (rows) {
@@ -144,15 +147,15 @@ void multiply_rows(int rows, strided<Scalar> a, const Scalar* panel, Scalar* c, 
 }
 
 /// c = a b, or c += a b when `accumulate` (see `kernels::multiply`). b is copied, 128 rows at a time,
-/// into panels two vectors wide that stay in L1 while every row of a passes; a register tile is 8 rows
-/// of a (broadcast) times one panel. Each output is summed in k order, one term at a time (a k-block
+/// into panels two vectors wide that stay in L1 while every row of a passes; a register tile is
+/// `vec::multiply_rows` rows of a (broadcast: 8 with 32 vector registers, 6 with 16) times one panel. Each output is summed in k order, one term at a time (a k-block
 /// continues from the value the previous one stored), so its bits do not depend on its place in a tile.
 /// The panel lives on the stack: nothing is allocated.
 template <class Scalar>
 void multiply_with(strided<Scalar> a, const Scalar* b, index ldb, Scalar* c, index ldc, index n, index m, index k,
                    bool accumulate) {
     using V = vec<Scalar>;
-    constexpr index panel_width = 2 * V::width, kc_max = 128, tile = 8;
+    constexpr index panel_width = 2 * V::width, kc_max = 128, tile = V::multiply_rows;
     alignas(64) Scalar panel[kc_max * panel_width];
     // The last columns (fewer than a panel) go through a tile-sized buffer in c's place (zeros beyond
     // them, so the unused lanes never hold garbage).
