@@ -123,13 +123,6 @@ struct vec {
 #endif
 #define MOE_TARGET_STRING(...) #__VA_ARGS__
 
-// GCC 12's AVX-512 widening and shift intrinsics warn of an uninitialised variable in their own header
-// wherever they are inlined (GCC bug 105593): vector extensions do the same work here.
-using u16x8 = std::uint16_t __attribute__((vector_size(16)));
-using u16x16 = std::uint16_t __attribute__((vector_size(32)));
-using u32x8 = std::uint32_t __attribute__((vector_size(32)));
-using u32x16 = std::uint32_t __attribute__((vector_size(64)));
-
 MOE_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 
@@ -146,9 +139,8 @@ struct vec<float> {
     static reg broadcast(float v) { return _mm256_set1_ps(v); }
     static reg load(const float* p) { return _mm256_loadu_ps(p); }
     static reg load_aligned(const float* p) { return _mm256_load_ps(p); }
-    static reg load(const bf16* p) {
-        const u16x8 h = (u16x8)_mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return (reg)(__builtin_convertvector(h, u32x8) << 16);
+    static reg load(const bf16* p) {  // zero-extended to 32 bits and shifted up: one load, two operations
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
     }
     static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
     static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
@@ -173,7 +165,9 @@ MOE_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
 namespace avx512 {
 
 // The shuffles of `sums` (those of unpacklo_ps, unpackhi_ps and shuffle_f32x4 with _MM_SHUFFLE(2, 0,
-// 2, 0) and (3, 1, 3, 1)) written as vector shuffles, for the GCC bug above.
+// 2, 0) and (3, 1, 3, 1)) written as vector shuffles: GCC 12's intrinsics for them (and the unmasked
+// widening and shift of `load`) warn of an uninitialised variable in their own header wherever they
+// are inlined (GCC bug 105593).
 MOE_ALWAYS_INLINE __m512 unpack_low(__m512 a, __m512 b) {
     return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
 }
@@ -231,9 +225,10 @@ struct vec<float> {
     static reg broadcast(float v) { return _mm512_set1_ps(v); }
     static reg load(const float* p) { return _mm512_loadu_ps(p); }
     static reg load_aligned(const float* p) { return _mm512_load_ps(p); }
-    static reg load(const bf16* p) {
-        const u16x16 h = (u16x16)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        return (reg)(__builtin_convertvector(h, u32x16) << 16);
+    static reg load(const bf16* p) {  // zero-extended to 32 bits and shifted up: one load, two operations
+        const __mmask16 all = 0xFFFF;
+        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+            all, _mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
     }
     static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
     static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
