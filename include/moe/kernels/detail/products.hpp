@@ -97,7 +97,7 @@ struct vec {
     /// memory operands and loads every vector once per use (half the FMA rate on AVX-512).
     static void keep([[maybe_unused]] reg& v) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-        asm("" : "+x"(v.data));
+        asm("" : "+v"(v.data));
 #endif
     }
     /// sums[i] = the sum of the lanes of acc[i], by xsimd's reduction (one tree for every i).
