@@ -53,6 +53,38 @@ using sum_type = std::conditional_t<std::is_same_v<In, bf16>, float, In>;
 /// The bits of a bf16 as a float's upper half: its exact value.
 inline float widen(bf16 v) { return std::bit_cast<float>(std::uint32_t{Eigen::numext::bit_cast<std::uint16_t>(v)} << 16); }
 
+/// Lines of the rows of W a `linear` tile will read next, asked into L2 one per step of the tile
+/// before it (so that the requests overlap its multiply-adds; a burst of them stalls when the core's
+/// miss buffers fill): the first tile of a W row would otherwise wait for memory at every new page,
+/// where the hardware's stream prefetchers stop (a row of 1024 floats is one page).
+struct ahead {
+    const char* row = nullptr;  ///< the row holding the next line
+    index stride = 0;           ///< bytes from a row to the next
+    index per_row = 0;          ///< lines of 64 bytes a row
+    index line = 0;             ///< the next line of `row`
+    index left = 0;             ///< lines still to ask for
+    /// Lines [begin, end) of rows of d values of `In` from w (row stride ldw, in values).
+    template <class In>
+    static ahead of(const In* w, index ldw, index d, index begin, index end) {
+        const index per_row = (d * static_cast<index>(sizeof(In)) + 63) / 64;
+        if (begin >= end) return {};
+        return {reinterpret_cast<const char*>(w + begin / per_row * ldw), ldw * static_cast<index>(sizeof(In)), per_row,
+                begin % per_row, end - begin};
+    }
+    MOE_ALWAYS_INLINE void one() {
+        if (left == 0) return;
+        __builtin_prefetch(row + line * 64, 0, 2);
+        --left;
+        if (++line == per_row) {
+            line = 0;
+            row += stride;
+        }
+    }
+    MOE_ALWAYS_INLINE void rest() {
+        while (left > 0) one();
+    }
+};
+
 namespace portable {
 
 /// xsimd's batch of `Scalar` for the program's own flags.
@@ -247,7 +279,7 @@ struct vec<float> {
 struct bf16_dot_tiles {
     template <int R, int J>
     __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,avx512bf16"))) static void tile(
-        const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index d) {
+        const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index d, ahead& next) {
         __m512 acc[R * J];
         for (int i = 0; i < R * J; ++i) acc[i] = _mm512_setzero_ps();
         for (index i = 0; i < d; i += 32) {
@@ -258,12 +290,14 @@ struct bf16_dot_tiles {
                 wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + i);
                 asm("" : "+v"(wv[j]));
             }
+            next.one();
             for (int r = 0; r < R; ++r) {
                 __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
                 asm("" : "+v"(xv));
                 for (int j = 0; j < J; ++j) acc[r * J + j] = _mm512_dpbf16_ps(acc[r * J + j], xv, wv[j]);
             }
         }
+        next.rest();
         float sum[R * J];
         sums_of<R * J>(acc, sum);
         for (int r = 0; r < R; ++r)

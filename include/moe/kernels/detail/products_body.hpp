@@ -8,7 +8,7 @@
 /// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W, one accumulator per
 /// output over the body of d, then `vec::sums` and the scalar tail.
 template <int R, int J, class In, class Scalar = sum_type<In>>
-void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
+void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
     using V = vec<Scalar>;
     using reg = typename V::reg;
     const index body = d / V::width * V::width;
@@ -27,12 +27,14 @@ void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
             // the FMA leaves the registers to the accumulators (1 x 16 tiles would spill otherwise).
             if constexpr (R > 1) V::keep(wv[j]);
         }
+        next.one();
         for (int r = 0; r < R; ++r) {
             reg xv = V::load(x + r * ldx + i);
             V::keep(xv);
             for (int j = 0; j < J; ++j) acc[r * J + j] = V::fma(xv, wv[j], acc[r * J + j]);
         }
     }
+    next.rest();
     Scalar sums[R * J];
     V::template sums<R * J>(acc, sums);
     for (int r = 0; r < R; ++r)
@@ -46,19 +48,19 @@ void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
 /// Tiles of `linear_tile` on this family's vectors (bf16 widened exactly to float).
 struct simd_tiles {
     template <int R, int J, class In, class Scalar>
-    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
-        linear_tile<R, J>(x, ldx, w, ldw, z, ldz, d);
+    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
+        linear_tile<R, J>(x, ldx, w, ldw, z, ldz, d, next);
     }
 };
 
 /// `Tiles::tile<R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
 template <class Tiles, int R, class In, class Scalar>
-void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d) {
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
     switch (j) {
-        case 1: return Tiles::template tile<R, 1>(x, ldx, w, ldw, z, ldz, d);
-        case 2: return Tiles::template tile<R, 2>(x, ldx, w, ldw, z, ldz, d);
-        case 3: return Tiles::template tile<R, 3>(x, ldx, w, ldw, z, ldz, d);
-        default: return Tiles::template tile<R, 4>(x, ldx, w, ldw, z, ldz, d);
+        case 1: return Tiles::template tile<R, 1>(x, ldx, w, ldw, z, ldz, d, next);
+        case 2: return Tiles::template tile<R, 2>(x, ldx, w, ldw, z, ldz, d, next);
+        case 3: return Tiles::template tile<R, 3>(x, ldx, w, ldw, z, ldz, d, next);
+        default: return Tiles::template tile<R, 4>(x, ldx, w, ldw, z, ldz, d, next);
     }
 }
 
@@ -69,27 +71,33 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
 /// per tile hide the loads' latency).
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
-                  index j1, index d) {
+                  index j1, index m, index d) {
     constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
     const index full = r0 + (r1 - r0) / 4 * 4;
     for (index j = j0; j < j1; j += J) {
         const index jn = std::min<index>(J, j1 - j);
         const In* wj = w + j * ldw;
-        for (index r = r0; r < full; r += 4) {
+        // The next J rows of W are asked for while these pass the rows of x, a share in each tile.
+        const index lines = std::min<index>(J, m - j - jn) * ((d * static_cast<index>(sizeof(In)) + 63) / 64),
+                    tiles = std::max<index>(1, (full - r0) / 4);
+        for (index r = r0, t = 0; r < full; r += 4, ++t) {
+            ahead next = ahead::of(wj + jn * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles);
             if (jn == J)
-                Tiles::template tile<4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
+                Tiles::template tile<4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, next);
             else
-                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d);
+                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, next);
         }
-        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d);
-        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d);
+        ahead none;
+        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, none);
+        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, none);
     }
     if (r1 - full == 1) {
         const In* xr = x + full * ldx;
         Scalar* zr = z + full * ldz;
         index j = j0;
-        for (; j + single <= j1; j += single) Tiles::template tile<1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
-        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d);
+        ahead none;
+        for (; j + single <= j1; j += single) Tiles::template tile<1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, none);
+        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, none);
     }
 }
 
@@ -102,7 +110,7 @@ void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
     const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
     for (index j0 = 0; j0 < m; j0 += w_block)
         for (index r0 = 0; r0 < n; r0 += x_block)
-            linear_block<Tiles>(x, ldx, w, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0, std::min(m, j0 + w_block), d);
+            linear_block<Tiles>(x, ldx, w, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0, std::min(m, j0 + w_block), m, d);
 }
 
 // ---- multiply: c = a b (or c += a b) for a row-major b -------------------------------------------------
