@@ -5,13 +5,47 @@
 
 // ---- linear: z = x W^T by dot products along rows ------------------------------------------------------
 
+/// Parts of a step of a tile: 1, or `vec::bf16_parts` for bf16 (2 where the family widens the even
+/// and the odd values of 2 x width bf16 apart).
+template <class V, class In>
+inline constexpr int parts = std::is_same_v<In, bf16> ? V::bf16_parts : 1;
+
+/// Part `part` of a step's values from p: a vector of them, or with 2 parts of 2 x width bf16 the even
+/// (part 0) or odd (part 1) ones, widened.
+template <class V, class In>
+MOE_ALWAYS_INLINE typename V::reg load_part(const In* p, [[maybe_unused]] int part) {
+    if constexpr (parts<V, In> == 2)
+        return V::load(p, part);
+    else
+        return V::load(p);
+}
+
+/// acc[r J + j] += the products of part `part` of a step's values from x_r and w_j.
+template <int R, int J, class V, class In>
+MOE_ALWAYS_INLINE void tile_step(typename V::reg* acc, const In* x, index ldx, const In* w, index ldw, int part) {
+    typename V::reg wv[J];
+    for (int j = 0; j < J; ++j) {
+        wv[j] = load_part<V>(w + j * ldw, part);
+        // Used by R rows: loaded once. With one row each is used once, and folding its load into the
+        // FMA leaves the registers to the accumulators (1 x 16 tiles would spill otherwise).
+        if constexpr (R > 1) V::keep(wv[j]);
+    }
+    for (int r = 0; r < R; ++r) {
+        typename V::reg xv = load_part<V>(x + r * ldx, part);
+        V::keep(xv);
+        for (int j = 0; j < J; ++j) acc[r * J + j] = V::fma(xv, wv[j], acc[r * J + j]);
+    }
+}
+
 /// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W, one accumulator per
-/// output over the body of d, then `vec::sums` and the scalar tail.
+/// output over the body of d, then `vec::sums` and the scalar tail. With bf16 in 2 parts a step of
+/// 2 x width values adds the products of its even values, then of its odd ones.
 template <int R, int J, class In, class Scalar = sum_type<In>>
-void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
+void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
     using V = vec<Scalar>;
     using reg = typename V::reg;
-    const index body = d / V::width * V::width;
+    constexpr index step = V::width * parts<V, In>;
+    const index body = d / step * step;
     reg acc[R * J];
     // Zeros through a register: a zeroing loop the compiler sees becomes `memset`, at the x86-64
     // baseline's tuning `rep stos`, which costs a tenth of a 4 x 4 tile at d = 1024.
@@ -19,20 +53,11 @@ void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
         acc[i] = V::zero();
         V::keep(acc[i]);
     }
-    for (index i = 0; i < body; i += V::width) {
-        reg wv[J];
-        for (int j = 0; j < J; ++j) {
-            wv[j] = V::load(w + j * ldw + i);
-            // Used by R rows: loaded once. With one row each is used once, and folding its load into
-            // the FMA leaves the registers to the accumulators (1 x 16 tiles would spill otherwise).
-            if constexpr (R > 1) V::keep(wv[j]);
-        }
+    for (index i = 0; i < body; i += step) {
         next.one();
-        for (int r = 0; r < R; ++r) {
-            reg xv = V::load(x + r * ldx + i);
-            V::keep(xv);
-            for (int j = 0; j < J; ++j) acc[r * J + j] = V::fma(xv, wv[j], acc[r * J + j]);
-        }
+        // The parts as straight code: as a loop, GCC 12 stored every accumulator each step.
+        tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 0);
+        if constexpr (parts<V, In> == 2) tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 1);
     }
     next.rest();
     Scalar sums[R * J];
@@ -48,14 +73,14 @@ void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
 /// Tiles of `linear_tile` on this family's vectors (bf16 widened exactly to float).
 struct simd_tiles {
     template <int R, int J, class In, class Scalar>
-    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
+    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
         linear_tile<R, J>(x, ldx, w, ldw, z, ldz, d, next);
     }
 };
 
 /// `Tiles::tile<R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
 template <class Tiles, int R, class In, class Scalar>
-void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead& next) {
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
     switch (j) {
         case 1: return Tiles::template tile<R, 1>(x, ldx, w, ldw, z, ldz, d, next);
         case 2: return Tiles::template tile<R, 2>(x, ldx, w, ldw, z, ldz, d, next);
