@@ -122,6 +122,10 @@ void register_products(const std::string& who, engine how) {
         benchmark::RegisterBenchmark((who + "multiply/grad_in_weight" + r).c_str(), multiply, how, 2 * ff, d, rows, true, true)
             ->Unit(benchmark::kMillisecond);
     }
+    // Mixtral-8x7B's size (d 4096, ff 14336): the down projection's rows of 56 KiB, which `linear`
+    // sums in chunks (a prefill of about 1000 tokens gives an expert 256 rows).
+    const std::string name = who + "linear/out_projection_8x7b/rows:256";
+    benchmark::RegisterBenchmark(name.c_str(), linear, how, false, 256, 4096, 14336)->Unit(benchmark::kMillisecond);
 }
 
 const bool registered = [] {

@@ -75,10 +75,15 @@ TEST_CASE("linear computes x W^T with every output equal to dot of its rows", "[
         check_linear<float>(70, 40, 1000, 0);  // more rows than one block of x (256 KiB / 4 kB)
         check_linear<float>(5, 90, 2000, 2);   // more W rows than one block of W (128 KiB / 8 kB)
         check_linear<float>(4, 4, 0, 0);       // d = 0: zeros
+        // Rows over 16 KiB, summed in chunks: by blocks chunk after chunk, and for fewer rows than a
+        // tile within each tile, the same bits (dot takes the second way).
+        check_linear<float>(9, 21, 4096 + 203, 3);
+        check_linear<float>(2, 19, 3 * 4096 + 5, 0);
     }
     SECTION("double") {
         check_linear<double>(1, 21, 35, 0);
         check_linear<double>(9, 13, 67, 3);
+        check_linear<double>(6, 7, 2048 + 67, 1);
     }
 }
 
@@ -169,4 +174,5 @@ TEST_CASE("linear on bf16 sums exact products in float32", "[kernels][bf16]") {
     check_linear_bf16(70, 40, 2000, 0); // more rows than one block of x (256 KiB / 4 kB)
     check_linear_bf16(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
     check_linear_bf16(4, 4, 0, 0);      // d = 0: zeros
+    check_linear_bf16(9, 21, 8192 + 203, 3);  // rows over 16 KiB: in chunks
 }

@@ -3,7 +3,8 @@
 /// z = x W^T with W stored [out_features, in_features] as checkpoints store it, computed as dot
 /// products along the rows of x and W: both are read contiguously, so nothing is packed and nothing is
 /// allocated, and the summation order of an output depends only on the length d (one SIMD accumulator
-/// over the body, a horizontal sum, then the scalar tail). Equal inputs therefore give bitwise equal
+/// over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in chunks of about
+/// 8 KiB summed so, whose sums are added in order). Equal inputs therefore give bitwise equal
 /// outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
 /// logits do not change with the batch around it, and an expert's output for a row does not depend on
 /// which other rows it was computed with.
@@ -12,7 +13,8 @@
 /// its sums are reduced in a tree that is the same for every output (and the same for `dot`): on
 /// AVX-512 the 16 sums of a tile together, by shuffles. Rows of x are taken in blocks
 /// that stay in L2 while every W row passes once, so W streams from memory once per block: for a few
-/// rows (decoding) this reads the weights at memory speed, for many it is a compute-bound GEMM.
+/// rows (decoding) this reads the weights at memory speed, for many it is a compute-bound GEMM. Long
+/// rows pass in their chunks, so that the blocks still hold many rows.
 ///
 /// With bf16 operands (weights kept as checkpoints store them, x rounded by `round_to_bf16`) the
 /// products are exact and the sums float32. On the `avx512_bf16` family a tile takes `vdpbf16ps` steps
@@ -30,7 +32,8 @@
 namespace moe::kernels {
 
 /// sum_i a[i] * b[i] in a fixed order: one SIMD accumulator over the body, its horizontal sum, then the
-/// scalar tail, on the active family's vectors. `linear` on float or double computes exactly this for
+/// scalar tail (for n over 16 KiB, so per chunk, the chunks' sums added in order), on the active
+/// family's vectors. `linear` on float or double computes exactly this for
 /// every output, so equal inputs give equal bits.
 template <class Scalar>
 Scalar dot(const Scalar* a, const Scalar* b, index n) {

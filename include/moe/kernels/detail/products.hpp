@@ -31,6 +31,10 @@
 // Inlined even where the compiler would not: a tile's accumulators whose address escaped into an
 // out-of-line reduction would live in memory (stored every step, zeroed by `rep stos`).
 #define MOE_ALWAYS_INLINE __attribute__((always_inline)) inline
+// Loops over a tile's registers unrolled at every optimisation level: GCC 12 unrolls them completely at
+// -O3 only, and at -O2 (CMake's RelWithDebInfo, most distributions) kept a tile's accumulators in
+// memory, stored every step: 3 to 4 times slower.
+#define MOE_UNROLL _Pragma("GCC unroll 32")
 
 namespace moe::kernels {
 
@@ -63,10 +67,15 @@ struct ahead {
     index per_row = 0;          ///< lines of 64 bytes a row
     index line = 0;             ///< the next line of `row`
     index left = 0;             ///< lines still to ask for
+    /// Lines of 64 bytes in a row of d values of `In`.
+    template <class In>
+    static index lines_per_row(index d) {
+        return (d * static_cast<index>(sizeof(In)) + 63) / 64;
+    }
     /// Lines [begin, end) of rows of d values of `In` from w (row stride ldw, in values).
     template <class In>
     static ahead of(const In* w, index ldw, index d, index begin, index end) {
-        const index per_row = (d * static_cast<index>(sizeof(In)) + 63) / 64;
+        const index per_row = lines_per_row<In>(d);
         if (begin >= end) return {};
         return {reinterpret_cast<const char*>(w + begin / per_row * ldw), ldw * static_cast<index>(sizeof(In)), per_row,
                 begin % per_row, end - begin};
@@ -83,7 +92,25 @@ struct ahead {
     MOE_ALWAYS_INLINE void rest() {
         while (left > 0) one();
     }
+    /// Part c of `parts` about equal parts of these lines, in order.
+    [[nodiscard]] ahead part(index c, index parts) const {
+        if (left == 0) return {};
+        const index skip = line + left * c / parts;
+        return {row + skip / per_row * stride, stride, per_row, skip % per_row, left * (c + 1) / parts - left * c / parts};
+    }
 };
+
+/// The values of a row that `linear` sums at a time: all of a row of up to 16 KiB, else chunks of
+/// about 8 KiB (equal multiples of 64 values, the last one shorter) whose sums are added in order. The
+/// chunks depend on d only, so an output's bits do not depend on its place in a block or on the rows
+/// it is computed with.
+template <class In>
+index linear_chunk(index d) {
+    constexpr index whole = 16384 / static_cast<index>(sizeof(In)), most = 8192 / static_cast<index>(sizeof(In));
+    if (d <= whole) return std::max<index>(d, 1);
+    const index chunks = (d + most - 1) / most;
+    return ((d + chunks - 1) / chunks + 63) / 64 * 64;
+}
 
 namespace portable {
 
@@ -109,6 +136,7 @@ struct vec {
     static constexpr int bf16_parts = 1;
     static reg load(const bf16* p) {
         alignas(reg::arch_type::alignment()) float wide[width];
+        MOE_UNROLL
         for (int k = 0; k < width; ++k) wide[k] = widen(p[k]);
         return reg::load_aligned(wide);
     }
@@ -136,6 +164,7 @@ struct vec {
     /// sums[i] = the sum of the lanes of acc[i], by xsimd's reduction (one tree for every i).
     template <int N>
     MOE_ALWAYS_INLINE static void sums(const reg* acc, Scalar* out) {
+        MOE_UNROLL
         for (int i = 0; i < N; ++i) out[i] = xsimd::hadd(acc[i]);
     }
 };
@@ -185,6 +214,7 @@ struct vec<float> {
     /// Per sum: the two halves added lane by lane, then (l0 + l2) + (l1 + l3).
     template <int N>
     MOE_ALWAYS_INLINE static void sums(const reg* acc, float* out) {
+        MOE_UNROLL
         for (int i = 0; i < N; ++i) {
             __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
             s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -225,19 +255,23 @@ MOE_ALWAYS_INLINE __m512 odd_blocks(__m512 a, __m512 b) {
 /// every i (so an output's bits do not depend on its place in a tile).
 template <int N>
 MOE_ALWAYS_INLINE void sums_of(const __m512* acc, float* out) {
+    MOE_UNROLL
     for (int g = 0; g < N; g += 16) {
         // Inputs 4q+1 and 4q+2 swapped, so that the sums come out in order (see below).
         __m512 in[16];
+        MOE_UNROLL
         for (int i = 0; i < 16; ++i) {
             const int from = g + ((i & 3) == 1 ? i + 1 : (i & 3) == 2 ? i - 1 : i);
             in[i] = from < N ? acc[from] : _mm512_setzero_ps();
         }
         // Per block: v_p = [a0+a2, b0+b2, a1+a3, b1+b3] of a = in[2p], b = in[2p+1] ...
         __m512 v[8];
+        MOE_UNROLL
         for (int p = 0; p < 8; ++p) v[p] = unpack_low(in[2 * p], in[2 * p + 1]) + unpack_high(in[2 * p], in[2 * p + 1]);
         // ... u_q = the block sums of in[4q], in[4q+2], in[4q+1], in[4q+3] (so, of the swapped
         // inputs, outputs 4q..4q+3 in order) ...
         __m512 u[4];
+        MOE_UNROLL
         for (int q = 0; q < 4; ++q) u[q] = unpack_low(v[2 * q], v[2 * q + 1]) + unpack_high(v[2 * q], v[2 * q + 1]);
         // ... then (B0 + B1) + (B2 + B3) across the blocks, block q of the result from u_q.
         const __m512 s01 = even_blocks(u[0], u[1]) + odd_blocks(u[0], u[1]);
@@ -282,26 +316,30 @@ struct vec<float> {
 #include "moe/kernels/detail/products_body.hpp"
 
 /// Tiles of bf16 dot products by AVX-512 BF16 (`vdpbf16ps`: 16 float sums of pairs of exact products
-/// per step of 32 values); only called when the CPU has it. The last partial step loads zeros past d.
-/// Like that instruction, they treat denormal inputs and sums as zero.
+/// per step of 32 values), as `simd_tiles`; only called when the CPU has it. The last partial step
+/// loads zeros past the end. Like that instruction, they treat denormal inputs and sums as zero.
 struct bf16_dot_tiles {
     template <int R, int J>
-    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,avx512bf16"))) static void tile(
-        const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index d, ahead next) {
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,avx512bf16"), noinline)) static void tile(
+        const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index d, bool add, ahead next) {
         __m512 acc[R * J];
+        MOE_UNROLL
         for (int i = 0; i < R * J; ++i) acc[i] = _mm512_setzero_ps();
         for (index i = 0; i < d; i += 32) {
             // acc[r J + j] += the pairwise dot products of the 32 values from i of x_r and w_j.
             const __mmask32 mask = d - i >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((std::uint64_t{1} << (d - i)) - 1);
             __m512bh wv[J];
+            MOE_UNROLL
             for (int j = 0; j < J; ++j) {
                 wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + i);
                 asm("" : "+v"(wv[j]));
             }
             next.one();
+            MOE_UNROLL
             for (int r = 0; r < R; ++r) {
                 __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
                 asm("" : "+v"(xv));
+                MOE_UNROLL
                 for (int j = 0; j < J; ++j) acc[r * J + j] = _mm512_dpbf16_ps(acc[r * J + j], xv, wv[j]);
             }
         }
@@ -309,7 +347,7 @@ struct bf16_dot_tiles {
         float sum[R * J];
         sums_of<R * J>(acc, sum);
         for (int r = 0; r < R; ++r)
-            for (int j = 0; j < J; ++j) z[r * ldz + j] = sum[r * J + j];
+            for (int j = 0; j < J; ++j) z[r * ldz + j] = add ? z[r * ldz + j] + sum[r * J + j] : sum[r * J + j];
     }
 };
 
@@ -343,3 +381,4 @@ decltype(auto) with_products(F&& f) {
 }  // namespace moe::kernels
 
 #undef MOE_ALWAYS_INLINE
+#undef MOE_UNROLL

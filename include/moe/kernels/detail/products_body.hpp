@@ -24,68 +24,84 @@ MOE_ALWAYS_INLINE typename V::reg load_part(const In* p, [[maybe_unused]] int pa
 template <int R, int J, class V, class In>
 MOE_ALWAYS_INLINE void tile_step(typename V::reg* acc, const In* x, index ldx, const In* w, index ldw, int part) {
     typename V::reg wv[J];
+    MOE_UNROLL
     for (int j = 0; j < J; ++j) {
         wv[j] = load_part<V>(w + j * ldw, part);
         // Used by R rows: loaded once. With one row each is used once, and folding its load into the
         // FMA leaves the registers to the accumulators (1 x 16 tiles would spill otherwise).
         if constexpr (R > 1) V::keep(wv[j]);
     }
+    MOE_UNROLL
     for (int r = 0; r < R; ++r) {
         typename V::reg xv = load_part<V>(x + r * ldx, part);
         V::keep(xv);
+        MOE_UNROLL
         for (int j = 0; j < J; ++j) acc[r * J + j] = V::fma(xv, wv[j], acc[r * J + j]);
     }
 }
 
-/// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W, one accumulator per
-/// output over the body of d, then `vec::sums` and the scalar tail. With bf16 in 2 parts a step of
-/// 2 x width values adds the products of its even values, then of its odd ones.
-template <int R, int J, class In, class Scalar = sum_type<In>>
-void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
-    using V = vec<Scalar>;
-    using reg = typename V::reg;
-    constexpr index step = V::width * parts<V, In>;
-    const index body = d / step * step;
-    reg acc[R * J];
-    // Zeros through a register: a zeroing loop the compiler sees becomes `memset`, at the x86-64
-    // baseline's tuning `rep stos`, which costs a tenth of a 4 x 4 tile at d = 1024.
-    for (int i = 0; i < R * J; ++i) {
-        acc[i] = V::zero();
-        V::keep(acc[i]);
-    }
-    for (index i = 0; i < body; i += step) {
-        next.one();
-        // The parts as straight code: as a loop, GCC 12 stored every accumulator each step.
-        tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 0);
-        if constexpr (parts<V, In> == 2) tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 1);
-    }
-    next.rest();
-    Scalar sums[R * J];
-    V::template sums<R * J>(acc, sums);
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < J; ++j) {
-            Scalar s = sums[r * J + j];
-            for (index i = body; i < d; ++i) s += static_cast<Scalar>(x[r * ldx + i]) * static_cast<Scalar>(w[j * ldw + i]);
-            z[r * ldz + j] = s;
-        }
-}
-
-/// Tiles of `linear_tile` on this family's vectors (bf16 widened exactly to float).
+/// Tiles of this family's vectors (bf16 widened exactly to float): `tile<R, J>` sets z[r][j] =
+/// dot(x_r, w_j) over d values (or adds it to z[r][j], when `add`) for R rows of x and J rows of W, one
+/// accumulator per output over the body of d, then `vec::sums` and the scalar tail, asking for the
+/// lines of `next`, one per step. With bf16 in 2 parts a step of 2 x width values adds the products of
+/// its even values, then of its odd ones. Never inlined: inside `linear_tile`'s loop over chunks GCC 12
+/// stored every accumulator each step.
 struct simd_tiles {
     template <int R, int J, class In, class Scalar>
-    static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
-        linear_tile<R, J>(x, ldx, w, ldw, z, ldz, d, next);
+    __attribute__((noinline)) static void tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz,
+                                               index d, bool add, ahead next) {
+        using V = vec<Scalar>;
+        using reg = typename V::reg;
+        constexpr index step = V::width * parts<V, In>;
+        const index body = d / step * step;
+        reg acc[R * J];
+        // Zeros through a register: a zeroing loop the compiler sees becomes `memset`, at the x86-64
+        // baseline's tuning `rep stos`, which costs a tenth of a 4 x 4 tile at d = 1024.
+        MOE_UNROLL
+        for (int i = 0; i < R * J; ++i) {
+            acc[i] = V::zero();
+            V::keep(acc[i]);
+        }
+        for (index i = 0; i < body; i += step) {
+            next.one();
+            // The parts as straight code: as a loop, GCC 12 stored every accumulator each step.
+            tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 0);
+            if constexpr (parts<V, In> == 2) tile_step<R, J, V>(acc, x + i, ldx, w + i, ldw, 1);
+        }
+        next.rest();
+        Scalar sums[R * J];
+        V::template sums<R * J>(acc, sums);
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < J; ++j) {
+                Scalar s = sums[r * J + j];
+                for (index i = body; i < d; ++i) s += static_cast<Scalar>(x[r * ldx + i]) * static_cast<Scalar>(w[j * ldw + i]);
+                z[r * ldz + j] = add ? z[r * ldz + j] + s : s;
+            }
     }
 };
 
-/// `Tiles::tile<R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
+/// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W (or z[r][j] + that,
+/// when `add`), by `Tiles::tile` chunk by chunk (`linear_chunk`), each chunk's sums added to z in
+/// order, the lines of `next` shared out over the chunks.
+template <class Tiles, int R, int J, class In, class Scalar>
+MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d,
+                                   index chunk, bool add, ahead next) {
+    if (d <= chunk) return Tiles::template tile<R, J>(x, ldx, w, ldw, z, ldz, d, add, next);
+    const index chunks = (d + chunk - 1) / chunk;
+    for (index c = 0; c < chunks; ++c)
+        Tiles::template tile<R, J>(x + c * chunk, ldx, w + c * chunk, ldw, z, ldz, std::min(chunk, d - c * chunk),
+                                   add || c > 0, next.part(c, chunks));
+}
+
+/// `linear_tile<Tiles, R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
 template <class Tiles, int R, class In, class Scalar>
-void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, ahead next) {
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, index chunk,
+                 bool add, ahead next) {
     switch (j) {
-        case 1: return Tiles::template tile<R, 1>(x, ldx, w, ldw, z, ldz, d, next);
-        case 2: return Tiles::template tile<R, 2>(x, ldx, w, ldw, z, ldz, d, next);
-        case 3: return Tiles::template tile<R, 3>(x, ldx, w, ldw, z, ldz, d, next);
-        default: return Tiles::template tile<R, 4>(x, ldx, w, ldw, z, ldz, d, next);
+        case 1: return linear_tile<Tiles, R, 1>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 2: return linear_tile<Tiles, R, 2>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 3: return linear_tile<Tiles, R, 3>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        default: return linear_tile<Tiles, R, 4>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
     }
 }
 
@@ -93,49 +109,60 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
 /// family has 32 vector registers, 3 where it has 16, so that 4 J accumulators, J rows of W and a row
 /// of x fit), the W rows of a tile staying in L1 while the x rows pass; leftover rows of x in tiles of
 /// 2 or 3 rows, a single one in 1 x `vec::row_tile` tiles (a row against W streams W: more rows of W
-/// per tile hide the loads' latency).
+/// per tile hide the loads' latency). The tiles sum d values in chunks of `chunk` (`linear_tile`) and
+/// add their sums to z when `add`.
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
-                  index j1, index m, index d) {
+                  index j1, index m, index d, index chunk, bool add) {
     constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
     const index full = r0 + (r1 - r0) / 4 * 4;
     for (index j = j0; j < j1; j += J) {
         const index jn = std::min<index>(J, j1 - j);
         const In* wj = w + j * ldw;
         // The next J rows of W are asked for while these pass the rows of x, a share in each tile.
-        const index lines = std::min<index>(J, m - j - jn) * ((d * static_cast<index>(sizeof(In)) + 63) / 64),
+        const index lines = std::min<index>(J, m - j - jn) * ahead::lines_per_row<In>(d),
                     tiles = std::max<index>(1, (full - r0) / 4);
         for (index r = r0, t = 0; r < full; r += 4, ++t) {
             ahead next = ahead::of(wj + jn * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles);
             if (jn == J)
-                Tiles::template tile<4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, next);
+                linear_tile<Tiles, 4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
             else
-                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, next);
+                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
         }
         ahead none;
-        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, none);
-        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, none);
+        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
+        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
     }
     if (r1 - full == 1) {
         const In* xr = x + full * ldx;
         Scalar* zr = z + full * ldz;
         index j = j0;
         ahead none;
-        for (; j + single <= j1; j += single) Tiles::template tile<1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, none);
-        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, none);
+        for (; j + single <= j1; j += single) linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
+        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
     }
 }
 
 /// `linear` by the tiles of `Tiles`. Blocks of W rows (about 128 KiB) and of x rows (about 256 KiB)
-/// stay in L2 together: W passes from memory once, each block of x once per block of W.
+/// stay in L2 together: W passes from memory once, each block of x once per block of W. Long rows
+/// (`linear_chunk`) pass one chunk at a time, each chunk's sums added to z, so that a block still
+/// holds many rows (a row of 14336 floats would leave blocks of 4 rows of x, each reading its block of
+/// W from L3 again). Fewer rows than a tile stream W instead: each tile sums its chunks in turn, the
+/// same sums in the same order, without storing them between chunks.
 template <class Tiles, class In, class Scalar>
 void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
-    const index per_row = static_cast<index>(sizeof(In)) * std::max<index>(d, 1);
+    const index chunk = linear_chunk<In>(d);
+    if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, chunk, false);
+    const index per_row = static_cast<index>(sizeof(In)) * chunk;
     const index w_block = std::max<index>(16, 128 * 1024 / per_row / 16 * 16);
     const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
-    for (index j0 = 0; j0 < m; j0 += w_block)
-        for (index r0 = 0; r0 < n; r0 += x_block)
-            linear_block<Tiles>(x, ldx, w, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0, std::min(m, j0 + w_block), m, d);
+    for (index k = 0; k == 0 || k < d; k += chunk) {
+        const index kn = std::min(chunk, d - k);
+        for (index j0 = 0; j0 < m; j0 += w_block)
+            for (index r0 = 0; r0 < n; r0 += x_block)
+                linear_block<Tiles>(x + k, ldx, w + k, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0,
+                                    std::min(m, j0 + w_block), m, kn, kn, k > 0);
+    }
 }
 
 // ---- multiply: c = a b (or c += a b) for a row-major b -------------------------------------------------
@@ -148,19 +175,24 @@ void multiply_tile(strided<Scalar> a, const Scalar* panel, Scalar* c, index ldc,
     using reg = typename V::reg;
     constexpr index width = V::width;
     reg acc[R][2];
+    MOE_UNROLL
     for (int r = 0; r < R; ++r)
+        MOE_UNROLL
         for (int v = 0; v < 2; ++v) acc[r][v] = add ? V::load(c + r * ldc + v * width) : V::zero();
     for (index k = 0; k < kc; ++k) {
         reg b0 = V::load_aligned(panel + k * 2 * width), b1 = V::load_aligned(panel + k * 2 * width + width);
         V::keep(b0);
         V::keep(b1);
+        MOE_UNROLL
         for (int r = 0; r < R; ++r) {
             const reg av = V::broadcast(a(r, k));
             acc[r][0] = V::fma(av, b0, acc[r][0]);
             acc[r][1] = V::fma(av, b1, acc[r][1]);
         }
     }
+    MOE_UNROLL
     for (int r = 0; r < R; ++r)
+        MOE_UNROLL
         for (int v = 0; v < 2; ++v) V::store(c + r * ldc + v * width, acc[r][v]);
 }
 
@@ -241,8 +273,10 @@ Scalar fma_peak(index rounds) {
     constexpr int chains = 12;
     reg acc[chains];
     const reg scale = V::broadcast(Scalar(0.999999)), step = V::broadcast(Scalar(1e-6));
+    MOE_UNROLL
     for (int j = 0; j < chains; ++j) acc[j] = V::broadcast(Scalar(j));
     for (index i = 0; i < rounds; ++i)
+        MOE_UNROLL
         for (int j = 0; j < chains; ++j) acc[j] = V::fma(acc[j], scale, step);
     Scalar sums[chains], total = 0;
     V::template sums<chains>(acc, sums);
