@@ -3,7 +3,7 @@
 /// z = x W^T with W stored [out_features, in_features] as checkpoints store it, computed as dot
 /// products along the rows of x and W: both are read contiguously, so nothing is packed and nothing is
 /// allocated, and the summation order of an output depends only on the length d (one SIMD accumulator
-/// over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in chunks of about
+/// over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in chunks of 5 to
 /// 8 KiB summed so, whose sums are added in order). Equal inputs therefore give bitwise equal
 /// outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
 /// logits do not change with the batch around it, and an expert's output for a row does not depend on

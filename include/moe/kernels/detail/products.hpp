@@ -92,16 +92,10 @@ struct ahead {
     MOE_ALWAYS_INLINE void rest() {
         while (left > 0) one();
     }
-    /// Part c of `parts` about equal parts of these lines, in order.
-    [[nodiscard]] ahead part(index c, index parts) const {
-        if (left == 0) return {};
-        const index skip = line + left * c / parts;
-        return {row + skip / per_row * stride, stride, per_row, skip % per_row, left * (c + 1) / parts - left * c / parts};
-    }
 };
 
-/// The values of a row that `linear` sums at a time: all of a row of up to 16 KiB, else chunks of
-/// about 8 KiB (equal multiples of 64 values, the last one shorter) whose sums are added in order. The
+/// The values of a row that `linear` sums at a time: all of a row of up to 16 KiB, else chunks of 5 to
+/// 8 KiB (equal multiples of 64 values, the last one shorter or equal) whose sums are added in order. The
 /// chunks depend on d only, so an output's bits do not depend on its place in a block or on the rows
 /// it is computed with.
 template <class In>

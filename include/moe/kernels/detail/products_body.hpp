@@ -82,15 +82,13 @@ struct simd_tiles {
 
 /// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W (or z[r][j] + that,
 /// when `add`), by `Tiles::tile` chunk by chunk (`linear_chunk`), each chunk's sums added to z in
-/// order, the lines of `next` shared out over the chunks.
+/// order. Only tiles of fewer rows than a block's, which prefetch nothing, get more than one chunk.
 template <class Tiles, int R, int J, class In, class Scalar>
 MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d,
                                    index chunk, bool add, ahead next) {
     if (d <= chunk) return Tiles::template tile<R, J>(x, ldx, w, ldw, z, ldz, d, add, next);
-    const index chunks = (d + chunk - 1) / chunk;
-    for (index c = 0; c < chunks; ++c)
-        Tiles::template tile<R, J>(x + c * chunk, ldx, w + c * chunk, ldw, z, ldz, std::min(chunk, d - c * chunk),
-                                   add || c > 0, next.part(c, chunks));
+    for (index k = 0; k < d; k += chunk)
+        Tiles::template tile<R, J>(x + k, ldx, w + k, ldw, z, ldz, std::min(chunk, d - k), add || k > 0, ahead{});
 }
 
 /// `linear_tile<Tiles, R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
