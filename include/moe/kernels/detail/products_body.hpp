@@ -85,7 +85,8 @@ struct simd_tiles {
 /// order. Only tiles of fewer rows than a block's, which prefetch nothing, get more than one chunk.
 template <class Tiles, int R, int J, class In, class Scalar>
 MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d,
-                                   index chunk, bool add, ahead next) {
+                                   bool add, ahead next) {
+    const index chunk = linear_chunk<In>(d);
     if (d <= chunk) return Tiles::template tile<R, J>(x, ldx, w, ldw, z, ldz, d, add, next);
     for (index k = 0; k < d; k += chunk)
         Tiles::template tile<R, J>(x + k, ldx, w + k, ldw, z, ldz, std::min(chunk, d - k), add || k > 0, ahead{});
@@ -93,13 +94,13 @@ MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ld
 
 /// `linear_tile<Tiles, R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
 template <class Tiles, int R, class In, class Scalar>
-void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, index chunk,
-                 bool add, ahead next) {
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, bool add,
+                 ahead next) {
     switch (j) {
-        case 1: return linear_tile<Tiles, R, 1>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
-        case 2: return linear_tile<Tiles, R, 2>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
-        case 3: return linear_tile<Tiles, R, 3>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
-        default: return linear_tile<Tiles, R, 4>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 1: return linear_tile<Tiles, R, 1>(x, ldx, w, ldw, z, ldz, d, add, next);
+        case 2: return linear_tile<Tiles, R, 2>(x, ldx, w, ldw, z, ldz, d, add, next);
+        case 3: return linear_tile<Tiles, R, 3>(x, ldx, w, ldw, z, ldz, d, add, next);
+        default: return linear_tile<Tiles, R, 4>(x, ldx, w, ldw, z, ldz, d, add, next);
     }
 }
 
@@ -107,11 +108,11 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
 /// family has 32 vector registers, 3 where it has 16, so that 4 J accumulators, J rows of W and a row
 /// of x fit), the W rows of a tile staying in L1 while the x rows pass; leftover rows of x in tiles of
 /// 2 or 3 rows, a single one in 1 x `vec::row_tile` tiles (a row against W streams W: more rows of W
-/// per tile hide the loads' latency). The tiles sum d values in chunks of `chunk` (`linear_tile`) and
-/// add their sums to z when `add`.
+/// per tile hide the loads' latency). The tiles sum d values by `linear_tile` and add their sums to z
+/// when `add`.
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
-                  index j1, index m, index d, index chunk, bool add) {
+                  index j1, index m, index d, bool add) {
     constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
     const index full = r0 + (r1 - r0) / 4 * 4;
     for (index j = j0; j < j1; j += J) {
@@ -123,21 +124,21 @@ void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, ind
         for (index r = r0, t = 0; r < full; r += 4, ++t) {
             ahead next = ahead::of(wj + jn * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles);
             if (jn == J)
-                linear_tile<Tiles, 4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
+                linear_tile<Tiles, 4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, add, next);
             else
-                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
+                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, add, next);
         }
         ahead none;
-        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
-        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
+        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, add, none);
+        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, add, none);
     }
     if (r1 - full == 1) {
         const In* xr = x + full * ldx;
         Scalar* zr = z + full * ldz;
         index j = j0;
         ahead none;
-        for (; j + single <= j1; j += single) linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
-        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
+        for (; j + single <= j1; j += single) linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, add, none);
+        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, add, none);
     }
 }
 
@@ -150,7 +151,7 @@ void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, ind
 template <class Tiles, class In, class Scalar>
 void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
     const index chunk = linear_chunk<In>(d);
-    if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, chunk, false);
+    if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, false);
     const index per_row = static_cast<index>(sizeof(In)) * chunk;
     const index w_block = std::max<index>(16, 128 * 1024 / per_row / 16 * 16);
     const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
@@ -159,7 +160,7 @@ void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
         for (index j0 = 0; j0 < m; j0 += w_block)
             for (index r0 = 0; r0 < n; r0 += x_block)
                 linear_block<Tiles>(x + k, ldx, w + k, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0,
-                                    std::min(m, j0 + w_block), m, kn, kn, k > 0);
+                                    std::min(m, j0 + w_block), m, kn, k > 0);
     }
 }
 
