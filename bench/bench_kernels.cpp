@@ -2,18 +2,20 @@
 // runs (`kernel/<family>/...`), each next to the family's FMA peak (`fma_peak/<family>`, the limit)
 // and to OpenBLAS's sgemm of the same product (`openblas/...`, one thread; OPENBLAS_CORETYPE=Haswell
 // makes it use its AVX2 kernels, for the comparison with `kernel/avx2`): kernels::linear (x W^T, the
-// forward projections, on float and on bf16 operands) and kernels::multiply (the backward's dL/da =
-// dout W_out, dL/dx = dh W_in and the weight gradients dout^T a, dh^T x). Rows are those of one
-// expert at the mixtral shape (T k / E = 64) and of the largest task (256); the forward projections
-// also for one row (decoding). Counter: GFLOP/s.
+// forward projections, on float, bf16 and quantized q8_0 / q4_0 weights) and kernels::multiply (the
+// backward's dL/da = dout W_out, dL/dx = dh W_in and the weight gradients dout^T a, dh^T x). Rows are
+// those of one expert at the mixtral shape (T k / E = 64) and of the largest task (256); the forward
+// projections also for one row (decoding). Counter: GFLOP/s.
 #include <moe/kernels/isa.hpp>
 #include <moe/kernels/linear.hpp>
 #include <moe/kernels/multiply.hpp>
+#include <moe/kernels/quantized.hpp>
 
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -78,25 +80,50 @@ void multiply(benchmark::State& state, engine how, index n, index m, index k, bo
     set_rate(state, 2.0 * static_cast<double>(n * m * k));
 }
 
-// z (n x m) = x (n x d) W^T, W (m x d); bf16: x and W bf16, the sums float32 (not OpenBLAS).
-void linear(benchmark::State& state, engine how, bool bf16, index n, index m, index d) {
+// The storage of the weights (and of x) in a `linear` benchmark.
+enum class storage { f32, bf16, q8_0, q4_0 };
+constexpr const char* storage_names[] = {"linear", "linear_bf16", "linear_q8_0", "linear_q4_0"};
+
+template <class Block>
+std::vector<Block> quantized(const aligned& m) {
+    const index blocks = m.cols() / moe::quant_block;
+    std::vector<Block> out(static_cast<std::size_t>(m.rows() * blocks));
+    for (index r = 0; r < m.rows(); ++r) moe::kernels::quantize(m.row(r).data(), m.cols(), out.data() + r * blocks);
+    return out;
+}
+
+// z (n x m) = x (n x d) W^T, W (m x d); bf16: x and W bf16, the sums float32; q8_0 / q4_0: W in that
+// format, x in q8_0 (converted before the timing, as bf16's x is); not OpenBLAS. Counters: GFLOP/s,
+// and GB/s of weights read (their bytes in the storage, once per call).
+void linear(benchmark::State& state, engine how, storage weights, index n, index m, index d) {
     const on_family scope(how.family);
     const aligned x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
     const moe::aligned_matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
+    const auto x8 = quantized<moe::q8_0_block>(x), w8 = quantized<moe::q8_0_block>(w);
+    const auto w4 = quantized<moe::q4_0_block>(w);
+    const index blocks = d / moe::quant_block;
     aligned z(n, m);
     for (auto _ : state) {
         if (how.blas)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(m),
                         static_cast<int>(d), 1.0f, x.data(), static_cast<int>(d), w.data(), static_cast<int>(d), 0.0f,
                         z.data(), static_cast<int>(m));
-        else if (bf16)
+        else if (weights == storage::bf16)
             moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
+        else if (weights == storage::q8_0)
+            moe::kernels::linear(x8.data(), blocks, w8.data(), blocks, z.data(), m, n, m, d);
+        else if (weights == storage::q4_0)
+            moe::kernels::linear(x8.data(), blocks, w4.data(), blocks, z.data(), m, n, m, d);
         else
             moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
         benchmark::DoNotOptimize(z.data());
         benchmark::ClobberMemory();
     }
     set_rate(state, 2.0 * static_cast<double>(n * m * d));
+    const double bytes[] = {4.0 * d, 2.0 * d, static_cast<double>(blocks * sizeof(moe::q8_0_block)),
+                            static_cast<double>(blocks * sizeof(moe::q4_0_block))};
+    state.counters["GB/s"] = benchmark::Counter(bytes[static_cast<int>(weights)] * static_cast<double>(m) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // The products of one engine (`who` names it), at the mixtral shape.
@@ -104,12 +131,12 @@ void register_products(const std::string& who, engine how) {
     const index d = 1024, ff = 2816;  // mixtral
     for (const index rows : {1, 64, 256}) {
         const std::string r = "/rows:" + std::to_string(rows);
-        for (const bool bf16 : {false, true}) {
-            if (bf16 && how.blas) continue;
-            const std::string name = who + (bf16 ? "linear_bf16" : "linear");
-            benchmark::RegisterBenchmark((name + "/in_projection" + r).c_str(), linear, how, bf16, rows, 2 * ff, d)
+        for (const storage weights : {storage::f32, storage::bf16, storage::q8_0, storage::q4_0}) {
+            if (weights != storage::f32 && how.blas) continue;
+            const std::string name = who + storage_names[static_cast<int>(weights)];
+            benchmark::RegisterBenchmark((name + "/in_projection" + r).c_str(), linear, how, weights, rows, 2 * ff, d)
                 ->Unit(benchmark::kMillisecond);
-            benchmark::RegisterBenchmark((name + "/out_projection" + r).c_str(), linear, how, bf16, rows, d, ff)
+            benchmark::RegisterBenchmark((name + "/out_projection" + r).c_str(), linear, how, weights, rows, d, ff)
                 ->Unit(benchmark::kMillisecond);
         }
         if (rows == 1) continue;  // the backward's products: training shapes only
@@ -125,7 +152,7 @@ void register_products(const std::string& who, engine how) {
     // Mixtral-8x7B's size (d 4096, ff 14336): the down projection's rows of 56 KiB, which `linear`
     // sums in chunks (a prefill of about 1000 tokens gives an expert 256 rows).
     const std::string name = who + "linear/out_projection_8x7b/rows:256";
-    benchmark::RegisterBenchmark(name.c_str(), linear, how, false, 256, 4096, 14336)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(name.c_str(), linear, how, storage::f32, 256, 4096, 14336)->Unit(benchmark::kMillisecond);
 }
 
 const bool registered = [] {

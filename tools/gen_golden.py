@@ -85,11 +85,26 @@ Outputs:
   up] gradients), grad_load_balance.{x, router.weight} of L1, grad_z_loss.{...} of L2;
   then expected.seq_balance (L3), seq_balance.seq_len (S), grad_seq_balance.{...} of L3
   and, for the null-experts cases, expected.null_balance (L4), grad_null_balance.{...}.
+* ``tests/data/quant/formats.safetensors``: the ggml block formats q8_0 and q4_0 (see
+  "Quantized formats" below) of rows with chosen edge cases (zero blocks, ties at .5, the
+  first of two equal magnitudes, values near the fp16 limits) and random ones: x, w (F32),
+  their quantized scales (F16) and values (q8_0: I8 per value; q4_0: U8, the packed bytes
+  as ggml stores them), and z.q8_0 / z.q4_0 (F64): the quantized projection x_q w_q^T.
 * ``tests/data/overrides/<case>/``: moe-run runs with router flags on one of the
   checkpoints above (args.json {"model", "layer", "flags", "backward_flags"},
   input.safetensors, expected.safetensors, expected_backward.safetensors as for
   ckpt); ``ckpt/mixtral_null`` (E = 4 + N = 2 gate rows) only serves
   the null-experts override and has no input/expected/args of its own.
+
+Quantized formats (ggml's block formats, from its reference quantizers
+``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref``; written here from the formulas in
+float32 with numpy, element by element): blocks of 32 consecutive values of a row.
+q8_0: amax = max |v|, d = amax / 127, id = 1 / d (0 if d = 0), q = roundf(v id) (halves
+away from zero), d stored as fp16 (round to nearest even). q4_0: m = the value of
+largest |v| (the first on ties), d = m / -8, id as above, q = min(15, trunc(v id + 8.5))
+(float32 sum), byte j of the block = q_j | q_{j+16} << 4, d as fp16; value = d (q - 8).
+A projection quantizes its input rows to q8_0 and sums per block
+fp16(d_w) fp16(d_x) (sum of the 32 integer products), here exactly in float64.
 
 Robustness: the C++ side computes in float32, so every random case is re-drawn
 (seed + 1, ...) until no discrete decision (top-k membership and order, group
@@ -130,9 +145,13 @@ def round_to(t: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def encode(t: torch.Tensor, dtype: str) -> bytes:
-    """Raw little-endian bytes of `t` in safetensors dtype F32 / F16 / BF16 / I64."""
+    """Raw little-endian bytes of `t` in safetensors dtype F64 / F32 / F16 / BF16 / I64 / I8 / U8."""
     if dtype == "I64":
         arr = t.to(torch.int64).contiguous().numpy().astype("<i8")
+    elif dtype in ("I8", "U8"):
+        arr = t.to(torch.int64).contiguous().numpy().astype("i1" if dtype == "I8" else "u1")
+    elif dtype == "F64":
+        arr = t.to(torch.float64).contiguous().numpy().astype("<f8")
     elif dtype == "F32":
         arr = t.to(torch.float32).contiguous().numpy().astype("<f4")
     elif dtype == "F16":
@@ -1701,13 +1720,136 @@ def gen_expert_parallel_cases(root, registry):
 
 
 # --------------------------------------------------------------------------------------
+# Quantized formats (ggml q8_0 / q4_0), element by element in numpy float32
+# --------------------------------------------------------------------------------------
+
+QBLOCK = 32
+
+
+def quantize_q8_0(row):
+    """(fp16 scales, int8 values) of a float32 row, per block of 32."""
+    import numpy as np
+    row = np.asarray(row, dtype=np.float32)
+    scales, values = [], []
+    for b in range(0, len(row), QBLOCK):
+        block = row[b:b + QBLOCK]
+        amax = np.float32(0)
+        for v in block:
+            amax = max(amax, np.float32(abs(v)))
+        d = np.float32(amax / np.float32(127))
+        inv = np.float32(np.float32(1) / d) if d != 0 else np.float32(0)
+        for v in block:
+            x0 = np.float32(v * inv)
+            q = math.floor(abs(float(x0)) + 0.5)  # roundf: halves away from zero (exact in float64)
+            values.append(int(q if x0 >= 0 else -q))
+        scales.append(np.float16(d))
+    return scales, values
+
+
+def quantize_q4_0(row):
+    """(fp16 scales, packed bytes) of a float32 row, per block of 32."""
+    import numpy as np
+    row = np.asarray(row, dtype=np.float32)
+    scales, packed = [], []
+    for b in range(0, len(row), QBLOCK):
+        block = row[b:b + QBLOCK]
+        amax, vmax = np.float32(0), np.float32(0)
+        for v in block:
+            if amax < np.float32(abs(v)):  # strictly larger: the first of equal magnitudes stays
+                amax, vmax = np.float32(abs(v)), v
+        d = np.float32(vmax / np.float32(-8))
+        inv = np.float32(np.float32(1) / d) if d != 0 else np.float32(0)
+        q = [min(15, math.trunc(float(np.float32(np.float32(v * inv) + np.float32(8.5))))) for v in block]
+        packed += [q[j] | (q[j + QBLOCK // 2] << 4) for j in range(QBLOCK // 2)]
+        scales.append(np.float16(d))
+    return scales, packed
+
+
+def q4_0_values(packed):
+    """The quantized values (q - 8) of a row's packed q4_0 bytes, in element order."""
+    out = []
+    for b in range(0, len(packed), QBLOCK // 2):
+        block = packed[b:b + QBLOCK // 2]
+        out += [(v & 15) - 8 for v in block] + [(v >> 4) - 8 for v in block]
+    return out
+
+
+def quantized_dot(xs, xq, ws, wq):
+    """sum over blocks of fp16(d_x) fp16(d_w) (integer sum of products), in float64 (exact
+    integer sums, one rounding per block product and sum)."""
+    total = 0.0
+    for b in range(len(xs)):
+        isum = sum(xq[b * QBLOCK + j] * wq[b * QBLOCK + j] for j in range(QBLOCK))
+        total += float(xs[b]) * float(ws[b]) * isum
+    return total
+
+
+def quant_rows(g, rows, blocks, special):
+    """rows x (blocks * 32) float32 values: random normal, with the first rows' blocks
+    replaced by `special` edge cases in turn."""
+    t = torch.randn(rows, blocks * QBLOCK, generator=g, dtype=torch.float64).to(torch.float32)
+    for i, block in enumerate(special):
+        r, b = divmod(i, blocks)
+        t[r, b * QBLOCK:(b + 1) * QBLOCK] = torch.tensor(block, dtype=torch.float32)
+    return t
+
+
+def quant_special_blocks():
+    """Edge cases, each one block of 32 values."""
+    ramp = [(j - 16) for j in range(QBLOCK)]
+    return [
+        [0.0] * QBLOCK,                                          # all zeros: d = 0
+        [127.0] + [k + 0.5 for k in range(-15, 16)],             # d = 1: halves round away from zero
+        [-8.0] + [k / 2 for k in range(-15, 16)],                # q4_0 d = 1: v + 8.5 truncated, 16 -> 15
+        [3.0, -3.0] + [0.1 * v for v in ramp[2:]],              # q4_0: the first of equal magnitudes (+3)
+        [-3.0, 3.0] + [0.1 * v for v in ramp[2:]],              # ... (-3)
+        [1e5 * (j % 7 - 3) for j in range(QBLOCK)],              # large: q4_0 d = 37500, near the fp16 limit
+        [1e-6 * (j % 5 - 2) for j in range(QBLOCK)],             # tiny: fp16 scales are subnormal
+        [5.0] * QBLOCK,                                          # constant
+    ]
+
+
+def gen_quant_cases(root):
+    folder = os.path.join(root, "quant")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(zlib.crc32(b"quant/formats"))
+    special = quant_special_blocks()
+    x = quant_rows(g, 4, 5, special)
+    w = quant_rows(g, 6, 5, special[3:] + special[:3])
+    tensors = [("x", "F32", x), ("w", "F32", w)]
+    xq = [quantize_q8_0(r) for r in x.numpy()]
+    w8 = [quantize_q8_0(r) for r in w.numpy()]
+    w4 = [quantize_q4_0(r) for r in w.numpy()]
+
+    def scales(q):
+        return torch.tensor([[float(v) for v in s] for s, _ in q], dtype=torch.float64)
+
+    def values(q):
+        return torch.tensor([v for _, v in q], dtype=torch.int64)
+
+    z8 = torch.tensor([[quantized_dot(xs, xv, ws, wv) for ws, wv in w8] for xs, xv in xq], dtype=torch.float64)
+    z4 = torch.tensor([[quantized_dot(xs, xv, ws, q4_0_values(wb)) for ws, wb in w4] for xs, xv in xq],
+                      dtype=torch.float64)
+    tensors += [("x.q8_0.scale", "F16", scales(xq)), ("x.q8_0.values", "I8", values(xq)),
+                ("w.q8_0.scale", "F16", scales(w8)), ("w.q8_0.values", "I8", values(w8)),
+                ("w.q4_0.scale", "F16", scales(w4)), ("w.q4_0.bytes", "U8", values(w4)),
+                ("z.q8_0", "F64", z8), ("z.q4_0", "F64", z4)]
+    path = os.path.join(folder, "formats.safetensors")
+    write_safetensors(path, tensors, {"block": QBLOCK})
+    return [(path, f"q8_0 / q4_0 formats: x {list(x.shape)}, w {list(w.shape)}")]
+
+
+# --------------------------------------------------------------------------------------
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "data"),
                     help="output directory (default: tests/data)")
-    root = os.path.normpath(ap.parse_args().out)
+    ap.add_argument("--only", choices=["quant"],
+                    help="write only this set (the others depend on each other and come together)")
+    args = ap.parse_args()
+    root = os.path.normpath(args.out)
     torch.set_num_threads(1)
 
     total = 0
@@ -1721,6 +1863,11 @@ def main():
             total += size
             print(f"    {os.path.relpath(p, root):60s} {size:8d} bytes")
 
+    for path, info in gen_quant_cases(root):
+        report(path, info)
+    if args.only == "quant":
+        print(f"total: {total} bytes")
+        return
     registry = {}
     for name, builder, kwargs, shape, sharded in CKPT_CASES:
         folder, info, _ = gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry)

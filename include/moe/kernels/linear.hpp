@@ -29,13 +29,15 @@
 #include "moe/kernels/isa.hpp"
 #include "moe/types.hpp"
 
+#include <concepts>
+
 namespace moe::kernels {
 
 /// sum_i a[i] * b[i] in a fixed order: one SIMD accumulator over the body, its horizontal sum, then the
 /// scalar tail (for n over 16 KiB, so per chunk, the chunks' sums added in order), on the active
 /// family's vectors. `linear` on float or double computes exactly this for
 /// every output, so equal inputs give equal bits.
-template <class Scalar>
+template <std::floating_point Scalar>
 Scalar dot(const Scalar* a, const Scalar* b, index n) {
     Scalar z;
     detail::with_products<Scalar>([&]<class P>() { P::template linear<Scalar, Scalar>(a, n, b, n, &z, 1, 1, 1, n); });
@@ -44,7 +46,7 @@ Scalar dot(const Scalar* a, const Scalar* b, index n) {
 
 /// z = x W^T: z (n x m, row stride ldz), x (n x d, row stride ldx), w (m x d, row stride ldw). Every
 /// output equals `dot(x_r, w_j)` bit for bit.
-template <class Scalar>
+template <std::floating_point Scalar>
 void linear(const Scalar* x, index ldx, const Scalar* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
     detail::with_products<Scalar>([&]<class P>() { P::template linear<Scalar, Scalar>(x, ldx, w, ldw, z, ldz, n, m, d); });
 }

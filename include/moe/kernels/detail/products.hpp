@@ -14,6 +14,7 @@
 /// Every header the bodies use is included before the first target region: a standard-library
 /// function first seen inside one would be built for that family.
 
+#include "moe/kernels/detail/attributes.hpp"
 #include "moe/kernels/isa.hpp"
 #include "moe/types.hpp"
 
@@ -27,14 +28,6 @@
 #if defined(MOE_X86_DISPATCH)
 #include <immintrin.h>
 #endif
-
-// Inlined even where the compiler would not: a tile's accumulators whose address escaped into an
-// out-of-line reduction would live in memory (stored every step, zeroed by `rep stos`).
-#define MOE_ALWAYS_INLINE __attribute__((always_inline)) inline
-// Loops over a tile's registers unrolled at every optimisation level: GCC 12 unrolls them completely at
-// -O3 only, and at -O2 (CMake's RelWithDebInfo, most distributions) kept a tile's accumulators in
-// memory, stored every step: 3 to 4 times slower.
-#define MOE_UNROLL _Pragma("GCC unroll 32")
 
 namespace moe::kernels {
 
@@ -168,16 +161,6 @@ struct vec {
 }  // namespace portable
 
 #if defined(MOE_X86_DISPATCH)
-
-// Everything from here to the matching end is compiled for the named x86 extensions.
-#if defined(__clang__)
-#define MOE_TARGET_BEGIN(features) _Pragma(MOE_TARGET_STRING(clang attribute push(__attribute__((target(features))), apply_to = function)))
-#define MOE_TARGET_END _Pragma("clang attribute pop")
-#else
-#define MOE_TARGET_BEGIN(features) _Pragma("GCC push_options") _Pragma(MOE_TARGET_STRING(GCC target(features)))
-#define MOE_TARGET_END _Pragma("GCC pop_options")
-#endif
-#define MOE_TARGET_STRING(...) #__VA_ARGS__
 
 MOE_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
@@ -348,9 +331,6 @@ struct bf16_dot_tiles {
 }  // namespace avx512
 MOE_TARGET_END
 
-#undef MOE_TARGET_BEGIN
-#undef MOE_TARGET_END
-#undef MOE_TARGET_STRING
 #endif  // MOE_X86_DISPATCH
 
 /// Calls `f.template operator()<Family>()` with the namespace-like struct of the active family's
@@ -373,6 +353,3 @@ decltype(auto) with_products(F&& f) {
 
 }  // namespace detail
 }  // namespace moe::kernels
-
-#undef MOE_ALWAYS_INLINE
-#undef MOE_UNROLL

@@ -1,0 +1,395 @@
+#pragma once
+/// \file
+/// Quantized weights in ggml's block formats (what GGUF files hold), and the projection on them.
+///
+/// A row of d values (d a multiple of 32) is stored as d / 32 blocks of 32 consecutive values, each with
+/// a scale stored as fp16:
+///
+/// - `q8_0_block`: scale d and 32 int8 values; value = d q. From float (ggml's reference quantizer,
+///   `quantize_row_q8_0_ref`): amax = max |v|, d = amax / 127, q = roundf(v / d) (halves away from zero;
+///   v times the float reciprocal of d, 0 when d is 0), d rounded to fp16 (to nearest even).
+/// - `q4_0_block`: scale d and 16 bytes of 4-bit values, byte j holding value j in its low nibble and
+///   value j + 16 in its high one; value = d (q - 8). From float (`quantize_row_q4_0_ref`): m = the
+///   value of largest magnitude (the first of equal ones), d = m / -8, q = min(15, trunc(v / d + 8.5)).
+///
+/// `linear` on quantized weights takes its input rows quantized to q8_0 the same way and computes each
+/// output as a sum over blocks of fp16(d_x) fp16(d_w) times the integer sum of the block's 32 products,
+/// in this order on every instruction-set family: the products of values 4j to 4j + 3 form lane j of 8
+/// integer lanes; each block adds float(lane j) times the float product of the two scales to float
+/// lane j by a fused multiply-add; the 8 lanes are summed as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+/// (l3 + l7)). So an output's bits depend only on its two rows: not on the block, the thread count or
+/// the family (AVX2's `maddubs`, the portable family's scalar code and AVX-512 VNNI's `vpdpbusd` form
+/// the same integer lanes, which are exact).
+///
+/// The integer sums are exact: |q_x| <= 127 for rows this header quantizes, |q_w| <= 128, so even the
+/// 16-bit pair sums of AVX2 (`maddubs` of |q_w| and q_x with q_w's sign) stay below 2^15.
+
+#include "moe/error.hpp"
+#include "moe/kernels/detail/attributes.hpp"
+#include "moe/kernels/isa.hpp"
+#include "moe/types.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#if defined(MOE_X86_DISPATCH)
+#include <immintrin.h>
+#endif
+
+namespace moe {
+
+/// Values per block of the quantized formats.
+inline constexpr index quant_block = 32;
+
+/// 32 values as int8 with an fp16 scale (ggml's q8_0, 34 bytes): value = scale q.
+struct q8_0_block {
+    std::uint16_t scale;  ///< fp16 bits
+    std::int8_t values[quant_block];
+};
+
+/// 32 values as 4-bit integers with an fp16 scale (ggml's q4_0, 18 bytes): value = scale (q - 8);
+/// byte j holds value j (low nibble) and value j + 16 (high nibble).
+struct q4_0_block {
+    std::uint16_t scale;  ///< fp16 bits
+    std::uint8_t values[quant_block / 2];
+};
+
+static_assert(sizeof(q8_0_block) == 34 && sizeof(q4_0_block) == 18, "the blocks are ggml's, byte for byte");
+
+/// A quantized block format of this header.
+template <class B>
+concept quantized_block = std::is_same_v<B, q8_0_block> || std::is_same_v<B, q4_0_block>;
+
+/// The float value of fp16 bits (exact).
+inline float fp16_to_float(std::uint16_t bits) {
+    return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
+}
+
+/// The fp16 nearest to `value` (ties to even), as bits.
+inline std::uint16_t float_to_fp16(float value) {
+    return Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(value));
+}
+
+namespace kernels {
+
+namespace detail {
+
+inline void check_quant_length(index n, const char* what) {
+    if (n % quant_block != 0)
+        throw shape_error(std::string(what) + ": a row of " + std::to_string(n) +
+                          " values does not split into blocks of 32 (the quantized formats need a multiple of 32)");
+}
+
+/// The fp16 scale of a block, value_error if it is not finite (a value was not, or the scale
+/// overflows fp16).
+inline std::uint16_t block_scale(float scale, const float* v, index block, const char* what) {
+    for (index i = 0; i < quant_block; ++i)
+        if (!std::isfinite(v[i]))
+            throw value_error(std::string(what) + ": value " + std::to_string(block * quant_block + i) + " is " +
+                              std::to_string(v[i]) + "; only finite values can be quantized");
+    const std::uint16_t bits = float_to_fp16(scale);
+    if (!std::isfinite(fp16_to_float(bits)))
+        throw value_error(std::string(what) + ": block " + std::to_string(block) + " needs the scale " +
+                          std::to_string(scale) + ", beyond fp16's largest (65504)");
+    return bits;
+}
+
+}  // namespace detail
+
+/// The n values of v (n a multiple of 32, else shape_error) as n / 32 q8_0 blocks, by ggml's reference
+/// quantizer. value_error for a value that is not finite.
+inline void quantize(const float* v, index n, q8_0_block* out) {
+    detail::check_quant_length(n, "quantize (q8_0)");
+    for (index b = 0; b < n / quant_block; ++b) {
+        const float* block = v + b * quant_block;
+        float amax = 0;
+        for (index i = 0; i < quant_block; ++i) amax = std::max(amax, std::fabs(block[i]));
+        const float d = amax / 127.0f, inverse = d != 0 ? 1.0f / d : 0.0f;
+        out[b].scale = detail::block_scale(d, block, b, "quantize (q8_0)");
+        for (index i = 0; i < quant_block; ++i)
+            out[b].values[i] = static_cast<std::int8_t>(std::round(block[i] * inverse));
+    }
+}
+
+/// The n values of v (n a multiple of 32, else shape_error) as n / 32 q4_0 blocks, by ggml's reference
+/// quantizer. value_error for a value that is not finite or a scale beyond fp16's range.
+inline void quantize(const float* v, index n, q4_0_block* out) {
+    detail::check_quant_length(n, "quantize (q4_0)");
+    for (index b = 0; b < n / quant_block; ++b) {
+        const float* block = v + b * quant_block;
+        float amax = 0, max = 0;
+        for (index i = 0; i < quant_block; ++i)
+            if (amax < std::fabs(block[i])) {
+                amax = std::fabs(block[i]);
+                max = block[i];
+            }
+        const float d = max / -8.0f, inverse = d != 0 ? 1.0f / d : 0.0f;
+        out[b].scale = detail::block_scale(d, block, b, "quantize (q4_0)");
+        // v / d + 8.5 as float32 arithmetic, the product rounded first: the sum is exact in double and
+        // rounds to float as float32's sum would, and a double sum cannot be fused with the product.
+        const auto q = [&](index i) {
+            const float sum = static_cast<float>(static_cast<double>(block[i] * inverse) + 8.5);
+            return static_cast<std::uint8_t>(std::min(15, static_cast<int>(sum)));
+        };
+        for (index j = 0; j < quant_block / 2; ++j)
+            out[b].values[j] = static_cast<std::uint8_t>(q(j) | q(j + quant_block / 2) << 4);
+    }
+}
+
+/// The n values (n a multiple of 32) that n / 32 blocks hold, as float: scale times value.
+inline void dequantize(const q8_0_block* blocks, index n, float* out) {
+    detail::check_quant_length(n, "dequantize (q8_0)");
+    for (index b = 0; b < n / quant_block; ++b) {
+        const float d = fp16_to_float(blocks[b].scale);
+        for (index i = 0; i < quant_block; ++i) out[b * quant_block + i] = d * static_cast<float>(blocks[b].values[i]);
+    }
+}
+
+/// \copydoc dequantize(const q8_0_block*, index, float*)
+inline void dequantize(const q4_0_block* blocks, index n, float* out) {
+    detail::check_quant_length(n, "dequantize (q4_0)");
+    for (index b = 0; b < n / quant_block; ++b) {
+        const float d = fp16_to_float(blocks[b].scale);
+        for (index j = 0; j < quant_block / 2; ++j) {
+            const int v = blocks[b].values[j];
+            out[b * quant_block + j] = d * static_cast<float>((v & 15) - 8);
+            out[b * quant_block + j + quant_block / 2] = d * static_cast<float>((v >> 4) - 8);
+        }
+    }
+}
+
+namespace detail {
+
+/// The sum of the lanes in the order every family uses: even blocks' lane j plus odd blocks' lane j,
+/// then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+inline float quant_lane_sum(const float* even, const float* odd) {
+    float l[8];
+    for (int j = 0; j < 8; ++j) l[j] = even[j] + odd[j];
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/// Value i of a block as a signed integer.
+inline int quant_value(const q8_0_block& b, index i) { return b.values[i]; }
+inline int quant_value(const q4_0_block& b, index i) {
+    const int v = b.values[i % (quant_block / 2)];
+    return (i < quant_block / 2 ? v & 15 : v >> 4) - 8;
+}
+
+/// The portable family: one output at a time, the lanes in scalar code.
+template <class Block>
+float quant_dot_portable(const q8_0_block* x, const Block* w, index blocks) {
+    float lanes[2][8] = {};
+    for (index b = 0; b < blocks; ++b) {
+        const float scale = fp16_to_float(x[b].scale) * fp16_to_float(w[b].scale);
+        float* acc = lanes[b % 2];
+        for (index j = 0; j < 8; ++j) {
+            std::int32_t sum = 0;
+            for (index i = 4 * j; i < 4 * j + 4; ++i) sum += quant_value(x[b], i) * quant_value(w[b], i);
+            acc[j] = std::fma(static_cast<float>(sum), scale, acc[j]);
+        }
+    }
+    return quant_lane_sum(lanes[0], lanes[1]);
+}
+
+#if defined(MOE_X86_DISPATCH)
+MOE_TARGET_BEGIN("avx2,fma,f16c")
+namespace quant_avx2 {
+
+/// fp16 bits as float by F16C (every AVX2 CPU has it): Eigen's conversion is a dozen operations.
+inline float scale(std::uint16_t bits) { return _cvtsh_ss(bits); }
+
+/// Block b's 32 values of w as signed bytes.
+inline __m256i weights(const q8_0_block& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.values)); }
+inline __m256i weights(const q4_0_block& b) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.values)), low = _mm_set1_epi8(15);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+}
+
+/// The 8 integer lanes of a block's products: |w| times x with w's sign (pair sums below 2^15).
+inline __m256i lanes(__m256i x, __m256i w) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+inline float lane_sum(__m256 v) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l0+l4, l1+l5, ...
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));                           // (l0+l4)+(l2+l6), ...
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+/// acc_j += block b of x against block b of w_j, for J rows of W (row stride ldw blocks).
+template <int J, class Block>
+MOE_ALWAYS_INLINE void step(const q8_0_block* x, const Block* w, index ldw, index b, __m256* acc) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].values));
+    const float dx = scale(x[b].scale);
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) {
+        const Block& wb = w[j * ldw + b];
+        const __m256 scales = _mm256_set1_ps(dx * scale(wb.scale));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes(xv, weights(wb))), scales, acc[j]);
+    }
+}
+
+/// z_j = dot(x, w_j) for J rows of W: x's blocks loaded once for J rows.
+template <int J, class Block>
+void tile(const q8_0_block* x, const Block* w, index ldw, index blocks, float* z) {
+    __m256 even[J], odd[J];
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) even[j] = odd[j] = _mm256_setzero_ps();
+    index b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        step<J>(x, w, ldw, b, even);
+        step<J>(x, w, ldw, b + 1, odd);
+    }
+    if (b < blocks) step<J>(x, w, ldw, b, even);
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) z[j] = lane_sum(_mm256_add_ps(even[j], odd[j]));
+}
+
+template <class Block>
+void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
+            index blocks) {
+    // Blocks of 16 rows of W stay in L1/L2 while every row of x passes.
+    constexpr index w_block = 16;
+    for (index j0 = 0; j0 < m; j0 += w_block) {
+        const index j1 = std::min(m, j0 + w_block);
+        for (index r = 0; r < n; ++r) {
+            index j = j0;
+            for (; j + 4 <= j1; j += 4) tile<4>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+            for (; j < j1; ++j) tile<1>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+        }
+    }
+}
+
+}  // namespace quant_avx2
+MOE_TARGET_END
+
+MOE_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")
+namespace quant_vnni {
+
+// All-true masks: the masked forms of these intrinsics compile to the same instructions, without the
+// undefined pass-through that GCC 12 warns about once they are inlined (GCC bug 105593).
+constexpr __mmask8 full8 = 0xFF;
+constexpr __mmask16 full16 = 0xFFFF;
+
+/// Two blocks in a 512-bit register: block b in the low half, b + 1 in the high half (the even and
+/// odd lanes of the order above).
+inline __m512i weights(const q8_0_block* b) {
+    return _mm512_maskz_inserti64x4(full8, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[0].values))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[1].values)), 1);
+}
+inline __m512i weights(const q4_0_block* b) {
+    // 128-bit lanes [packed b, packed b, packed b + 1, packed b + 1] shifted right by [0, 4, 0, 4]: the
+    // low nibbles of each lane are the values in order.
+    const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].values)),
+                  second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].values));
+    const __m512i packed = _mm512_maskz_inserti32x4(full16, 
+        _mm512_maskz_inserti32x4(full16, _mm512_maskz_inserti32x4(full16, _mm512_castsi128_si512(first), first, 1), second, 2), second, 3);
+    const __m512i shifted = _mm512_maskz_srlv_epi64(full8, packed, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    return _mm512_sub_epi8(_mm512_and_si512(shifted, _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
+}
+
+/// The 16 integer lanes of two blocks' products by VNNI: (x + 128) w summed as unsigned times signed,
+/// less 128 w (x + 128 is in [1, 255]; the sums are exact in 32 bits).
+inline __m512i lanes(__m512i x_offset, __m512i w) {
+    const __m512i zero = _mm512_setzero_si512();
+    return _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, x_offset, w), _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), w));
+}
+
+/// [s_b x 8, s_{b+1} x 8] for fp16 bits s_b and s_{b+1}.
+inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
+    const __m256i bits = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<short>(even))),
+                                                 _mm_set1_epi16(static_cast<short>(odd)), 1);
+    return _mm512_maskz_cvtph_ps(full16, bits);
+}
+
+/// z_j = dot(x, w_j) for J rows of W (row stride ldw blocks), two blocks a step.
+template <int J, class Block>
+void tile(const q8_0_block* x, const Block* w, index ldw, index blocks, float* z) {
+    __m512 acc[J];
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+    index b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        const __m512i xv = _mm512_add_epi8(quant_vnni::weights(x + b), _mm512_set1_epi8(-128));
+        const __m512 dx = scales(x[b].scale, x[b + 1].scale);
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j) {
+            const Block* wb = w + j * ldw + b;
+            const __m512 s = _mm512_mul_ps(dx, scales(wb[0].scale, wb[1].scale));
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, lanes(xv, weights(wb))), s, acc[j]);
+        }
+    }
+    __m256 even[J];
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) even[j] = _mm512_maskz_extractf32x8_ps(full8, acc[j], 0);
+    if (b < blocks) quant_avx2::step<J>(x, w, ldw, b, even);  // the last, even block
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) z[j] = quant_avx2::lane_sum(_mm256_add_ps(even[j], _mm512_maskz_extractf32x8_ps(full8, acc[j], 1)));
+}
+
+template <class Block>
+void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
+            index blocks) {
+    constexpr index w_block = 16;
+    for (index j0 = 0; j0 < m; j0 += w_block) {
+        const index j1 = std::min(m, j0 + w_block);
+        for (index r = 0; r < n; ++r) {
+            index j = j0;
+            for (; j + 4 <= j1; j += 4) tile<4>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+            for (; j < j1; ++j) tile<1>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+        }
+    }
+}
+
+}  // namespace quant_vnni
+MOE_TARGET_END
+
+/// Whether the CPU has AVX-512 VNNI (the AVX-512 families' quantized products use it where it does).
+inline bool has_vnni() {
+    static const bool vnni = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512vnni") != 0;
+    }();
+    return vnni;
+}
+#endif
+
+}  // namespace detail
+
+/// z = x W^T for x quantized to q8_0 (n rows, `ldx` blocks apart) and quantized weights W (m rows,
+/// `ldw` blocks apart), rows of d values (a multiple of 32, else shape_error); z float (n x m, row
+/// stride ldz). Every output is the sum described above (`dot`), bit for bit on every family.
+template <quantized_block Block>
+void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m, index d) {
+    detail::check_quant_length(d, "linear (quantized)");
+    const index blocks = d / quant_block;
+#if defined(MOE_X86_DISPATCH)
+    if (active_isa() >= isa::avx512 && detail::has_vnni())
+        return detail::quant_vnni::linear(x, ldx, w, ldw, z, ldz, n, m, blocks);
+    if (active_isa() >= isa::avx2) return detail::quant_avx2::linear(x, ldx, w, ldw, z, ldz, n, m, blocks);
+#endif
+    for (index r = 0; r < n; ++r)
+        for (index j = 0; j < m; ++j) z[r * ldz + j] = detail::quant_dot_portable(x + r * ldx, w + j * ldw, blocks);
+}
+
+/// The quantized dot product of one row of x (q8_0) and one row of W, d values: what `linear` computes
+/// for each output.
+template <quantized_block Block>
+float dot(const q8_0_block* x, const Block* w, index d) {
+    float z;
+    linear(x, 0, w, 0, &z, 1, 1, 1, d);
+    return z;
+}
+
+}  // namespace kernels
+}  // namespace moe
