@@ -298,12 +298,11 @@ inline __m512i weights(const q4_0_block* b) {
     return _mm512_sub_epi8(_mm512_and_si512(shifted, _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
 }
 
-/// The 16 integer lanes of two blocks' products by VNNI: (x + 128) w summed as unsigned times signed,
-/// less 128 w (x + 128 is in [1, 255]; the sums are exact in 32 bits).
-inline __m512i lanes(__m512i x_offset, __m512i w) {
-    const __m512i zero = _mm512_setzero_si512();
-    return _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, x_offset, w), _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), w));
-}
+/// The offset rows of x for VNNI's unsigned operand: x + 128, in [1, 255].
+inline __m512i offset(__m512i x) { return _mm512_add_epi8(x, _mm512_set1_epi8(-128)); }
+
+/// 128 times the sum of each lane's 4 values of w: what the offset adds to the lanes of any row of x.
+inline __m512i correction(__m512i w) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w); }
 
 /// [s_b x 8, s_{b+1} x 8] for fp16 bits s_b and s_{b+1}.
 inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
@@ -312,41 +311,78 @@ inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
     return _mm512_maskz_cvtph_ps(full16, bits);
 }
 
-/// z_j = dot(x, w_j) for J rows of W (row stride ldw blocks), two blocks a step.
-template <int J, class Block>
-void tile(const q8_0_block* x, const Block* w, index ldw, index blocks, float* z) {
-    __m512 acc[J];
+/// z[r][j] = dot(x_r, w_j) for R rows of x (row stride ldx blocks) and J rows of W (ldw), two blocks a
+/// step: the lanes of (x + 128) w by `vpdpbusd`, less the row of W's correction, converted and scaled.
+/// Each row of x and of W is loaded (and its scales converted) once a step for the whole tile.
+template <int R, int J, class Block>
+void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+    __m512 acc[R][J];
     MOE_UNROLL
-    for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+    }
     index b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        const __m512i xv = _mm512_add_epi8(quant_vnni::weights(x + b), _mm512_set1_epi8(-128));
-        const __m512 dx = scales(x[b].scale, x[b + 1].scale);
+        __m512i xv[R];
+        __m512 dx[R];
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+            xv[r] = offset(weights(x + r * ldx + b));
+            dx[r] = scales(x[r * ldx + b].scale, x[r * ldx + b + 1].scale);
+        }
         MOE_UNROLL
         for (int j = 0; j < J; ++j) {
             const Block* wb = w + j * ldw + b;
-            const __m512 s = _mm512_mul_ps(dx, scales(wb[0].scale, wb[1].scale));
-            acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, lanes(xv, weights(wb))), s, acc[j]);
+            const __m512i wv = weights(wb), c = correction(wv);
+            const __m512 dw = scales(wb[0].scale, wb[1].scale);
+            MOE_UNROLL
+            for (int r = 0; r < R; ++r) {
+                const __m512i lanes = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv[r], wv), c);
+                acc[r][j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, lanes), _mm512_mul_ps(dx[r], dw), acc[r][j]);
+            }
         }
     }
-    __m256 even[J];
     MOE_UNROLL
-    for (int j = 0; j < J; ++j) even[j] = _mm512_maskz_extractf32x8_ps(full8, acc[j], 0);
-    if (b < blocks) quant_avx2::step<J>(x, w, ldw, b, even);  // the last, even block
-    MOE_UNROLL
-    for (int j = 0; j < J; ++j) z[j] = quant_avx2::lane_sum(_mm256_add_ps(even[j], _mm512_maskz_extractf32x8_ps(full8, acc[j], 1)));
+    for (int r = 0; r < R; ++r) {
+        __m256 even[J];
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j) even[j] = _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 0);
+        if (b < blocks) quant_avx2::step<J>(x + r * ldx, w, ldw, b, even);  // the last, even block
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j)
+            z[r * ldz + j] = quant_avx2::lane_sum(_mm256_add_ps(even[j], _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 1)));
+    }
 }
 
+/// `tile<R, J>` for J = 1 to 3 chosen at run time.
+template <int R, class Block>
+void tile_edge(index j, const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+    if (j == 1) return tile<R, 1>(x, ldx, w, ldw, blocks, z, ldz);
+    if (j == 2) return tile<R, 2>(x, ldx, w, ldw, blocks, z, ldz);
+    return tile<R, 3>(x, ldx, w, ldw, blocks, z, ldz);
+}
+
+/// Tiles of 4 rows of x by 3 rows of W (12 accumulators, the rows of x held for the step), over blocks
+/// of 12 rows of W that stay in L1/L2 while the rows of x pass; a single row of x (decoding) against 4
+/// rows of W at a time.
 template <class Block>
 void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
             index blocks) {
-    constexpr index w_block = 16;
+    constexpr index w_block = 12;
     for (index j0 = 0; j0 < m; j0 += w_block) {
         const index j1 = std::min(m, j0 + w_block);
-        for (index r = 0; r < n; ++r) {
+        index r = 0;
+        for (; r + 4 <= n; r += 4)
+            for (index j = j0; j < j1; j += 3)
+                tile_edge<4>(std::min<index>(3, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+        for (; r + 2 <= n; r += 2)
+            for (index j = j0; j < j1; j += 3)
+                tile_edge<2>(std::min<index>(3, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+        if (r < n) {
             index j = j0;
-            for (; j + 4 <= j1; j += 4) tile<4>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
-            for (; j < j1; ++j) tile<1>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+            for (; j + 4 <= j1; j += 4) tile<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+            for (; j < j1; ++j) tile<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
         }
     }
 }
