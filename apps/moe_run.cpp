@@ -362,8 +362,8 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
         x = read_hidden_states(in, d, shape, "hidden_states");
         if (a.backward) grad_output = read_like(in, "grad_output", shape, d);
     }
-    moe::index tokens = x.rows();
 #ifdef MOE_RUN_MPI
+    moe::index tokens = x.rows();
     if (j.comm) {  // rank 0 keeps the whole batch for the output
         share_shape(shape);
         tokens = shape.size() == 2 ? shape[0] : shape[0] * shape[1];

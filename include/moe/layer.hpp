@@ -79,6 +79,12 @@ constexpr bool shared_weight_type_agrees() {
         return true;
     }
 }
+
+// Whether a layer of Scalar with expert policy X can train: its weights are stored as Scalar. A name
+// outside the class, so that the constraints of the members defined out of line name no member of it
+// (clang 14 does not find one there).
+template <class Scalar, class X>
+inline constexpr bool trains = std::is_same_v<weight_type_t<X, Scalar>, Scalar>;
 }  // namespace detail
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert,
@@ -97,7 +103,7 @@ public:
     static_assert(detail::shared_weight_type_agrees<Shared, Scalar, weight_type>(),
                   "the shared expert's weights are stored as the routed experts' are: name bf16_weights on the routed expert policy");
     /// Whether the layer can train (its weights are its scalar type).
-    static constexpr bool trainable = std::is_same_v<weight_type, Scalar>;
+    static constexpr bool trainable = detail::trains<Scalar, Expert>;
 
 
     /// Allocates zero weights of the given shape. Throws `value_error` when a size or a router
@@ -180,7 +186,7 @@ public:
     /// gradients are allocated. Off by default, so inference keeps nothing; turning it off keeps the
     /// buffers already allocated (for the next training phase).
     void set_training(bool on)
-        requires trainable;
+        requires detail::trains<Scalar, Expert>;
     [[nodiscard]] bool training() const { return training_; }
 
     /// Every trainable tensor with its gradient, by name: "router.weight", "experts.<e>.in.weight"
@@ -189,17 +195,17 @@ public:
     /// gradient and is not listed; nor are the experts an expert-parallel rank does not hold. An
     /// optimiser steps `value` with `grad` in place.
     [[nodiscard]] std::vector<parameter<Scalar>> parameters()
-        requires trainable;
+        requires detail::trains<Scalar, Expert>;
 
     /// Gradients of the last `backward` call, shaped like the weights.
     [[nodiscard]] const matrix<Scalar>& grad_router_weight() const { return grad_router_weight_; }
     [[nodiscard]] const ffn_weights<Scalar>& grad_expert_weights(index e) const
-        requires trainable
+        requires detail::trains<Scalar, Expert>
     {
         return grad_experts_.at(static_cast<std::size_t>(e));
     }
     [[nodiscard]] const ffn_weights<Scalar>& grad_shared_weights() const
-        requires Shared::enabled && trainable
+        requires Shared::enabled && detail::trains<Scalar, Expert>
     {
         return grad_shared_weights_;
     }
@@ -263,7 +269,7 @@ public:
     /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
     /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
     void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-        requires differentiable_router<Router, Scalar> && trainable;
+        requires differentiable_router<Router, Scalar> && detail::trains<Scalar, Expert>;
 
     /// FLOPs of the last forward call's expert work (2 per multiply-add of the projections that ran).
     [[nodiscard]] double active_flops() const {

@@ -14,7 +14,7 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref<Scalar> x,
     const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-    requires differentiable_router<Router, Scalar> && trainable
+    requires differentiable_router<Router, Scalar> && detail::trains<Scalar, Expert>
 {
     const index t = x.rows(), d = shape_.d_model;
     if (!training_ || saved_tokens_ < 0)

@@ -42,7 +42,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::randomize(std::uint64_t s
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on)
-    requires trainable
+    requires detail::trains<Scalar, Expert>
 {
     training_ = on;
     saved_tokens_ = -1;
@@ -66,7 +66,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on)
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
           loss_term<Scalar>... Losses>
 std::vector<parameter<Scalar>> layer<Scalar, Router, Expert, Shared, Losses...>::parameters()
-    requires trainable
+    requires detail::trains<Scalar, Expert>
 {
     std::vector<parameter<Scalar>> out;
     const auto add = [&](std::string name, auto& value, auto* grad) {

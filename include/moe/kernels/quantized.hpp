@@ -206,18 +206,28 @@ namespace quant_avx2 {
 /// fp16 bits as float by F16C (every AVX2 CPU has it): Eigen's conversion is a dozen operations.
 inline float scale(std::uint16_t bits) { return _cvtsh_ss(bits); }
 
-/// Block b's 32 values of w as signed bytes.
+/// Block b's 32 values of w: q8_0's as signed bytes, q4_0's as their unsigned nibbles q (the value is
+/// q - 8).
 inline __m256i weights(const q8_0_block& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.values)); }
 inline __m256i weights(const q4_0_block& b) {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.values)), low = _mm_set1_epi8(15);
-    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
-    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
 }
 
-/// The 8 integer lanes of a block's products: |w| times x with w's sign (pair sums below 2^15).
-inline __m256i lanes(__m256i x, __m256i w) {
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+/// Lane sums of 4 products of unsigned a and signed b (pair sums of 16 bits: below 2^15 here).
+inline __m256i dot4(__m256i a, __m256i b) { return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)); }
+
+/// What a row of x's block adds to every lane of its products with q4_0 nibbles: -8 times its lanes' sums.
+inline __m256i nibble_offset(__m256i x) { return _mm256_sub_epi32(_mm256_setzero_si256(), dot4(_mm256_set1_epi8(8), x)); }
+
+/// The 8 integer lanes of a block's products: x against q8_0 values w (|w| times x with w's sign), or
+/// against q4_0 nibbles (q times x, plus the row's `nibble_offset`).
+template <class Block>
+MOE_ALWAYS_INLINE __m256i lanes(__m256i x, __m256i w, __m256i offset) {
+    if constexpr (std::is_same_v<Block, q4_0_block>)
+        return _mm256_add_epi32(dot4(w, x), offset);
+    else
+        return dot4(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
 }
 
 inline float lane_sum(__m256 v) {
@@ -230,12 +240,13 @@ inline float lane_sum(__m256 v) {
 template <int J, class Block>
 MOE_ALWAYS_INLINE void step(const q8_0_block* x, const Block* w, index ldw, index b, __m256* acc) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].values));
+    const __m256i offset = std::is_same_v<Block, q4_0_block> ? nibble_offset(xv) : _mm256_setzero_si256();
     const float dx = scale(x[b].scale);
     MOE_UNROLL
     for (int j = 0; j < J; ++j) {
         const Block& wb = w[j * ldw + b];
         const __m256 scales = _mm256_set1_ps(dx * scale(wb.scale));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes(xv, weights(wb))), scales, acc[j]);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes<Block>(xv, weights(wb), offset)), scales, acc[j]);
     }
 }
 
@@ -289,20 +300,35 @@ inline __m512i weights(const q8_0_block* b) {
 }
 inline __m512i weights(const q4_0_block* b) {
     // 128-bit lanes [packed b, packed b, packed b + 1, packed b + 1] shifted right by [0, 4, 0, 4]: the
-    // low nibbles of each lane are the values in order.
+    // low nibbles of each lane are the values' q in order (unsigned; the value is q - 8).
     const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].values)),
                   second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].values));
-    const __m512i packed = _mm512_maskz_inserti32x4(full16, 
-        _mm512_maskz_inserti32x4(full16, _mm512_maskz_inserti32x4(full16, _mm512_castsi128_si512(first), first, 1), second, 2), second, 3);
+    const __m512i packed = _mm512_maskz_inserti32x4(
+        full16, _mm512_maskz_inserti32x4(full16, _mm512_maskz_inserti32x4(full16, _mm512_castsi128_si512(first), first, 1), second, 2),
+        second, 3);
     const __m512i shifted = _mm512_maskz_srlv_epi64(full8, packed, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
-    return _mm512_sub_epi8(_mm512_and_si512(shifted, _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(15));
 }
 
-/// The offset rows of x for VNNI's unsigned operand: x + 128, in [1, 255].
-inline __m512i offset(__m512i x) { return _mm512_add_epi8(x, _mm512_set1_epi8(-128)); }
-
-/// 128 times the sum of each lane's 4 values of w: what the offset adds to the lanes of any row of x.
-inline __m512i correction(__m512i w) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w); }
+/// The integer lanes of two blocks' products by `vpdpbusd`, which multiplies unsigned by signed bytes.
+/// q8_0: the rows of x offset to x + 128 (in [1, 255]) against w, less 128 times the lane sums of w
+/// (w's `correction`, the same for every row of x). q4_0: the nibbles q against x, starting from -8
+/// times x's lane sums (x's `correction`, the same for every row of W).
+template <class Block>
+struct vnni_lanes {
+    static constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
+    /// A row of x's two blocks as this form's operand.
+    static __m512i row(__m512i x) { return nibbles ? x : _mm512_add_epi8(x, _mm512_set1_epi8(-128)); }
+    static __m512i correction(__m512i v) {
+        const __m512i zero = _mm512_setzero_si512();
+        return nibbles ? _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), v))
+                       : _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), v);
+    }
+    /// The lanes of row x (`row`, with its correction cx) against w (with its correction cw).
+    static __m512i lanes(__m512i x, __m512i cx, __m512i w, __m512i cw) {
+        return nibbles ? _mm512_dpbusd_epi32(cx, w, x) : _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x, w), cw);
+    }
+};
 
 /// [s_b x 8, s_{b+1} x 8] for fp16 bits s_b and s_{b+1}.
 inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
@@ -312,8 +338,8 @@ inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
 }
 
 /// z[r][j] = dot(x_r, w_j) for R rows of x (row stride ldx blocks) and J rows of W (ldw), two blocks a
-/// step: the lanes of (x + 128) w by `vpdpbusd`, less the row of W's correction, converted and scaled.
-/// Each row of x and of W is loaded (and its scales converted) once a step for the whole tile.
+/// step: the integer lanes (`vnni_lanes`), converted and scaled. Each row of x and of W is loaded (its
+/// scales converted, its correction formed) once a step for the whole tile.
 template <int R, int J, class Block>
 void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
     __m512 acc[R][J];
@@ -324,21 +350,23 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
     }
     index b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        __m512i xv[R];
+        using form = vnni_lanes<Block>;
+        __m512i xv[R], cx[R];
         __m512 dx[R];
         MOE_UNROLL
         for (int r = 0; r < R; ++r) {
-            xv[r] = offset(weights(x + r * ldx + b));
+            xv[r] = form::row(weights(x + r * ldx + b));
+            cx[r] = form::nibbles ? form::correction(xv[r]) : _mm512_setzero_si512();
             dx[r] = scales(x[r * ldx + b].scale, x[r * ldx + b + 1].scale);
         }
         MOE_UNROLL
         for (int j = 0; j < J; ++j) {
             const Block* wb = w + j * ldw + b;
-            const __m512i wv = weights(wb), c = correction(wv);
+            const __m512i wv = weights(wb), cw = form::nibbles ? _mm512_setzero_si512() : form::correction(wv);
             const __m512 dw = scales(wb[0].scale, wb[1].scale);
             MOE_UNROLL
             for (int r = 0; r < R; ++r) {
-                const __m512i lanes = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv[r], wv), c);
+                const __m512i lanes = form::lanes(xv[r], cx[r], wv, cw);
                 acc[r][j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, lanes), _mm512_mul_ps(dx[r], dw), acc[r][j]);
             }
         }
