@@ -221,14 +221,17 @@ inline __m256i dot4(__m256i a, __m256i b) { return _mm256_madd_epi16(_mm256_madd
 inline __m256i nibble_offset(__m256i x) { return _mm256_sub_epi32(_mm256_setzero_si256(), dot4(_mm256_set1_epi8(8), x)); }
 
 /// The 8 integer lanes of a block's products: x against q8_0 values w (|w| times x with w's sign), or
-/// against q4_0 nibbles (q times x, plus the row's `nibble_offset`).
+/// against q4_0 nibbles (q times x, plus x's `nibble_offset`). What depends on one row only (|w|, the
+/// offset) is formed once per row and block.
 template <class Block>
-MOE_ALWAYS_INLINE __m256i lanes(__m256i x, __m256i w, __m256i offset) {
-    if constexpr (std::is_same_v<Block, q4_0_block>)
-        return _mm256_add_epi32(dot4(w, x), offset);
-    else
-        return dot4(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-}
+struct lanes {
+    static constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
+    static __m256i of_w(__m256i w) { return nibbles ? w : _mm256_abs_epi8(w); }
+    static __m256i of_x(__m256i x) { return nibbles ? nibble_offset(x) : _mm256_setzero_si256(); }
+    static __m256i of(__m256i x, __m256i xo, __m256i w, __m256i wo) {
+        return nibbles ? _mm256_add_epi32(dot4(w, x), xo) : dot4(wo, _mm256_sign_epi8(x, w));
+    }
+};
 
 inline float lane_sum(__m256 v) {
     const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l0+l4, l1+l5, ...
@@ -236,47 +239,68 @@ inline float lane_sum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
 }
 
-/// acc_j += block b of x against block b of w_j, for J rows of W (row stride ldw blocks).
-template <int J, class Block>
-MOE_ALWAYS_INLINE void step(const q8_0_block* x, const Block* w, index ldw, index b, __m256* acc) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].values));
-    const __m256i offset = std::is_same_v<Block, q4_0_block> ? nibble_offset(xv) : _mm256_setzero_si256();
-    const float dx = scale(x[b].scale);
+/// acc[r J + j] += block b of x_r against block b of w_j, for R rows of x (row stride ldx blocks) and J
+/// rows of W (ldw).
+template <int R, int J, class Block>
+MOE_ALWAYS_INLINE void step(const q8_0_block* x, index ldx, const Block* w, index ldw, index b, __m256* acc) {
+    using form = lanes<Block>;
+    __m256i xv[R], xo[R];
+    float dx[R];
+    MOE_UNROLL
+    for (int r = 0; r < R; ++r) {
+        xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * ldx + b].values));
+        xo[r] = form::of_x(xv[r]);
+        dx[r] = scale(x[r * ldx + b].scale);
+    }
     MOE_UNROLL
     for (int j = 0; j < J; ++j) {
         const Block& wb = w[j * ldw + b];
-        const __m256 scales = _mm256_set1_ps(dx * scale(wb.scale));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes<Block>(xv, weights(wb), offset)), scales, acc[j]);
+        const __m256i wv = weights(wb), wo = form::of_w(wv);
+        const float dw = scale(wb.scale);
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r)
+            acc[r * J + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(form::of(xv[r], xo[r], wv, wo)), _mm256_set1_ps(dx[r] * dw),
+                                             acc[r * J + j]);
     }
 }
 
-/// z_j = dot(x, w_j) for J rows of W: x's blocks loaded once for J rows.
-template <int J, class Block>
-void tile(const q8_0_block* x, const Block* w, index ldw, index blocks, float* z) {
-    __m256 even[J], odd[J];
+/// z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W: each row's block loaded once for the tile.
+template <int R, int J, class Block>
+void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+    __m256 even[R * J], odd[R * J];
     MOE_UNROLL
-    for (int j = 0; j < J; ++j) even[j] = odd[j] = _mm256_setzero_ps();
+    for (int i = 0; i < R * J; ++i) even[i] = odd[i] = _mm256_setzero_ps();
     index b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        step<J>(x, w, ldw, b, even);
-        step<J>(x, w, ldw, b + 1, odd);
+        step<R, J>(x, ldx, w, ldw, b, even);
+        step<R, J>(x, ldx, w, ldw, b + 1, odd);
     }
-    if (b < blocks) step<J>(x, w, ldw, b, even);
+    if (b < blocks) step<R, J>(x, ldx, w, ldw, b, even);
     MOE_UNROLL
-    for (int j = 0; j < J; ++j) z[j] = lane_sum(_mm256_add_ps(even[j], odd[j]));
+    for (int r = 0; r < R; ++r) {
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j) z[r * ldz + j] = lane_sum(_mm256_add_ps(even[r * J + j], odd[r * J + j]));
+    }
 }
 
+/// Tiles of 2 rows of x by 2 of W (8 accumulators: even and odd blocks) over blocks of 16 rows of W that
+/// stay in L1/L2 while the rows of x pass; a single row of x (decoding) against 4 rows of W at a time.
 template <class Block>
 void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
             index blocks) {
-    // Blocks of 16 rows of W stay in L1/L2 while every row of x passes.
     constexpr index w_block = 16;
     for (index j0 = 0; j0 < m; j0 += w_block) {
         const index j1 = std::min(m, j0 + w_block);
-        for (index r = 0; r < n; ++r) {
+        index r = 0;
+        for (; r + 2 <= n; r += 2) {
             index j = j0;
-            for (; j + 4 <= j1; j += 4) tile<4>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
-            for (; j < j1; ++j) tile<1>(x + r * ldx, w + j * ldw, ldw, blocks, z + r * ldz + j);
+            for (; j + 2 <= j1; j += 2) tile<2, 2>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+            if (j < j1) tile<2, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+        }
+        if (r < n) {
+            index j = j0;
+            for (; j + 4 <= j1; j += 4) tile<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+            for (; j < j1; ++j) tile<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
         }
     }
 }
@@ -376,7 +400,7 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
         __m256 even[J];
         MOE_UNROLL
         for (int j = 0; j < J; ++j) even[j] = _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 0);
-        if (b < blocks) quant_avx2::step<J>(x + r * ldx, w, ldw, b, even);  // the last, even block
+        if (b < blocks) quant_avx2::step<1, J>(x + r * ldx, 0, w, ldw, b, even);  // the last, even block
         MOE_UNROLL
         for (int j = 0; j < J; ++j)
             z[r * ldz + j] = quant_avx2::lane_sum(_mm256_add_ps(even[j], _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 1)));
