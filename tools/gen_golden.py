@@ -1726,6 +1726,39 @@ def gen_expert_parallel_cases(root, registry):
 QBLOCK = 32
 
 
+def quant_inverse(d):
+    """1 / d in float32; 0 where d is 0 or its reciprocal overflows (ggml's reference then casts
+    +-inf or NaN to an integer, undefined in C; x86 gives 0)."""
+    import numpy as np
+    if d == 0:
+        return np.float32(0)
+    with np.errstate(over="ignore"):
+        inv = np.float32(np.float32(1) / d)
+    return inv if np.isfinite(inv) else np.float32(0)
+
+
+def q4_0_rounding_block():
+    """A q4_0 block (max 7, so 1 / d = -8/7 rounded) whose other values put v / d + 8.5 so near an
+    integer that rounding the product first (ggml) or not (a fused multiply-add) truncates
+    differently: found by a seeded search."""
+    import numpy as np
+    import random
+    rng = random.Random(5)
+    d = np.float32(np.float32(7) / np.float32(-8))
+    inv = np.float32(np.float32(1) / d)
+    found = []
+    while len(found) < QBLOCK - 1:
+        k = rng.randint(1, 15)
+        v = np.float32((k - 8.5) / float(inv) * (1 + rng.uniform(-3e-7, 3e-7)))
+        if abs(v) >= 7:
+            continue
+        fused = np.float32(float(Fraction(float(v)) * Fraction(float(inv)) + Fraction(17, 2)))
+        unfused = np.float32(np.float32(v * inv) + np.float32(8.5))
+        if int(fused) != int(unfused):
+            found.append(float(v))
+    return [7.0] + found
+
+
 def quantize_q8_0(row):
     """(fp16 scales, int8 values) of a float32 row, per block of 32."""
     import numpy as np
@@ -1737,7 +1770,7 @@ def quantize_q8_0(row):
         for v in block:
             amax = max(amax, np.float32(abs(v)))
         d = np.float32(amax / np.float32(127))
-        inv = np.float32(np.float32(1) / d) if d != 0 else np.float32(0)
+        inv = quant_inverse(d)
         for v in block:
             x0 = np.float32(v * inv)
             q = math.floor(abs(float(x0)) + 0.5)  # roundf: halves away from zero (exact in float64)
@@ -1758,7 +1791,7 @@ def quantize_q4_0(row):
             if amax < np.float32(abs(v)):  # strictly larger: the first of equal magnitudes stays
                 amax, vmax = np.float32(abs(v)), v
         d = np.float32(vmax / np.float32(-8))
-        inv = np.float32(np.float32(1) / d) if d != 0 else np.float32(0)
+        inv = quant_inverse(d)
         q = [min(15, math.trunc(float(np.float32(np.float32(v * inv) + np.float32(8.5))))) for v in block]
         packed += [q[j] | (q[j + QBLOCK // 2] << 4) for j in range(QBLOCK // 2)]
         scales.append(np.float16(d))
@@ -1804,8 +1837,10 @@ def quant_special_blocks():
         [3.0, -3.0] + [0.1 * v for v in ramp[2:]],              # q4_0: the first of equal magnitudes (+3)
         [-3.0, 3.0] + [0.1 * v for v in ramp[2:]],              # ... (-3)
         [1e5 * (j % 7 - 3) for j in range(QBLOCK)],              # large: q4_0 d = 37500, near the fp16 limit
-        [1e-6 * (j % 5 - 2) for j in range(QBLOCK)],             # tiny: fp16 scales are subnormal
+        [1e-6 * (j % 5 - 2) for j in range(QBLOCK)],             # tiny: q4_0's fp16 scale subnormal, q8_0's 0
         [5.0] * QBLOCK,                                          # constant
+        [1e-38 * (j % 3 - 1) for j in range(QBLOCK)],            # 1 / d overflows: all values 0
+        q4_0_rounding_block(),                                   # q4_0: the product rounded before + 8.5
     ]
 
 

@@ -102,6 +102,29 @@ inline std::uint16_t block_scale(float scale, const float* v, index block, const
     return bits;
 }
 
+/// 1 / d, or 0 where d is 0 or so small (below about 3e-39) that its reciprocal overflows: there ggml's
+/// reference multiplies by infinity and casts the result to an integer, which C leaves undefined (x86
+/// gives 0, and so do these quantizers: such a block's fp16 scale is 0 anyway).
+inline float quant_inverse(float d) {
+    const float inverse = d != 0 ? 1.0f / d : 0.0f;
+    return std::isfinite(inverse) ? inverse : 0.0f;
+}
+
+/// `value` as computed, hidden from the optimiser: a product passed through it is rounded to float
+/// before the sum it feeds, never fused with it into one multiply-add (which GCC does by default in
+/// GNU mode wherever the target has FMA, for float and for a sum in double converted back).
+inline float rounded(float value) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    __asm__("" : "+x"(value));
+#elif defined(__GNUC__) && defined(__aarch64__)
+    __asm__("" : "+w"(value));
+#else
+    volatile float kept = value;
+    value = kept;
+#endif
+    return value;
+}
+
 }  // namespace detail
 
 /// The n values of v (n a multiple of 32, else shape_error) as n / 32 q8_0 blocks, by ggml's reference
@@ -112,7 +135,7 @@ inline void quantize(const float* v, index n, q8_0_block* out) {
         const float* block = v + b * quant_block;
         float amax = 0;
         for (index i = 0; i < quant_block; ++i) amax = std::max(amax, std::fabs(block[i]));
-        const float d = amax / 127.0f, inverse = d != 0 ? 1.0f / d : 0.0f;
+        const float d = amax / 127.0f, inverse = detail::quant_inverse(d);
         out[b].scale = detail::block_scale(d, block, b, "quantize (q8_0)");
         for (index i = 0; i < quant_block; ++i)
             out[b].values[i] = static_cast<std::int8_t>(std::round(block[i] * inverse));
@@ -131,12 +154,11 @@ inline void quantize(const float* v, index n, q4_0_block* out) {
                 amax = std::fabs(block[i]);
                 max = block[i];
             }
-        const float d = max / -8.0f, inverse = d != 0 ? 1.0f / d : 0.0f;
+        const float d = max / -8.0f, inverse = detail::quant_inverse(d);
         out[b].scale = detail::block_scale(d, block, b, "quantize (q4_0)");
-        // v / d + 8.5 as float32 arithmetic, the product rounded first: the sum is exact in double and
-        // rounds to float as float32's sum would, and a double sum cannot be fused with the product.
+        // v / d + 8.5 in float32, the product rounded first as ggml's reference has it.
         const auto q = [&](index i) {
-            const float sum = static_cast<float>(static_cast<double>(block[i] * inverse) + 8.5);
+            const float sum = detail::rounded(block[i] * inverse) + 8.5f;
             return static_cast<std::uint8_t>(std::min(15, static_cast<int>(sum)));
         };
         for (index j = 0; j < quant_block / 2; ++j)
@@ -456,7 +478,8 @@ inline bool has_vnni() {
 
 /// z = x W^T for x quantized to q8_0 (n rows, `ldx` blocks apart) and quantized weights W (m rows,
 /// `ldw` blocks apart), rows of d values (a multiple of 32, else shape_error); z float (n x m, row
-/// stride ldz). Every output is the sum described above (`dot`), bit for bit on every family.
+/// stride ldz). Every output is the sum described above (`dot`), bit for bit on every family. x's
+/// values must lie in [-127, 127], as `quantize` makes them (AVX2 negates them); W's may be any.
 template <quantized_block Block>
 void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m, index d) {
     detail::check_quant_length(d, "linear (quantized)");
