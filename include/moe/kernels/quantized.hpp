@@ -305,27 +305,15 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
     }
 }
 
-/// Tiles of 2 rows of x by 2 of W (8 accumulators: even and odd blocks) over blocks of 16 rows of W that
-/// stay in L1/L2 while the rows of x pass; a single row of x (decoding) against 4 rows of W at a time.
-template <class Block>
-void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
-            index blocks) {
-    constexpr index w_block = 16;
-    for (index j0 = 0; j0 < m; j0 += w_block) {
-        const index j1 = std::min(m, j0 + w_block);
-        index r = 0;
-        for (; r + 2 <= n; r += 2) {
-            index j = j0;
-            for (; j + 2 <= j1; j += 2) tile<2, 2>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-            if (j < j1) tile<2, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-        }
-        if (r < n) {
-            index j = j0;
-            for (; j + 4 <= j1; j += 4) tile<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-            for (; j < j1; ++j) tile<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-        }
+/// Tiles of 2 rows of x by 2 of W (8 accumulators: even and odd blocks) over blocks of 16 rows of W.
+struct family {
+    static constexpr int rows = 2, columns = 2;
+    static constexpr index w_block = 16;
+    template <int R, int J, class Block>
+    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
     }
-}
+};
 
 }  // namespace quant_avx2
 MOE_TARGET_END
@@ -429,37 +417,16 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
     }
 }
 
-/// `tile<R, J>` for J = 1 to 3 chosen at run time.
-template <int R, class Block>
-void tile_edge(index j, const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-    if (j == 1) return tile<R, 1>(x, ldx, w, ldw, blocks, z, ldz);
-    if (j == 2) return tile<R, 2>(x, ldx, w, ldw, blocks, z, ldz);
-    return tile<R, 3>(x, ldx, w, ldw, blocks, z, ldz);
-}
-
-/// Tiles of 4 rows of x by 3 rows of W (12 accumulators, the rows of x held for the step), over blocks
-/// of 12 rows of W that stay in L1/L2 while the rows of x pass; a single row of x (decoding) against 4
-/// rows of W at a time.
-template <class Block>
-void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
-            index blocks) {
-    constexpr index w_block = 12;
-    for (index j0 = 0; j0 < m; j0 += w_block) {
-        const index j1 = std::min(m, j0 + w_block);
-        index r = 0;
-        for (; r + 4 <= n; r += 4)
-            for (index j = j0; j < j1; j += 3)
-                tile_edge<4>(std::min<index>(3, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-        for (; r + 2 <= n; r += 2)
-            for (index j = j0; j < j1; j += 3)
-                tile_edge<2>(std::min<index>(3, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-        if (r < n) {
-            index j = j0;
-            for (; j + 4 <= j1; j += 4) tile<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-            for (; j < j1; ++j) tile<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-        }
+/// Tiles of 4 rows of x by 3 of W (12 accumulators, the rows of x held for the step) over blocks of 12
+/// rows of W.
+struct family {
+    static constexpr int rows = 4, columns = 3;
+    static constexpr index w_block = 12;
+    template <int R, int J, class Block>
+    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
     }
-}
+};
 
 }  // namespace quant_vnni
 MOE_TARGET_END
@@ -474,6 +441,39 @@ inline bool has_vnni() {
 }
 #endif
 
+/// `Family::run<R, J>` for J = `columns` rows of W or fewer (the edge of a block of W).
+template <class Family, int R, int J = Family::columns, class Block>
+void quant_edge(index j, const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+    if constexpr (J > 1)
+        if (j < J) return quant_edge<Family, R, J - 1>(j, x, ldx, w, ldw, blocks, z, ldz);
+    Family::template run<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+}
+
+/// z = x W^T by a family's tiles: blocks of `w_block` rows of W that stay in L1/L2 while the rows of x
+/// pass, `rows` x `columns` tiles (then 2 x `columns` for the rows left), a single row of x (decoding)
+/// against 4 rows of W at a time.
+template <class Family, class Block>
+void quant_linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
+                  index blocks) {
+    for (index j0 = 0; j0 < m; j0 += Family::w_block) {
+        const index j1 = std::min(m, j0 + Family::w_block);
+        index r = 0;
+        const auto rows_of = [&]<int R>() {
+            for (; r + R <= n; r += R)
+                for (index j = j0; j < j1; j += Family::columns)
+                    quant_edge<Family, R>(std::min<index>(Family::columns, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw,
+                                          blocks, z + r * ldz + j, ldz);
+        };
+        rows_of.template operator()<Family::rows>();
+        if constexpr (Family::rows > 2) rows_of.template operator()<2>();
+        if (r < n) {
+            index j = j0;
+            for (; j + 4 <= j1; j += 4) Family::template run<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+            for (; j < j1; ++j) Family::template run<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+        }
+    }
+}
+
 }  // namespace detail
 
 /// z = x W^T for x quantized to q8_0 (n rows, `ldx` blocks apart) and quantized weights W (m rows,
@@ -486,8 +486,8 @@ void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z,
     const index blocks = d / quant_block;
 #if defined(MOE_X86_DISPATCH)
     if (active_isa() >= isa::avx512 && detail::has_vnni())
-        return detail::quant_vnni::linear(x, ldx, w, ldw, z, ldz, n, m, blocks);
-    if (active_isa() >= isa::avx2) return detail::quant_avx2::linear(x, ldx, w, ldw, z, ldz, n, m, blocks);
+        return detail::quant_linear<detail::quant_vnni::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
+    if (active_isa() >= isa::avx2) return detail::quant_linear<detail::quant_avx2::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
 #endif
     for (index r = 0; r < n; ++r)
         for (index j = 0; j < m; ++j) z[r * ldz + j] = detail::quant_dot_portable(x + r * ldx, w + j * ldw, blocks);
