@@ -98,9 +98,13 @@ std::vector<Block> quantized(const aligned& m) {
 void linear(benchmark::State& state, engine how, storage weights, index n, index m, index d) {
     const on_family scope(how.family);
     const aligned x = matrix<float>::Random(n, d), w = matrix<float>::Random(m, d);
-    const moe::aligned_matrix<moe::bf16> x16 = x.cast<moe::bf16>(), w16 = w.cast<moe::bf16>();
-    const auto x8 = quantized<moe::q8_0_block>(x), w8 = quantized<moe::q8_0_block>(w);
-    const auto w4 = quantized<moe::q4_0_block>(w);
+    // Only the operands of this storage (the Mixtral-8x7B-size case holds 58 M weights).
+    const bool is_bf16 = weights == storage::bf16, quantized_x = weights == storage::q8_0 || weights == storage::q4_0;
+    const moe::aligned_matrix<moe::bf16> x16 = is_bf16 ? x.cast<moe::bf16>() : moe::aligned_matrix<moe::bf16>(),
+                                         w16 = is_bf16 ? w.cast<moe::bf16>() : moe::aligned_matrix<moe::bf16>();
+    const auto x8 = quantized_x ? quantized<moe::q8_0_block>(x) : std::vector<moe::q8_0_block>();
+    const auto w8 = weights == storage::q8_0 ? quantized<moe::q8_0_block>(w) : std::vector<moe::q8_0_block>();
+    const auto w4 = weights == storage::q4_0 ? quantized<moe::q4_0_block>(w) : std::vector<moe::q4_0_block>();
     const index blocks = d / moe::quant_block;
     aligned z(n, m);
     for (auto _ : state) {

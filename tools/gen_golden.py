@@ -119,12 +119,14 @@ import argparse
 import json
 import math
 import os
+import random
 import struct
 import zlib
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 MARGIN = 1e-4  # smallest accepted non-zero gap between scores at a discrete decision
@@ -1729,7 +1731,6 @@ QBLOCK = 32
 def quant_inverse(d):
     """1 / d in float32; 0 where d is 0 or its reciprocal overflows (ggml's reference then casts
     +-inf or NaN to an integer, undefined in C; x86 gives 0)."""
-    import numpy as np
     if d == 0:
         return np.float32(0)
     with np.errstate(over="ignore"):
@@ -1741,8 +1742,6 @@ def q4_0_rounding_block():
     """A q4_0 block (max 7, so 1 / d = -8/7 rounded) whose other values put v / d + 8.5 so near an
     integer that rounding the product first (ggml) or not (a fused multiply-add) truncates
     differently: found by a seeded search."""
-    import numpy as np
-    import random
     rng = random.Random(5)
     d = np.float32(np.float32(7) / np.float32(-8))
     inv = np.float32(np.float32(1) / d)
@@ -1761,7 +1760,6 @@ def q4_0_rounding_block():
 
 def quantize_q8_0(row):
     """(fp16 scales, int8 values) of a float32 row, per block of 32."""
-    import numpy as np
     row = np.asarray(row, dtype=np.float32)
     scales, values = [], []
     for b in range(0, len(row), QBLOCK):
@@ -1781,7 +1779,6 @@ def quantize_q8_0(row):
 
 def quantize_q4_0(row):
     """(fp16 scales, packed bytes) of a float32 row, per block of 32."""
-    import numpy as np
     row = np.asarray(row, dtype=np.float32)
     scales, packed = [], []
     for b in range(0, len(row), QBLOCK):
