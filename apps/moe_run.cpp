@@ -22,7 +22,7 @@ namespace {
 
 constexpr const char* usage =
     "usage: moe-run --model DIR --layer L --input IN.safetensors --output OUT.safetensors\n"
-    "               [--threads N] [--repeat N] [--weights f32|bf16] [--stats] [router overrides]\n"
+    "               [--threads N] [--repeat N] [--weights f32|bf16|q8_0|q4_0] [--stats] [router overrides]\n"
     "               [--backward ...]\n"
     "\n"
     "Runs MoE layer L of the HuggingFace checkpoint in DIR (config.json plus model.safetensors or\n"
@@ -30,9 +30,12 @@ constexpr const char* usage =
     "`hidden_states` (same shape) and `router_logits` ([T, E]) to OUT.\n"
     "  --threads N  worker threads (default 1); the output does not depend on it\n"
     "  --repeat N   run the forward N more times and print forward_ms_median=<ms>\n"
-    "  --weights T  how the expert weights are held: f32 (default) or bf16 (BF16 tensors as stored,\n"
-    "               others rounded; each projection's input rounded to bf16, sums in float32, on\n"
-    "               AVX-512 BF16 where the CPU has it: printed as bf16_kernel=<name> with --repeat)\n"
+    "  --weights T  how the expert weights are held: f32 (default); bf16 (BF16 tensors as stored,\n"
+    "               others rounded; each projection's input rounded to bf16, sums in float32); q8_0 or\n"
+    "               q4_0 (ggml's block formats, quantized at load; each projection's input quantized\n"
+    "               to q8_0, integer sums per block). bf16, q8_0 and q4_0 are for inference. With\n"
+    "               --repeat the kernel family (kernels=<name>) and the expert weights' size\n"
+    "               (expert_weights_mb=<MB>) are printed\n"
     "  --stats      print the routing statistics as JSON\n"
     "Router overrides (k, normalisation and scaling follow the checkpoint's config):\n"
     "  --router softmax_topk|expert_choice|sinkhorn|null_experts|top_p\n"
@@ -65,7 +68,8 @@ struct argument_error : std::runtime_error {
 struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
-    bool stats = false, backward = false, expert_parallel = false, bf16_weights = false;
+    bool stats = false, backward = false, expert_parallel = false;
+    std::string weights = "f32";
     std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.
     std::string router, drop_policy, sinkhorn_gates;
@@ -132,7 +136,7 @@ arguments parse_arguments(int argc, char** argv) {
         else if (flag == "--output") a.output = value;
         else if (flag == "--threads") a.threads = parse_integer(flag, value, 1, moe::max_threads);
         else if (flag == "--repeat") a.repeat = parse_integer(flag, value, 0);
-        else if (flag == "--weights") a.bf16_weights = parse_choice(flag, value, {"f32", "bf16"}) == "bf16";
+        else if (flag == "--weights") a.weights = parse_choice(flag, value, {"f32", "bf16", "q8_0", "q4_0"});
         else if (flag == "--router")
             a.router = parse_choice(flag, value, {"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"});
         else if (flag == "--capacity-factor") {
@@ -171,7 +175,8 @@ arguments parse_arguments(int argc, char** argv) {
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
     only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
-    if (a.backward && a.bf16_weights) throw argument_error("--backward needs --weights f32 (bf16 weights are for inference)");
+    if (a.backward && a.weights != "f32")
+        throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");
 #ifndef MOE_RUN_MPI
     if (a.expert_parallel) throw argument_error("--expert-parallel needs a moe-run built with MPI (CMake found no MPI)");
 #endif
@@ -377,6 +382,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
         const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
         if (j.root()) std::printf("forward_ms_median=%.4f\n", forward);
         if (j.root()) std::printf("kernels=%s\n", std::string(moe::kernels::isa_name(moe::kernels::active_isa())).c_str());
+        if (j.root()) std::printf("expert_weights_mb=%.3f\n", static_cast<double>(layer.expert_weight_bytes()) * 1e-6);
         if constexpr (Layer::trainable) {
             if (a.backward) {
                 // Each backward consumes its forward: time the pair and the forward alone, report the difference.
@@ -450,7 +456,7 @@ void run(const arguments& a, const job& j) {
     using zl = moe::losses::z_loss;
     const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
     const moe::parallel::placement where{.comm = j.comm};
-    const auto run_with = [&]<class Expert>() {  // Expert: SwiGLU, its weights as float or as bf16
+    const auto run_with = [&]<class Expert>() {  // Expert: SwiGLU, its weights as --weights says
         if (c.shared_size == 0) {
             moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
             run(a, ckpt, layer, j);
@@ -462,10 +468,15 @@ void run(const arguments& a, const job& j) {
             run(a, ckpt, layer, j);
         }
     };
-    if (a.bf16_weights)
-        run_with.template operator()<moe::experts::bf16_weights<moe::experts::swiglu>>();
+    namespace ex = moe::experts;
+    if (a.weights == "bf16")
+        run_with.template operator()<ex::bf16_weights<ex::swiglu>>();
+    else if (a.weights == "q8_0")
+        run_with.template operator()<ex::q8_0_weights<ex::swiglu>>();
+    else if (a.weights == "q4_0")
+        run_with.template operator()<ex::q4_0_weights<ex::swiglu>>();
     else
-        run_with.template operator()<moe::experts::swiglu>();
+        run_with.template operator()<ex::swiglu>();
 }
 
 }  // namespace

@@ -2,8 +2,9 @@
 // FLOPs. Counters: GFLOP/s on active FLOPs (the expert projections that ran; backward counts twice the
 // forward's, its gradients for the inputs and for the weights); for the forward also the rate at which
 // the active experts' weights stream ("weights GB/s", the measure for decoding), next to the memory
-// read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*` is the same layer with
-// its expert weights kept as bf16 (`experts::bf16_weights`), to set against `layer_forward/*`.
+// read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*`, `layer_forward_q8_0/*`
+// and `layer_forward_q4_0/*` are the same layer with its expert weights held as bf16, q8_0 or q4_0
+// (experts/storage.hpp), to set against `layer_forward/*`.
 // `task_list_efficiency/*` prints what the task lists would do on 1 to 64 cores (see run_efficiency).
 #include <moe/detail/expert_schedule.hpp>
 #include <moe/detail/thread_pool.hpp>
@@ -46,10 +47,12 @@ void fill(Layer& layer, const shape& s) {
         layer.randomize(1);
     } else {
         layer.router_weight() = moe::matrix<float>::Random(s.experts, s.d);
-        for (moe::index e = 0; e < s.experts; ++e) {
-            layer.expert_weights(e).in.setConstant(typename Layer::weight_type(0.01f));
-            layer.expert_weights(e).out.setConstant(typename Layer::weight_type(0.01f));
-        }
+        using storage = typename Layer::storage_type;
+        for (moe::index e = 0; e < s.experts; ++e)
+            for (auto* m : {&layer.expert_weights(e).in, &layer.expert_weights(e).out}) {
+                const std::vector<float> row(static_cast<std::size_t>(m->cols()), 0.01f);
+                for (moe::index r = 0; r < m->rows(); ++r) storage::assign(*m, r, row.data(), 1);
+            }
     }
     if (s.hot) layer.router_weight().setZero();
 }
@@ -73,7 +76,9 @@ void run_layer(benchmark::State& state, Layer& layer, const shape& s) {
     double active = 0;
     for (moe::index e = 0; e < r.experts; ++e)
         active += r.expert_offsets[static_cast<std::size_t>(e) + 1] > r.expert_offsets[static_cast<std::size_t>(e)];
-    const double weight_bytes = active * 3.0 * static_cast<double>(s.d * s.ff) * sizeof(typename Layer::weight_type);
+    using storage = typename Layer::storage_type;
+    const auto& w = layer.expert_weights(0);
+    const double weight_bytes = active * static_cast<double>(storage::bytes(w.in) + storage::bytes(w.out));
     state.counters["weights GB/s"] = benchmark::Counter(weight_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -117,8 +122,10 @@ void layer_forward(benchmark::State& state, shape s) {
     with_layer(state, s, [](auto& st, auto& layer, const shape& sh) { run_layer(st, layer, sh); });
 }
 
-void layer_forward_bf16(benchmark::State& state, shape s) {
-    with_layer<moe::experts::bf16_weights<moe::experts::swiglu>>(
+// The layer with its expert weights in storage S.
+template <class S>
+void layer_forward_stored(benchmark::State& state, shape s) {
+    with_layer<moe::experts::stored_as<moe::experts::swiglu, S>>(
         state, s, [](auto& st, auto& layer, const shape& sh) { run_layer(st, layer, sh); });
 }
 
@@ -327,8 +334,14 @@ const bool registered = [] {
     for (const shape& s : shapes) {
         benchmark::RegisterBenchmark((std::string("layer_forward/") + s.name).c_str(), layer_forward, s)
             ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
-        benchmark::RegisterBenchmark((std::string("layer_forward_bf16/") + s.name).c_str(), layer_forward_bf16, s)
-            ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
+        const auto stored = [&]<class S>() {
+            benchmark::RegisterBenchmark(("layer_forward_" + std::string(S::name) + "/" + s.name).c_str(),
+                                         layer_forward_stored<S>, s)
+                ->Apply(with_threads)->Unit(benchmark::kMillisecond)->UseRealTime();
+        };
+        stored.template operator()<moe::storages::bfloat16>();
+        stored.template operator()<moe::storages::q8_0>();
+        stored.template operator()<moe::storages::q4_0>();
         if (s.d * s.ff < 16 * 1024 * 1024)  // the dense FFN of the largest shapes would only time a GEMV
             benchmark::RegisterBenchmark((std::string("dense_ffn/") + s.name).c_str(), dense_ffn, s)
                 ->Unit(benchmark::kMillisecond)->UseRealTime();

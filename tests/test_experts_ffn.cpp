@@ -11,7 +11,7 @@
 namespace {
 // Runs ffn_forward on one row through the Map interface the layer uses.
 template <class X>
-moe::matrix<double> run(const X& expert, const moe::ffn_weights<double>& w, const moe::matrix<double>& x) {
+moe::matrix<double> run(const X& expert, const moe::ffn_weights<moe::storages::scalar<double>>& w, const moe::matrix<double>& x) {
     const moe::index ff = w.out.cols();
     moe::matrix<double> h(x.rows(), w.in.rows()), a(x.rows(), ff), out(x.rows(), w.out.rows());
     Eigen::Map<const moe::matrix<double>> xm(x.data(), x.rows(), x.cols());
@@ -23,7 +23,7 @@ moe::matrix<double> run(const X& expert, const moe::ffn_weights<double>& w, cons
 }  // namespace
 
 TEST_CASE("gated experts compute W_down (act(W_gate x) * W_up x) with fused gate/up rows", "[experts]") {
-    moe::ffn_weights<double> w;
+    moe::ffn_weights<moe::storages::scalar<double>> w;
     w.in = moe::matrix<double>::Random(2 * 3, 2);  // gate rows 0..2, up rows 3..5
     w.out = moe::matrix<double>::Random(2, 3);
     const moe::matrix<double> x = moe::matrix<double>::Random(4, 2);
@@ -41,7 +41,7 @@ TEST_CASE("gated experts compute W_down (act(W_gate x) * W_up x) with fused gate
 }
 
 TEST_CASE("MLP experts apply their activation", "[experts]") {
-    moe::ffn_weights<double> w;
+    moe::ffn_weights<moe::storages::scalar<double>> w;
     w.in = moe::matrix<double>::Identity(3, 3);
     w.out = moe::matrix<double>::Identity(3, 3);
     moe::matrix<double> x(1, 3);
@@ -63,7 +63,7 @@ template <class X, class Act>
 void check_bf16_expert(const X& expert, Act act) {
     const moe::experts::bf16_weights<X> bf16_expert{expert};
     const moe::index d = 70, ff = 45, n = 5, in = moe::ffn_in_rows<X>(ff);  // partial steps of 32 in both projections
-    moe::ffn_weights<moe::bf16> w;
+    moe::ffn_weights<moe::storages::bfloat16> w;
     w.in = moe::matrix<float>::Random(in, d).cast<moe::bf16>();
     w.out = moe::matrix<float>::Random(d, ff).cast<moe::bf16>();
     const moe::matrix<float> x = moe::matrix<float>::Random(n, d);
@@ -94,8 +94,8 @@ void check_bf16_expert(const X& expert, Act act) {
 
 TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the exact products", "[experts][bf16]") {
     using X = moe::experts::bf16_weights<moe::experts::swiglu>;
-    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<X, float>, moe::bf16>);
-    STATIC_REQUIRE(std::is_same_v<moe::weight_type_t<moe::experts::swiglu, float>, float>);
+    STATIC_REQUIRE(std::is_same_v<moe::storage_t<X, float>, moe::storages::bfloat16>);
+    STATIC_REQUIRE(std::is_same_v<moe::storage_t<moe::experts::swiglu, float>, moe::storages::scalar<float>>);
     STATIC_REQUIRE(X::gated);
     SECTION("SwiGLU") { check_bf16_expert(moe::experts::swiglu{}, [](double v) { return v / (1 + std::exp(-v)); }); }
     SECTION("GeGLU") {

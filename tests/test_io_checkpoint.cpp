@@ -2,6 +2,8 @@
 
 #include <moe/io/checkpoint.hpp>
 
+#include <cstring>
+
 #include <unistd.h>
 
 namespace {
@@ -256,4 +258,74 @@ TEST_CASE("load_layer and checkpoint_parameters of an expert-parallel rank cover
         for (const auto& n : {names.expert_gate(e), names.expert_up(e), names.expert_down(e)}) expected.push_back(n);
     for (const auto& n : {names.shared_gate_proj(), names.shared_up_proj(), names.shared_down_proj()}) expected.push_back(n);
     CHECK(listed == expected);
+}
+
+namespace {
+// A layer with quantized experts (storage S) loaded from checkpoint case `name` holds ggml's blocks of
+// the stored values (quantized here from the float layer `reference`, loaded from the same tensors)
+// and matches the PyTorch reference with quantized weights and inputs (hidden_states_<S>_weights).
+template <class S, class Quantized, class Float>
+void check_quantized_case(const std::string& name, Quantized& layer, Float& reference) {
+    INFO("checkpoint case " << name << ", " << S::name << " weights");
+    const moe::io::checkpoint ckpt(ckpt_dir / name);
+    moe::io::load_layer(ckpt, 1, layer);
+    moe::io::load_layer(ckpt, 1, reference);
+    const auto same_blocks = [](const auto& q, const moe::aligned_matrix<float>& f) {
+        typename S::matrix want(f.rows(), f.cols());
+        S::assign(want, 0, f.data(), f.rows());
+        return q.bytes() == want.bytes() && std::memcmp(q.data(), want.data(), q.bytes()) == 0;
+    };
+    for (moe::index e = 0; e < ckpt.config().n_experts; ++e) {
+        CHECK(same_blocks(layer.expert_weights(e).in, reference.expert_weights(e).in));
+        CHECK(same_blocks(layer.expert_weights(e).out, reference.expert_weights(e).out));
+    }
+    if constexpr (Quantized::shared_type::enabled) {
+        CHECK(same_blocks(layer.shared_weights().in, reference.shared_weights().in));
+        CHECK(same_blocks(layer.shared_weights().out, reference.shared_weights().out));
+    }
+    const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
+    const moe::matrix<float> y = run_case(ckpt, layer, name);
+    const auto want = golden::read_matrix(expected, "hidden_states_" + std::string(S::name) + "_weights");
+    const auto as_float = golden::read_matrix(expected, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> got(y.data(), want.rows(), want.cols());
+    // Float32 sums against exact ones; the generator keeps every activation's quantization clear of a
+    // tie (QUANT_VALUE_MARGIN, QUANT_SCALE_MARGIN), so no value is quantized differently.
+    CHECK(golden::relative_error(got, want) <= 1e-4);
+    CHECK(golden::relative_error(as_float, want) > 1e-3);  // what quantizing moves: far more
+    CHECK(golden::relative_error(layer.logits(), golden::read_matrix(expected, "router_logits")) <= 2e-5);
+}
+
+template <class S>
+void check_quantized_families() {
+    using X = moe::experts::stored_as<moe::experts::swiglu, S>;
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "mixtral_quant").config();
+        moe::layer<float, moe::routers::softmax_topk, X> layer(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        moe::mixtral_layer<float> reference(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_quantized_case<S>("mixtral_quant", layer, reference);
+    }
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "deepseek_v3_quant").config();
+        const moe::routers::sigmoid_topk router{.k = c.top_k, .normalize = c.normalize, .scale = c.scale, .n_group = c.n_group,
+                                                .topk_group = c.topk_group};
+        moe::layer<float, moe::routers::sigmoid_topk, X, moe::shared_experts::ungated<>> layer(moe::io::shape_of(c), router);
+        moe::deepseek_v3_layer<float> reference(moe::io::shape_of(c), router);
+        check_quantized_case<S>("deepseek_v3_quant", layer, reference);
+    }
+}
+}  // namespace
+
+TEST_CASE("load_layer quantizes expert weights to q8_0 / q4_0; the layer matches PyTorch's quantized arithmetic",
+          "[io][checkpoint][quantized]") {
+    SECTION("q8_0") { check_quantized_families<moe::storages::q8_0>(); }
+    SECTION("q4_0") { check_quantized_families<moe::storages::q4_0>(); }
+}
+
+TEST_CASE("a quantized layer needs rows of a multiple of 32 values; a checkpoint of other sizes is a clear error",
+          "[io][checkpoint][quantized][errors]") {
+    const moe::io::checkpoint ckpt(ckpt_dir / "mixtral_f32");  // d 32, ff 24
+    const auto& c = ckpt.config();
+    using layer_type = moe::layer<float, moe::routers::softmax_topk, moe::experts::q8_0_weights<moe::experts::swiglu>>;
+    CHECK_THROWS_WITH(layer_type(moe::io::shape_of(c), {.k = c.top_k}),
+                      Catch::Contains("d_ff = 24 is not a multiple of 32") && Catch::Contains("q8_0"));
 }

@@ -239,7 +239,7 @@ TEST_CASE("layer backward refuses what it cannot differentiate, with typed error
 TEST_CASE("a layer with bf16 weights is the float layer of the rounded weights, up to bf16 inputs", "[layer][bf16]") {
     using bf16_layer = moe::layer<float, moe::routers::sigmoid_topk, moe::experts::bf16_weights<moe::experts::swiglu>,
                                   moe::shared_experts::ungated<>>;
-    STATIC_REQUIRE(std::is_same_v<bf16_layer::weight_type, moe::bf16>);
+    STATIC_REQUIRE(std::is_same_v<bf16_layer::storage_type, moe::storages::bfloat16>);
     STATIC_REQUIRE_FALSE(bf16_layer::trainable);
     STATIC_REQUIRE(moe::deepseek_v3_layer<float>::trainable);
     const moe::layer_shape shape{.d_model = 48, .d_ff = 40, .n_experts = 16, .d_shared = 64};

@@ -45,6 +45,10 @@ What is implemented (the spec the C++ library is tested against):
   MLP W_down act(W_up x) with act in relu / gelu (erf) / silu. With bf16 weights kept as
   bf16 (the library's ``experts::bf16_weights``) the input of each projection, x and the
   activation, is rounded to bfloat16 (torch's float32 -> bfloat16, ties to even) first.
+  With q8_0 / q4_0 weights (``experts::q8_0_weights`` / ``q4_0_weights``) the weights are
+  ggml's blocks quantized from the stored float values, and the input of each projection is
+  quantized to q8_0 rows first; the products of the dequantized values are then exact in
+  float64, so the projection is the sum over blocks of d_x d_w (integer sum).
 * Layer: y_t = sum over kept slots (t, e) of w_te * Expert_e(x_t) + shared(x_t),
   where shared is ungated, or gated by sigmoid(x . w_g) (Qwen2-MoE).
 * Losses, for every router (alpha = beta = 1): L1 = E * sum_e (routed_e / slots) * P_e,
@@ -73,7 +77,8 @@ Outputs:
   model.safetensors or an index + 2 shards) for the mixtral / qwen2_moe / qwen3_moe /
   olmoe / deepseek_v3 families, plus input.safetensors (hidden_states, grad_output),
   expected.safetensors (for BF16 checkpoints also hidden_states_bf16_weights: the output
-  with bf16-rounded projection inputs), args.json ({"layer": 1, "backward_flags": [...]}) and
+  with bf16-rounded projection inputs; for the QUANT_CASES hidden_states_q8_0_weights and
+  hidden_states_q4_0_weights), args.json ({"layer": 1, "backward_flags": [...]}) and
   expected_backward.safetensors: hidden_states, router_logits, grad_hidden_states and
   grad.<checkpoint name> of every trainable layer-1 tensor for the loss
   L_y + A L1 + B L2 (A, B = BACKWARD_COEFS, the run's --load-balance-coef and
@@ -554,7 +559,8 @@ class MoeSpec:
     gates: str = "softmax"           # R6: "softmax" | "plan"
     inference_topk: bool = False     # R6: route with R1 (normalize) instead
     groups: int = 1                  # expert parallelism: see grouped()
-    bf16_inputs: bool = False        # experts round each projection's input to bf16 (bf16 weights)
+    inputs: str = ""                 # each projection's input as "BF16" (bf16 weights) or "Q8_0"
+                                     # (quantized weights; see quantized_spec), else as is
 
     @property
     def E(self):
@@ -624,12 +630,20 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
                                spec.groups, ids, weights)
 
     y = torch.zeros_like(x)
-    r = (lambda t: round_to(t, "BF16")) if spec.bf16_inputs else keep
+    r = keep
+    if spec.inputs == "BF16":
+        r = lambda t: round_to(t, "BF16")
+    elif spec.inputs == "Q8_0":
+        r = QuantizedInputs(x, dec)
     for e, params in enumerate(spec.experts):
+        if spec.inputs == "Q8_0":
+            r.rows = (ids == e).any(dim=1).tolist()  # the tokens whose activations the layer quantizes
         out = apply_expert(spec.expert, spec.activation, params, x, r)   # [T, d]
         w_e = (weights * (ids == e)).sum(dim=1, keepdim=True)          # [T, 1]
         y = y + w_e * out
     if spec.shared is not None:
+        if spec.inputs == "Q8_0":
+            r.rows = [True] * x.shape[0]
         sh = apply_expert(spec.expert, spec.activation, spec.shared, x, r)
         if spec.shared_gate is not None:
             sh = torch.sigmoid(x @ spec.shared_gate.T) * sh
@@ -1033,7 +1047,14 @@ CKPT_CASES = [
     ("deepseek_v3_sharded_f32", build_deepseek_v3,
      dict(d=D, dense_ff=32, ff=16, E=8, k=2, n_shared=1, n_group=4, topk_group=2),
      (1, D), True),
+    # Quantized experts need rows of a multiple of 32 values (see QUANT_CASES).
+    ("mixtral_quant", build_mixtral, dict(d=64, ff=32, E=4, k=2), (6, 64), False),
+    ("deepseek_v3_quant", build_deepseek_v3,
+     dict(d=64, dense_ff=64, ff=32, E=8, k=2, n_shared=1, n_group=4, topk_group=2, dtype="BF16"),
+     (6, 64), False),
 ]
+# Cases whose expected.safetensors also holds the outputs of the layer with q8_0 and q4_0 experts.
+QUANT_CASES = ("mixtral_quant", "deepseek_v3_quant")
 
 
 def ckpt_input(g, name, shape):
@@ -1122,7 +1143,10 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
     def build(g, dec):
         config, tensors, spec = builder(g, **kwargs)
         x = ckpt_input(g, name, shape)
-        return config, tensors, spec, x, moe_forward(x, spec, dec)
+        out = moe_forward(x, spec, dec)
+        if name in QUANT_CASES:  # the layer with quantized expert weights, activations clear of ties
+            out["quantized"] = {fmt: moe_forward(x, quantized_spec(spec, fmt), dec)["y"] for fmt in ("q8_0", "q4_0")}
+        return config, tensors, spec, x, out
 
     (config, tensors, spec, x, out), dec, attempt = generate("ckpt/" + name, build)
     folder = os.path.join(root, "ckpt", name)
@@ -1142,10 +1166,14 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
     ]
     info = ""
     if kwargs.get("dtype") == "BF16":  # the layer with its expert weights kept as bf16
-        y16 = moe_forward(x, replace(spec, bf16_inputs=True), Decisions())["y"]
+        y16 = moe_forward(x, replace(spec, inputs="BF16"), Decisions())["y"]
         expected.append(("hidden_states_bf16_weights", "F32", y16.reshape(shape)))
         info = (f"bf16-weight experts (inputs rounded to bf16) vs float: relative error "
                 f"{float((y16 - out['y']).norm() / out['y'].norm()):.2e}, ")
+    for fmt, yq in out.get("quantized", {}).items():
+        expected.append((f"hidden_states_{fmt}_weights", "F32", yq.reshape(shape)))
+        info += (f"{fmt} experts vs float: relative error "
+                 f"{float((yq - out['y']).norm() / out['y'].norm()):.2e}, ")
     write_safetensors(os.path.join(folder, "expected.safetensors"), expected, meta)
     write_safetensors(os.path.join(folder, "expected_backward.safetensors"), expected_backward,
                       meta)
@@ -1812,6 +1840,72 @@ def quantized_dot(xs, xq, ws, wq):
         isum = sum(xq[b * QBLOCK + j] * wq[b * QBLOCK + j] for j in range(QBLOCK))
         total += float(xs[b]) * float(ws[b]) * isum
     return total
+
+
+# The margins the layer's quantized golden cases keep from a rounding decision of an activation's
+# quantization, where float32 sums and activations (the library) and float64 ones (here) may fall on
+# either side: v / d from a .5 boundary (in units of the quantum: float32 against float64 moves it
+# by about 1e-4 at most), and d = amax / 127 from the midpoint of two fp16 values (in fp16 ulps).
+QUANT_VALUE_MARGIN = 5e-4
+QUANT_SCALE_MARGIN = 2e-3
+
+
+def q8_0_dequantized(row, dec=None):
+    """A float32 row quantized to q8_0 and back, in float64 (exact); with `dec`, the rounding
+    decisions too close to a tie count as near bounds."""
+    scales, values = quantize_q8_0(row)
+    row = np.asarray(row, dtype=np.float32)
+    out = []
+    for b, d16 in enumerate(scales):
+        out += [float(d16) * v for v in values[b * QBLOCK:(b + 1) * QBLOCK]]
+        if dec is None:
+            continue
+        block = row[b * QBLOCK:(b + 1) * QBLOCK]
+        d = np.float32(max(np.float32(abs(v)) for v in block) / np.float32(127))
+        ulp = float(np.spacing(np.float16(abs(float(d16))))) if d16 != 0 else 0.0
+        if ulp:
+            dec.bound(abs((float(d) - float(d16)) / ulp), 0.5, QUANT_SCALE_MARGIN)
+        inv = quant_inverse(d)
+        for v in block:
+            x0 = abs(float(np.float32(v * inv)))
+            dec.bound(x0 - math.floor(x0), 0.5, QUANT_VALUE_MARGIN)
+    return out
+
+
+class QuantizedInputs:
+    """The projection inputs of a layer with quantized experts: each row of a [T, n] tensor
+    quantized to q8_0 and back. For the activations (any tensor but the layer's input x, which
+    the library quantizes from the same float32 values) of the tokens in `rows`, rounding
+    decisions near a tie are recorded in `dec`."""
+
+    def __init__(self, x, dec):
+        self.x, self.dec, self.rows = x, dec, []
+
+    def __call__(self, t):
+        track = t is not self.x
+        rows = [q8_0_dequantized(r.numpy().astype(np.float32), self.dec if track and keep_row else None)
+                for r, keep_row in zip(t, self.rows)]
+        return torch.tensor(rows, dtype=torch.float64).reshape(t.shape)
+
+
+def quantized_spec(spec, fmt):
+    """`spec` with its expert weights quantized to `fmt` ("q8_0" or "q4_0") by ggml's reference
+    quantizer from their float32 values, as dequantized float64 tensors, and its projection
+    inputs quantized to q8_0."""
+    def weight(w):
+        rows = []
+        for r in w.numpy().astype(np.float32):
+            if fmt == "q8_0":
+                scales, values = quantize_q8_0(r)
+            else:
+                scales, packed = quantize_q4_0(r)
+                values = q4_0_values(packed)
+            rows.append([float(scales[i // QBLOCK]) * v for i, v in enumerate(values)])
+        return torch.tensor(rows, dtype=torch.float64)
+
+    experts = [tuple(weight(w) for w in params) for params in spec.experts]
+    shared = tuple(weight(w) for w in spec.shared) if spec.shared is not None else None
+    return replace(spec, experts=experts, shared=shared, inputs="Q8_0")
 
 
 def quant_rows(g, rows, blocks, special):

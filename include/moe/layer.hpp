@@ -68,23 +68,23 @@ struct parameter {
 };
 
 namespace detail {
-// Whether the shared expert's FFN policy (if any) names no weight type of its own or the routed
-// experts' one: the layer stores both alike, as the routed policy says.
-template <class Shared, class Scalar, class Weight>
-constexpr bool shared_weight_type_agrees() {
+// Whether the shared expert's FFN policy (if any) names no storage of its own or the routed experts'
+// one: the layer stores both alike, as the routed policy says.
+template <class Shared, class Scalar, class Storage>
+constexpr bool shared_storage_agrees() {
     if constexpr (Shared::enabled) {
-        using own = weight_type_t<std::remove_cvref_t<decltype(std::declval<Shared>().expert)>, Scalar>;
-        return std::is_same_v<own, Scalar> || std::is_same_v<own, Weight>;
+        using own = storage_t<std::remove_cvref_t<decltype(std::declval<Shared>().expert)>, Scalar>;
+        return std::is_same_v<own, storages::scalar<Scalar>> || std::is_same_v<own, Storage>;
     } else {
         return true;
     }
 }
 
-// Whether a layer of Scalar with expert policy X can train: its weights are stored as Scalar. A name
-// outside the class, so that the constraints of the members defined out of line name no member of it
-// (clang 14 does not find one there).
+// Whether a layer of Scalar with expert policy X can train: its storage says so. A name outside the
+// class, so that the constraints of the members defined out of line name no member of it (clang 14
+// does not find one there).
 template <class Scalar, class X>
-inline constexpr bool trains = std::is_same_v<weight_type_t<X, Scalar>, Scalar>;
+inline constexpr bool trains = storage_t<X, Scalar>::trainable;
 }  // namespace detail
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert,
@@ -95,14 +95,20 @@ public:
     using router_type = Router;
     using expert_type = Expert;
     using shared_type = Shared;
-    /// What the expert weights (routed and shared) are stored as: Scalar, or bf16 with
-    /// `experts::bf16_weights` (inference only: no training mode, backward or `parameters`).
-    using weight_type = weight_type_t<Expert, Scalar>;
-    static_assert(std::is_same_v<weight_type, Scalar> || (std::is_same_v<weight_type, bf16> && std::is_same_v<Scalar, float>),
-                  "expert weights are stored as the layer's scalar type, or as bf16 in a float layer");
-    static_assert(detail::shared_weight_type_agrees<Shared, Scalar, weight_type>(),
-                  "the shared expert's weights are stored as the routed experts' are: name bf16_weights on the routed expert policy");
-    /// Whether the layer can train (its weights are its scalar type).
+    /// How the expert weights (routed and shared) are held (experts/storage.hpp): the layer's scalar
+    /// type, or what the expert policy names (`experts::bf16_weights`, `q8_0_weights`, `q4_0_weights`:
+    /// inference only, no training mode, backward or `parameters`).
+    using storage_type = storage_t<Expert, Scalar>;
+    static_assert(weight_storage<storage_type, Scalar>,
+                  "the expert policy's weight storage does not fit the layer's scalar type (bf16 and quantized "
+                  "weights are for float layers)");
+    static_assert(detail::shared_storage_agrees<Shared, Scalar, storage_type>(),
+                  "the shared expert's weights are stored as the routed experts' are: name the storage on the routed expert policy");
+    /// Weights of one FFN of this layer.
+    using weights_type = ffn_weights<storage_type>;
+    /// Gradients of one FFN's weights.
+    using gradients_type = ffn_weights<storages::scalar<Scalar>>;
+    /// Whether the layer can train (its storage can).
     static constexpr bool trainable = detail::trains<Scalar, Expert>;
 
 
@@ -132,6 +138,12 @@ public:
             throw value_error("layer: d_shared = " + std::to_string(shape.d_shared) +
                               " but the layer has no shared expert");
         router_.validate(shape.n_experts);
+        if constexpr (storage_type::unit > 1)
+            for (const auto& [size, field] : {std::pair{shape.d_model, "d_model"}, {shape.d_ff, "d_ff"}, {shape.d_shared, "d_shared"}})
+                if (size % storage_type::unit != 0)
+                    throw shape_error("layer: " + std::string(field) + " = " + std::to_string(size) + " is not a multiple of " +
+                                      std::to_string(storage_type::unit) + ", as " + std::string(storage_type::name) +
+                                      " weights need (rows of blocks of " + std::to_string(storage_type::unit) + " values)");
         if (where.comm) exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(where, shape.n_experts);
         router_weight_ = matrix<Scalar>::Zero(logit_rows(router_, shape.n_experts), shape.d_model);
         experts_.resize(static_cast<std::size_t>(shape.n_experts));
@@ -160,12 +172,12 @@ public:
     /// Router state (e.g. the correction bias of `sigmoid_topk`).
     [[nodiscard]] router_state_t<Router, Scalar>& router_state() { return router_state_; }
     /// Weights of routed expert e.
-    [[nodiscard]] ffn_weights<weight_type>& expert_weights(index e) { return experts_.at(static_cast<std::size_t>(e)); }
-    [[nodiscard]] const ffn_weights<weight_type>& expert_weights(index e) const {
+    [[nodiscard]] weights_type& expert_weights(index e) { return experts_.at(static_cast<std::size_t>(e)); }
+    [[nodiscard]] const weights_type& expert_weights(index e) const {
         return experts_.at(static_cast<std::size_t>(e));
     }
     /// Weights of the shared FFN (only with a shared expert).
-    [[nodiscard]] ffn_weights<weight_type>& shared_weights()
+    [[nodiscard]] weights_type& shared_weights()
         requires Shared::enabled
     {
         return shared_weights_;
@@ -185,8 +197,7 @@ public:
     /// Training mode: forward keeps what backward needs (each routed row's hidden activations) and the
     /// gradients are allocated. Off by default, so inference keeps nothing; turning it off keeps the
     /// buffers already allocated (for the next training phase).
-    void set_training(bool on)
-        requires detail::trains<Scalar, Expert>;
+    void set_training(bool on);
     [[nodiscard]] bool training() const { return training_; }
 
     /// Every trainable tensor with its gradient, by name: "router.weight", "experts.<e>.in.weight"
@@ -194,17 +205,16 @@ public:
     /// "shared.out.weight", "shared.gate.weight" (a 1 x d row). The correction bias is not trained by
     /// gradient and is not listed; nor are the experts an expert-parallel rank does not hold. An
     /// optimiser steps `value` with `grad` in place.
-    [[nodiscard]] std::vector<parameter<Scalar>> parameters()
-        requires detail::trains<Scalar, Expert>;
+    [[nodiscard]] std::vector<parameter<Scalar>> parameters();
 
     /// Gradients of the last `backward` call, shaped like the weights.
     [[nodiscard]] const matrix<Scalar>& grad_router_weight() const { return grad_router_weight_; }
-    [[nodiscard]] const ffn_weights<Scalar>& grad_expert_weights(index e) const
+    [[nodiscard]] const gradients_type& grad_expert_weights(index e) const
         requires detail::trains<Scalar, Expert>
     {
         return grad_experts_.at(static_cast<std::size_t>(e));
     }
-    [[nodiscard]] const ffn_weights<Scalar>& grad_shared_weights() const
+    [[nodiscard]] const gradients_type& grad_shared_weights() const
         requires Shared::enabled && detail::trains<Scalar, Expert>
     {
         return grad_shared_weights_;
@@ -269,7 +279,16 @@ public:
     /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
     /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
     void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-        requires differentiable_router<Router, Scalar> && detail::trains<Scalar, Expert>;
+        requires differentiable_router<Router, Scalar>;
+
+    /// Bytes of the expert weights (routed and shared) this rank holds, as its storage holds them.
+    [[nodiscard]] std::size_t expert_weight_bytes() const {
+        std::size_t bytes = 0;
+        const auto add = [&](const weights_type& w) { bytes += storage_type::bytes(w.in) + storage_type::bytes(w.out); };
+        for (const weights_type& w : experts_) add(w);  // empty for experts held elsewhere
+        if constexpr (Shared::enabled) add(shared_weights_);
+        return bytes;
+    }
 
     /// FLOPs of the last forward call's expert work (2 per multiply-add of the projections that ran).
     [[nodiscard]] double active_flops() const {
@@ -289,9 +308,9 @@ private:
     // The weights are public members a user may replace; a wrong shape must not reach the kernels.
     void check_weights();
 
-    void zero(ffn_weights<weight_type>& w, index ff, index in_rows) const {
-        w.in = aligned_matrix<weight_type>(in_rows, shape_.d_model);
-        w.out = aligned_matrix<weight_type>(shape_.d_model, ff);
+    void zero(weights_type& w, index ff, index in_rows) const {
+        w.in = typename storage_type::matrix(in_rows, shape_.d_model);
+        w.out = typename storage_type::matrix(shape_.d_model, ff);
     }
 
     // Calls f(begin, end) for chunks of the n rows (`detail::chunk_rows`) on the pool. Each row's result
@@ -323,13 +342,11 @@ private:
         return exchange_ ? received_x_.row(exchange_->received_row(row)).data() : x.row(token_of(row)).data();
     }
 
-    // n values from `from` as the weight type (bf16 weights: rounded, as their projections take them).
-    static void store_input(const Scalar* from, weight_type* to, index n) {
-        if constexpr (trainable)
-            std::copy(from, from + n, to);
-        else
-            kernels::round_to_bf16(from, to, n);
-    }
+    // What the projections take: a row of d values is `lanes(d)` of them.
+    using input_type = typename storage_type::input;
+    static index lanes(index values) { return values / storage_type::unit; }
+    // Whether the projections take the float rows themselves (else converted rows).
+    static constexpr bool takes_rows = std::is_same_v<input_type, Scalar>;
 
     // The policy of the shared FFN (the routed one's when there is none: it then has no rows).
     [[nodiscard]] const auto& shared_policy() const {
@@ -341,7 +358,7 @@ private:
 
     // The routed experts over the row blocks `offsets` (E + 1 entries) into `routed_out`, and the shared
     // FFN over every token, as the tasks of `detail::expert_pass`: the routed rows' inputs are gathered
-    // (and, for bf16 weights, rounded) first.
+    // (and converted, where the storage converts them) first.
     void run_experts(const const_matrix_ref<Scalar>& x, const std::vector<index>& offsets, matrix<Scalar>& routed_out);
 
     // y_t = the weighted rows of token t's slots in slot order, plus the shared FFN's (gated: times
@@ -376,8 +393,8 @@ private:
     std::unique_ptr<detail::thread_pool> pool_;
 
     matrix<Scalar> router_weight_;
-    std::vector<ffn_weights<weight_type>> experts_;
-    ffn_weights<weight_type> shared_weights_;
+    std::vector<weights_type> experts_;
+    weights_type shared_weights_;
     vector<Scalar> shared_gate_;
 
     // Workspace, reused between calls.
@@ -385,14 +402,14 @@ private:
     routing<Scalar> routing_;
     index plan_threads_ = 0;                          // see plan_for_threads
     std::vector<std::vector<double>>* trace_ = nullptr;  // see plan_for_threads
-    using block = detail::ffn_block<Scalar, weight_type>;
+    using block = detail::ffn_block<Scalar, storage_type>;
     std::vector<block> blocks_;    // routed experts, then the shared FFN (see detail/expert_pass.hpp)
-    detail::expert_pass<Scalar, weight_type> pass_;
-    // The left operands of the projections, on cache lines (see aligned_matrix).
-    aligned_matrix<weight_type> routed_in_;   // input of each routed row this rank computes (bf16: rounded)
-    aligned_matrix<weight_type> shared_in_;   // bf16 weights: the tokens rounded for the shared FFN
-    aligned_matrix<weight_type> act_;         // act(h) per routed row
-    aligned_matrix<weight_type> shared_act_;  // act(h) of the shared FFN per token
+    detail::expert_pass<Scalar, storage_type> pass_;
+    // The left operands of the projections as the storage takes them, on cache lines.
+    aligned_rows<input_type> routed_in_;   // input of each routed row this rank computes
+    aligned_rows<input_type> shared_in_;   // converting storages: the tokens converted for the shared FFN
+    aligned_rows<input_type> act_;         // act(h) per routed row
+    aligned_rows<input_type> shared_act_;  // act(h) of the shared FFN per token
     matrix<Scalar> expert_out_;
     matrix<Scalar> shared_out_;
     vector<Scalar> shared_gate_values_;  // sigma(w_g . x_t) per token (gated shared expert)
@@ -404,8 +421,8 @@ private:
     matrix<Scalar> hidden_;              // x W_in^T per routed row, overwritten by its gradient
     matrix<Scalar> shared_hidden_;       // the same for the shared FFN, per token
     matrix<Scalar> grad_router_weight_;
-    std::vector<ffn_weights<Scalar>> grad_experts_;
-    ffn_weights<Scalar> grad_shared_weights_;
+    std::vector<gradients_type> grad_experts_;
+    gradients_type grad_shared_weights_;
     vector<Scalar> grad_shared_gate_;
     std::vector<Scalar> grad_weights_;   // dL/dw per slot
     matrix<Scalar> grad_logits_;

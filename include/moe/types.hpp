@@ -7,8 +7,11 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <memory>
 #include <new>
+#include <type_traits>
+#include <utility>
 
 namespace moe {
 
@@ -105,6 +108,68 @@ private:
     void seat(Scalar* data, index rows, index cols) { new (static_cast<map*>(this)) map(data, rows, cols); }
 
     std::unique_ptr<Scalar, release> storage_;
+};
+
+/// rows x cols values of a trivially copyable `T` (any element type: numbers, quantized blocks), row
+/// major, on a 64-byte boundary: the layer's buffers of projection inputs and the storage of quantized
+/// matrices. `resize` allocates only when the values outgrow what it holds, so a buffer reused across
+/// calls stops allocating; after a resize its values are unspecified.
+template <class T>
+    requires std::is_trivially_copyable_v<T>
+class aligned_rows {
+public:
+    static constexpr std::size_t alignment = 64;
+
+    aligned_rows() = default;
+    /// rows x cols, zero bytes.
+    aligned_rows(index rows, index cols) {
+        resize(rows, cols);
+        if (size() > 0) std::fill_n(reinterpret_cast<unsigned char*>(data()), size() * sizeof(T), 0);
+    }
+    aligned_rows(const aligned_rows& other) { *this = other; }
+    aligned_rows(aligned_rows&& other) noexcept { *this = std::move(other); }
+    aligned_rows& operator=(const aligned_rows& other) {
+        if (this != &other) {
+            resize(other.rows_, other.cols_);
+            std::copy_n(other.data(), other.size(), data());
+        }
+        return *this;
+    }
+    aligned_rows& operator=(aligned_rows&& other) noexcept {
+        storage_ = std::move(other.storage_);
+        capacity_ = std::exchange(other.capacity_, 0);
+        rows_ = std::exchange(other.rows_, 0);
+        cols_ = std::exchange(other.cols_, 0);
+        return *this;
+    }
+    ~aligned_rows() = default;
+
+    void resize(index rows, index cols) {
+        const auto n = static_cast<std::size_t>(rows * cols);
+        if (n > capacity_) {
+            storage_.reset(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{alignment})));
+            capacity_ = n;
+        }
+        rows_ = rows;
+        cols_ = cols;
+    }
+
+    [[nodiscard]] index rows() const { return rows_; }
+    [[nodiscard]] index cols() const { return cols_; }
+    [[nodiscard]] std::size_t size() const { return static_cast<std::size_t>(rows_ * cols_); }
+    [[nodiscard]] T* data() { return storage_.get(); }
+    [[nodiscard]] const T* data() const { return storage_.get(); }
+    [[nodiscard]] T* row(index r) { return data() + r * cols_; }
+    [[nodiscard]] const T* row(index r) const { return data() + r * cols_; }
+
+private:
+    struct release {
+        void operator()(T* p) const { ::operator delete(p, std::align_val_t{alignment}); }
+    };
+    std::unique_ptr<T, release> storage_;
+    std::size_t capacity_ = 0;
+    index rows_ = 0;
+    index cols_ = 0;
 };
 
 /// Dense column vector.

@@ -25,32 +25,35 @@
 namespace moe::detail {
 
 /// One FFN's rows in the expert pass, forward and backward: a routed expert's block of rows or the
-/// shared FFN's tokens, encoded alike. Pointers are to row 0; `ld*` are row strides.
-template <class Scalar, class Weight>
+/// shared FFN's tokens, encoded alike. Pointers are to row 0; `ld*` are row strides, in elements of
+/// what they point at (`Input`: values, or blocks of `Storage::unit` values).
+template <class Scalar, class Storage>
 struct ffn_block {
-    const ffn_weights<Weight>* weights = nullptr;
+    using input = typename Storage::input;
+    const ffn_weights<Storage>* weights = nullptr;
     bool shared = false;  // runs the shared FFN's policy (else the routed experts')
     index rows = 0;
-    const Weight* x = nullptr;  // input rows (bf16 weights: rounded to bf16)
+    const input* x = nullptr;  // input rows, as the storage converts them
     index ldx = 0;
     Scalar* hidden = nullptr;  // training: x W_in^T per row, overwritten by its gradient in backward; else null
     index ldh = 0;
-    Weight* act = nullptr;  // act(h): the output projection's input (bf16 weights: rounded)
+    input* act = nullptr;  // act(h): the output projection's input, converted
     index lda = 0;
     Scalar* out = nullptr;
     index ldo = 0;
     // Backward.
     const Scalar* dout = nullptr;  // dL/d(out) per row
     index ldd = 0;
-    ffn_weights<Scalar>* grad = nullptr;  // dL/dW_in and dL/dW_out (empty: an expert held elsewhere)
+    ffn_weights<storages::scalar<Scalar>>* grad = nullptr;  // dL/dW_in and dL/dW_out (empty: an expert held elsewhere)
     Scalar* dx = nullptr;                 // dL/dx per row
     index lddx = 0;
 };
 
-template <class Scalar, class Weight>
+template <class Scalar, class Storage>
 class expert_pass {
 public:
-    using block = ffn_block<Scalar, Weight>;
+    using block = ffn_block<Scalar, Storage>;
+    using input = typename Storage::input;
 
     /// Row blocks of the projections: at most this many rows.
     static constexpr index max_rows = 256;
@@ -60,24 +63,26 @@ public:
     void forward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads) {
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), ff(b) > 0 ? b.weights->in.rows() / ff(b) * d(b) : 0});
-        // Stage 1: hidden columns. Scratch per output: h (gate and up) unless kept for training, and with
-        // bf16 weights the float activations before rounding.
+        // Stage 1: hidden columns, by blocks of columns that convert whole (a multiple of the storage's
+        // unit). Scratch per output: h (gate and up) unless kept for training, and where the storage
+        // converts its inputs the float activations before converting.
         const bool keep_h = !blocks.empty() && blocks.front().hidden != nullptr;
-        const index scratch = (keep_h ? 0 : 2) + (std::is_same_v<Weight, Scalar> ? 0 : 1);
-        run_plan(pool, plan_threads, {max_rows, 16, 16}, scratch, [&](const work_task& tk, Scalar* scratch) {
+        const index scratch = (keep_h ? 0 : 2) + (converts ? 1 : 0);
+        constexpr index hidden_unit = std::max<index>(16, Storage::unit);
+        run_plan(pool, plan_threads, {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
             Scalar* h = b.hidden ? b.hidden + tk.row_begin * b.ldh + c0 : scratch;
             const index ldh = b.hidden ? b.ldh : 2 * cols, up = b.hidden ? ff(b) : cols;
-            Weight* act = b.act + tk.row_begin * b.lda + c0;
+            input* act = b.act + tk.row_begin * b.lda + c0 / Storage::unit;
             with_policy(b, routed, shared, [&](const auto& policy) {
-                const Weight* x = b.x + tk.row_begin * b.ldx;
-                if constexpr (std::is_same_v<Weight, Scalar>) {
+                const input* x = b.x + tk.row_begin * b.ldx;
+                if constexpr (!converts) {
                     ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, act, b.lda);
                 } else {
-                    Scalar* a = b.hidden ? scratch : scratch + 2 * n * cols;  // float activations, then rounded
+                    Scalar* a = b.hidden ? scratch : scratch + 2 * n * cols;  // float activations, then converted
                     ffn_hidden_columns(policy, *b.weights, x, b.ldx, n, c0, c1, h, ldh, up, a, cols);
-                    for (index r = 0; r < n; ++r) kernels::round_to_bf16(a + r * cols, act + r * b.lda, cols);
+                    for (index r = 0; r < n; ++r) Storage::convert(a + r * cols, act + r * b.lda, cols);
                 }
             });
         });
@@ -94,7 +99,7 @@ public:
     /// Backward of `forward` (which ran with `hidden` set): every block's gradients and dx.
     template <class X, class S>
     void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
-        requires std::is_same_v<Weight, Scalar>
+        requires std::is_same_v<Storage, storages::scalar<Scalar>>
     {
         const index panel = kernels::multiply_panel_width<Scalar>();
         // Stage 1: da, a and dh by hidden columns.
@@ -135,6 +140,9 @@ public:
     }
 
 private:
+    // Whether the projections take their inputs converted (else the float rows themselves).
+    static constexpr bool converts = !std::is_same_v<input, Scalar>;
+
     static index ff(const block& b) { return b.weights ? b.weights->out.cols() : 0; }
     static index d(const block& b) { return b.weights ? b.weights->in.cols() : 0; }
 

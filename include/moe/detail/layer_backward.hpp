@@ -14,8 +14,10 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref<Scalar> x,
     const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
-    requires differentiable_router<Router, Scalar> && detail::trains<Scalar, Expert>
+    requires differentiable_router<Router, Scalar>
 {
+    static_assert(detail::trains<Scalar, Expert>, "this layer's expert weights are for inference (bf16 or quantized storage): "
+                  "a layer trains on weights of its scalar type");
     const index t = x.rows(), d = shape_.d_model;
     if (!training_ || saved_tokens_ < 0)
         throw error("layer::backward: no training forward to differentiate: call set_training(true), then forward, "

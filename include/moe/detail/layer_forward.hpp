@@ -76,12 +76,13 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
 void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_matrix_ref<Scalar>& x,
     const std::vector<index>& offsets, matrix<Scalar>& routed_out) {
     const index d = shape_.d_model, e = shape_.n_experts, t = x.rows(), rows = offsets.back();
-    routed_in_.resize(rows, d);
+    const index dx = lanes(d), fx = lanes(shape_.d_ff);  // a row of x, of act(h), as the projections take it
+    routed_in_.resize(rows, dx);
     for_row_chunks(rows, [&](index begin, index end) {
-        for (index r = begin; r < end; ++r) store_input(routed_input(x, r), routed_in_.data() + r * d, d);
+        for (index r = begin; r < end; ++r) storage_type::convert(routed_input(x, r), routed_in_.row(r), d);
     });
     const index in_rows = ffn_in_rows<Expert>(shape_.d_ff);
-    act_.resize(rows, shape_.d_ff);
+    act_.resize(rows, fx);
     if (training_) hidden_.resize(rows, in_rows);
     blocks_.resize(static_cast<std::size_t>(e) + 1);
     for (index ex = 0; ex < e; ++ex) {
@@ -89,12 +90,12 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_m
         auto& b = blocks_[static_cast<std::size_t>(ex)];
         b.weights = &experts_[static_cast<std::size_t>(ex)];
         b.rows = offsets[static_cast<std::size_t>(ex) + 1] - first;
-        b.x = routed_in_.data() + first * d;
-        b.ldx = d;
+        b.x = routed_in_.row(first);
+        b.ldx = dx;
         b.hidden = training_ ? hidden_.data() + first * in_rows : nullptr;
         b.ldh = in_rows;
-        b.act = act_.data() + first * shape_.d_ff;
-        b.lda = shape_.d_ff;
+        b.act = act_.row(first);
+        b.lda = fx;
         b.out = routed_out.data() + first * d;
         b.ldo = d;
     }
@@ -103,26 +104,26 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_m
     sb.shared = true;
     if constexpr (Shared::enabled) {
         const index ds = shape_.d_shared, shared_in_rows = shared_weights_.in.rows();
-        if constexpr (trainable) {
+        if constexpr (takes_rows) {
             sb.x = x.data();
             sb.ldx = x.outerStride();
         } else {
-            shared_in_.resize(t, d);
+            shared_in_.resize(t, dx);
             for_row_chunks(t, [&](index begin, index end) {
-                for (index r = begin; r < end; ++r) store_input(x.row(r).data(), shared_in_.data() + r * d, d);
+                for (index r = begin; r < end; ++r) storage_type::convert(x.row(r).data(), shared_in_.row(r), d);
             });
             sb.x = shared_in_.data();
-            sb.ldx = d;
+            sb.ldx = dx;
         }
         shared_out_.resize(t, d);
-        shared_act_.resize(t, ds);
+        shared_act_.resize(t, lanes(ds));
         if (training_) shared_hidden_.resize(t, shared_in_rows);
         sb.weights = &shared_weights_;
         sb.rows = t;
         sb.hidden = training_ ? shared_hidden_.data() : nullptr;
         sb.ldh = shared_in_rows;
         sb.act = shared_act_.data();
-        sb.lda = ds;
+        sb.lda = lanes(ds);
         sb.out = shared_out_.data();
         sb.ldo = d;
     }

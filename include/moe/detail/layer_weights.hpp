@@ -20,18 +20,30 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::randomize(std::uint64_t s
             if (out != nullptr) out[i] = static_cast<T>(v);
         }
     };
-    const auto fill = [&](auto& m) { draw(m.data(), m.rows(), m.cols()); };
-    fill(router_weight_);
+    // A weight matrix (null: drawn and dropped), in place or, for storages of blocks, row by row.
+    std::vector<float> row;
+    const auto draw_weights = [&](typename storage_type::matrix* m, index rows, index cols) {
+        if constexpr (detail::holds_numbers<storage_type>) {
+            draw(m != nullptr ? m->data() : nullptr, rows, cols);
+        } else {
+            row.resize(static_cast<std::size_t>(cols));
+            for (index r = 0; r < rows; ++r) {
+                draw(row.data(), 1, cols);
+                if (m != nullptr) storage_type::assign(*m, r, row.data(), 1);
+            }
+        }
+    };
+    draw(router_weight_.data(), router_weight_.rows(), router_weight_.cols());
     const index in_rows = ffn_in_rows<Expert>(shape_.d_ff), d = shape_.d_model;
     for (index e = 0; e < shape_.n_experts; ++e) {
-        ffn_weights<weight_type>& w = experts_[static_cast<std::size_t>(e)];
+        weights_type& w = experts_[static_cast<std::size_t>(e)];
         const bool held = owns_expert(e);
-        draw(held ? w.in.data() : nullptr, in_rows, d);
-        draw(held ? w.out.data() : nullptr, d, shape_.d_ff);
+        draw_weights(held ? &w.in : nullptr, in_rows, d);
+        draw_weights(held ? &w.out : nullptr, d, shape_.d_ff);
     }
     if constexpr (Shared::enabled) {
-        fill(shared_weights_.in);
-        fill(shared_weights_.out);
+        draw_weights(&shared_weights_.in, shared_weights_.in.rows(), d);
+        draw_weights(&shared_weights_.out, d, shape_.d_shared);
         if constexpr (Shared::gated) {
             std::normal_distribution<double> n(0.0, 1.0 / std::sqrt(static_cast<double>(shape_.d_model)));
             for (index i = 0; i < shared_gate_.size(); ++i) shared_gate_[i] = static_cast<Scalar>(n(rng));
@@ -41,9 +53,9 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::randomize(std::uint64_t s
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
           loss_term<Scalar>... Losses>
-void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on)
-    requires detail::trains<Scalar, Expert>
-{
+void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on) {
+    static_assert(detail::trains<Scalar, Expert>, "this layer's expert weights are for inference (bf16 or quantized storage): "
+                  "a layer trains on weights of its scalar type");
     training_ = on;
     saved_tokens_ = -1;
     if (!on) return;
@@ -65,9 +77,9 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::set_training(bool on)
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
           loss_term<Scalar>... Losses>
-std::vector<parameter<Scalar>> layer<Scalar, Router, Expert, Shared, Losses...>::parameters()
-    requires detail::trains<Scalar, Expert>
-{
+std::vector<parameter<Scalar>> layer<Scalar, Router, Expert, Shared, Losses...>::parameters() {
+    static_assert(detail::trains<Scalar, Expert>, "this layer's expert weights are for inference (bf16 or quantized storage): "
+                  "a layer trains on weights of its scalar type");
     std::vector<parameter<Scalar>> out;
     const auto add = [&](std::string name, auto& value, auto* grad) {
         out.push_back({std::move(name), Eigen::Map<matrix<Scalar>>(value.data(), value.rows(), value.cols()),

@@ -7,6 +7,7 @@
 /// (detail/expert_pass.hpp); `ffn_forward` runs all of one FFN at once.
 
 #include "moe/error.hpp"
+#include "moe/experts/storage.hpp"
 #include "moe/kernels/activations.hpp"
 #include "moe/kernels/linear.hpp"
 #include "moe/kernels/multiply.hpp"
@@ -18,19 +19,21 @@
 
 namespace moe {
 
-/// Weights of one FFN, stored [out_features, in_features] as checkpoints store them, as `Scalar` (the
-/// layer's, or bf16: see `experts::bf16_weights`), each on a cache-line boundary (`aligned_matrix`).
-template <class Scalar>
+/// Weights of one FFN, stored [out_features, in_features] as checkpoints store them, as weight storage
+/// `Storage` says (experts/storage.hpp: the layer's scalar type, bf16 or quantized blocks).
+template <class Storage>
 struct ffn_weights {
+    using storage = Storage;
     /// Input projection, (gated ? 2*ff : ff) x d. Gated experts keep the gate rows first, then the up rows,
     /// so both projections are one GEMM.
-    aligned_matrix<Scalar> in;
+    typename Storage::matrix in;
     /// Output (down) projection, d x ff.
-    aligned_matrix<Scalar> out;
+    typename Storage::matrix out;
 };
 
 /// An expert FFN policy: `static constexpr bool gated` (output `W_out (act(W_gate x) * (W_up x))` when
-/// true, `W_out act(W_in x)` when false) and `activation act() const`. It holds no weights; the layer
+/// true, `W_out act(W_in x)` when false) and `activation act() const`; optionally `using storage = S`, the
+/// weight storage of its weights (default: the layer's scalar type). It holds no weights; the layer
 /// stores them in `ffn_weights` of the policy's layout.
 template <class X>
 concept expert_ffn = std::copy_constructible<X> && requires(const X& x) {
@@ -59,15 +62,22 @@ struct mlp {
     [[nodiscard]] constexpr activation act() const { return function; }
 };
 
-/// X with the layer's expert weights (routed and shared) stored as bf16, as checkpoints store them:
-/// half the memory and the bytes a decode step streams. The layer's inputs, outputs and sums stay
-/// float32: each projection rounds its input rows to bf16 and sums the exact products in float32
-/// (`kernels::linear`, AVX-512 BF16 where the CPU has it). For inference: such a layer has no
-/// backward.
-template <expert_ffn X>
-struct bf16_weights : X {
-    using weight_type = bf16;
+/// X with the layer's expert weights (routed and shared) held in weight storage S (experts/storage.hpp).
+/// A layer whose storage cannot train has no training mode, backward or `parameters`.
+template <expert_ffn X, class S>
+struct stored_as : X {
+    using storage = S;
 };
+
+/// X with bf16 weights (`storages::bfloat16`).
+template <expert_ffn X>
+using bf16_weights = stored_as<X, storages::bfloat16>;
+/// X with q8_0 weights (`storages::q8_0`).
+template <expert_ffn X>
+using q8_0_weights = stored_as<X, storages::q8_0>;
+/// X with q4_0 weights (`storages::q4_0`).
+template <expert_ffn X>
+using q4_0_weights = stored_as<X, storages::q4_0>;
 
 static_assert(expert_ffn<swiglu> && expert_ffn<geglu> && expert_ffn<mlp> && expert_ffn<bf16_weights<swiglu>>);
 
@@ -75,20 +85,20 @@ static_assert(expert_ffn<swiglu> && expert_ffn<geglu> && expert_ffn<mlp> && expe
 
 namespace detail {
 template <class X, class Scalar>
-struct weight_type_of {
-    using type = Scalar;
+struct storage_of {
+    using type = storages::scalar<Scalar>;
 };
 template <class X, class Scalar>
-    requires requires { typename X::weight_type; }
-struct weight_type_of<X, Scalar> {
-    using type = typename X::weight_type;
+    requires requires { typename X::storage; }
+struct storage_of<X, Scalar> {
+    using type = typename X::storage;
 };
 }  // namespace detail
 
-/// The element type a layer of `Scalar` stores the weights of expert `X` in: `X::weight_type` where X
-/// names one (`experts::bf16_weights`), else Scalar.
+/// The weight storage a layer of `Scalar` holds the weights of expert `X` in: `X::storage` where X names
+/// one (`experts::stored_as`), else `storages::scalar<Scalar>`.
 template <expert_ffn X, class Scalar>
-using weight_type_t = typename detail::weight_type_of<X, Scalar>::type;
+using storage_t = typename detail::storage_of<X, Scalar>::type;
 
 /// Rows of the input projection of an expert of width `ff`.
 template <expert_ffn X>
@@ -96,18 +106,18 @@ constexpr index ffn_in_rows(index ff) {
     return X::gated ? 2 * ff : ff;
 }
 
-/// Columns [c0, c1) of an FFN's hidden layer for the n rows of x (row stride ldx; bf16 weights take x
-/// rounded to bf16): the input projection's rows of those columns (gated: the gate rows c0.. and the up
-/// rows ff + c0..) as h = x W_in^T, then a = act(h) (gated: act(h_gate) * h_up). `h` points at the
-/// block's first gate value, its up values `up_offset` further, rows `ldh` apart; `a` at its first
-/// value, rows `lda` apart. Each value is `kernels::linear`'s dot product of its two rows, so it does not
-/// depend on the block it is computed in.
-template <expert_ffn X, class Weight, class Scalar>
-void ffn_hidden_columns(const X& expert, const ffn_weights<Weight>& w, const Weight* x, index ldx, index n, index c0,
+/// Columns [c0, c1) of an FFN's hidden layer for the n rows of x, the projection's inputs (`S::input`,
+/// rows ldx input elements apart): the input projection's rows of those columns (gated: the gate rows
+/// c0.. and the up rows ff + c0..) as h = x W_in^T, then a = act(h) (gated: act(h_gate) * h_up). `h`
+/// points at the block's first gate value, its up values `up_offset` further, rows `ldh` apart; `a` at
+/// its first value, rows `lda` apart. Each value is its storage's dot product of its two rows
+/// (`S::project`), so it does not depend on the block it is computed in.
+template <expert_ffn X, class S, class Scalar>
+void ffn_hidden_columns(const X& expert, const ffn_weights<S>& w, const typename S::input* x, index ldx, index n, index c0,
                         index c1, Scalar* h, index ldh, [[maybe_unused]] index up_offset, Scalar* a, index lda) {
-    const index d = w.in.cols(), ff = w.out.cols(), cols = c1 - c0;
-    kernels::linear(x, ldx, w.in.data() + c0 * d, d, h, ldh, n, cols, d);
-    if constexpr (X::gated) kernels::linear(x, ldx, w.in.data() + (ff + c0) * d, d, h + up_offset, ldh, n, cols, d);
+    const index ff = w.out.cols(), cols = c1 - c0;
+    S::project(x, ldx, w.in, c0, cols, h, ldh, n);
+    if constexpr (X::gated) S::project(x, ldx, w.in, ff + c0, cols, h + up_offset, ldh, n);
     kernels::with_activation(expert.act(), [&]<activation A>() {
         for (index r = 0; r < n; ++r) {
             const Scalar* hr = h + r * ldh;
@@ -119,20 +129,20 @@ void ffn_hidden_columns(const X& expert, const ffn_weights<Weight>& w, const Wei
     });
 }
 
-/// Columns [c0, c1) of an FFN's output for n rows of activations a (row stride lda; bf16 weights take
-/// them rounded): out = a W_out^T for those columns, at `out` (the block's first value, rows ldo apart).
-template <class Weight, class Scalar>
-void ffn_output_columns(const ffn_weights<Weight>& w, const Weight* a, index lda, index n, index c0, index c1, Scalar* out,
-                        index ldo) {
-    const index ff = w.out.cols();
-    kernels::linear(a, lda, w.out.data() + c0 * ff, ff, out, ldo, n, c1 - c0, ff);
+/// Columns [c0, c1) of an FFN's output for n rows of activations a, as the projection's inputs (rows lda
+/// input elements apart): out = a W_out^T for those columns, at `out` (the block's first value, rows
+/// ldo apart).
+template <class S, class Scalar>
+void ffn_output_columns(const ffn_weights<S>& w, const typename S::input* a, index lda, index n, index c0, index c1,
+                        Scalar* out, index ldo) {
+    S::project(a, lda, w.out, c0, c1 - c0, out, ldo, n);
 }
 
 /// Backward of `ffn_hidden_columns` for columns [c0, c1) of n rows: da = dout W_out[:, c0:c1] (dout's
 /// rows ldd apart; da is n x (c1 - c0) scratch), then a (recomputed, as the forward had it) and dL/dh in
 /// place of h (same pointers and strides as the forward's).
 template <expert_ffn X, class Scalar>
-void ffn_hidden_columns_backward(const X& expert, const ffn_weights<Scalar>& w, const Scalar* dout, index ldd, index n,
+void ffn_hidden_columns_backward(const X& expert, const ffn_weights<storages::scalar<Scalar>>& w, const Scalar* dout, index ldd, index n,
                                  index c0, index c1, Scalar* h, index ldh, [[maybe_unused]] index up_offset, Scalar* a,
                                  index lda, Scalar* da) {
     const index ff = w.out.cols(), d = w.out.rows(), cols = c1 - c0;
@@ -161,34 +171,34 @@ void ffn_weight_gradient(const Scalar* left, index ldl, const Scalar* right, ind
 /// Columns [c0, c1) of dL/dx = dh W_in for n rows of dh (rows ldh apart), at `dx` (the block's first
 /// value, rows lddx apart).
 template <class Scalar>
-void ffn_input_gradient(const ffn_weights<Scalar>& w, const Scalar* dh, index ldh, index n, index c0, index c1, Scalar* dx,
+void ffn_input_gradient(const ffn_weights<storages::scalar<Scalar>>& w, const Scalar* dh, index ldh, index n, index c0, index c1, Scalar* dx,
                         index lddx) {
     const index d = w.in.cols();
     kernels::multiply(kernels::strided<Scalar>{dh, ldh, 1}, w.in.data() + c0, d, dx, lddx, n, c1 - c0, w.in.rows(), false);
 }
 
 /// out = FFN(x) for the n rows of `x` (n x d), all columns at once. `h` (n x in-rows) and `a` (n x ff)
-/// are scratch; with bf16 weights so is `rounded` (n x max(d, ff) values, else `shape_error`), unused
-/// otherwise.
-template <expert_ffn X, class Scalar, class Weight>
-void ffn_forward(const X& expert, const ffn_weights<Weight>& w, const Eigen::Map<const matrix<Scalar>>& x,
+/// are scratch; so is `converted` (n x max(d, ff) / S::unit inputs, else `shape_error`) where the
+/// storage converts a projection's inputs (bf16, quantized), unused otherwise.
+template <expert_ffn X, class Scalar, class S>
+void ffn_forward(const X& expert, const ffn_weights<S>& w, const Eigen::Map<const matrix<Scalar>>& x,
                  Eigen::Map<matrix<Scalar>>& h, Eigen::Map<matrix<Scalar>>& a, Eigen::Map<matrix<Scalar>>& out,
-                 [[maybe_unused]] std::span<bf16> rounded = {}) {
+                 [[maybe_unused]] std::span<typename S::input> converted = {}) {
     const index n = x.rows(), d = x.cols(), ff = w.out.cols();
-    const auto input = [&](const Scalar* v, index cols) -> const Weight* {
-        if constexpr (std::is_same_v<Weight, Scalar>) {
+    const auto input = [&](const Scalar* v, index cols) -> const typename S::input* {
+        if constexpr (std::is_same_v<typename S::input, Scalar>) {
             return v;
         } else {
-            static_assert(std::is_same_v<Weight, bf16> && std::is_same_v<Scalar, float>, "bf16 weights need float rows");
-            if (static_cast<index>(rounded.size()) < n * cols)
-                throw shape_error("ffn_forward: bf16 weights need " + std::to_string(n * cols) +
-                                  " values to round the input to, got " + std::to_string(rounded.size()));
-            kernels::round_to_bf16(v, rounded.data(), n * cols);
-            return rounded.data();
+            if (static_cast<index>(converted.size()) < n * cols / S::unit)
+                throw shape_error("ffn_forward: " + std::string(S::name) + " weights need " +
+                                  std::to_string(n * cols / S::unit) + " inputs to convert the rows to, got " +
+                                  std::to_string(converted.size()));
+            S::convert(v, converted.data(), n * cols);
+            return converted.data();
         }
     };
-    ffn_hidden_columns(expert, w, input(x.data(), d), d, n, 0, ff, h.data(), h.cols(), ff, a.data(), ff);
-    ffn_output_columns(w, input(a.data(), ff), ff, n, 0, d, out.data(), d);
+    ffn_hidden_columns(expert, w, input(x.data(), d), d / S::unit, n, 0, ff, h.data(), h.cols(), ff, a.data(), ff);
+    ffn_output_columns(w, input(a.data(), ff), ff / S::unit, n, 0, d, out.data(), d);
 }
 
 }  // namespace moe

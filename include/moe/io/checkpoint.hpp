@@ -3,8 +3,9 @@
 /// Loading one MoE layer of a HuggingFace checkpoint folder: `config.json` plus `model.safetensors`,
 /// or `model.safetensors.index.json` plus its shards. Shards are memory-mapped and opened only when
 /// one of the requested tensors lives in them, so loading a layer of a huge checkpoint costs that
-/// layer. Weights stored as F32, BF16, F16 or F64 are converted to the layer's scalar type (expert
-/// weights to its `weight_type`: BF16 tensors are then kept as stored).
+/// layer. Weights stored as F32, BF16, F16 or F64 are converted to the layer's scalar type, expert
+/// weights to its storage (experts/storage.hpp): bf16 keeps BF16 tensors as stored, q8_0 and q4_0
+/// quantize each row from float at load.
 
 #include "moe/error.hpp"
 #include "moe/io/config.hpp"
@@ -200,12 +201,30 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
         const std::int64_t shape[2] = {rows, cols};
         ckpt.read(name, std::span<T>(out, static_cast<std::size_t>(rows * cols)), std::span<const std::int64_t>(shape));
     };
-    const auto read_ffn = [&](ffn_weights<typename Layer::weight_type>& w, const std::string& gate, const std::string& up,
+    using storage = typename Layer::storage_type;
+    std::vector<float> values;  // storages of blocks: a tensor as float, then assigned
+    // Rows [row, row + rows) of weight matrix w from tensor `name` (rows x w.cols()).
+    const auto read_weight = [&](typename storage::matrix& w, index row, const std::string& name, index rows) {
+        const index cols = w.cols();
+        if constexpr (moe::detail::holds_numbers<storage>) {
+            read(name, w.data() + row * cols, rows, cols);
+        } else {
+            values.resize(static_cast<std::size_t>(rows * cols));
+            read(name, values.data(), rows, cols);
+            try {
+                storage::assign(w, row, values.data(), rows);
+            } catch (const value_error& e) {
+                throw value_error(ckpt.directory().string() + ": tensor '" + name + "' cannot be held as " +
+                                  std::string(storage::name) + ": " + e.what());
+            }
+        }
+    };
+    const auto read_ffn = [&](typename Layer::weights_type& w, const std::string& gate, const std::string& up,
                               const std::string& down) {
         const index ff = w.out.cols();
-        read(gate, w.in.data(), ff, d);  // gate rows first, then up rows: one fused input projection
-        read(up, w.in.data() + ff * d, ff, d);
-        read(down, w.out.data(), d, ff);
+        read_weight(w.in, 0, gate, ff);  // gate rows first, then up rows: one fused input projection
+        read_weight(w.in, ff, up, ff);
+        read_weight(w.out, 0, down, d);
     };
     read(names.router(), layer.router_weight().data(), layer.router_weight().rows(), d);
     for (index e = 0; e < c.n_experts; ++e)  // an expert-parallel rank reads only the experts it holds
@@ -226,7 +245,7 @@ void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
 /// (views of its row halves), so an optimiser, a gradient dump or a writer sees HuggingFace's layout.
 template <class Layer>
 std::vector<parameter<typename Layer::scalar_type>> checkpoint_parameters(Layer& layer, family kind, index layer_index) {
-    static_assert(Layer::trainable, "checkpoint_parameters lists float weights with their gradients: not of a bf16-weight layer");
+    static_assert(Layer::trainable, "checkpoint_parameters lists trainable weights with their gradients: not of a bf16 or quantized layer");
     using Scalar = typename Layer::scalar_type;
     static_assert(Layer::expert_type::gated, "checkpoint families store gated (SwiGLU) experts");
     if constexpr (Layer::shared_type::enabled)

@@ -125,6 +125,25 @@ inline float rounded(float value) {
     return value;
 }
 
+/// A q8_0 block's values: roundf(v / d) (halves away from zero) of its 32 values times the inverse of
+/// d, as ggml's reference has it. |v / d| <= 127 here, so the truncation to int is defined, and the
+/// fraction v - trunc(v) is exact: the loop vectorises at the x86-64 baseline.
+inline void q8_0_values(const float* block, float inverse, std::int8_t* out) {
+    for (index i = 0; i < quant_block; ++i) {
+        const float v = block[i] * inverse;
+        const int whole = static_cast<int>(v);
+        const float fraction = v - static_cast<float>(whole);
+        out[i] = static_cast<std::int8_t>(whole + (fraction >= 0.5f ? 1 : 0) - (fraction <= -0.5f ? 1 : 0));
+    }
+}
+
+/// max |v| of a block of 32.
+inline float block_amax(const float* block) {
+    float amax = 0;
+    for (index i = 0; i < quant_block; ++i) amax = std::max(amax, std::fabs(block[i]));
+    return amax;
+}
+
 }  // namespace detail
 
 /// The n values of v (n a multiple of 32, else shape_error) as n / 32 q8_0 blocks, by ggml's reference
@@ -133,12 +152,30 @@ inline void quantize(const float* v, index n, q8_0_block* out) {
     detail::check_quant_length(n, "quantize (q8_0)");
     for (index b = 0; b < n / quant_block; ++b) {
         const float* block = v + b * quant_block;
-        float amax = 0;
-        for (index i = 0; i < quant_block; ++i) amax = std::max(amax, std::fabs(block[i]));
-        const float d = amax / 127.0f, inverse = detail::quant_inverse(d);
+        const float d = detail::block_amax(block) / 127.0f;
         out[b].scale = detail::block_scale(d, block, b, "quantize (q8_0)");
-        for (index i = 0; i < quant_block; ++i)
-            out[b].values[i] = static_cast<std::int8_t>(std::round(block[i] * inverse));
+        detail::q8_0_values(block, detail::quant_inverse(d), out[b].values);
+    }
+}
+
+/// `quantize` to q8_0 for the inputs of a projection, where no error can be raised: the same blocks
+/// for finite values; a block holding a NaN or an infinity gets a NaN scale and zero values, so the
+/// outputs it feeds are NaN (where float arithmetic would give NaN or infinity), and a block whose
+/// scale exceeds fp16 (values beyond about 8.3e6) an infinite one. n must be a multiple of 32.
+inline void quantize_input(const float* v, index n, q8_0_block* out) {
+    constexpr std::uint16_t fp16_nan = 0x7E00;
+    for (index b = 0; b < n / quant_block; ++b) {
+        const float* block = v + b * quant_block;
+        float finite = 0;  // stays 0 unless a value is NaN or infinite (then 0 v is NaN)
+        for (index i = 0; i < quant_block; ++i) finite += 0.0f * block[i];
+        if (finite != 0.0f) {  // NaN compares unequal
+            out[b].scale = fp16_nan;
+            std::fill_n(out[b].values, quant_block, std::int8_t{0});
+            continue;
+        }
+        const float d = detail::block_amax(block) / 127.0f;
+        out[b].scale = float_to_fp16(d);
+        detail::q8_0_values(block, detail::quant_inverse(d), out[b].values);
     }
 }
 
@@ -503,4 +540,51 @@ float dot(const q8_0_block* x, const Block* w, index d) {
 }
 
 }  // namespace kernels
+
+/// A matrix of rows x cols values held as quantized blocks (cols a multiple of 32): each row is
+/// cols / 32 consecutive blocks of `Block`, ggml's layout (a GGUF tensor's bytes, row by row).
+template <quantized_block Block>
+class quantized_matrix {
+public:
+    using block_type = Block;
+
+    quantized_matrix() = default;
+    /// rows x cols zeros (blocks of zero bytes); shape_error when cols is not a multiple of 32.
+    quantized_matrix(index rows, index cols) : cols_(cols) {
+        kernels::detail::check_quant_length(cols, "quantized_matrix");
+        blocks_ = aligned_rows<Block>(rows, cols / quant_block);
+    }
+
+    [[nodiscard]] index rows() const { return blocks_.rows(); }
+    /// Values per row.
+    [[nodiscard]] index cols() const { return cols_; }
+    [[nodiscard]] index blocks_per_row() const { return blocks_.cols(); }
+    [[nodiscard]] Block* data() { return blocks_.data(); }
+    [[nodiscard]] const Block* data() const { return blocks_.data(); }
+    [[nodiscard]] Block* row(index r) { return blocks_.row(r); }
+    [[nodiscard]] const Block* row(index r) const { return blocks_.row(r); }
+    /// Bytes of the blocks.
+    [[nodiscard]] std::size_t bytes() const { return blocks_.size() * sizeof(Block); }
+
+    /// Rows [row, row + n) quantized from n x cols float values (`quantize`: value_error for a value
+    /// that is not finite or a scale beyond fp16); shape_error for rows outside the matrix.
+    void assign(index row, const float* values, index n) {
+        if (row < 0 || n < 0 || row + n > rows())
+            throw shape_error("quantized_matrix: rows [" + std::to_string(row) + ", " + std::to_string(row + n) +
+                              ") of a matrix of " + std::to_string(rows()) + " rows");
+        kernels::quantize(values, n * cols_, blocks_.row(row));
+    }
+
+    /// The values as float (scale times value).
+    [[nodiscard]] matrix<float> dequantized() const {
+        matrix<float> out(rows(), cols_);
+        if (out.size() > 0) kernels::dequantize(data(), out.size(), out.data());
+        return out;
+    }
+
+private:
+    index cols_ = 0;
+    aligned_rows<Block> blocks_;
+};
+
 }  // namespace moe
