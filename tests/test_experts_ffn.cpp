@@ -105,3 +105,70 @@ TEST_CASE("bf16-weight experts round each projection's input to bf16 and sum the
         check_bf16_expert(moe::experts::mlp{moe::activation::relu}, [](double v) { return v > 0 ? v : 0.0; });
     }
 }
+
+namespace {
+// x quantized to q8_0 and back (the library's quantizer, checked against ggml's formulas by
+// test_kernels_quantized.cpp), in double.
+Eigen::VectorXd q8_0_roundtrip(const Eigen::VectorXf& x) {
+    std::vector<moe::q8_0_block> blocks(static_cast<std::size_t>(x.size() / moe::quant_block));
+    moe::kernels::quantize(x.data(), x.size(), blocks.data());
+    Eigen::VectorXf back(x.size());
+    moe::kernels::dequantize(blocks.data(), x.size(), back.data());
+    return back.cast<double>();
+}
+
+// ffn_forward of stored_as<X, S> (S quantized) against double, step by step as check_bf16_expert: each
+// projection is the exact product of the dequantized weights and the input quantized to q8_0.
+template <class S, class X, class Act>
+void check_quantized_expert(const X& expert, Act act) {
+    const moe::experts::stored_as<X, S> quantized_expert{expert};
+    const moe::index d = 96, ff = 64, n = 5, in = moe::ffn_in_rows<X>(ff);
+    moe::ffn_weights<S> w{typename S::matrix(in, d), typename S::matrix(d, ff)};
+    const moe::matrix<float> w_in = moe::matrix<float>::Random(in, d), w_out = moe::matrix<float>::Random(d, ff);
+    S::assign(w.in, 0, w_in.data(), in);
+    S::assign(w.out, 0, w_out.data(), d);
+    const moe::matrix<float> x = moe::matrix<float>::Random(n, d);
+    moe::matrix<float> h(n, in), a(n, ff), out(n, d);
+    std::vector<moe::q8_0_block> converted(static_cast<std::size_t>(n * std::max(d, ff) / moe::quant_block));
+    Eigen::Map<const moe::matrix<float>> xm(x.data(), n, d);
+    Eigen::Map<moe::matrix<float>> hm(h.data(), n, in), am(a.data(), n, ff), om(out.data(), n, d);
+    moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_block>(converted));
+    const moe::matrix<double> win = w.in.dequantized().template cast<double>(), wout = w.out.dequantized().template cast<double>();
+    CHECK((win - w_in.cast<double>()).cwiseAbs().maxCoeff() > 1e-3);  // the weights are quantized
+    for (moe::index r = 0; r < n; ++r) {
+        const Eigen::VectorXd hr = win * q8_0_roundtrip(x.row(r).transpose());
+        CHECK((h.row(r).cast<double>().transpose() - hr).cwiseAbs().maxCoeff() <= 1e-5 * (1 + hr.cwiseAbs().maxCoeff()));
+        const Eigen::VectorXd g = h.row(r).head(ff).cast<double>().transpose().unaryExpr(act);
+        const Eigen::VectorXd activated = X::gated ? Eigen::VectorXd(g.cwiseProduct(h.row(r).tail(ff).cast<double>().transpose())) : g;
+        CHECK((a.row(r).cast<double>().transpose() - activated).cwiseAbs().maxCoeff() <= 1e-5 * (1 + a.row(r).cwiseAbs().maxCoeff()));
+        const Eigen::VectorXd want = wout * q8_0_roundtrip(a.row(r).transpose());
+        CHECK((out.row(r).cast<double>().transpose() - want).cwiseAbs().maxCoeff() <= 1e-5 * (1 + want.cwiseAbs().maxCoeff()));
+        // Not the float computation: without quantizing the activation the output differs by far more.
+        const Eigen::VectorXd unquantized = wout * a.row(r).cast<double>().transpose();
+        CHECK((unquantized - want).cwiseAbs().maxCoeff() > 1e-4 * want.cwiseAbs().maxCoeff());
+    }
+    std::vector<moe::q8_0_block> short_buffer(static_cast<std::size_t>(n * d / moe::quant_block - 1));
+    CHECK_THROWS_AS(moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_block>(short_buffer)),
+                    moe::shape_error);
+}
+
+template <class S>
+void check_quantized_experts() {
+    check_quantized_expert<S>(moe::experts::swiglu{}, [](double v) { return v / (1 + std::exp(-v)); });
+    check_quantized_expert<S>(moe::experts::mlp{moe::activation::relu}, [](double v) { return v > 0 ? v : 0.0; });
+}
+}  // namespace
+
+TEST_CASE("quantized experts quantize each projection's input to q8_0 and sum the exact block products",
+          "[experts][quantized]") {
+    STATIC_REQUIRE(std::is_same_v<moe::storage_t<moe::experts::q8_0_weights<moe::experts::geglu>, float>, moe::storages::q8_0>);
+    STATIC_REQUIRE_FALSE(moe::storages::q4_0::trainable);
+    SECTION("q8_0") { check_quantized_experts<moe::storages::q8_0>(); }
+    SECTION("q4_0") { check_quantized_experts<moe::storages::q4_0>(); }
+    SECTION("rows of other lengths cannot be held") {
+        CHECK_THROWS_WITH(moe::storages::q4_0::matrix(4, 40), Catch::Contains("a row of 40 values"));
+        moe::storages::q8_0::matrix m(2, 32);
+        const std::vector<float> values(64, 1.0f);
+        CHECK_THROWS_AS(m.assign(1, values.data(), 2), moe::shape_error);  // rows [1, 3) of 2
+    }
+}

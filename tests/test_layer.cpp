@@ -3,6 +3,7 @@
 #include <moe/layer.hpp>
 #include <moe/testing/gradient_check.hpp>
 
+#include <limits>
 #include <type_traits>
 
 
@@ -269,4 +270,49 @@ TEST_CASE("a layer with bf16 weights is the float layer of the rounded weights, 
     const double error = (y1 - want).norm() / want.norm();
     CHECK(error < 1e-2);
     CHECK(error > 1e-4);
+}
+
+TEST_CASE("a layer with quantized weights: the same bits at any thread count and plan, its size, its errors",
+          "[layer][quantized]") {
+    using q4_layer = moe::layer<float, moe::routers::sigmoid_topk, moe::experts::q4_0_weights<moe::experts::swiglu>,
+                                moe::shared_experts::ungated<>>;
+    STATIC_REQUIRE(std::is_same_v<q4_layer::storage_type, moe::storages::q4_0>);
+    STATIC_REQUIRE_FALSE(q4_layer::trainable);
+    const moe::layer_shape shape{.d_model = 64, .d_ff = 96, .n_experts = 16, .d_shared = 64};
+    const moe::routers::sigmoid_topk router{.k = 4, .normalize = true, .scale = 2.5, .n_group = 4, .topk_group = 2};
+    q4_layer one(shape, router), two(shape, router);
+    one.randomize(5);
+    two.randomize(5);
+    // q4_0 holds 18 bytes per 32 weights: 0.14 of float32's 128.
+    moe::deepseek_v3_layer<float> as_float(shape, router);
+    CHECK(static_cast<double>(one.expert_weight_bytes()) == static_cast<double>(as_float.expert_weight_bytes()) * 18 / 128);
+    for (const moe::index tokens : {1, 3, 300}) {
+        CAPTURE(tokens);
+        const moe::matrix<float> x = moe::matrix<float>::Random(tokens, shape.d_model);
+        moe::matrix<float> y1(tokens, shape.d_model), y2(tokens, shape.d_model);
+        one.set_threads(1);
+        one.forward(x, y1);
+        for (const moe::index threads : {2, 3}) {
+            two.set_threads(threads);
+            for (const moe::index plan : {0, 16, 64}) {  // decode steps cut along the weight rows
+                two.plan_for_threads(plan);
+                two.forward(x, y2);
+                CHECK((y1.array() == y2.array()).all());
+            }
+        }
+    }
+    SECTION("a token with a value that is not finite gets NaN outputs; the others are unchanged") {
+        moe::matrix<float> x = moe::matrix<float>::Random(5, shape.d_model);
+        moe::matrix<float> y(5, shape.d_model), clean(5, shape.d_model);
+        one.forward(x, clean);
+        x(2, 7) = std::numeric_limits<float>::infinity();
+        one.forward(x, y);
+        CHECK(y.row(2).array().isNaN().any());
+        for (const moe::index t : {0, 1, 3, 4}) CHECK((y.row(t).array() == clean.row(t).array()).all());
+    }
+    SECTION("sizes that are not multiples of 32 are a typed error naming the size") {
+        CHECK_THROWS_WITH(q4_layer({.d_model = 48, .d_ff = 96, .n_experts = 16, .d_shared = 64}, router),
+                          Catch::Contains("d_model = 48 is not a multiple of 32") && Catch::Contains("q4_0"));
+        CHECK_THROWS_AS(q4_layer({.d_model = 64, .d_ff = 96, .n_experts = 16, .d_shared = 80}, router), moe::shape_error);
+    }
 }

@@ -2,6 +2,7 @@
 #include "golden.hpp"
 
 #include <cstdlib>
+#include <utility>
 #include <fstream>
 #include <sstream>
 
@@ -119,28 +120,40 @@ TEST_CASE("moe-run reproduces the PyTorch reference for every checkpoint case", 
     }
 }
 
-TEST_CASE("moe-run --weights bf16 keeps BF16 weights and reproduces the PyTorch reference with bf16 inputs",
-          "[moe-run][bf16]") {
+TEST_CASE("moe-run --weights bf16|q8_0|q4_0 reproduces the PyTorch reference of bf16 or quantized experts",
+          "[moe-run][bf16][quantized]") {
     temp_dir tmp;
-    for (const char* name : {"mixtral_bf16", "deepseek_v3"}) {
-        INFO("checkpoint case " << name);
+    const std::pair<const char*, const char*> runs[] = {{"mixtral_bf16", "bf16"},      {"deepseek_v3", "bf16"},
+                                                        {"mixtral_quant", "q8_0"},     {"mixtral_quant", "q4_0"},
+                                                        {"deepseek_v3_quant", "q8_0"}, {"deepseek_v3_quant", "q4_0"}};
+    for (const auto& [name, weights] : runs) {
+        INFO("checkpoint case " << name << ", --weights " << weights);
         const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
-        const auto r = moe_run(case_args(name, one) + " --weights bf16 --repeat 1", tmp);
+        const std::string flag = std::string(" --weights ") + weights;
+        const auto r = moe_run(case_args(name, one) + flag + " --repeat 1", tmp);
         REQUIRE(r.status == 0);
-        CHECK_THAT(r.out, Catch::Contains("kernels="));
-        REQUIRE(moe_run(case_args(name, two) + " --weights bf16 --threads 2", tmp).status == 0);
+        CHECK_THAT(r.out, Catch::Contains("kernels=") && Catch::Contains("expert_weights_mb="));
+        REQUIRE(moe_run(case_args(name, two) + flag + " --threads 2", tmp).status == 0);
         const moe::io::safetensors_file got(one), got2(two), expected(ckpt_dir / name / "expected.safetensors");
         // Within float32 sums of the reference (see test_io_checkpoint.cpp), not of the float one.
         const auto y = golden::read_matrix(got, "hidden_states");
-        CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states_bf16_weights")) <= 1e-4);
+        CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states_" + std::string(weights) + "_weights")) <=
+              1e-4);
         CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states")) > 1e-3);
         CHECK(golden::relative_error(golden::read_matrix(got, "router_logits"), golden::read_matrix(expected, "router_logits")) <=
               2e-5);
         check_bitwise(got, got2);  // 1 vs 2 threads
     }
-    const auto r = moe_run(case_args("mixtral_bf16", tmp.path / "out.safetensors") + " --weights bf16 --backward", tmp);
-    CHECK(r.status == 2);
-    CHECK_THAT(r.err, Catch::Contains("--backward needs --weights f32"));
+    for (const char* weights : {"bf16", "q4_0"}) {
+        const auto r = moe_run(case_args("mixtral_quant", tmp.path / "out.safetensors") + " --weights " + weights + " --backward", tmp);
+        CHECK(r.status == 2);
+        CHECK_THAT(r.err, Catch::Contains("--backward needs --weights f32") && Catch::Contains(weights));
+    }
+    // The formats need rows of a multiple of 32 values: mixtral_f32's experts are 24 wide.
+    const auto r = moe_run(case_args("mixtral_f32", tmp.path / "out.safetensors") + " --weights q8_0", tmp);
+    CHECK(r.status == 1);
+    CHECK_THAT(r.err, Catch::Contains("d_ff = 24 is not a multiple of 32"));
+    CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
 }
 
 TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run][routers]") {
@@ -252,13 +265,17 @@ TEST_CASE("moe-run prints statistics and timings on request", "[moe-run]") {
     const auto r = moe_run(case_args("deepseek_v3", tmp.path / "o.safetensors") + " --stats --repeat 3", tmp);
     REQUIRE(r.status == 0);
     std::istringstream lines(r.out);
-    std::string timing, kernels, stats;
+    std::string timing, kernels, size, stats;
     std::getline(lines, timing);
     std::getline(lines, kernels);
+    std::getline(lines, size);
     std::getline(lines, stats);
     CHECK(timing.rfind("forward_ms_median=", 0) == 0);
     // The instruction-set family the kernels ran on: this process's (the same CPU, the same MOE_ISA).
     CHECK(kernels == "kernels=" + std::string(moe::kernels::isa_name(moe::kernels::active_isa())));
+    // deepseek_v3's expert weights as float32: 16 experts of 3 x 32 x 16 and the shared FFN of 3 x 32 x 32
+    // values, 4 x 3 x 32 x (16 x 16 + 32) = 110592 bytes.
+    CHECK(size == "expert_weights_mb=0.111");
     const auto j = nlohmann::json::parse(stats);
     CHECK(j["tokens"] == 40);
     CHECK(j["assignments"] == 160);
@@ -466,9 +483,10 @@ TEST_CASE("moe-run --expert-parallel reports the whole batch's statistics and pe
     const auto r = moe_run_parallel(4, case_args("deepseek_v3", out) + " --stats --repeat 2", tmp);
     REQUIRE(r.status == 0);
     std::istringstream lines(r.out);
-    std::string timing, kernels, stats, load;
+    std::string timing, kernels, size, stats, load;
     std::getline(lines, timing);
     std::getline(lines, kernels);
+    std::getline(lines, size);
     std::getline(lines, stats);
     std::getline(lines, load);
     CHECK(timing.rfind("forward_ms_median=", 0) == 0);

@@ -62,7 +62,7 @@ long allocations_in(F&& f) {
 }
 
 // Steady-state steps of `layer` on x: a forward, then a training forward and its backward (a forward
-// alone for bf16 weights).
+// alone for bf16 and quantized weights).
 template <class Layer>
 void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
     CAPTURE(tokens, threads);
@@ -78,7 +78,7 @@ void check_steady_state(Layer& layer, moe::index tokens, moe::index threads) {
             layer.set_training(true);
             layer.forward(x, y);
             layer.backward(x, grad_y, grad_x);
-        } else {  // bf16 weights: inference only
+        } else {  // bf16 or quantized weights: inference only
             layer.forward(x, y);
         }
     };
@@ -136,6 +136,14 @@ TEST_CASE("forward and backward allocate nothing once the workspace is sized", "
         moe::layer<float, moe::routers::softmax_topk, moe::experts::bf16_weights<moe::experts::swiglu>, moe::shared_experts::ungated<>>
             layer({.d_model = 64, .d_ff = 96, .n_experts = 8, .d_shared = 80}, {.k = 2});
         for (const index threads : {1, 2}) check_steady_state(layer, 300, threads);
+    }
+    SECTION("q8_0 and q4_0 weights, shared expert") {
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::q8_0_weights<moe::experts::swiglu>, moe::shared_experts::ungated<>>
+            q8({.d_model = 64, .d_ff = 96, .n_experts = 8, .d_shared = 64}, {.k = 2});
+        for (const index threads : {1, 2}) check_steady_state(q8, 300, threads);
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::q4_0_weights<moe::experts::swiglu>> q4(
+            {.d_model = 64, .d_ff = 96, .n_experts = 8}, {.k = 2});
+        check_steady_state(q4, 1, 2);
     }
     SECTION("Qwen2-MoE: gated shared expert") {
         moe::qwen2_moe_layer<float> layer({.d_model = 32, .d_ff = 40, .n_experts = 6, .d_shared = 56}, {.k = 2});
