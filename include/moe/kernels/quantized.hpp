@@ -260,6 +260,17 @@ float quant_dot_portable(const q8_0_block* x, const Block* w, index blocks) {
 
 #if defined(MOE_X86_DISPATCH)
 MOE_TARGET_BEGIN("avx2,fma,f16c")
+/// Decoding (one row of x) streams W from memory: a tile of one row asks for the lines of the next J
+/// rows of W (where the caller goes next) at the block it is at, one step ahead of the hardware's
+/// stream prefetchers, which stop at each page.
+template <int J, class Block>
+MOE_ALWAYS_INLINE void ask_next_rows(const Block* w, index ldw, index b) {
+    const auto base = reinterpret_cast<std::uintptr_t>(w);  // the next rows may lie past W: never read
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j)
+        __builtin_prefetch(reinterpret_cast<const char*>(base + static_cast<std::uintptr_t>(((J + j) * ldw + b) * sizeof(Block))), 0, 2);
+}
+
 namespace quant_avx2 {
 
 /// fp16 bits as float by F16C (every AVX2 CPU has it): Eigen's conversion is a dozen operations.
@@ -331,6 +342,7 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
     for (int i = 0; i < R * J; ++i) even[i] = odd[i] = _mm256_setzero_ps();
     index b = 0;
     for (; b + 2 <= blocks; b += 2) {
+        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
         step<R, J>(x, ldx, w, ldw, b, even);
         step<R, J>(x, ldx, w, ldw, b + 1, odd);
     }
@@ -372,11 +384,10 @@ inline __m512i weights(const q8_0_block* b) {
 inline __m512i weights(const q4_0_block* b) {
     // 128-bit lanes [packed b, packed b, packed b + 1, packed b + 1] shifted right by [0, 4, 0, 4]: the
     // low nibbles of each lane are the values' q in order (unsigned; the value is q - 8).
-    const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].values)),
-                  second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].values));
-    const __m512i packed = _mm512_maskz_inserti32x4(
-        full16, _mm512_maskz_inserti32x4(full16, _mm512_maskz_inserti32x4(full16, _mm512_castsi128_si512(first), first, 1), second, 2),
-        second, 3);
+    // (Broadcasting loads, one shuffle: the unpacking is most of a decoding step's work.)
+    const __m256i first = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].values))),
+                  second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].values)));
+    const __m512i packed = _mm512_maskz_inserti64x4(full8, _mm512_castsi256_si512(first), second, 1);
     const __m512i shifted = _mm512_maskz_srlv_epi64(full8, packed, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
     return _mm512_and_si512(shifted, _mm512_set1_epi8(15));
 }
@@ -421,6 +432,7 @@ void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index block
     }
     index b = 0;
     for (; b + 2 <= blocks; b += 2) {
+        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
         using form = vnni_lanes<Block>;
         __m512i xv[R], cx[R];
         __m512 dx[R];
