@@ -137,8 +137,10 @@ TEST_CASE("moe-run --weights bf16|q8_0|q4_0 reproduces the PyTorch reference of 
         const moe::io::safetensors_file got(one), got2(two), expected(ckpt_dir / name / "expected.safetensors");
         // Within float32 sums of the reference (see test_io_checkpoint.cpp), not of the float one.
         const auto y = golden::read_matrix(got, "hidden_states");
+        // bf16: an activation may round to the other bf16 neighbour (2^-8 of one term); quantized: the
+        // generator keeps the activations clear of quantization ties (see test_io_checkpoint.cpp).
         CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states_" + std::string(weights) + "_weights")) <=
-              1e-4);
+              (std::string(weights) == "bf16" ? 1e-4 : 1e-6));
         CHECK(golden::relative_error(y, golden::read_matrix(expected, "hidden_states")) > 1e-3);
         CHECK(golden::relative_error(golden::read_matrix(got, "router_logits"), golden::read_matrix(expected, "router_logits")) <=
               2e-5);

@@ -18,6 +18,7 @@
 
 
 #include <algorithm>
+#include <numeric>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -26,7 +27,7 @@ namespace moe::detail {
 
 /// One FFN's rows in the expert pass, forward and backward: a routed expert's block of rows or the
 /// shared FFN's tokens, encoded alike. Pointers are to row 0; `ld*` are row strides, in elements of
-/// what they point at (`Input`: values, or blocks of `Storage::unit` values).
+/// what they point at (values, or the storage's input elements: blocks of `Storage::unit` values).
 template <class Scalar, class Storage>
 struct ffn_block {
     using input = typename Storage::input;
@@ -68,7 +69,7 @@ public:
         // converts its inputs the float activations before converting.
         const bool keep_h = !blocks.empty() && blocks.front().hidden != nullptr;
         const index scratch = (keep_h ? 0 : 2) + (converts ? 1 : 0);
-        constexpr index hidden_unit = std::max<index>(16, Storage::unit);
+        constexpr index hidden_unit = std::lcm<index>(16, Storage::unit);
         run_plan(pool, plan_threads, {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
@@ -99,7 +100,7 @@ public:
     /// Backward of `forward` (which ran with `hidden` set): every block's gradients and dx.
     template <class X, class S>
     void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
-        requires std::is_same_v<Storage, storages::scalar<Scalar>>
+        requires Storage::trainable
     {
         const index panel = kernels::multiply_panel_width<Scalar>();
         // Stage 1: da, a and dh by hidden columns.

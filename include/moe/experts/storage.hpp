@@ -53,7 +53,8 @@ concept weight_storage =
         S::project(cin, n, cw, n, n, z, n, n);
         S::assign(w, n, values, n);
         { S::bytes(cw) } -> std::convertible_to<std::size_t>;
-    };
+    } &&
+    (!S::trainable || (std::is_same_v<typename S::matrix, aligned_matrix<Scalar>> && std::is_same_v<typename S::input, Scalar>));
 
 namespace storages {
 

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -163,12 +164,14 @@ inline void quantize(const float* v, index n, q8_0_block* out) {
 /// outputs it feeds are NaN (where float arithmetic would give NaN or infinity), and a block whose
 /// scale exceeds fp16 (values beyond about 8.3e6) an infinite one. n must be a multiple of 32.
 inline void quantize_input(const float* v, index n, q8_0_block* out) {
+    assert(n % quant_block == 0);
     constexpr std::uint16_t fp16_nan = 0x7E00;
+    constexpr std::uint32_t exponent = 0x7F80'0000;  // all ones: infinite or NaN (bits, whatever -ffast-math says)
     for (index b = 0; b < n / quant_block; ++b) {
         const float* block = v + b * quant_block;
-        float finite = 0;  // stays 0 unless a value is NaN or infinite (then 0 v is NaN)
-        for (index i = 0; i < quant_block; ++i) finite += 0.0f * block[i];
-        if (finite != 0.0f) {  // NaN compares unequal
+        std::uint32_t not_finite = 0;
+        for (index i = 0; i < quant_block; ++i) not_finite |= (std::bit_cast<std::uint32_t>(block[i]) & exponent) == exponent;
+        if (not_finite != 0) {
             out[b].scale = fp16_nan;
             std::fill_n(out[b].values, quant_block, std::int8_t{0});
             continue;
