@@ -15,13 +15,15 @@ run it with /usr/bin/python3.
 
 With --bf16 the checkpoint stores its weights as BF16 (as real ones do; PyTorch and the float32 run
 get the same values widened) and moe-run also runs with --weights bf16: its time, the speed-up over
-the float32 run and its error against the float32 PyTorch block.
+the float32 run and its error against the float32 PyTorch block. With --quant moe-run also runs with
+--weights q8_0 and q4_0 (quantized at load), reported the same way: the error is what the formats
+trade for their speed.
 
 With --plot FILE it also draws GFLOP/s on active FLOPs per shape and engine (forward) into a PNG
 (Debian's python3-matplotlib).
 
 usage: tools/compare_pytorch.py [--moe-run build/apps/moe-run] [--threads 1] [--repeat 10] [--rounds 3]
-                                [--shapes small,mixtral,fine,decode_t1] [--backward] [--bf16]
+                                [--shapes small,mixtral,fine,decode_t1] [--backward] [--bf16] [--quant]
                                 [--plot FILE]
 """
 import argparse
@@ -112,7 +114,9 @@ def relative_error(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def compare(name, moe_run, threads, repeat, rounds, backward, bf16, folder):
+def compare(name, moe_run, threads, repeat, rounds, backward, bf16, others, folder):
+    """One shape: PyTorch's times, moe-run's with float32 weights and with each of `others`
+    (moe-run --weights names), their errors against the PyTorch block."""
     T, d, ff, E, k = SHAPES[name]
     g = torch.Generator().manual_seed(1)
     dtype = "BF16" if bf16 else "F32"
@@ -162,16 +166,17 @@ def compare(name, moe_run, threads, repeat, rounds, backward, bf16, folder):
         row["torch_bwd_ms"] = max(0.0, pair - forward)
         forward_backward()
 
-    # moe-run (and with --bf16 moe-run --weights bf16, alternately) `rounds` times: the medians of
-    # their medians, so that a burst of load on a shared machine does not decide a ratio.
-    out, out16 = os.path.join(folder, "out.safetensors"), os.path.join(folder, "out_bf16.safetensors")
+    # moe-run with each storage of its weights, alternately, `rounds` times: the medians of their
+    # medians, so that a burst of load on a shared machine does not decide a ratio.
+    output = {w: os.path.join(folder, f"out_{w}.safetensors") for w in ("f32",) + others}
+    out = output["f32"]
     common = [moe_run, "--model", folder, "--layer", "0", "--input", os.path.join(folder, "input.safetensors"),
               "--threads", str(threads), "--repeat", str(repeat)]
-    samples = {"f32": [], "bf16": []}
+    samples = {w: [] for w in output}
     for _ in range(rounds):
-        for weights in ("f32", "bf16") if bf16 else ("f32",):
+        for weights in output:
             extra = ["--backward"] if backward and weights == "f32" else []
-            run = subprocess.run(common + ["--output", out if weights == "f32" else out16, "--weights", weights] + extra,
+            run = subprocess.run(common + ["--output", output[weights], "--weights", weights] + extra,
                                  capture_output=True, text=True, check=True)
             printed = dict(line.split("=") for line in run.stdout.split() if "=" in line)
             samples[weights].append(printed)
@@ -180,9 +185,9 @@ def compare(name, moe_run, threads, repeat, rounds, backward, bf16, folder):
     row["kernels"] = samples["f32"][0]["kernels"]
     got = read_safetensors(out)
     row["error"] = relative_error(got["hidden_states"], reference)
-    if bf16:
-        row["moe_bf16_ms"] = statistics.median(float(p["forward_ms_median"]) for p in samples["bf16"])
-        row["bf16_error"] = relative_error(read_safetensors(out16)["hidden_states"], reference)
+    for w in others:
+        row[f"moe_{w}_ms"] = statistics.median(float(p["forward_ms_median"]) for p in samples[w])
+        row[f"{w}_error"] = relative_error(read_safetensors(output[w])["hidden_states"], reference)
     if backward:
         row["moe_bwd_ms"] = timings["backward_ms_median"]
         pairs = [("grad_hidden_states", xg), (f"grad.{p}.gate.weight", block.gate)]
@@ -204,27 +209,30 @@ def main():
     ap.add_argument("--shapes", default="small,mixtral,fine,decode_t1")
     ap.add_argument("--backward", action="store_true", help="also time and check the backward")
     ap.add_argument("--bf16", action="store_true", help="BF16 checkpoint; also run moe-run --weights bf16")
+    ap.add_argument("--quant", action="store_true", help="also run moe-run --weights q8_0 and q4_0")
     ap.add_argument("--plot", metavar="FILE", help="draw GFLOP/s per shape and engine into this PNG")
     args = ap.parse_args()
+    others = (("bf16",) if args.bf16 else ()) + (("q8_0", "q4_0") if args.quant else ())
     rows = []
     print(f"threads {args.threads}, medians of {args.repeat} runs (moe: median of {args.rounds} such), "
           f"float32{' (BF16 checkpoint)' if args.bf16 else ''}; torch {torch.__version__}")
     header = f"{'shape':10s} {'torch ms':>9s} {'dense ms':>9s} {'moe ms':>8s} {'vs torch':>8s} {'vs dense':>8s} {'rel err':>8s}"
     if args.backward:
         header += f" {'torch bwd':>9s} {'moe bwd':>8s} {'vs torch':>8s} {'grad err':>8s}"
-    if args.bf16:
-        header += f" {'bf16 ms':>8s} {'vs moe':>7s} {'bf16 err':>8s}"
+    for w in others:
+        header += f" {w + ' ms':>8s} {'vs moe':>7s} {w + ' err':>8s}"
     print(header)
     for name in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            r = compare(name, args.moe_run, args.threads, args.repeat, args.rounds, args.backward, args.bf16, folder)
+            r = compare(name, args.moe_run, args.threads, args.repeat, args.rounds, args.backward, args.bf16, others,
+                        folder)
         line = (f"{name:10s} {r['torch_ms']:9.2f} {r['dense_ms']:9.2f} {r['moe_ms']:8.2f} "
                 f"{r['torch_ms'] / r['moe_ms']:7.2f}x {r['dense_ms'] / r['moe_ms']:7.2f}x {r['error']:8.1e}")
         if args.backward:
             line += (f" {r['torch_bwd_ms']:9.2f} {r['moe_bwd_ms']:8.2f} {r['torch_bwd_ms'] / r['moe_bwd_ms']:7.2f}x"
                      f" {r['grad_error']:8.1e}")
-        if args.bf16:
-            line += f" {r['moe_bf16_ms']:8.2f} {r['moe_ms'] / r['moe_bf16_ms']:6.2f}x {r['bf16_error']:8.1e}"
+        for w in others:
+            line += f" {r[f'moe_{w}_ms']:8.2f} {r['moe_ms'] / r[f'moe_{w}_ms']:6.2f}x {r[f'{w}_error']:8.1e}"
         print(line, flush=True)
         rows.append(r)
     print(f"moe kernels: {rows[0]['kernels']} (MOE_ISA selects another)")
@@ -245,8 +253,9 @@ def plot(rows, threads, path):
 
     engines = [("torch_ms", "PyTorch block (HF Mixtral style)"), ("dense_ms", "one dense PyTorch FFN, same FLOPs"),
                ("moe_ms", "moe")]
-    if "moe_bf16_ms" in rows[0]:
-        engines.append(("moe_bf16_ms", "moe, bf16 weights"))
+    for w in ("bf16", "q8_0", "q4_0"):
+        if f"moe_{w}_ms" in rows[0]:
+            engines.append((f"moe_{w}_ms", f"moe, {w} weights"))
     fig, ax = plt.subplots(figsize=(7.5, 3.9), dpi=120)
     width = 0.8 / len(engines)
     for i, (key, label) in enumerate(engines):

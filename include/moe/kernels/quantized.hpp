@@ -44,6 +44,13 @@
 #if defined(MOE_X86_DISPATCH)
 #include <immintrin.h>
 #endif
+// aarch64 Linux: the dot product instructions where the CPU has them (asked of the kernel at run time).
+#if defined(__aarch64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_NEON_DOTPROD 1
+#include <arm_neon.h>
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 namespace moe {
 
@@ -261,8 +268,6 @@ float quant_dot_portable(const q8_0_block* x, const Block* w, index blocks) {
     return quant_lane_sum(lanes[0], lanes[1]);
 }
 
-#if defined(MOE_X86_DISPATCH)
-MOE_TARGET_BEGIN("avx2,fma,f16c")
 /// Decoding (one row of x) streams W from memory: a tile of one row asks for the lines of the next J
 /// rows of W (where the caller goes next) at the block it is at, one step ahead of the hardware's
 /// stream prefetchers, which stop at each page.
@@ -274,6 +279,8 @@ MOE_ALWAYS_INLINE void ask_next_rows(const Block* w, index ldw, index b) {
         __builtin_prefetch(reinterpret_cast<const char*>(base + static_cast<std::uintptr_t>(((J + j) * ldw + b) * sizeof(Block))), 0, 2);
 }
 
+#if defined(MOE_X86_DISPATCH)
+MOE_TARGET_BEGIN("avx2,fma,f16c")
 namespace quant_avx2 {
 
 /// fp16 bits as float by F16C (every AVX2 CPU has it): Eigen's conversion is a dozen operations.
@@ -493,6 +500,88 @@ inline bool has_vnni() {
 }
 #endif
 
+#if defined(MOE_NEON_DOTPROD)
+/// Whether the CPU has the Armv8.2 dot product instructions (`sdot`; most aarch64 cores since 2017).
+inline bool has_dotprod() {
+    static const bool dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+    return dotprod;
+}
+
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+namespace quant_neon {
+
+/// A block's 32 values as two vectors of signed bytes (q4_0: q - 8).
+MOE_ALWAYS_INLINE int8x16x2_t values(const q8_0_block& b) { return {{vld1q_s8(b.values), vld1q_s8(b.values + 16)}}; }
+MOE_ALWAYS_INLINE int8x16x2_t values(const q4_0_block& b) {
+    const uint8x16_t packed = vld1q_u8(b.values);
+    const int8x16_t eight = vdupq_n_s8(8);
+    return {{vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(15))), eight),
+             vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(packed, 4)), eight)}};
+}
+
+/// One block b of z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W: `sdot` forms the integer lanes
+/// (lane j of a 32-bit vector sums the products of bytes 4j to 4j + 3: values 4j..4j+3 of the first
+/// half, then of the second), each added to its float lane (of `acc`: the even or the odd blocks') by a
+/// fused multiply-add with the product of the two scales.
+template <int R, int J, class Block>
+MOE_ALWAYS_INLINE void step(const q8_0_block* x, index ldx, const Block* w, index ldw, index b, float32x4_t (&acc)[R * J][2]) {
+    int8x16x2_t xv[R];
+    float dx[R];
+    MOE_UNROLL
+    for (int r = 0; r < R; ++r) {
+        xv[r] = values(x[r * ldx + b]);
+        dx[r] = fp16_to_float(x[r * ldx + b].scale);
+    }
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) {
+        const Block& wb = w[j * ldw + b];
+        const int8x16x2_t wv = values(wb);
+        const float dw = fp16_to_float(wb.scale);
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const float32x4_t scale = vdupq_n_f32(dx[r] * dw);
+            float32x4_t* a = acc[r * J + j];
+            a[0] = vfmaq_f32(a[0], vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), xv[r].val[0], wv.val[0])), scale);
+            a[1] = vfmaq_f32(a[1], vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), xv[r].val[1], wv.val[1])), scale);
+        }
+    }
+}
+
+template <int R, int J, class Block>
+void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+    float32x4_t even[R * J][2], odd[R * J][2];  // [tile entry][lanes 0-3, 4-7]
+    MOE_UNROLL
+    for (int i = 0; i < R * J; ++i) even[i][0] = even[i][1] = odd[i][0] = odd[i][1] = vdupq_n_f32(0);
+    index b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
+        step<R, J>(x, ldx, w, ldw, b, even);
+        step<R, J>(x, ldx, w, ldw, b + 1, odd);
+    }
+    if (b < blocks) step<R, J>(x, ldx, w, ldw, b, even);
+    MOE_UNROLL
+    for (int i = 0; i < R * J; ++i) {
+        // [l0 + l4, l1 + l5, l2 + l6, l3 + l7] of l = even + odd, then (s0 + s2) + (s1 + s3).
+        const float32x4_t s = vaddq_f32(vaddq_f32(even[i][0], odd[i][0]), vaddq_f32(even[i][1], odd[i][1]));
+        z[i / J * ldz + i % J] = (vgetq_lane_f32(s, 0) + vgetq_lane_f32(s, 2)) + (vgetq_lane_f32(s, 1) + vgetq_lane_f32(s, 3));
+    }
+}
+
+/// Tiles of 2 rows of x by 2 of W over blocks of 16 rows of W.
+struct family {
+    static constexpr int rows = 2, columns = 2;
+    static constexpr index w_block = 16;
+    template <int R, int J, class Block>
+    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+    }
+};
+
+}  // namespace quant_neon
+#pragma GCC pop_options
+#endif
+
 /// `Family::run<R, J>` for J = `columns` rows of W or fewer (the edge of a block of W).
 template <class Family, int R, int J = Family::columns, class Block>
 void quant_edge(index j, const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
@@ -540,6 +629,9 @@ void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z,
     if (active_isa() >= isa::avx512 && detail::has_vnni())
         return detail::quant_linear<detail::quant_vnni::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
     if (active_isa() >= isa::avx2) return detail::quant_linear<detail::quant_avx2::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
+#endif
+#if defined(MOE_NEON_DOTPROD)
+    if (detail::has_dotprod()) return detail::quant_linear<detail::quant_neon::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
 #endif
     for (index r = 0; r < n; ++r)
         for (index j = 0; j < m; ++j) z[r * ldz + j] = detail::quant_dot_portable(x + r * ldx, w + j * ldw, blocks);
