@@ -403,22 +403,24 @@ inline __m512i weights(const q4_0_block* b) {
 }
 
 /// The integer lanes of two blocks' products by `vpdpbusd`, which multiplies unsigned by signed bytes.
-/// q8_0: the rows of x offset to x + 128 (in [1, 255]) against w, less 128 times the lane sums of w
-/// (w's `correction`, the same for every row of x). q4_0: the nibbles q against x, starting from -8
+/// q8_0: the rows of x offset to x + 128 (in [1, 255]) against w, starting from -128 times the lane
+/// sums of w (w's `correction`, the same for every row of x). q4_0: the nibbles q against x, starting from -8
 /// times x's lane sums (x's `correction`, the same for every row of W).
 template <class Block>
 struct vnni_lanes {
     static constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
     /// A row of x's two blocks as this form's operand.
     static __m512i row(__m512i x) { return nibbles ? x : _mm512_add_epi8(x, _mm512_set1_epi8(-128)); }
+    /// -8 (q4_0) or -128 (q8_0: the byte 0x80 read unsigned) times the lane sums of v: where a lane's
+    /// `vpdpbusd` starts.
     static __m512i correction(__m512i v) {
         const __m512i zero = _mm512_setzero_si512();
-        return nibbles ? _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), v))
-                       : _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), v);
+        return _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(nibbles ? 8 : -128), v));
     }
-    /// The lanes of row x (`row`, with its correction cx) against w (with its correction cw).
+    /// The lanes of row x (`row`, with its correction cx) against w (with its correction cw): one
+    /// `vpdpbusd` from the correction.
     static __m512i lanes(__m512i x, __m512i cx, __m512i w, __m512i cw) {
-        return nibbles ? _mm512_dpbusd_epi32(cx, w, x) : _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x, w), cw);
+        return nibbles ? _mm512_dpbusd_epi32(cx, w, x) : _mm512_dpbusd_epi32(cw, x, w);
     }
 };
 
