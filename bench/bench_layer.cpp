@@ -5,7 +5,8 @@
 // read bandwidth measured in the same run (`memory_read`). `layer_forward_bf16/*`, `layer_forward_q8_0/*`
 // and `layer_forward_q4_0/*` are the same layer with its expert weights held as bf16, q8_0 or q4_0
 // (experts/storage.hpp), to set against `layer_forward/*`.
-// `task_list_efficiency/*` prints what the task lists would do on 1 to 64 cores (see run_efficiency).
+// `task_list_efficiency/*` prints what the task lists would do on 1 to 64 cores (see run_efficiency);
+// `plan_tasks/*` times the planning of one stage's tasks for 16 and 64 threads.
 #include <moe/detail/expert_schedule.hpp>
 #include <moe/detail/thread_pool.hpp>
 #include <moe/moe.hpp>
@@ -195,6 +196,21 @@ void dense_ffn_backward(benchmark::State& state, shape s) {
 // pool each sum their share of 1 GiB (far beyond the caches) in SIMD vectors with four accumulators,
 // as the kernels read weights. (Google Benchmark's own threads time each thread apart, and their summed
 // rates overstate what the threads read together.)
+// The planning of one stage of the expert pass (the input projections) for P threads: serial work on
+// every call, which a decoding step on many cores must keep small. Items as the layer makes them with
+// the routing of balanced tokens (T k / E rows per expert, at least one expert with none when T k < E).
+void plan_tasks(benchmark::State& state, shape s) {
+    std::vector<moe::detail::work_item> items;
+    for (moe::index e = 0; e < s.experts; ++e)
+        items.push_back({(s.tokens * s.k * (e + 1)) / s.experts - (s.tokens * s.k * e) / s.experts, s.ff, 2 * s.d});
+    std::vector<moe::detail::work_task> tasks;
+    for (auto _ : state) {
+        moe::detail::plan_tasks(items, state.range(0), {}, tasks);
+        benchmark::DoNotOptimize(tasks.data());
+    }
+    state.counters["tasks"] = static_cast<double>(tasks.size());
+}
+
 void memory_read(benchmark::State& state) {
     using batch = xsimd::batch<float>;
     static const std::vector<float> data(std::size_t{1} << 28, 1.0f);
@@ -347,6 +363,8 @@ const bool registered = [] {
                 ->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("task_list_efficiency/forward/") + s.name).c_str(), efficiency_forward, s)
             ->Iterations(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("plan_tasks/") + s.name).c_str(), plan_tasks, s)
+            ->Arg(16)->Arg(64)->ArgName("P")->Unit(benchmark::kMicrosecond);
     }
     for (const shape& s : shapes) {
         if (s.tokens < 64) continue;  // training shapes only

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <random>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -39,6 +40,17 @@ std::vector<work_task> plan(const std::vector<work_item>& items, moe::index thre
     return tasks;
 }
 
+// Whether the tasks are largest first, equal costs in the order (item, row_begin, column_begin).
+bool largest_first_ties_in_order(const std::vector<work_task>& tasks) {
+    for (std::size_t i = 1; i < tasks.size(); ++i) {
+        const work_task &a = tasks[i - 1], &b = tasks[i];
+        if (a.cost < b.cost) return false;
+        if (a.cost == b.cost && std::tie(a.item, a.row_begin, a.column_begin) >= std::tie(b.item, b.row_begin, b.column_begin))
+            return false;
+    }
+    return true;
+}
+
 // The efficiency the tasks reach on P workers if each takes time proportional to its cost.
 double efficiency(const std::vector<work_task>& tasks, moe::index threads) {
     std::vector<double> times;
@@ -60,7 +72,7 @@ TEST_CASE("plan_tasks covers every output of every item exactly once, largest ta
         for (const moe::index threads : {1, 2, 3, 7, 16, 64}) {
             const auto tasks = plan(items, threads);
             REQUIRE(exact_cover(items, tasks));
-            for (std::size_t i = 1; i < tasks.size(); ++i) REQUIRE(tasks[i - 1].cost >= tasks[i].cost);
+            REQUIRE(largest_first_ties_in_order(tasks));
             for (const work_task& t : tasks) {
                 REQUIRE(t.row_end - t.row_begin <= 256);
                 // Columns are cut at multiples of the unit; only an item's last block ends elsewhere.
@@ -133,4 +145,24 @@ TEST_CASE("chunk_rows gives about four chunks a thread, of 16 to 64 rows", "[sch
     CHECK(moe::detail::chunk_rows(10000, 1) == 64);
     CHECK(moe::detail::chunk_rows(1024, 8) == 32);
     CHECK(moe::detail::chunk_rows(256, 64) == 16);
+}
+
+TEST_CASE("plan_tasks orders a decoding step's alike blocks as a varied batch's: largest first, ties in order",
+          "[schedule]") {
+    // Alike items (decoding: every active expert one row, the same width) give tasks of few costs,
+    // which are bucketed; varied ones many, which are sorted. Both orders are the documented one.
+    std::vector<work_task> tasks;
+    for (const moe::index experts : {1, 2, 8, 64}) {
+        const std::vector<work_item> alike(static_cast<std::size_t>(experts), work_item{1, 2816, 2048});
+        for (const moe::index threads : {2, 16, 64, 128}) {
+            moe::detail::plan_tasks(alike, threads, {}, tasks);
+            CHECK(largest_first_ties_in_order(tasks));
+            CHECK(exact_cover(alike, tasks));
+        }
+    }
+    std::vector<work_item> varied;
+    for (moe::index e = 0; e < 40; ++e) varied.push_back({1 + 37 * e % 300, 512 + 16 * e, 1024});
+    moe::detail::plan_tasks(varied, 64, {}, tasks);
+    CHECK(largest_first_ties_in_order(tasks));
+    CHECK(exact_cover(varied, tasks));
 }

@@ -17,6 +17,7 @@
 #include "moe/types.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <queue>
@@ -60,6 +61,43 @@ inline double task_cost(index rows, index columns, index depth) {
     return r * c * k + 16.0 * c * k + r * c;
 }
 
+/// Orders tasks made in the order (item, then rows, then columns) largest first, ties in that order.
+/// Where the costs take few values (a decoding step: every block of every active expert alike) the
+/// tasks are bucketed by cost (linear; the scatter's destination past the end of `tasks` keeps its
+/// capacity between calls), else sorted.
+inline void largest_first(std::vector<work_task>& tasks) {
+    constexpr std::size_t max_classes = 8;
+    std::array<double, max_classes> costs{};
+    std::size_t classes = 0;
+    for (const work_task& t : tasks) {
+        if (std::find(costs.begin(), costs.begin() + static_cast<std::ptrdiff_t>(classes), t.cost) !=
+            costs.begin() + static_cast<std::ptrdiff_t>(classes))
+            continue;
+        if (classes == max_classes) {
+            std::sort(tasks.begin(), tasks.end(), [](const work_task& a, const work_task& b) {
+                if (a.cost != b.cost) return a.cost > b.cost;
+                if (a.item != b.item) return a.item < b.item;
+                if (a.row_begin != b.row_begin) return a.row_begin < b.row_begin;
+                return a.column_begin < b.column_begin;
+            });
+            return;
+        }
+        costs[classes++] = t.cost;
+    }
+    for (std::size_t i = 1; i < classes; ++i)  // largest first (by insertion: a few values)
+        for (std::size_t j = i; j > 0 && costs[j - 1] < costs[j]; --j) std::swap(costs[j - 1], costs[j]);
+    const auto first = costs.begin(), last = costs.begin() + static_cast<std::ptrdiff_t>(classes);
+    const auto class_of = [&](double cost) { return static_cast<std::size_t>(std::find(first, last, cost) - first); };
+    std::array<std::size_t, max_classes + 1> start{};  // where each class begins
+    for (const work_task& t : tasks) ++start[class_of(t.cost) + 1];
+    for (std::size_t c = 1; c <= classes; ++c) start[c] += start[c - 1];
+    const std::size_t n = tasks.size();
+    tasks.resize(2 * n);
+    for (std::size_t i = 0; i < n; ++i) tasks[n + start[class_of(tasks[i].cost)]++] = tasks[i];
+    std::copy(tasks.begin() + static_cast<std::ptrdiff_t>(n), tasks.end(), tasks.begin());
+    tasks.resize(n);
+}
+
 /// The tasks of `items` for `threads` threads, largest first (ties: item, then rows, then columns), into
 /// `out` (cleared first; reuses its capacity). Items without outputs get no task; every output of the
 /// others is in exactly one task. With one thread each item is only cut into blocks of `max_rows` rows.
@@ -93,12 +131,7 @@ inline void plan_tasks(std::span<const work_item> items, index threads, const sp
             }
         }
     }
-    std::sort(out.begin(), out.end(), [](const work_task& a, const work_task& b) {
-        if (a.cost != b.cost) return a.cost > b.cost;
-        if (a.item != b.item) return a.item < b.item;
-        if (a.row_begin != b.row_begin) return a.row_begin < b.row_begin;
-        return a.column_begin < b.column_begin;
-    });
+    largest_first(out);
 }
 
 /// Rows per chunk of the token-wise passes (logits, gathering rows, combine) over n rows: about
