@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 TEST_CASE("matrices are row-major with one token per row, and views accept blocks of them", "[types]") {
     STATIC_REQUIRE(moe::matrix<float>::IsRowMajor);
@@ -69,4 +70,25 @@ TEST_CASE("aligned_matrix holds its values on a cache line and behaves as a matr
     CHECK(m(2, 3) == 7);
     m = moe::aligned_matrix<float>();
     CHECK(m.size() == 0);
+}
+
+TEST_CASE("aligned_rows holds rows of any element type on a cache line and grows only", "[types]") {
+    moe::aligned_rows<std::uint16_t> a(3, 5);
+    CHECK(reinterpret_cast<std::uintptr_t>(a.data()) % 64 == 0);
+    CHECK(a.size() == 15);
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(a.data()[i] == 0);
+    a.row(2)[4] = 7;
+    moe::aligned_rows<std::uint16_t> copy = a;
+    CHECK(copy.row(2)[4] == 7);
+    CHECK(copy.data() != a.data());
+    const std::uint16_t* storage = a.data();
+    a.resize(2, 4);  // smaller: the same storage
+    CHECK(a.data() == storage);
+    CHECK(a.rows() == 2);
+    CHECK(a.cols() == 4);
+    moe::aligned_rows<std::uint16_t> moved = std::move(a);
+    CHECK(moved.data() == storage);
+    CHECK(a.size() == 0);  // NOLINT: moved from, empty
+    a.resize(1, 3);        // and usable again
+    CHECK(a.data() != nullptr);
 }
