@@ -85,10 +85,9 @@ enum class storage { f32, bf16, q8_0, q4_0 };
 constexpr const char* storage_names[] = {"linear", "linear_bf16", "linear_q8_0", "linear_q4_0"};
 
 template <class Block>
-std::vector<Block> quantized(const aligned& m) {
-    const index blocks = m.cols() / moe::quant_block;
-    std::vector<Block> out(static_cast<std::size_t>(m.rows() * blocks));
-    for (index r = 0; r < m.rows(); ++r) moe::kernels::quantize(m.row(r).data(), m.cols(), out.data() + r * blocks);
+moe::quantized_matrix<Block> quantized(const aligned& m) {
+    moe::quantized_matrix<Block> out(m.rows(), m.cols());
+    out.assign(0, m.data(), m.rows());
     return out;
 }
 
@@ -102,10 +101,11 @@ void linear(benchmark::State& state, engine how, storage weights, index n, index
     const bool is_bf16 = weights == storage::bf16, quantized_x = weights == storage::q8_0 || weights == storage::q4_0;
     const moe::aligned_matrix<moe::bf16> x16 = is_bf16 ? x.cast<moe::bf16>() : moe::aligned_matrix<moe::bf16>(),
                                          w16 = is_bf16 ? w.cast<moe::bf16>() : moe::aligned_matrix<moe::bf16>();
-    const auto x8 = quantized_x ? quantized<moe::q8_0_block>(x) : std::vector<moe::q8_0_block>();
-    const auto w8 = weights == storage::q8_0 ? quantized<moe::q8_0_block>(w) : std::vector<moe::q8_0_block>();
-    const auto w4 = weights == storage::q4_0 ? quantized<moe::q4_0_block>(w) : std::vector<moe::q4_0_block>();
     const index blocks = d / moe::quant_block;
+    std::vector<moe::q8_0_input> x8(quantized_x ? static_cast<std::size_t>(n * blocks) : 0);
+    if (quantized_x) moe::kernels::quantize_input(x.data(), n * d, x8.data());
+    const auto w8 = weights == storage::q8_0 ? quantized<moe::q8_0_block>(w) : moe::quantized_matrix<moe::q8_0_block>();
+    const auto w4 = weights == storage::q4_0 ? quantized<moe::q4_0_block>(w) : moe::quantized_matrix<moe::q4_0_block>();
     aligned z(n, m);
     for (auto _ : state) {
         if (how.blas)
@@ -115,9 +115,9 @@ void linear(benchmark::State& state, engine how, storage weights, index n, index
         else if (weights == storage::bf16)
             moe::kernels::linear(x16.data(), d, w16.data(), d, z.data(), m, n, m, d);
         else if (weights == storage::q8_0)
-            moe::kernels::linear(x8.data(), blocks, w8.data(), blocks, z.data(), m, n, m, d);
+            moe::kernels::linear(x8.data(), blocks, w8, 0, m, z.data(), m, n);
         else if (weights == storage::q4_0)
-            moe::kernels::linear(x8.data(), blocks, w4.data(), blocks, z.data(), m, n, m, d);
+            moe::kernels::linear(x8.data(), blocks, w4, 0, m, z.data(), m, n);
         else
             moe::kernels::linear(x.data(), d, w.data(), d, z.data(), m, n, m, d);
         benchmark::DoNotOptimize(z.data());

@@ -129,10 +129,10 @@ void check_quantized_expert(const X& expert, Act act) {
     S::assign(w.out, 0, w_out.data(), d);
     const moe::matrix<float> x = moe::matrix<float>::Random(n, d);
     moe::matrix<float> h(n, in), a(n, ff), out(n, d);
-    std::vector<moe::q8_0_block> converted(static_cast<std::size_t>(n * std::max(d, ff) / moe::quant_block));
+    std::vector<moe::q8_0_input> converted(static_cast<std::size_t>(n * std::max(d, ff) / moe::quant_block));
     Eigen::Map<const moe::matrix<float>> xm(x.data(), n, d);
     Eigen::Map<moe::matrix<float>> hm(h.data(), n, in), am(a.data(), n, ff), om(out.data(), n, d);
-    moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_block>(converted));
+    moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_input>(converted));
     const moe::matrix<double> win = w.in.dequantized().template cast<double>(), wout = w.out.dequantized().template cast<double>();
     CHECK((win - w_in.cast<double>()).cwiseAbs().maxCoeff() > 1e-3);  // the weights are quantized
     for (moe::index r = 0; r < n; ++r) {
@@ -147,8 +147,8 @@ void check_quantized_expert(const X& expert, Act act) {
         const Eigen::VectorXd unquantized = wout * a.row(r).cast<double>().transpose();
         CHECK((unquantized - want).cwiseAbs().maxCoeff() > 1e-4 * want.cwiseAbs().maxCoeff());
     }
-    std::vector<moe::q8_0_block> short_buffer(static_cast<std::size_t>(n * d / moe::quant_block - 1));
-    CHECK_THROWS_AS(moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_block>(short_buffer)),
+    std::vector<moe::q8_0_input> short_buffer(static_cast<std::size_t>(n * d / moe::quant_block - 1));
+    CHECK_THROWS_AS(moe::ffn_forward(quantized_expert, w, xm, hm, am, om, std::span<moe::q8_0_input>(short_buffer)),
                     moe::shape_error);
 }
 

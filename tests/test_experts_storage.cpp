@@ -71,6 +71,11 @@ TEST_CASE("storages hold what they say: values as assigned, bytes as counted", "
     moe::storages::q4_0::assign(q, 0, w.data(), 4);
     std::vector<moe::q4_0_block> want(4 * 3);
     moe::kernels::quantize(w.data(), w.size(), want.data());
-    CHECK(std::memcmp(q.data(), want.data(), q.bytes()) == 0);
-    CHECK(moe::storages::q4_0::bytes(q) == 4 * 3 * sizeof(moe::q4_0_block));
+    for (moe::index r = 0; r < 4; ++r)
+        for (moe::index b = 0; b < 3; ++b) {
+            const moe::q4_0_block got = q.block(r, b);
+            CHECK(std::memcmp(&got, &want[static_cast<std::size_t>(r * 3 + b)], sizeof got) == 0);
+        }
+    // One group of 16 rows (4 of them zeros), 3 blocks of 16 rows' values, 3 x 16 scales padded to 128 bytes.
+    CHECK(moe::storages::q4_0::bytes(q) == 3 * 16 * 16 + 128);
 }

@@ -274,7 +274,13 @@ void check_quantized_case(const std::string& name, Quantized& layer, Float& refe
     const auto same_blocks = [](const auto& q, const moe::aligned_matrix<float>& f) {
         typename S::matrix want(f.rows(), f.cols());
         S::assign(want, 0, f.data(), f.rows());
-        return q.bytes() == want.bytes() && std::memcmp(q.data(), want.data(), q.bytes()) == 0;
+        bool same = q.bytes() == want.bytes();
+        for (moe::index r = 0; r < f.rows(); ++r)
+            for (moe::index b = 0; b < q.blocks_per_row(); ++b) {
+                const auto got = q.block(r, b), expected = want.block(r, b);
+                same = same && std::memcmp(&got, &expected, sizeof got) == 0;
+            }
+        return same;
     };
     for (moe::index e = 0; e < ckpt.config().n_experts; ++e) {
         CHECK(same_blocks(layer.expert_weights(e).in, reference.expert_weights(e).in));

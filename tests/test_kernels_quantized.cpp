@@ -5,9 +5,11 @@
 #include <moe/kernels/quantized.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -89,40 +91,118 @@ TEST_CASE("dequantize gives scale times value", "[kernels][quantized]") {
     }
 }
 
+namespace {
+
+// x's rows as a projection's input (`quantize_input`).
+std::vector<moe::q8_0_input> input_rows(const moe::matrix<float>& x) {
+    std::vector<moe::q8_0_input> out(static_cast<std::size_t>(x.size() / moe::quant_block));
+    moe::kernels::quantize_input(x.data(), x.size(), out.data());
+    return out;
+}
+
+template <class Block>
+moe::quantized_matrix<Block> quantized(const moe::matrix<float>& w) {
+    moe::quantized_matrix<Block> out(w.rows(), w.cols());
+    out.assign(0, w.data(), w.rows());
+    return out;
+}
+
+// Value i of a block as a signed integer (q4_0: nibble - 8).
+int value_of(const q8_0_block& b, moe::index i) { return b.values[i]; }
+int value_of(const q4_0_block& b, moe::index i) {
+    const int v = b.values[i % (moe::quant_block / 2)];
+    return (i < moe::quant_block / 2 ? v & 15 : v >> 4) - 8;
+}
+
 // sum over blocks of |d_x d_w| times the sum of the 32 |products|: what bounds a float sum's error.
 template <class Block>
-double magnitude(const q8_0_block* x, const Block* w, moe::index blocks) {
+double magnitude(const moe::q8_0_input* x, const moe::quantized_matrix<Block>& w, moe::index row) {
     double total = 0;
-    for (moe::index b = 0; b < blocks; ++b) {
+    for (moe::index b = 0; b < w.blocks_per_row(); ++b) {
+        const Block wb = w.block(row, b);
         double products = 0;
-        for (moe::index i = 0; i < moe::quant_block; ++i)
-            products += std::abs(moe::kernels::detail::quant_value(x[b], i) * moe::kernels::detail::quant_value(w[b], i));
-        total += std::abs(double(moe::fp16_to_float(x[b].scale)) * moe::fp16_to_float(w[b].scale)) * products;
+        for (moe::index i = 0; i < moe::quant_block; ++i) products += std::abs(x[b].values[i] * value_of(wb, i));
+        total += std::abs(double(x[b].scale) * moe::fp16_to_float(wb.scale)) * products;
     }
     return total;
+}
+
+}  // namespace
+
+TEST_CASE("a projection's input is q8_0 by the same quantizer, with its scale's value and its values' sum",
+          "[kernels][quantized]") {
+    const formats f;
+    const auto blocks = quantize_rows<q8_0_block>(f.x);
+    const auto input = input_rows(f.x);
+    REQUIRE(input.size() == blocks.size());
+    for (std::size_t i = 0; i < input.size(); ++i) {
+        INFO("block " << i);
+        int sum = 0;
+        for (moe::index v = 0; v < moe::quant_block; ++v) {
+            CHECK(input[i].values[v] == blocks[i].values[v]);
+            sum += blocks[i].values[v];
+        }
+        CHECK(input[i].scale == moe::fp16_to_float(blocks[i].scale));
+        CHECK(input[i].sum == sum);
+    }
+    std::vector<float> bad(64, 1.0f);
+    bad[33] = std::numeric_limits<float>::infinity();
+    std::vector<moe::q8_0_input> out(2);
+    moe::kernels::quantize_input(bad.data(), 64, out.data());
+    CHECK(out[0].scale == moe::fp16_to_float(moe::float_to_fp16(1.0f / 127)));
+    CHECK(std::isnan(out[1].scale));
+    CHECK(out[1].sum == 0);
+}
+
+TEMPLATE_TEST_CASE("quantized_matrix holds ggml's blocks: back as they went in, zeros where none went, its bytes",
+                   "[kernels][quantized]", q8_0_block, q4_0_block) {
+    std::mt19937 gen(3);
+    std::uniform_int_distribution<int> byte(0, 255);
+    const moe::index rows = 21, blocks = 3;  // a group of 16 and one of 5 rows (11 rows of zeros)
+    std::vector<TestType> in(static_cast<std::size_t>(rows * blocks));
+    for (TestType& b : in) {
+        b.scale = static_cast<std::uint16_t>(byte(gen) | byte(gen) << 8);
+        for (auto& v : b.values) v = static_cast<std::remove_reference_t<decltype(v)>>(byte(gen));
+    }
+    moe::quantized_matrix<TestType> w(rows + 2, blocks * moe::quant_block);
+    w.assign(1, in.data(), rows);
+    for (moe::index r = 0; r < rows; ++r)
+        for (moe::index b = 0; b < blocks; ++b) {
+            const TestType got = w.block(r + 1, b);
+            CHECK(std::memcmp(&got, &in[static_cast<std::size_t>(r * blocks + b)], sizeof got) == 0);
+        }
+    const moe::matrix<float> zeros = w.dequantized().bottomRows(1);
+    CHECK((zeros.array() == 0).all());
+    CHECK_FALSE(std::signbit(zeros(0, 0)));
+    CHECK_THROWS_AS(w.assign(rows, in.data(), 3), moe::shape_error);
+    // Two groups: 3 blocks of 16 rows' values, 3 x 16 fp16 scales padded to a cache line; an even
+    // number of blocks needs no padding: exactly the blocks' bytes.
+    CHECK(w.bytes() == 2 * (3 * 16 * sizeof(TestType::values) + 128));
+    CHECK(moe::quantized_matrix<TestType>(32, 128).bytes() == 32 * 4 * sizeof(TestType));
 }
 
 TEST_CASE("the quantized projection sums the blocks as the reference does", "[kernels][quantized]") {
     INFO("instruction set: " << moe::kernels::isa_name(moe::kernels::active_isa()));
     const formats f;
-    const auto x = quantize_rows<q8_0_block>(f.x);
+    const auto x = input_rows(f.x);
     const auto run = [&](const auto& w, const char* expected) {
         moe::matrix<float> z(f.x.rows(), f.w.rows());
-        moe::kernels::linear(x.data(), f.blocks, w.data(), f.blocks, z.data(), z.cols(), z.rows(), z.cols(), f.d);
+        moe::kernels::linear(x.data(), f.blocks, w, 0, z.cols(), z.data(), z.cols(), z.rows());
         const moe::matrix<double> reference = golden::read_matrix<double>(f.file, expected);
         INFO(expected);
         // Each output against its own bound: float32 sums of f.blocks scaled blocks, a few roundings each.
         for (moe::index r = 0; r < z.rows(); ++r)
             for (moe::index j = 0; j < z.cols(); ++j) {
                 INFO("output " << r << ", " << j << ": " << z(r, j) << " against " << reference(r, j));
-                const double bound = 1e-6 * magnitude(x.data() + r * f.blocks, w.data() + j * f.blocks, f.blocks);
+                const double bound = 1e-6 * magnitude(x.data() + r * f.blocks, w, j);
                 CHECK(std::abs(z(r, j) - reference(r, j)) <= bound);
             }
     };
-    run(quantize_rows<q8_0_block>(f.w), "z.q8_0");
-    run(quantize_rows<q4_0_block>(f.w), "z.q4_0");
+    run(quantized<q8_0_block>(f.w), "z.q8_0");
+    run(quantized<q4_0_block>(f.w), "z.q4_0");
 }
 
+namespace {
 // Weights as a file may hold them: every byte value, scales of both signs.
 template <class Block>
 std::vector<Block> random_blocks(std::mt19937& gen, std::size_t count) {
@@ -135,52 +215,60 @@ std::vector<Block> random_blocks(std::mt19937& gen, std::size_t count) {
     }
     return out;
 }
+}  // namespace
 
 TEMPLATE_TEST_CASE("a quantized output's bits depend only on its two rows, on every family", "[kernels][quantized]",
                    q8_0_block, q4_0_block) {
-    // 11 rows of x against 38 rows of W (every tile and edge of every family), 33 blocks a row (the last
-    // block odd), outputs 41 apart; each output computed alone (`dot`) and within the whole product,
-    // on every family this CPU runs. x as `quantize` makes it, W any bytes.
+    // 11 rows of x against 150 rows of W (every tile and edge of every family: 9 groups of 16 and 6 rows),
+    // 33 blocks a row, outputs 161 apart; the whole product, ranges of rows that cut groups, and each
+    // output computed alone, on every family this CPU runs. x as `quantize_input` makes it, W any bytes.
     std::mt19937 gen(7);
     std::normal_distribution<float> normal;
-    const moe::index n = 11, m = 38, blocks = 33, d = blocks * moe::quant_block, ldz = 41;
+    const moe::index n = 11, m = 150, blocks = 33, d = blocks * moe::quant_block, ldz = 161;
     moe::matrix<float> xf(n, d);
     for (moe::index i = 0; i < xf.size(); ++i) xf.data()[i] = normal(gen);
-    const auto x = quantize_rows<q8_0_block>(xf);
-    const auto w = random_blocks<TestType>(gen, static_cast<std::size_t>(m * blocks));
+    const auto x = input_rows(xf);
+    const auto raw = random_blocks<TestType>(gen, static_cast<std::size_t>(m * blocks));
+    moe::quantized_matrix<TestType> w(m, d);
+    w.assign(0, raw.data(), m);
     const moe::kernels::isa before = moe::kernels::active_isa();
     moe::kernels::set_active_isa(moe::kernels::isa::portable);
     moe::matrix<float> reference = moe::matrix<float>::Constant(n, ldz, -1.0f);
-    moe::kernels::linear(x.data(), blocks, w.data(), blocks, reference.data(), ldz, n, m, d);
+    moe::kernels::linear(x.data(), blocks, w, 0, m, reference.data(), ldz, n);
     for (const moe::kernels::isa family : moe::kernels::all_isas) {
         if (!moe::kernels::isa_supported(family)) continue;
         INFO("instruction set: " << moe::kernels::isa_name(family));
         moe::kernels::set_active_isa(family);
         moe::matrix<float> z = moe::matrix<float>::Constant(n, ldz, -1.0f);
-        moe::kernels::linear(x.data(), blocks, w.data(), blocks, z.data(), ldz, n, m, d);
+        moe::kernels::linear(x.data(), blocks, w, 0, m, z.data(), ldz, n);
         CHECK(z == reference);  // the columns past m untouched too
+        for (const auto& [row, count] : {std::pair<moe::index, moe::index>{5, 40}, {16, 32}, {37, 3}, {140, 10}}) {
+            INFO("rows " << row << " to " << row + count);
+            moe::matrix<float> part = moe::matrix<float>::Constant(n, count + 1, -1.0f);
+            moe::kernels::linear(x.data(), blocks, w, row, count, part.data(), count + 1, n);
+            CHECK(part.leftCols(count) == reference.middleCols(row, count));
+            CHECK((part.col(count).array() == -1.0f).all());
+        }
         for (moe::index r = 0; r < n; ++r)
-            for (moe::index j = 0; j < m; ++j) CHECK(moe::kernels::dot(x.data() + r * blocks, w.data() + j * blocks, d) == z(r, j));
+            for (moe::index j = 0; j < m; ++j) {
+                float alone;
+                moe::kernels::linear(x.data() + r * blocks, blocks, w, j, 1, &alone, 1, 1);
+                CHECK(alone == z(r, j));
+            }
     }
     moe::kernels::set_active_isa(before);
-    // The portable family against the documented order, computed here in scalar code.
+    // The portable family against the documented order, computed here in scalar code from ggml's blocks.
     for (moe::index r = 0; r < n; ++r)
         for (moe::index j = 0; j < m; ++j) {
-            float lanes[2][8] = {};
+            float acc = 0;
             for (moe::index b = 0; b < blocks; ++b) {
-                const q8_0_block& xb = x[static_cast<std::size_t>(r * blocks + b)];
-                const TestType& wb = w[static_cast<std::size_t>(j * blocks + b)];
-                const float scale = moe::fp16_to_float(xb.scale) * moe::fp16_to_float(wb.scale);
-                for (int l = 0; l < 8; ++l) {
-                    int sum = 0;
-                    for (int i = 4 * l; i < 4 * l + 4; ++i)
-                        sum += moe::kernels::detail::quant_value(xb, i) * moe::kernels::detail::quant_value(wb, i);
-                    lanes[b % 2][l] = std::fma(static_cast<float>(sum), scale, lanes[b % 2][l]);
-                }
+                const moe::q8_0_input& xb = x[static_cast<std::size_t>(r * blocks + b)];
+                const TestType& wb = raw[static_cast<std::size_t>(j * blocks + b)];
+                int sum = 0;
+                for (moe::index i = 0; i < moe::quant_block; ++i) sum += xb.values[i] * value_of(wb, i);
+                acc = std::fma(static_cast<float>(sum), xb.scale * moe::fp16_to_float(wb.scale), acc);
             }
-            float l[8];
-            for (int i = 0; i < 8; ++i) l[i] = lanes[0][i] + lanes[1][i];
-            CHECK(reference(r, j) == ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
+            CHECK(reference(r, j) == acc);
         }
 }
 
@@ -192,7 +280,10 @@ TEST_CASE("quantization rejects rows it cannot hold, naming the problem", "[kern
                       Catch::Contains("48 values") && Catch::Contains("multiple of 32"));
     CHECK_THROWS_AS(moe::kernels::quantize(v.data(), 48, q4.data()), moe::shape_error);
     std::vector<float> z(4);
-    CHECK_THROWS_AS(moe::kernels::linear(q8.data(), 1, q8.data(), 1, z.data(), 1, 1, 1, 40), moe::shape_error);
+    std::vector<moe::q8_0_input> x(2);
+    const moe::quantized_matrix<q8_0_block> w(3, 64);
+    CHECK_THROWS_WITH(moe::kernels::linear(x.data(), 2, w, 2, 2, z.data(), 2, 1), Catch::Contains("rows [2, 4)"));
+    CHECK_THROWS_AS(moe::quantized_matrix<q4_0_block>(3, 40), moe::shape_error);
     v[37] = std::numeric_limits<float>::infinity();
     CHECK_THROWS_WITH(moe::kernels::quantize(v.data(), 64, q8.data()), Catch::Contains("value 37") && Catch::Contains("finite"));
     v[37] = std::numeric_limits<float>::quiet_NaN();

@@ -103,15 +103,15 @@ struct bfloat16 {
 template <quantized_block Block>
 struct quantized {
     using matrix = quantized_matrix<Block>;
-    using input = q8_0_block;
+    using input = q8_0_input;
     static constexpr index unit = quant_block;
     static constexpr bool trainable = false;
     static constexpr std::string_view name = std::is_same_v<Block, q8_0_block> ? "q8_0" : "q4_0";
 
-    static void convert(const float* x, q8_0_block* out, index n) { kernels::quantize_input(x, n, out); }
-    static void project(const q8_0_block* x, index ldx, const matrix& w, index row, index m, float* z, index ldz,
+    static void convert(const float* x, q8_0_input* out, index n) { kernels::quantize_input(x, n, out); }
+    static void project(const q8_0_input* x, index ldx, const matrix& w, index row, index m, float* z, index ldz,
                         index n) {
-        kernels::linear(x, ldx, w.row(row), w.blocks_per_row(), z, ldz, n, m, w.cols());
+        kernels::linear(x, ldx, w, row, m, z, ldz, n);
     }
     static void assign(matrix& w, index row, const float* values, index n) { w.assign(row, values, n); }
     static std::size_t bytes(const matrix& w) { return w.bytes(); }

@@ -12,17 +12,17 @@
 ///   value j + 16 in its high one; value = d (q - 8). From float (`quantize_row_q4_0_ref`): m = the
 ///   value of largest magnitude (the first of equal ones), d = m / -8, q = min(15, trunc(v / d + 8.5)).
 ///
-/// `linear` on quantized weights takes its input rows quantized to q8_0 the same way and computes each
-/// output as a sum over blocks of fp16(d_x) fp16(d_w) times the integer sum of the block's 32 products,
-/// in this order on every instruction-set family: the products of values 4j to 4j + 3 form lane j of 8
-/// integer lanes; each block adds float(lane j) times the float product of the two scales to float
-/// lane j by a fused multiply-add; the 8 lanes are summed as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
-/// (l3 + l7)). So an output's bits depend only on its two rows: not on the block, the thread count or
-/// the family (AVX2's `maddubs`, the portable family's scalar code and AVX-512 VNNI's `vpdpbusd` form
-/// the same integer lanes, which are exact).
+/// `linear` on quantized weights (held by `quantized_matrix`, which interleaves 16 rows' blocks for
+/// the kernels) takes its input rows quantized to q8_0 the same way (`q8_0_input`: the values, the
+/// fp16 scale's value, the values' sum) and computes each output in this order on every
+/// instruction-set family: acc = 0; for each block b in turn, acc = fma(float(s_b), d_x d_w, acc),
+/// where s_b is the exact integer sum of the block's 32 products and d_x d_w the float product of the
+/// two scales. So an output's bits depend only on its two rows: not on the tile, the thread count or
+/// the family (AVX2's `maddubs`, AVX-512 VNNI's `vpdpbusd`, NEON's `sdot` and the portable scalar code
+/// form the same exact integer sums).
 ///
-/// The integer sums are exact: |q_x| <= 127 for rows this header quantizes, |q_w| <= 128, so even the
-/// 16-bit pair sums of AVX2 (`maddubs` of |q_w| and q_x with q_w's sign) stay below 2^15.
+/// The integer sums are exact: |q_x| <= 127 for rows this header quantizes and |q_w| <= 128, so even
+/// the 16-bit pair sums of AVX2 (`maddubs` of |q_w| and q_x with q_w's sign) stay below 2^15.
 
 #include "moe/error.hpp"
 #include "moe/kernels/detail/attributes.hpp"
@@ -38,8 +38,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(MOE_X86_DISPATCH)
 #include <immintrin.h>
@@ -71,6 +74,15 @@ struct q4_0_block {
 };
 
 static_assert(sizeof(q8_0_block) == 34 && sizeof(q4_0_block) == 18, "the blocks are ggml's, byte for byte");
+
+/// A block of 32 values of a projection's input quantized as q8_0 (`kernels::quantize_input`), in the
+/// form the kernels take: the values, the value of the fp16 scale (as float), and the sum of the values
+/// (with it, products with weights stored as unsigned bytes become signed ones).
+struct q8_0_input {
+    std::int8_t values[32];
+    float scale;
+    std::int32_t sum;
+};
 
 /// A quantized block format of this header.
 template <class B>
@@ -166,26 +178,30 @@ inline void quantize(const float* v, index n, q8_0_block* out) {
     }
 }
 
-/// `quantize` to q8_0 for the inputs of a projection, where no error can be raised: the same blocks
-/// for finite values; a block holding a NaN or an infinity gets a NaN scale and zero values, so the
-/// outputs it feeds are NaN (where float arithmetic would give NaN or infinity), and a block whose
-/// scale exceeds fp16 (values beyond about 8.3e6) an infinite one. n must be a multiple of 32.
-inline void quantize_input(const float* v, index n, q8_0_block* out) {
+/// `quantize` to q8_0 for the inputs of a projection, where no error can be raised: the same values and
+/// scales for finite values (the scale as float, the values' sum beside); a block holding a NaN or an
+/// infinity gets a NaN scale and zero values, so the outputs it feeds are NaN (where float arithmetic
+/// would give NaN or infinity), and a block whose scale exceeds fp16 (values beyond about 8.3e6) an
+/// infinite one. n must be a multiple of 32.
+inline void quantize_input(const float* v, index n, q8_0_input* out) {
     assert(n % quant_block == 0);
-    constexpr std::uint16_t fp16_nan = 0x7E00;
     constexpr std::uint32_t exponent = 0x7F80'0000;  // all ones: infinite or NaN (bits, whatever -ffast-math says)
     for (index b = 0; b < n / quant_block; ++b) {
         const float* block = v + b * quant_block;
         std::uint32_t not_finite = 0;
         for (index i = 0; i < quant_block; ++i) not_finite |= (std::bit_cast<std::uint32_t>(block[i]) & exponent) == exponent;
         if (not_finite != 0) {
-            out[b].scale = fp16_nan;
+            out[b].scale = std::numeric_limits<float>::quiet_NaN();
             std::fill_n(out[b].values, quant_block, std::int8_t{0});
+            out[b].sum = 0;
             continue;
         }
         const float d = detail::block_amax(block) / 127.0f;
-        out[b].scale = float_to_fp16(d);
+        out[b].scale = fp16_to_float(float_to_fp16(d));
         detail::q8_0_values(block, detail::quant_inverse(d), out[b].values);
+        std::int32_t sum = 0;
+        for (index i = 0; i < quant_block; ++i) sum += out[b].values[i];
+        out[b].sum = sum;
     }
 }
 
@@ -237,140 +253,280 @@ inline void dequantize(const q4_0_block* blocks, index n, float* out) {
 
 namespace detail {
 
-/// The sum of the lanes in the order every family uses: even blocks' lane j plus odd blocks' lane j,
-/// then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
-inline float quant_lane_sum(const float* even, const float* odd) {
-    float l[8];
-    for (int j = 0; j < 8; ++j) l[j] = even[j] + odd[j];
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-}
+/// How `quantized_matrix` lays out a block format (see there): the value bytes of a block of 16 rows
+/// (`Block::values` of each row) in 64-byte lines, line k holding bytes 4k to 4k + 3 of each row in
+/// turn; q8_0's bytes plus 128 (unsigned: what `vpdpbusd` multiplies), q4_0's as they are (byte j:
+/// values j and j + 16 in its nibbles).
+template <quantized_block Block>
+struct packing {
+    static constexpr index row_bytes = sizeof(Block::values);
+    static constexpr index lines = row_bytes / 4;
+    static constexpr index tile_bytes = lines * 64;  // a block of the group's 16 rows
+    static constexpr std::uint8_t offset = std::is_same_v<Block, q8_0_block> ? 0x80 : 0x00;
+    static constexpr std::uint8_t zero = std::is_same_v<Block, q8_0_block> ? 0x80 : 0x88;  // stored bytes of value 0
+    /// Where byte j of row `lane`'s values lies in its block's tile.
+    static constexpr index at(index lane, index j) { return j / 4 * 64 + lane * 4 + j % 4; }
+};
 
-/// Value i of a block as a signed integer.
-inline int quant_value(const q8_0_block& b, index i) { return b.values[i]; }
-inline int quant_value(const q4_0_block& b, index i) {
-    const int v = b.values[i % (quant_block / 2)];
-    return (i < quant_block / 2 ? v & 15 : v >> 4) - 8;
-}
+}  // namespace detail
+}  // namespace kernels
 
-/// The portable family: one output at a time, the lanes in scalar code.
-template <class Block>
-float quant_dot_portable(const q8_0_block* x, const Block* w, index blocks) {
-    float lanes[2][8] = {};
-    for (index b = 0; b < blocks; ++b) {
-        const float scale = fp16_to_float(x[b].scale) * fp16_to_float(w[b].scale);
-        float* acc = lanes[b % 2];
-        for (index j = 0; j < 8; ++j) {
-            std::int32_t sum = 0;
-            for (index i = 4 * j; i < 4 * j + 4; ++i) sum += quant_value(x[b], i) * quant_value(w[b], i);
-            acc[j] = std::fma(static_cast<float>(sum), scale, acc[j]);
+/// A matrix of rows x cols values held as quantized blocks (cols a multiple of 32), in the layout the
+/// kernels read: rows in groups of 16 (the last one filled up with zero rows); a group holds, block by
+/// block, its 16 rows' value bytes interleaved 4 at a time (`kernels::detail::packing`: each 64-byte line holds
+/// 4 consecutive values of each of the 16 rows, so one vector of a 16-row tile is one line), then the
+/// 16 rows' fp16 scales of each block. Filled from float (quantized by ggml's reference quantizers) or
+/// from ggml's own blocks (a GGUF tensor's rows); `block(r, b)` gives ggml's block back.
+template <quantized_block Block>
+class quantized_matrix {
+    using packing = kernels::detail::packing<Block>;
+
+public:
+    using block_type = Block;
+    /// Rows per group.
+    static constexpr index group_rows = 16;
+
+    quantized_matrix() = default;
+    /// rows x cols zeros; shape_error when cols is not a multiple of 32.
+    quantized_matrix(index rows, index cols) : rows_(rows), cols_(cols) {
+        kernels::detail::check_quant_length(cols, "quantized_matrix");
+        const index blocks = blocks_per_row(), scales = (blocks * group_rows * 2 + 63) / 64 * 64;
+        bytes_ = aligned_rows<std::uint8_t>((rows + group_rows - 1) / group_rows, blocks * packing::tile_bytes + scales);
+        for (index g = 0; g < bytes_.rows(); ++g) std::fill_n(bytes_.row(g), blocks * packing::tile_bytes, packing::zero);
+    }
+
+    [[nodiscard]] index rows() const { return rows_; }
+    /// Values per row.
+    [[nodiscard]] index cols() const { return cols_; }
+    [[nodiscard]] index blocks_per_row() const { return cols_ / quant_block; }
+    /// Bytes held (values and scales: those of the blocks, and the zero rows filling the last group).
+    [[nodiscard]] std::size_t bytes() const { return bytes_.size(); }
+
+    /// Rows [row, row + n) quantized from n x cols float values (`quantize`: value_error for a value
+    /// that is not finite or a scale beyond fp16); shape_error for rows outside the matrix.
+    void assign(index row, const float* values, index n) {
+        check_rows(row, n);
+        std::vector<Block> blocks(static_cast<std::size_t>(blocks_per_row()));
+        for (index r = 0; r < n; ++r) {
+            kernels::quantize(values + r * cols_, cols_, blocks.data());
+            put(row + r, blocks.data());
         }
     }
-    return quant_lane_sum(lanes[0], lanes[1]);
+
+    /// Rows [row, row + n) from n rows of cols / 32 blocks in ggml's layout (as a GGUF tensor holds them).
+    void assign(index row, const Block* blocks, index n) {
+        check_rows(row, n);
+        for (index r = 0; r < n; ++r) put(row + r, blocks + r * blocks_per_row());
+    }
+
+    /// Block b of row r, in ggml's layout.
+    [[nodiscard]] Block block(index r, index b) const {
+        assert(r >= 0 && r < rows_ && b >= 0 && b < blocks_per_row());
+        const std::uint8_t* tile = bytes_.row(r / group_rows) + b * packing::tile_bytes;
+        const index lane = r % group_rows;
+        Block out;
+        auto* raw = reinterpret_cast<std::uint8_t*>(out.values);
+        for (index j = 0; j < packing::row_bytes; ++j) raw[j] = tile[packing::at(lane, j)] ^ packing::offset;
+        std::memcpy(&out.scale, scale_bytes(r / group_rows) + (b * group_rows + lane) * 2, 2);
+        return out;
+    }
+
+    /// The values as float (scale times value).
+    [[nodiscard]] matrix<float> dequantized() const {
+        matrix<float> out(rows_, cols_);
+        for (index r = 0; r < rows_; ++r)
+            for (index b = 0; b < blocks_per_row(); ++b) {
+                const Block one = block(r, b);
+                kernels::dequantize(&one, quant_block, out.data() + r * cols_ + b * quant_block);
+            }
+        return out;
+    }
+
+    /// Group g's bytes (what the kernels read): `blocks_per_row()` tiles of `detail::packing<Block>::
+    /// tile_bytes`, then the scales, 16 per block.
+    [[nodiscard]] const std::uint8_t* group(index g) const { return bytes_.row(g); }
+    /// Bytes from one group to the next (a multiple of 64, as the start of each group).
+    [[nodiscard]] index group_bytes() const { return bytes_.cols(); }
+
+private:
+    void check_rows(index row, index n) const {
+        if (row < 0 || n < 0 || row + n > rows_)
+            throw shape_error("quantized_matrix: rows [" + std::to_string(row) + ", " + std::to_string(row + n) +
+                              ") of a matrix of " + std::to_string(rows_) + " rows");
+    }
+    [[nodiscard]] const std::uint8_t* scale_bytes(index g) const { return bytes_.row(g) + blocks_per_row() * packing::tile_bytes; }
+
+    void put(index r, const Block* blocks) {
+        std::uint8_t* group = bytes_.row(r / group_rows);
+        const index lane = r % group_rows;
+        for (index b = 0; b < blocks_per_row(); ++b) {
+            std::uint8_t* tile = group + b * packing::tile_bytes;
+            const auto* raw = reinterpret_cast<const std::uint8_t*>(blocks[b].values);
+            for (index j = 0; j < packing::row_bytes; ++j) tile[packing::at(lane, j)] = raw[j] ^ packing::offset;
+            std::memcpy(group + blocks_per_row() * packing::tile_bytes + (b * group_rows + lane) * 2, &blocks[b].scale, 2);
+        }
+    }
+
+    index rows_ = 0, cols_ = 0;
+    aligned_rows<std::uint8_t> bytes_;
+};
+
+namespace kernels::detail {
+
+/// Where group j's scales of block 0 lie, for groups of `blocks` blocks.
+template <class Block>
+MOE_ALWAYS_INLINE const std::uint8_t* scales_of(const std::uint8_t* group, index blocks) {
+    return group + blocks * packing<Block>::tile_bytes;
 }
 
-/// Decoding (one row of x) streams W from memory: a tile of one row asks for the lines of the next J
-/// rows of W (where the caller goes next) at the block it is at, one step ahead of the hardware's
-/// stream prefetchers, which stop at each page.
-template <int J, class Block>
-MOE_ALWAYS_INLINE void ask_next_rows(const Block* w, index ldw, index b) {
-    const auto base = reinterpret_cast<std::uintptr_t>(w);  // the next rows may lie past W: never read
-    MOE_UNROLL
-    for (int j = 0; j < J; ++j)
-        __builtin_prefetch(reinterpret_cast<const char*>(base + static_cast<std::uintptr_t>(((J + j) * ldw + b) * sizeof(Block))), 0, 2);
+/// 4 bytes of x's values from value i, as an integer to broadcast.
+MOE_ALWAYS_INLINE std::int32_t four_values(const q8_0_input& x, index i) {
+    std::int32_t v;
+    std::memcpy(&v, x.values + i, 4);
+    return v;
 }
+
+/// What a block's integer sum starts from, for weights stored as unsigned bytes u = q + c (c = 128 for
+/// q8_0, 8 for q4_0's nibbles): sum u x - c sum x = sum q x.
+template <class Block>
+MOE_ALWAYS_INLINE std::int32_t sum_offset(const q8_0_input& x) {
+    return -(std::is_same_v<Block, q8_0_block> ? 128 : 8) * x.sum;
+}
+
+/// The portable family: one output at a time, in scalar code.
+template <class Block>
+float quant_dot_portable(const q8_0_input* x, const std::uint8_t* group, index lane, index blocks) {
+    using pack = packing<Block>;
+    const std::uint8_t* scales = scales_of<Block>(group, blocks);
+    float acc = 0;
+    for (index b = 0; b < blocks; ++b) {
+        const std::uint8_t* tile = group + b * pack::tile_bytes;
+        std::int32_t sum = 0;
+        for (index i = 0; i < quant_block; ++i) {
+            int q;
+            if constexpr (std::is_same_v<Block, q8_0_block>)
+                q = static_cast<int>(tile[pack::at(lane, i)]) - 128;
+            else {
+                const int byte = tile[pack::at(lane, i % 16)];
+                q = (i < 16 ? byte & 15 : byte >> 4) - 8;
+            }
+            sum += q * x[b].values[i];
+        }
+        std::uint16_t bits;
+        std::memcpy(&bits, scales + (b * 16 + lane) * 2, 2);
+        acc = std::fma(static_cast<float>(sum), x[b].scale * fp16_to_float(bits), acc);
+    }
+    return acc;
+}
+
+struct quant_portable {
+    static constexpr int rows = 1, groups = 1, decode_groups = 1;
+    static constexpr index w_groups = 1;
+    template <int R, int J, class Block>
+    static void run(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < J; ++j)
+                for (index lane = 0; lane < 16; ++lane)
+                    z[r * ldz + j * 16 + lane] = quant_dot_portable<Block>(x + r * ldx, w + j * group_bytes, lane, blocks);
+    }
+};
 
 #if defined(MOE_X86_DISPATCH)
 MOE_TARGET_BEGIN("avx2,fma,f16c")
 namespace quant_avx2 {
 
-/// fp16 bits as float by F16C (every AVX2 CPU has it): Eigen's conversion is a dozen operations.
-inline float scale(std::uint16_t bits) { return _cvtsh_ss(bits); }
-
-/// Block b's 32 values of w: q8_0's as signed bytes, q4_0's as their unsigned nibbles q (the value is
-/// q - 8).
-inline __m256i weights(const q8_0_block& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.values)); }
-inline __m256i weights(const q4_0_block& b) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.values)), low = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
-}
-
-/// Lane sums of 4 products of unsigned a and signed b (pair sums of 16 bits: below 2^15 here).
-inline __m256i dot4(__m256i a, __m256i b) { return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)); }
-
-/// What a row of x's block adds to every lane of its products with q4_0 nibbles: -8 times its lanes' sums.
-inline __m256i nibble_offset(__m256i x) { return _mm256_sub_epi32(_mm256_setzero_si256(), dot4(_mm256_set1_epi8(8), x)); }
-
-/// The 8 integer lanes of a block's products: x against q8_0 values w (|w| times x with w's sign), or
-/// against q4_0 nibbles (q times x, plus x's `nibble_offset`). What depends on one row only (|w|, the
-/// offset) is formed once per row and block.
-template <class Block>
-struct lanes {
-    static constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
-    static __m256i of_w(__m256i w) { return nibbles ? w : _mm256_abs_epi8(w); }
-    static __m256i of_x(__m256i x) { return nibbles ? nibble_offset(x) : _mm256_setzero_si256(); }
-    static __m256i of(__m256i x, __m256i xo, __m256i w, __m256i wo) {
-        return nibbles ? _mm256_add_epi32(dot4(w, x), xo) : dot4(wo, _mm256_sign_epi8(x, w));
-    }
-};
-
-inline float lane_sum(__m256 v) {
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l0+l4, l1+l5, ...
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));                           // (l0+l4)+(l2+l6), ...
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
-}
-
-/// acc[r J + j] += block b of x_r against block b of w_j, for R rows of x (row stride ldx blocks) and J
-/// rows of W (ldw).
+/// Tiles of R rows of x by J groups (2 J vectors of 8 rows) of W, block by block: the block's integer
+/// sums by `maddubs` (unsigned bytes times signed ones, pairs summed in 16 bits) and `madd`; q8_0's
+/// stored bytes back to signed q (|q| times x with q's sign: pair sums below 2^15), q4_0's nibbles
+/// against x from sum_offset (two blocks' pair sums fit 16 bits: 15 x 127 x 4).
 template <int R, int J, class Block>
-MOE_ALWAYS_INLINE void step(const q8_0_block* x, index ldx, const Block* w, index ldw, index b, __m256* acc) {
-    using form = lanes<Block>;
-    __m256i xv[R], xo[R];
-    float dx[R];
-    MOE_UNROLL
-    for (int r = 0; r < R; ++r) {
-        xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * ldx + b].values));
-        xo[r] = form::of_x(xv[r]);
-        dx[r] = scale(x[r * ldx + b].scale);
-    }
-    MOE_UNROLL
-    for (int j = 0; j < J; ++j) {
-        const Block& wb = w[j * ldw + b];
-        const __m256i wv = weights(wb), wo = form::of_w(wv);
-        const float dw = scale(wb.scale);
-        MOE_UNROLL
-        for (int r = 0; r < R; ++r)
-            acc[r * J + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(form::of(xv[r], xo[r], wv, wo)), _mm256_set1_ps(dx[r] * dw),
-                                             acc[r * J + j]);
-    }
-}
-
-/// z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W: each row's block loaded once for the tile.
-template <int R, int J, class Block>
-void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-    __m256 even[R * J], odd[R * J];
-    MOE_UNROLL
-    for (int i = 0; i < R * J; ++i) even[i] = odd[i] = _mm256_setzero_ps();
-    index b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
-        step<R, J>(x, ldx, w, ldw, b, even);
-        step<R, J>(x, ldx, w, ldw, b + 1, odd);
-    }
-    if (b < blocks) step<R, J>(x, ldx, w, ldw, b, even);
+void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+    constexpr int H = 2 * J;
+    constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
+    constexpr index tile_bytes = packing<Block>::tile_bytes;
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(-128);
+    const std::uint8_t* scales = scales_of<Block>(w, blocks);
+    __m256 acc[R][H];
     MOE_UNROLL
     for (int r = 0; r < R; ++r) {
         MOE_UNROLL
-        for (int j = 0; j < J; ++j) z[r * ldz + j] = lane_sum(_mm256_add_ps(even[r * J + j], odd[r * J + j]));
+        for (int h = 0; h < H; ++h) acc[r][h] = _mm256_setzero_ps();
+    }
+    for (index b = 0; b < blocks; ++b) {
+        const std::uint8_t* wb = w + b * tile_bytes;
+        __m256i s[R][H];
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const __m256i start = nibbles ? _mm256_set1_epi32(sum_offset<Block>(x[r * ldx + b])) : _mm256_setzero_si256();
+            MOE_UNROLL
+            for (int h = 0; h < H; ++h) s[r][h] = start;
+        }
+        if constexpr (nibbles) {
+            MOE_UNROLL
+            for (int k = 0; k < 4; ++k) {
+                __m256i lo[H], hi[H];
+                MOE_UNROLL
+                for (int h = 0; h < H; ++h) {
+                    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + h / 2 * group_bytes + k * 64 + h % 2 * 32));
+                    lo[h] = _mm256_and_si256(v, low);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                }
+                MOE_UNROLL
+                for (int r = 0; r < R; ++r) {
+                    const __m256i xl = _mm256_set1_epi32(four_values(x[r * ldx + b], 4 * k)),
+                                  xh = _mm256_set1_epi32(four_values(x[r * ldx + b], 16 + 4 * k));
+                    MOE_UNROLL
+                    for (int h = 0; h < H; ++h) {
+                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
+                        s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        } else {
+            MOE_UNROLL
+            for (int k = 0; k < 8; ++k) {
+                __m256i q[H], magnitude[H];
+                MOE_UNROLL
+                for (int h = 0; h < H; ++h) {
+                    q[h] = _mm256_xor_si256(
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + h / 2 * group_bytes + k * 64 + h % 2 * 32)), flip);
+                    magnitude[h] = _mm256_abs_epi8(q[h]);
+                }
+                MOE_UNROLL
+                for (int r = 0; r < R; ++r) {
+                    const __m256i xv = _mm256_set1_epi32(four_values(x[r * ldx + b], 4 * k));
+                    MOE_UNROLL
+                    for (int h = 0; h < H; ++h)
+                        s[r][h] = _mm256_add_epi32(
+                            s[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xv, q[h])), ones));
+                }
+            }
+        }
+        __m256 dw[H];
+        MOE_UNROLL
+        for (int h = 0; h < H; ++h)
+            dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h / 2 * group_bytes + b * 32 + h % 2 * 16)));
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const __m256 dx = _mm256_set1_ps(x[r * ldx + b].scale);
+            MOE_UNROLL
+            for (int h = 0; h < H; ++h) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), _mm256_mul_ps(dx, dw[h]), acc[r][h]);
+        }
+    }
+    MOE_UNROLL
+    for (int r = 0; r < R; ++r) {
+        MOE_UNROLL
+        for (int h = 0; h < H; ++h) _mm256_storeu_ps(z + r * ldz + 8 * h, acc[r][h]);
     }
 }
 
-/// Tiles of 2 rows of x by 2 of W (8 accumulators: even and odd blocks) over blocks of 16 rows of W.
+/// Tiles of 2 rows of x by one group (16 rows) of W, one row by one group when decoding.
 struct family {
-    static constexpr int rows = 2, columns = 2;
-    static constexpr index w_block = 16;
+    static constexpr int rows = 2, groups = 1, decode_groups = 1;
+    static constexpr index w_groups = 4;
     template <int R, int J, class Block>
-    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+    static void run(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+        tile<R, J, Block>(x, ldx, w, group_bytes, blocks, z, ldz);
     }
 };
 
@@ -382,110 +538,102 @@ namespace quant_vnni {
 
 // All-true masks: the masked forms of these intrinsics compile to the same instructions, without the
 // undefined pass-through that GCC 12 warns about once they are inlined (GCC bug 105593).
-constexpr __mmask8 full8 = 0xFF;
 constexpr __mmask16 full16 = 0xFFFF;
 
-/// Two blocks in a 512-bit register: block b in the low half, b + 1 in the high half (the even and
-/// odd lanes of the order above).
-inline __m512i weights(const q8_0_block* b) {
-    return _mm512_maskz_inserti64x4(full8, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[0].values))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[1].values)), 1);
-}
-inline __m512i weights(const q4_0_block* b) {
-    // 128-bit lanes [packed b, packed b, packed b + 1, packed b + 1] shifted right by [0, 4, 0, 4]: the
-    // low nibbles of each lane are the values' q in order (unsigned; the value is q - 8).
-    // (Broadcasting loads, one shuffle: the unpacking is most of a decoding step's work.)
-    const __m256i first = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0].values))),
-                  second = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1].values)));
-    const __m512i packed = _mm512_maskz_inserti64x4(full8, _mm512_castsi256_si512(first), second, 1);
-    const __m512i shifted = _mm512_maskz_srlv_epi64(full8, packed, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
-    return _mm512_and_si512(shifted, _mm512_set1_epi8(15));
-}
-
-/// The integer lanes of two blocks' products by `vpdpbusd`, which multiplies unsigned by signed bytes.
-/// q8_0: the rows of x offset to x + 128 (in [1, 255]) against w, starting from -128 times the lane
-/// sums of w (w's `correction`, the same for every row of x). q4_0: the nibbles q against x, starting from -8
-/// times x's lane sums (x's `correction`, the same for every row of W).
-template <class Block>
-struct vnni_lanes {
-    static constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
-    /// A row of x's two blocks as this form's operand.
-    static __m512i row(__m512i x) { return nibbles ? x : _mm512_add_epi8(x, _mm512_set1_epi8(-128)); }
-    /// -8 (q4_0) or -128 (q8_0: the byte 0x80 read unsigned) times the lane sums of v: where a lane's
-    /// `vpdpbusd` starts.
-    static __m512i correction(__m512i v) {
-        const __m512i zero = _mm512_setzero_si512();
-        return _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(nibbles ? 8 : -128), v));
-    }
-    /// The lanes of row x (`row`, with its correction cx) against w (with its correction cw): one
-    /// `vpdpbusd` from the correction.
-    static __m512i lanes(__m512i x, __m512i cx, __m512i w, __m512i cw) {
-        return nibbles ? _mm512_dpbusd_epi32(cx, w, x) : _mm512_dpbusd_epi32(cw, x, w);
-    }
-};
-
-/// [s_b x 8, s_{b+1} x 8] for fp16 bits s_b and s_{b+1}.
-inline __m512 scales(std::uint16_t even, std::uint16_t odd) {
-    const __m256i bits = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<short>(even))),
-                                                 _mm_set1_epi16(static_cast<short>(odd)), 1);
-    return _mm512_maskz_cvtph_ps(full16, bits);
-}
-
-/// z[r][j] = dot(x_r, w_j) for R rows of x (row stride ldx blocks) and J rows of W (ldw), two blocks a
-/// step: the integer lanes (`vnni_lanes`), converted and scaled. Each row of x and of W is loaded (its
-/// scales converted, its correction formed) once a step for the whole tile.
+/// Tiles of R rows of x by J groups of W (one 512-bit vector of 16 rows each), block by block: each
+/// 64-byte line of the group's tile against 4 of x's values broadcast, by `vpdpbusd` (the stored
+/// unsigned bytes times x's signed ones) from sum_offset; q4_0's line twice (low nibbles against values
+/// 4k.., high ones against 16 + 4k..).
 template <int R, int J, class Block>
-void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+    constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
+    constexpr index tile_bytes = packing<Block>::tile_bytes;
+    const std::uint8_t* scales = scales_of<Block>(w, blocks);
     __m512 acc[R][J];
     MOE_UNROLL
     for (int r = 0; r < R; ++r) {
         MOE_UNROLL
         for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
     }
-    index b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
-        using form = vnni_lanes<Block>;
-        __m512i xv[R], cx[R];
-        __m512 dx[R];
+    for (index b = 0; b < blocks; ++b) {
+        const std::uint8_t* wb = w + b * tile_bytes;
+        if constexpr (R == 1) {
+            // Decoding streams W from memory: ask for the lines two blocks ahead (the hardware's stream
+            // prefetchers stop at each page).
+            MOE_UNROLL
+            for (int j = 0; j < J; ++j)
+                MOE_UNROLL
+                for (index k = 0; k < tile_bytes; k += 64)  // (past the group at its end: never read)
+                    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(wb) +
+                                                               static_cast<std::uintptr_t>(j * group_bytes + 2 * tile_bytes + k)),
+                                 _MM_HINT_T0);
+        }
+        __m512i s[R][J];
         MOE_UNROLL
         for (int r = 0; r < R; ++r) {
-            xv[r] = form::row(weights(x + r * ldx + b));
-            cx[r] = form::nibbles ? form::correction(xv[r]) : _mm512_setzero_si512();
-            dx[r] = scales(x[r * ldx + b].scale, x[r * ldx + b + 1].scale);
-        }
-        MOE_UNROLL
-        for (int j = 0; j < J; ++j) {
-            const Block* wb = w + j * ldw + b;
-            const __m512i wv = weights(wb), cw = form::nibbles ? _mm512_setzero_si512() : form::correction(wv);
-            const __m512 dw = scales(wb[0].scale, wb[1].scale);
+            const __m512i start = _mm512_set1_epi32(sum_offset<Block>(x[r * ldx + b]));
             MOE_UNROLL
-            for (int r = 0; r < R; ++r) {
-                const __m512i lanes = form::lanes(xv[r], cx[r], wv, cw);
-                acc[r][j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, lanes), _mm512_mul_ps(dx[r], dw), acc[r][j]);
+            for (int j = 0; j < J; ++j) s[r][j] = start;
+        }
+        if constexpr (nibbles) {
+            const __m512i low = _mm512_set1_epi8(15);
+            MOE_UNROLL
+            for (int k = 0; k < 4; ++k) {
+                __m512i lo[J], hi[J];
+                MOE_UNROLL
+                for (int j = 0; j < J; ++j) {
+                    const __m512i v = _mm512_load_si512(wb + j * group_bytes + k * 64);
+                    lo[j] = _mm512_and_si512(v, low);
+                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                MOE_UNROLL
+                for (int r = 0; r < R; ++r) {
+                    const __m512i xl = _mm512_set1_epi32(four_values(x[r * ldx + b], 4 * k)),
+                                  xh = _mm512_set1_epi32(four_values(x[r * ldx + b], 16 + 4 * k));
+                    MOE_UNROLL
+                    for (int j = 0; j < J; ++j) s[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[r][j], lo[j], xl), hi[j], xh);
+                }
             }
+        } else {
+            MOE_UNROLL
+            for (int k = 0; k < 8; ++k) {
+                __m512i v[J];
+                MOE_UNROLL
+                for (int j = 0; j < J; ++j) v[j] = _mm512_load_si512(wb + j * group_bytes + k * 64);
+                MOE_UNROLL
+                for (int r = 0; r < R; ++r) {
+                    const __m512i xv = _mm512_set1_epi32(four_values(x[r * ldx + b], 4 * k));
+                    MOE_UNROLL
+                    for (int j = 0; j < J; ++j) s[r][j] = _mm512_dpbusd_epi32(s[r][j], v[j], xv);
+                }
+            }
+        }
+        __m512 dw[J];
+        MOE_UNROLL
+        for (int j = 0; j < J; ++j)
+            dw[j] = _mm512_maskz_cvtph_ps(full16, _mm256_load_si256(reinterpret_cast<const __m256i*>(scales + j * group_bytes + b * 32)));
+        MOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const __m512 dx = _mm512_set1_ps(x[r * ldx + b].scale);
+            MOE_UNROLL
+            for (int j = 0; j < J; ++j)
+                acc[r][j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(full16, s[r][j]), _mm512_mul_ps(dx, dw[j]), acc[r][j]);
         }
     }
     MOE_UNROLL
     for (int r = 0; r < R; ++r) {
-        __m256 even[J];
         MOE_UNROLL
-        for (int j = 0; j < J; ++j) even[j] = _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 0);
-        if (b < blocks) quant_avx2::step<1, J>(x + r * ldx, 0, w, ldw, b, even);  // the last, even block
-        MOE_UNROLL
-        for (int j = 0; j < J; ++j)
-            z[r * ldz + j] = quant_avx2::lane_sum(_mm256_add_ps(even[j], _mm512_maskz_extractf32x8_ps(full8, acc[r][j], 1)));
+        for (int j = 0; j < J; ++j) _mm512_storeu_ps(z + r * ldz + 16 * j, acc[r][j]);
     }
 }
 
-/// Tiles of 4 rows of x by 3 of W (12 accumulators, the rows of x held for the step) over blocks of 12
-/// rows of W.
+/// Tiles of 4 rows of x by 2 groups (32 rows) of W, one row by 4 groups when decoding.
 struct family {
-    static constexpr int rows = 4, columns = 3;
-    static constexpr index w_block = 12;
+    static constexpr int rows = 4, groups = 2, decode_groups = 4;
+    static constexpr index w_groups = 4;
     template <int R, int J, class Block>
-    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+    static void run(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+        tile<R, J, Block>(x, ldx, w, group_bytes, blocks, z, ldz);
     }
 };
 
@@ -513,70 +661,75 @@ inline bool has_dotprod() {
 #pragma GCC target("arch=armv8.2-a+dotprod")
 namespace quant_neon {
 
-/// A block's 32 values as two vectors of signed bytes (q4_0: q - 8).
-MOE_ALWAYS_INLINE int8x16x2_t values(const q8_0_block& b) { return {{vld1q_s8(b.values), vld1q_s8(b.values + 16)}}; }
-MOE_ALWAYS_INLINE int8x16x2_t values(const q4_0_block& b) {
-    const uint8x16_t packed = vld1q_u8(b.values);
-    const int8x16_t eight = vdupq_n_s8(8);
-    return {{vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(15))), eight),
-             vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(packed, 4)), eight)}};
-}
-
-/// One block b of z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W: `sdot` forms the integer lanes
-/// (lane j of a 32-bit vector sums the products of bytes 4j to 4j + 3: values 4j..4j+3 of the first
-/// half, then of the second), each added to its float lane (of `acc`: the even or the odd blocks') by a
-/// fused multiply-add with the product of the two scales.
+/// Tiles of R rows of x by J groups of W (4 vectors of 4 rows each), block by block: `sdot` by lane
+/// (4 of x's values, from a vector of 16, against 4 bytes of each of 4 rows); q8_0's stored bytes back
+/// to signed q, q4_0's nibbles (below 16: signed too) from sum_offset.
 template <int R, int J, class Block>
-MOE_ALWAYS_INLINE void step(const q8_0_block* x, index ldx, const Block* w, index ldw, index b, float32x4_t (&acc)[R * J][2]) {
-    int8x16x2_t xv[R];
-    float dx[R];
+void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+    constexpr int Q = 4 * J;
+    constexpr bool nibbles = std::is_same_v<Block, q4_0_block>;
+    constexpr index tile_bytes = packing<Block>::tile_bytes;
+    const std::uint8_t* scales = scales_of<Block>(w, blocks);
+    float32x4_t acc[R][Q];
     MOE_UNROLL
     for (int r = 0; r < R; ++r) {
-        xv[r] = values(x[r * ldx + b]);
-        dx[r] = fp16_to_float(x[r * ldx + b].scale);
+        MOE_UNROLL
+        for (int q = 0; q < Q; ++q) acc[r][q] = vdupq_n_f32(0);
     }
-    MOE_UNROLL
-    for (int j = 0; j < J; ++j) {
-        const Block& wb = w[j * ldw + b];
-        const int8x16x2_t wv = values(wb);
-        const float dw = fp16_to_float(wb.scale);
+    for (index b = 0; b < blocks; ++b) {
+        const std::uint8_t* wb = w + b * tile_bytes;
+        int32x4_t s[R][Q];
+        int8x16_t xl[R], xh[R];
         MOE_UNROLL
         for (int r = 0; r < R; ++r) {
-            const float32x4_t scale = vdupq_n_f32(dx[r] * dw);
-            float32x4_t* a = acc[r * J + j];
-            a[0] = vfmaq_f32(a[0], vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), xv[r].val[0], wv.val[0])), scale);
-            a[1] = vfmaq_f32(a[1], vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), xv[r].val[1], wv.val[1])), scale);
+            const q8_0_input& xr = x[r * ldx + b];
+            xl[r] = vld1q_s8(xr.values);
+            xh[r] = vld1q_s8(xr.values + 16);
+            const int32x4_t start = vdupq_n_s32(nibbles ? sum_offset<Block>(xr) : 0);
+            MOE_UNROLL
+            for (int q = 0; q < Q; ++q) s[r][q] = start;
+        }
+        const auto line = [&]<int K>() {
+            MOE_UNROLL
+            for (int q = 0; q < Q; ++q) {
+                const uint8x16_t v = vld1q_u8(wb + q / 4 * group_bytes + K * 64 + q % 4 * 16);
+                if constexpr (nibbles) {
+                    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                    MOE_UNROLL
+                    for (int r = 0; r < R; ++r) s[r][q] = vdotq_laneq_s32(vdotq_laneq_s32(s[r][q], lo, xl[r], K), hi, xh[r], K);
+                } else {
+                    const int8x16_t signed_q = vreinterpretq_s8_u8(veorq_u8(v, vdupq_n_u8(0x80)));
+                    MOE_UNROLL
+                    for (int r = 0; r < R; ++r) s[r][q] = vdotq_laneq_s32(s[r][q], signed_q, K < 4 ? xl[r] : xh[r], K % 4);
+                }
+            }
+        };
+        [&]<int... K>(std::integer_sequence<int, K...>) {
+            (line.template operator()<K>(), ...);
+        }(std::make_integer_sequence<int, nibbles ? 4 : 8>());
+        MOE_UNROLL
+        for (int q = 0; q < Q; ++q) {
+            const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(
+                scales + q / 4 * group_bytes + b * 32 + q % 4 * 8))));
+            MOE_UNROLL
+            for (int r = 0; r < R; ++r)
+                acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(s[r][q]), vmulq_n_f32(dw, x[r * ldx + b].scale));
         }
     }
-}
-
-template <int R, int J, class Block>
-void tile(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-    float32x4_t even[R * J][2], odd[R * J][2];  // [tile entry][lanes 0-3, 4-7]
     MOE_UNROLL
-    for (int i = 0; i < R * J; ++i) even[i][0] = even[i][1] = odd[i][0] = odd[i][1] = vdupq_n_f32(0);
-    index b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-        if constexpr (R == 1) ask_next_rows<J>(w, ldw, b);
-        step<R, J>(x, ldx, w, ldw, b, even);
-        step<R, J>(x, ldx, w, ldw, b + 1, odd);
-    }
-    if (b < blocks) step<R, J>(x, ldx, w, ldw, b, even);
-    MOE_UNROLL
-    for (int i = 0; i < R * J; ++i) {
-        // [l0 + l4, l1 + l5, l2 + l6, l3 + l7] of l = even + odd, then (s0 + s2) + (s1 + s3).
-        const float32x4_t s = vaddq_f32(vaddq_f32(even[i][0], odd[i][0]), vaddq_f32(even[i][1], odd[i][1]));
-        z[i / J * ldz + i % J] = (vgetq_lane_f32(s, 0) + vgetq_lane_f32(s, 2)) + (vgetq_lane_f32(s, 1) + vgetq_lane_f32(s, 3));
+    for (int r = 0; r < R; ++r) {
+        MOE_UNROLL
+        for (int q = 0; q < Q; ++q) vst1q_f32(z + r * ldz + 4 * q, acc[r][q]);
     }
 }
 
-/// Tiles of 2 rows of x by 2 of W over blocks of 16 rows of W.
+/// Tiles of 2 rows of x by one group (16 rows) of W.
 struct family {
-    static constexpr int rows = 2, columns = 2;
-    static constexpr index w_block = 16;
+    static constexpr int rows = 2, groups = 1, decode_groups = 1;
+    static constexpr index w_groups = 4;
     template <int R, int J, class Block>
-    static void run(const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
-        tile<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+    static void run(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
+        tile<R, J, Block>(x, ldx, w, group_bytes, blocks, z, ldz);
     }
 };
 
@@ -584,116 +737,82 @@ struct family {
 #pragma GCC pop_options
 #endif
 
-/// `Family::run<R, J>` for J = `columns` rows of W or fewer (the edge of a block of W).
-template <class Family, int R, int J = Family::columns, class Block>
-void quant_edge(index j, const q8_0_block* x, index ldx, const Block* w, index ldw, index blocks, float* z, index ldz) {
+/// `Family::run<R, J>` for J groups or fewer (the edge of a block of groups).
+template <class Family, int R, int J, class Block>
+void quant_edge(index groups, const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z,
+                index ldz) {
     if constexpr (J > 1)
-        if (j < J) return quant_edge<Family, R, J - 1>(j, x, ldx, w, ldw, blocks, z, ldz);
-    Family::template run<R, J>(x, ldx, w, ldw, blocks, z, ldz);
+        if (groups < J) return quant_edge<Family, R, J - 1, Block>(groups, x, ldx, w, group_bytes, blocks, z, ldz);
+    Family::template run<R, J, Block>(x, ldx, w, group_bytes, blocks, z, ldz);
 }
 
-/// z = x W^T by a family's tiles: blocks of `w_block` rows of W that stay in L1/L2 while the rows of x
-/// pass, `rows` x `columns` tiles (then 2 x `columns` for the rows left), a single row of x (decoding)
-/// against 4 rows of W at a time.
+/// z = x W[row, row + m)^T by a family's tiles. The groups wholly inside the rows asked for: blocks of
+/// `w_groups` groups that stay in L2 while the rows of x pass, `rows` x `groups` tiles (then 2 x
+/// `groups`), a single row of x (decoding) against `decode_groups` groups at a time. A group cut by the
+/// range's ends (never, for the layer's tasks): one row of x at a time into a scratch tile, of which the
+/// wanted outputs are kept.
 template <class Family, class Block>
-void quant_linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m,
-                  index blocks) {
-    for (index j0 = 0; j0 < m; j0 += Family::w_block) {
-        const index j1 = std::min(m, j0 + Family::w_block);
-        index r = 0;
-        const auto rows_of = [&]<int R>() {
-            for (; r + R <= n; r += R)
-                for (index j = j0; j < j1; j += Family::columns)
-                    quant_edge<Family, R>(std::min<index>(Family::columns, j1 - j), x + r * ldx, ldx, w + j * ldw, ldw,
-                                          blocks, z + r * ldz + j, ldz);
-        };
-        rows_of.template operator()<Family::rows>();
-        if constexpr (Family::rows > 2) rows_of.template operator()<2>();
-        if (r < n) {
-            index j = j0;
-            for (; j + 4 <= j1; j += 4) Family::template run<1, 4>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
-            for (; j < j1; ++j) Family::template run<1, 1>(x + r * ldx, ldx, w + j * ldw, ldw, blocks, z + r * ldz + j, ldz);
+void quant_linear(const q8_0_input* x, index ldx, const quantized_matrix<Block>& w, index row, index m, float* z, index ldz,
+                  index n) {
+    constexpr index G = quantized_matrix<Block>::group_rows;
+    const index blocks = w.blocks_per_row(), gb = w.group_bytes();
+    const index first = (row + G - 1) / G, last = std::max(first, (row + m) / G);  // whole groups [first, last)
+    for (index g = row / G; g < (row + m + G - 1) / G; ++g) {
+        if (g >= first && g < last) continue;
+        const index from = std::max(row, g * G), to = std::min(row + m, (g + 1) * G);
+        alignas(64) float scratch[G];
+        for (index r = 0; r < n; ++r) {
+            Family::template run<1, 1, Block>(x + r * ldx, ldx, w.group(g), gb, blocks, scratch, G);
+            std::copy(scratch + (from - g * G), scratch + (to - g * G), z + r * ldz + (from - row));
         }
+    }
+    for (index g0 = first; g0 < last; g0 += Family::w_groups) {
+        const index g1 = std::min(last, g0 + Family::w_groups);
+        index r = 0;
+        const auto rows_of = [&]<int R, int J>() {
+            for (; r + R <= n; r += R)
+                for (index g = g0; g < g1; g += J)
+                    quant_edge<Family, R, J, Block>(std::min<index>(J, g1 - g), x + r * ldx, ldx, w.group(g), gb, blocks,
+                                                    z + r * ldz + (g * G - row), ldz);
+        };
+        rows_of.template operator()<Family::rows, Family::groups>();
+        if constexpr (Family::rows > 2) rows_of.template operator()<2, Family::groups>();
+        rows_of.template operator()<1, Family::decode_groups>();
     }
 }
 
-}  // namespace detail
-
-/// z = x W^T for x quantized to q8_0 (n rows, `ldx` blocks apart) and quantized weights W (m rows,
-/// `ldw` blocks apart), rows of d values (a multiple of 32, else shape_error); z float (n x m, row
-/// stride ldz). Every output is the sum described above (`dot`), bit for bit on every family. x's
-/// values must lie in [-127, 127], as `quantize` makes them (AVX2 negates them); W's may be any.
-template <quantized_block Block>
-void linear(const q8_0_block* x, index ldx, const Block* w, index ldw, float* z, index ldz, index n, index m, index d) {
-    detail::check_quant_length(d, "linear (quantized)");
-    const index blocks = d / quant_block;
+/// Which family runs the quantized products: VNNI where the AVX-512 families run and the CPU has it,
+/// AVX2 where AVX2 runs, NEON `sdot` on aarch64 where the CPU has it, else the portable code.
+template <class F>
+decltype(auto) with_quant_family(F&& f) {
 #if defined(MOE_X86_DISPATCH)
-    if (active_isa() >= isa::avx512 && detail::has_vnni())
-        return detail::quant_linear<detail::quant_vnni::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
-    if (active_isa() >= isa::avx2) return detail::quant_linear<detail::quant_avx2::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
+    if (active_isa() >= isa::avx512 && has_vnni()) return f(quant_vnni::family{});
+    if (active_isa() >= isa::avx2) return f(quant_avx2::family{});
 #endif
 #if defined(MOE_NEON_DOTPROD)
-    if (detail::has_dotprod()) return detail::quant_linear<detail::quant_neon::family>(x, ldx, w, ldw, z, ldz, n, m, blocks);
+    if (has_dotprod()) return f(quant_neon::family{});
 #endif
-    for (index r = 0; r < n; ++r)
-        for (index j = 0; j < m; ++j) z[r * ldz + j] = detail::quant_dot_portable(x + r * ldx, w + j * ldw, blocks);
+    return f(quant_portable{});
 }
 
-/// The quantized dot product of one row of x (q8_0) and one row of W, d values: what `linear` computes
-/// for each output.
+}  // namespace kernels::detail
+
+namespace kernels {
+
+/// z = x W[row, row + m)^T for n rows of x quantized to q8_0 (`quantize_input`, rows `ldx` blocks apart;
+/// as many blocks a row as W has) and rows [row, row + m) of quantized W; z float (n x m, row stride
+/// ldz). Every output is the sum documented at the top of this header, bit for bit on every family.
+/// shape_error for rows outside W.
 template <quantized_block Block>
-float dot(const q8_0_block* x, const Block* w, index d) {
-    float z;
-    linear(x, 0, w, 0, &z, 1, 1, 1, d);
-    return z;
+void linear(const q8_0_input* x, index ldx, const quantized_matrix<Block>& w, index row, index m, float* z, index ldz, index n) {
+    if (row < 0 || m < 0 || row + m > w.rows())
+        throw shape_error("linear (quantized): rows [" + std::to_string(row) + ", " + std::to_string(row + m) +
+                          ") of a matrix of " + std::to_string(w.rows()) + " rows");
+    if (n == 0 || m == 0) return;
+    detail::with_quant_family(
+        [&](auto family) { detail::quant_linear<decltype(family)>(x, ldx, w, row, m, z, ldz, n); });
 }
 
 }  // namespace kernels
-
-/// A matrix of rows x cols values held as quantized blocks (cols a multiple of 32): each row is
-/// cols / 32 consecutive blocks of `Block`, ggml's layout (a GGUF tensor's bytes, row by row).
-template <quantized_block Block>
-class quantized_matrix {
-public:
-    using block_type = Block;
-
-    quantized_matrix() = default;
-    /// rows x cols zeros (blocks of zero bytes); shape_error when cols is not a multiple of 32.
-    quantized_matrix(index rows, index cols) : cols_(cols) {
-        kernels::detail::check_quant_length(cols, "quantized_matrix");
-        blocks_ = aligned_rows<Block>(rows, cols / quant_block);
-    }
-
-    [[nodiscard]] index rows() const { return blocks_.rows(); }
-    /// Values per row.
-    [[nodiscard]] index cols() const { return cols_; }
-    [[nodiscard]] index blocks_per_row() const { return blocks_.cols(); }
-    [[nodiscard]] Block* data() { return blocks_.data(); }
-    [[nodiscard]] const Block* data() const { return blocks_.data(); }
-    [[nodiscard]] Block* row(index r) { return blocks_.row(r); }
-    [[nodiscard]] const Block* row(index r) const { return blocks_.row(r); }
-    /// Bytes of the blocks.
-    [[nodiscard]] std::size_t bytes() const { return blocks_.size() * sizeof(Block); }
-
-    /// Rows [row, row + n) quantized from n x cols float values (`quantize`: value_error for a value
-    /// that is not finite or a scale beyond fp16); shape_error for rows outside the matrix.
-    void assign(index row, const float* values, index n) {
-        if (row < 0 || n < 0 || row + n > rows())
-            throw shape_error("quantized_matrix: rows [" + std::to_string(row) + ", " + std::to_string(row + n) +
-                              ") of a matrix of " + std::to_string(rows()) + " rows");
-        kernels::quantize(values, n * cols_, blocks_.row(row));
-    }
-
-    /// The values as float (scale times value).
-    [[nodiscard]] matrix<float> dequantized() const {
-        matrix<float> out(rows(), cols_);
-        if (out.size() > 0) kernels::dequantize(data(), out.size(), out.data());
-        return out;
-    }
-
-private:
-    index cols_ = 0;
-    aligned_rows<Block> blocks_;
-};
 
 }  // namespace moe
