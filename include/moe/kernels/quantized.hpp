@@ -379,6 +379,20 @@ MOE_ALWAYS_INLINE const std::uint8_t* scales_of(const std::uint8_t* group, index
     return group + blocks * packing<Block>::tile_bytes;
 }
 
+/// Decoding (one row of x) streams W from memory: a tile of one row asks, at each block, for the lines
+/// of its J groups two blocks ahead, ahead of the hardware's stream prefetchers, which stop at each page.
+template <class Block, int J>
+MOE_ALWAYS_INLINE void ask_ahead(const std::uint8_t* w, index group_bytes) {
+    constexpr index tile_bytes = packing<Block>::tile_bytes;
+    const auto base = reinterpret_cast<std::uintptr_t>(w);  // past the group at its end: never read
+    MOE_UNROLL
+    for (int j = 0; j < J; ++j) {
+        MOE_UNROLL
+        for (index k = 0; k < tile_bytes; k += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(base + static_cast<std::uintptr_t>(j * group_bytes + 2 * tile_bytes + k)), 0, 3);
+    }
+}
+
 /// 4 bytes of x's values from value i, as an integer to broadcast.
 MOE_ALWAYS_INLINE std::int32_t four_values(const q8_0_input& x, index i) {
     std::int32_t v;
@@ -454,6 +468,7 @@ void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_byt
     }
     for (index b = 0; b < blocks; ++b) {
         const std::uint8_t* wb = w + b * tile_bytes;
+        if constexpr (R == 1) ask_ahead<Block, J>(wb, group_bytes);
         __m256i s[R][H];
         MOE_UNROLL
         for (int r = 0; r < R; ++r) {
@@ -520,9 +535,9 @@ void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_byt
     }
 }
 
-/// Tiles of 2 rows of x by one group (16 rows) of W, one row by one group when decoding.
+/// Tiles of 2 rows of x by one group (16 rows) of W, one row by 2 groups when decoding.
 struct family {
-    static constexpr int rows = 2, groups = 1, decode_groups = 1;
+    static constexpr int rows = 2, groups = 1, decode_groups = 2;
     static constexpr index w_groups = 4;
     template <int R, int J, class Block>
     static void run(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_bytes, index blocks, float* z, index ldz) {
@@ -557,17 +572,7 @@ void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_byt
     }
     for (index b = 0; b < blocks; ++b) {
         const std::uint8_t* wb = w + b * tile_bytes;
-        if constexpr (R == 1) {
-            // Decoding streams W from memory: ask for the lines two blocks ahead (the hardware's stream
-            // prefetchers stop at each page).
-            MOE_UNROLL
-            for (int j = 0; j < J; ++j)
-                MOE_UNROLL
-                for (index k = 0; k < tile_bytes; k += 64)  // (past the group at its end: never read)
-                    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(wb) +
-                                                               static_cast<std::uintptr_t>(j * group_bytes + 2 * tile_bytes + k)),
-                                 _MM_HINT_T0);
-        }
+        if constexpr (R == 1) ask_ahead<Block, J>(wb, group_bytes);
         __m512i s[R][J];
         MOE_UNROLL
         for (int r = 0; r < R; ++r) {
@@ -678,6 +683,7 @@ void tile(const q8_0_input* x, index ldx, const std::uint8_t* w, index group_byt
     }
     for (index b = 0; b < blocks; ++b) {
         const std::uint8_t* wb = w + b * tile_bytes;
+        if constexpr (R == 1) ask_ahead<Block, J>(wb, group_bytes);
         int32x4_t s[R][Q];
         int8x16_t xl[R], xh[R];
         MOE_UNROLL
