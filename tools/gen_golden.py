@@ -3,7 +3,7 @@
 
 Run with Debian's PyTorch (the ``python3`` on PATH may lack torch)::
 
-    /usr/bin/python3 tools/gen_golden.py   # writes tests/data/{ckpt,layer,overrides,expert_parallel}
+    /usr/bin/python3 tools/gen_golden.py   # writes tests/data/{ckpt,layer,overrides,expert_parallel,quant,gguf}
 
 Everything is computed in float64 from the values *as stored* (weights are rounded
 to their storage dtype F32/BF16/F16 first, inputs to F32); expected values are written
@@ -1974,12 +1974,121 @@ def gen_quant_cases(root):
 
 # --------------------------------------------------------------------------------------
 
+
+# ---------------------------------------------------------------------------------------------
+# GGUF (ggml's docs/gguf.md, version 3): a writer of our own, from the specification.
+
+GGUF_VALUE_TYPES = {"u8": (0, "<B"), "i8": (1, "<b"), "u16": (2, "<H"), "i16": (3, "<h"), "u32": (4, "<I"),
+                    "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<B"), "string": (8, None), "array": (9, None),
+                    "u64": (10, "<Q"), "i64": (11, "<q"), "f64": (12, "<d")}
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
+
+
+def gguf_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_value(vtype, value) -> bytes:
+    """A value of type vtype: a name of GGUF_VALUE_TYPES, or ("array", element vtype)."""
+    if isinstance(vtype, tuple):
+        element = vtype[1]
+        number = GGUF_VALUE_TYPES[element[0] if isinstance(element, tuple) else element][0]
+        return struct.pack("<IQ", number, len(value)) + b"".join(gguf_value(element, v) for v in value)
+    if vtype == "string":
+        return gguf_string(value)
+    return struct.pack(GGUF_VALUE_TYPES[vtype][1], value)
+
+
+def write_gguf(path: str, metadata, tensors, alignment: int = 32) -> None:
+    """metadata [(key, vtype, value)]; tensors [(name, ggml type name, dims fastest first, bytes)],
+    laid out in order, each at a multiple of `alignment` from the start of the data section."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, vtype, value in metadata:
+        number = GGUF_VALUE_TYPES[vtype[0] if isinstance(vtype, tuple) else vtype][0]
+        out += gguf_string(key) + struct.pack("<I", number) + gguf_value(vtype, value)
+    data, offset = b"", 0
+    for name, type_name, dims, raw in tensors:
+        out += gguf_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", GGML_TYPES[type_name], offset)
+        padded = raw + b"\0" * (-len(raw) % alignment)
+        data += padded
+        offset += len(padded)
+    out += b"\0" * (-len(out) % alignment)
+    with open(path, "wb") as f:
+        f.write(out + data)
+
+
+def q8_0_bytes(rows):
+    """ggml's q8_0 blocks of float32 rows, and their values dequantized (float32, exact)."""
+    raw, values = b"", []
+    for row in rows:
+        scales, q = quantize_q8_0(row)
+        for b, d in enumerate(scales):
+            raw += np.float16(d).tobytes() + np.array(q[b * QBLOCK:(b + 1) * QBLOCK], dtype=np.int8).tobytes()
+            values += [np.float32(d) * np.float32(v) for v in q[b * QBLOCK:(b + 1) * QBLOCK]]
+    return raw, np.array(values, dtype=np.float32).reshape(len(rows), -1)
+
+
+def q4_0_bytes(rows):
+    """ggml's q4_0 blocks of float32 rows, and their values dequantized (float32, exact)."""
+    raw, values = b"", []
+    for row in rows:
+        scales, packed = quantize_q4_0(row)
+        q = q4_0_values(packed)
+        for b, d in enumerate(scales):
+            raw += np.float16(d).tobytes() + bytes(packed[b * QBLOCK // 2:(b + 1) * QBLOCK // 2])
+            values += [np.float32(d) * np.float32(v) for v in q[b * QBLOCK:(b + 1) * QBLOCK]]
+    return raw, np.array(values, dtype=np.float32).reshape(len(rows), -1)
+
+
+def gen_gguf_cases(root):
+    """tests/data/gguf/reader.gguf: metadata of every value type (general.alignment 64) and tensors of
+    types F32, F16, BF16, Q8_0, Q4_0 (one of three dimensions, as llama.cpp stores experts) and Q4_K
+    (random bytes: a type the library does not read); reader_expected.safetensors: each readable
+    tensor's values as float32 [rows, cols] and the float rows its blocks were quantized from."""
+    out = os.path.join(root, "gguf")
+    os.makedirs(out, exist_ok=True)
+    g = torch.Generator().manual_seed(61)
+    metadata = [
+        ("general.architecture", "string", "llama"), ("general.alignment", "u32", 64),
+        ("test.u8", "u8", 200), ("test.i8", "i8", -100), ("test.u16", "u16", 60000), ("test.i16", "i16", -30000),
+        ("test.u32", "u32", 4000000000), ("test.i32", "i32", -2000000000), ("test.f32", "f32", 0.5),
+        ("test.bool", "bool", 1), ("test.u64", "u64", 2**63 + 5), ("test.i64", "i64", -2**62), ("test.f64", "f64", -1.25),
+        ("test.strings", ("array", "string"), ["a", "", "expert"]), ("test.i32s", ("array", "i32"), [1, -2, 3]),
+        ("test.nested", ("array", ("array", "u8")), [[1, 2], [], [3]]),
+    ]
+    f32 = torch.randn(3, 5, generator=g)
+    f16 = torch.randn(2, 32, generator=g).to(torch.float16).to(torch.float32)
+    bf16 = torch.randn(2, 32, generator=g).to(torch.bfloat16).to(torch.float32)
+    q8_src = torch.randn(6, 64, generator=g).to(torch.float32)
+    q4_src = torch.randn(3, 64, generator=g).to(torch.float32)
+    q8_raw, q8_values = q8_0_bytes(q8_src.numpy())
+    q4_raw, q4_values = q4_0_bytes(q4_src.numpy())
+    k_raw = bytes(random.Random(3).randrange(256) for _ in range(144))
+    tensors = [
+        ("f32", "F32", [5, 3], encode(f32, "F32")),
+        ("f16", "F16", [32, 2], encode(f16, "F16")),
+        ("bf16", "BF16", [32, 2], encode(bf16, "BF16")),
+        ("blk.0.ffn_gate_exps.weight", "Q8_0", [64, 3, 2], q8_raw),  # 2 experts of 3 rows of 64
+        ("q4_0", "Q4_0", [64, 3], q4_raw),
+        ("q4_k", "Q4_K", [256, 1], k_raw),
+    ]
+    write_gguf(os.path.join(out, "reader.gguf"), metadata, tensors, alignment=64)
+    write_safetensors(os.path.join(out, "reader_expected.safetensors"), [
+        ("f32", "F32", f32), ("f16", "F32", f16), ("bf16", "F32", bf16),
+        ("blk.0.ffn_gate_exps.weight", "F32", torch.from_numpy(q8_values)), ("q4_0", "F32", torch.from_numpy(q4_values)),
+        ("blk.0.ffn_gate_exps.weight.source", "F32", q8_src), ("q4_0.source", "F32", q4_src),
+    ], {})
+    yield out, "GGUF reader: metadata of every type, F32/F16/BF16/Q8_0/Q4_0/Q4_K tensors, alignment 64"
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "data"),
                     help="output directory (default: tests/data)")
-    ap.add_argument("--only", choices=["quant"],
+    ap.add_argument("--only", choices=["quant", "gguf"],
                     help="write only this set (the others depend on each other and come together)")
     args = ap.parse_args()
     root = os.path.normpath(args.out)
@@ -1996,6 +2105,12 @@ def main():
             total += size
             print(f"    {os.path.relpath(p, root):60s} {size:8d} bytes")
 
+    if args.only != "quant":
+        for path, info in gen_gguf_cases(root):
+            report(path, info)
+    if args.only == "gguf":
+        print(f"total: {total} bytes")
+        return
     for path, info in gen_quant_cases(root):
         report(path, info)
     if args.only == "quant":

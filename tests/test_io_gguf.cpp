@@ -1,0 +1,253 @@
+// The GGUF reader against tools/gen_golden.py's own GGUF writer (tests/data/gguf: reader.gguf and the
+// values each tensor holds, reader_expected.safetensors), and against files built here with one defect
+// each.
+#include "golden.hpp"
+
+#include <moe/io/gguf.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+using moe::io::gguf_file;
+
+const fs::path reader_gguf = golden::data_dir / "gguf" / "reader.gguf";
+
+std::vector<float> read_all(const gguf_file& file, const std::string& name) {
+    std::vector<float> out(file.tensor(name).numel());
+    file.read(name, out);
+    return out;
+}
+
+// A GGUF file built field by field, written to a temporary path (removed on destruction).
+struct builder {
+    std::string bytes;
+    fs::path path = fs::temp_directory_path() / ("moe_test_gguf_" + std::to_string(::getpid()) + ".gguf");
+
+    builder(std::uint64_t tensors, std::uint64_t keys, std::uint32_t version = 3) {
+        bytes = "GGUF";
+        put(version).put(tensors).put(keys);
+    }
+    builder(const builder&) = delete;
+    builder& operator=(const builder&) = delete;
+    ~builder() {
+        std::error_code ignored;
+        fs::remove(path, ignored);
+    }
+
+    template <class T>
+    builder& put(T v) {
+        bytes.append(reinterpret_cast<const char*>(&v), sizeof v);
+        return *this;
+    }
+    builder& str(std::string_view s) {
+        put<std::uint64_t>(s.size());
+        bytes.append(s);
+        return *this;
+    }
+    builder& key_u32(std::string_view key, std::uint32_t v) { return str(key).put<std::uint32_t>(4).put(v); }
+    builder& tensor(std::string_view name, const std::vector<std::uint64_t>& dims, std::uint32_t type, std::uint64_t offset) {
+        str(name).put<std::uint32_t>(static_cast<std::uint32_t>(dims.size()));
+        for (const auto d : dims) put(d);
+        return put(type).put(offset);
+    }
+    builder& pad(std::size_t alignment = 32) {
+        bytes.append((alignment - bytes.size() % alignment) % alignment, '\0');
+        return *this;
+    }
+    builder& data(std::size_t n) {
+        bytes.append(n, '\x01');
+        return *this;
+    }
+    const fs::path& write() {
+        std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+        return path;
+    }
+};
+
+void fails_with(builder& file, const std::string& message) {
+    INFO("expected: " << message);
+    CHECK_THROWS_WITH(gguf_file(file.write()), Catch::Contains(message) && Catch::Contains(file.path.string()));
+}
+
+}  // namespace
+
+TEST_CASE("gguf_file reads the header and the metadata of every value type", "[io][gguf]") {
+    const gguf_file file(reader_gguf);
+    CHECK(file.version() == 3);
+    CHECK(file.alignment() == 64);
+    CHECK(file.string("general.architecture") == "llama");
+    CHECK(file.integer("test.u8") == 200);
+    CHECK(file.integer("test.i8") == -100);
+    CHECK(file.integer("test.u16") == 60000);
+    CHECK(file.integer("test.i16") == -30000);
+    CHECK(file.integer("test.u32") == 4000000000);
+    CHECK(file.integer("test.i32") == -2000000000);
+    CHECK(file.integer("test.i64") == -(std::int64_t{1} << 62));
+    CHECK(std::get<std::uint64_t>(file.value("test.u64").value) == (std::uint64_t{1} << 63) + 5);
+    CHECK(file.number("test.f32") == 0.5);
+    CHECK(file.number("test.f64") == -1.25);
+    CHECK(file.number("test.u16") == 60000.0);
+    CHECK(file.boolean("test.bool"));
+    CHECK(file.value("test.u16").type == moe::io::gguf_value_type::u16);
+    const auto& strings = file.array("test.strings");
+    CHECK(file.value("test.strings").element_type == moe::io::gguf_value_type::string);
+    REQUIRE(strings.size() == 3);
+    CHECK(std::get<std::string>(strings[0].value) == "a");
+    CHECK(std::get<std::string>(strings[1].value).empty());
+    CHECK(std::get<std::string>(strings[2].value) == "expert");
+    const auto& ints = file.array("test.i32s");
+    REQUIRE(ints.size() == 3);
+    CHECK(std::get<std::int64_t>(ints[1].value) == -2);
+    const auto& nested = file.array("test.nested");
+    REQUIRE(nested.size() == 3);
+    CHECK(std::get<std::vector<moe::io::gguf_value>>(nested[0].value).size() == 2);
+    CHECK(std::get<std::vector<moe::io::gguf_value>>(nested[1].value).empty());
+    CHECK(file.metadata().size() == 16);
+    // Errors name the key.
+    CHECK_THROWS_WITH(file.integer("test.missing"), Catch::Contains("no metadata key 'test.missing'"));
+    CHECK_THROWS_WITH(file.integer("test.u64"), Catch::Contains("'test.u64'") && Catch::Contains("beyond int64"));
+    CHECK_THROWS_WITH(file.string("test.u8"), Catch::Contains("'test.u8' is not a string"));
+    CHECK_THROWS_WITH(file.integer("test.f32"), Catch::Contains("'test.f32' is not an integer"));
+    CHECK_THROWS_AS(file.array("test.bool"), moe::io_error);
+}
+
+TEST_CASE("gguf_file reads F32, F16, BF16, Q8_0 and Q4_0 tensors as the writer's values", "[io][gguf]") {
+    const gguf_file file(reader_gguf);
+    const moe::io::safetensors_file expected(golden::data_dir / "gguf" / "reader_expected.safetensors");
+    std::vector<std::string> names;
+    for (const auto& t : file.tensors()) names.push_back(t.name);
+    CHECK(names == std::vector<std::string>{"f32", "f16", "bf16", "blk.0.ffn_gate_exps.weight", "q4_0", "q4_k"});
+    const auto& experts = file.tensor("blk.0.ffn_gate_exps.weight");
+    CHECK(experts.dims == std::vector<std::uint64_t>{64, 3, 2});
+    CHECK(experts.type == moe::io::ggml_type::q8_0);
+    CHECK(experts.rows() == 6);
+    CHECK(experts.cols() == 64);
+    CHECK(experts.bytes == 6 * 2 * 34);
+    CHECK(file.tensor("q4_k").bytes == 144);
+    for (const auto& t : file.tensors()) {
+        INFO("tensor " << t.name);
+        CHECK(t.offset % 64 == 0);
+        CHECK(reinterpret_cast<std::uintptr_t>(file.bytes(t.name).data()) % 64 == 0);
+        if (t.type == moe::io::ggml_type::q4_k) continue;
+        const moe::matrix<float> want = golden::read_matrix(expected, t.name);
+        const std::vector<float> got = read_all(file, t.name);
+        REQUIRE(static_cast<moe::index>(got.size()) == want.size());
+        CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
+    }
+    // The blocks are ggml's: what the library's quantizer makes of the same rows.
+    const auto same_blocks = [&](const std::string& name, auto block) {
+        using Block = decltype(block);
+        const moe::matrix<float> source = golden::read_matrix(expected, name + ".source");
+        std::vector<Block> want(static_cast<std::size_t>(source.size() / moe::quant_block));
+        moe::kernels::quantize(source.data(), source.size(), want.data());
+        const auto bytes = file.bytes(name);
+        REQUIRE(bytes.size() == want.size() * sizeof(Block));
+        CHECK(std::memcmp(bytes.data(), want.data(), bytes.size()) == 0);
+        // and a quantized matrix filled from them holds those values
+        moe::quantized_matrix<Block> w(source.rows(), source.cols());
+        w.assign(0, reinterpret_cast<const Block*>(bytes.data()), source.rows());
+        CHECK(w.dequantized() == golden::read_matrix(expected, name));
+    };
+    same_blocks("blk.0.ffn_gate_exps.weight", moe::q8_0_block{});
+    same_blocks("q4_0", moe::q4_0_block{});
+    // Other types and sizes: clear errors.
+    std::vector<float> out(256);
+    CHECK_THROWS_WITH(file.read("q4_k", out), Catch::Contains("'q4_k' has type Q4_K") && Catch::Contains("Q8_0 and Q4_0"));
+    CHECK_THROWS_AS(file.read("f32", out), moe::shape_error);
+    CHECK_THROWS_WITH(file.tensor("nope"), Catch::Contains("no tensor 'nope'"));
+}
+
+TEST_CASE("gguf_file refuses malformed files, naming the problem", "[io][gguf][errors]") {
+    SECTION("not GGUF, other versions, too short") {
+        builder magic(0, 0);
+        magic.bytes[0] = 'X';
+        fails_with(magic, "not a GGUF file");
+        builder v1(0, 0, 1);
+        fails_with(v1, "GGUF version 1 is not supported");
+        builder empty(0, 0);
+        empty.bytes.resize(20);
+        fails_with(empty, "shorter than a GGUF header");
+        CHECK_THROWS_WITH(gguf_file("/nonexistent/model.gguf"), Catch::Contains("cannot open"));
+    }
+    SECTION("counts and lengths beyond the file") {
+        builder keys(0, 1'000'000'000);
+        fails_with(keys, "metadata count 1000000000 exceeds");
+        builder tensors(1'000'000'000, 0);
+        fails_with(tensors, "tensor count 1000000000 exceeds");
+        builder length(0, 1);
+        length.put<std::uint64_t>(1'000'000).bytes.append("key");
+        length.data(16);
+        fails_with(length, "metadata key 0 at byte 32 needs 1000000 bytes");
+        builder array(0, 1);
+        array.str("a").put<std::uint32_t>(9).put<std::uint32_t>(4).put<std::uint64_t>(1'000'000'000);
+        fails_with(array, "'a' claims 1000000000 elements");
+        builder cut(0, 1);
+        cut.str("a").put<std::uint32_t>(5).put<std::uint16_t>(1);
+        fails_with(cut, "metadata key 'a' at byte");
+    }
+    SECTION("values") {
+        builder type(0, 1);
+        type.str("a").put<std::uint32_t>(13).put<std::uint32_t>(0);
+        fails_with(type, "'a' has value type 13");
+        builder boolean(0, 1);
+        boolean.str("a").put<std::uint32_t>(7).put<std::uint8_t>(2).data(32);
+        fails_with(boolean, "'a' is a boolean stored as 2");
+        builder twice(0, 2);
+        twice.key_u32("a", 1).key_u32("a", 2);
+        fails_with(twice, "'a' appears twice");
+        builder alignment(0, 1);
+        alignment.key_u32("general.alignment", 48);
+        fails_with(alignment, "'general.alignment' must be a uint32 power of two");
+        builder deep(0, 1);
+        deep.str("a").put<std::uint32_t>(9);
+        for (int i = 0; i < 9; ++i) deep.put<std::uint32_t>(9).put<std::uint64_t>(1);
+        deep.put<std::uint32_t>(0).put<std::uint64_t>(0).data(64);
+        fails_with(deep, "metadata key 'a'[0][0][0][0][0][0][0][0] nests arrays deeper than 8");
+    }
+    SECTION("tensor infos") {
+        builder type(1, 0);
+        type.tensor("w", {32}, 99, 0).pad().data(32);
+        fails_with(type, "tensor 'w' has ggml type 99");
+        builder rank(1, 0);
+        rank.tensor("w", {1, 1, 1, 1, 1}, 0, 0).pad().data(32);
+        fails_with(rank, "tensor 'w' has 5 dimensions");
+        builder zero(1, 0);
+        zero.tensor("w", {4, 0}, 0, 0).pad().data(32);
+        fails_with(zero, "tensor 'w' has dimension 1 = 0");
+        builder huge(1, 0);
+        huge.tensor("w", {std::uint64_t{1} << 40, std::uint64_t{1} << 40}, 0, 0).pad().data(32);
+        fails_with(huge, "the tensor's size overflows");
+        builder block(1, 0);
+        block.tensor("w", {48, 2}, 8, 0).pad().data(128);
+        fails_with(block, "tensor 'w' of type Q8_0 has rows of 48 values, not a multiple of its blocks' 32");
+        builder twice(2, 0);
+        twice.tensor("w", {8}, 0, 0).tensor("w", {8}, 0, 32).pad().data(64);
+        fails_with(twice, "tensor 'w' appears twice");
+    }
+    SECTION("tensor data") {
+        builder misaligned(1, 0);
+        misaligned.tensor("w", {8}, 0, 8).pad().data(64);
+        fails_with(misaligned, "tensor 'w' starts at offset 8, not a multiple of the alignment 32");
+        builder past(1, 0);
+        past.tensor("w", {64}, 0, 0).pad().data(255);
+        fails_with(past, "tensor 'w' (256 bytes at offset 0) extends past the end of the file (255 bytes of data)");
+        builder overlap(2, 0);
+        overlap.tensor("a", {16}, 0, 0).tensor("b", {8}, 0, 32).pad().data(64);
+        fails_with(overlap, "tensors 'a' and 'b' overlap");
+        builder fits(2, 0);
+        fits.tensor("a", {8}, 0, 0).tensor("b", {8}, 1, 32).pad().data(48);
+        const gguf_file ok(fits.write());
+        CHECK(ok.tensors().size() == 2);
+        CHECK(ok.tensor("b").bytes == 16);
+    }
+}
