@@ -1,6 +1,7 @@
 // moe-run: runs one MoE layer of a HuggingFace checkpoint on the hidden states of a safetensors file
 // and writes the layer's output and router logits. See README.md ("moe-run").
 #include <moe/io/checkpoint.hpp>
+#include <moe/io/gguf_model.hpp>
 #include <moe/io/safetensors.hpp>
 #include <moe/moe.hpp>
 #ifdef MOE_RUN_MPI
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -21,19 +23,22 @@
 namespace {
 
 constexpr const char* usage =
-    "usage: moe-run --model DIR --layer L --input IN.safetensors --output OUT.safetensors\n"
+    "usage: moe-run --model DIR|FILE.gguf --layer L --input IN.safetensors --output OUT.safetensors\n"
     "               [--threads N] [--repeat N] [--weights f32|bf16|q8_0|q4_0] [--stats] [router overrides]\n"
     "               [--backward ...]\n"
     "\n"
     "Runs MoE layer L of the HuggingFace checkpoint in DIR (config.json plus model.safetensors or\n"
-    "model.safetensors.index.json and shards) on IN's `hidden_states` ([T, d] or [B, S, d]) and writes\n"
+    "model.safetensors.index.json and shards), or of a GGUF model file (llama.cpp's llama/Mixtral,\n"
+    "qwen2moe, qwen3moe, olmoe, deepseek2), on IN's `hidden_states` ([T, d] or [B, S, d]) and writes\n"
     "`hidden_states` (same shape) and `router_logits` ([T, E]) to OUT.\n"
     "  --threads N  worker threads (default 1); the output does not depend on it\n"
     "  --repeat N   run the forward N more times and print forward_ms_median=<ms>\n"
-    "  --weights T  how the expert weights are held: f32 (default); bf16 (BF16 tensors as stored,\n"
-    "               others rounded; each projection's input rounded to bf16, sums in float32); q8_0 or\n"
-    "               q4_0 (ggml's block formats, quantized at load; each projection's input quantized\n"
-    "               to q8_0, integer sums per block). bf16, q8_0 and q4_0 are for inference. With\n"
+    "  --weights T  how the expert weights are held: f32 (the default for a checkpoint); bf16 (BF16\n"
+    "               tensors as stored, others rounded; each projection's input rounded to bf16, sums in\n"
+    "               float32); q8_0 or q4_0 (ggml's block formats, quantized at load, a GGUF file's Q8_0 /\n"
+    "               Q4_0 blocks taken as they are; each projection's input quantized to q8_0, integer\n"
+    "               sums per block). A GGUF file's default is its experts' own type (Q8_0, Q4_0, BF16;\n"
+    "               else f32). bf16, q8_0 and q4_0 are for inference. With\n"
     "               --repeat the kernel family (kernels=<name>) and the expert weights' size\n"
     "               (expert_weights_mb=<MB>) are printed\n"
     "  --stats      print the routing statistics as JSON\n"
@@ -69,7 +74,7 @@ struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
     bool stats = false, backward = false, expert_parallel = false;
-    std::string weights = "f32";
+    std::string weights;  // empty: the model's own (f32 for a checkpoint)
     std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.
     std::string router, drop_policy, sinkhorn_gates;
@@ -175,8 +180,11 @@ arguments parse_arguments(int argc, char** argv) {
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
     only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
-    if (a.backward && a.weights != "f32")
+    if (a.backward && !a.weights.empty() && a.weights != "f32")
         throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");
+    if (a.backward && std::filesystem::is_regular_file(a.model))
+        throw argument_error("--backward needs a HuggingFace checkpoint folder (its gradients are written under "
+                             "the checkpoint's tensor names), not a GGUF file");
 #ifndef MOE_RUN_MPI
     if (a.expert_parallel) throw argument_error("--expert-parallel needs a moe-run built with MPI (CMake found no MPI)");
 #endif
@@ -354,9 +362,49 @@ std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& laye
 }
 #endif
 
+/// The model --model names: a HuggingFace checkpoint folder, or a GGUF file.
+class model_source {
+public:
+    explicit model_source(const std::string& path) {
+        if (std::filesystem::is_regular_file(path)) {
+            gguf_.emplace(path);
+            config_ = moe::io::gguf_config(*gguf_);
+        } else {
+            ckpt_.emplace(path);
+            config_ = ckpt_->config();
+        }
+    }
+    [[nodiscard]] const moe::io::model_config& config() const { return config_; }
+    void check_layer(moe::index layer, moe::index router_rows) const {
+        if (gguf_) return moe::io::check_layer(*gguf_, layer, router_rows);
+        moe::io::check_layer(*ckpt_, layer, router_rows);
+    }
+    template <class Layer>
+    void load_layer(moe::index layer, Layer& l) const {
+        if (gguf_) return moe::io::load_layer(*gguf_, layer, l);
+        moe::io::load_layer(*ckpt_, layer, l);
+    }
+    /// --weights when none is given: a GGUF file's experts' own type (of layer L), else f32.
+    [[nodiscard]] std::string own_weights(moe::index layer) const {
+        const std::string experts = "blk." + std::to_string(layer) + ".ffn_gate_exps.weight";
+        if (!gguf_ || !gguf_->contains(experts)) return "f32";
+        switch (gguf_->tensor(experts).type) {
+            case moe::io::ggml_type::q8_0: return "q8_0";
+            case moe::io::ggml_type::q4_0: return "q4_0";
+            case moe::io::ggml_type::bf16: return "bf16";
+            default: return "f32";
+        }
+    }
+
+private:
+    std::optional<moe::io::checkpoint> ckpt_;
+    std::optional<moe::io::gguf_file> gguf_;
+    moe::io::model_config config_;
+};
+
 template <class Layer>
-void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, const job& j) {
-    moe::io::load_layer(ckpt, a.layer, layer);
+void run(const arguments& a, const model_source& model, Layer& layer, const job& j) {
+    model.load_layer(a.layer, layer);
     layer.set_threads(a.threads);
     if constexpr (Layer::trainable) layer.set_training(a.backward);
     const moe::index d = layer.shape().d_model;
@@ -400,7 +448,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
     if constexpr (Layer::trainable) {
         if (a.backward) {
             layer.backward(x, grad_output, grad_x);
-            params = moe::io::checkpoint_parameters(layer, ckpt.config().kind, a.layer);
+            params = moe::io::checkpoint_parameters(layer, model.config().kind, a.layer);
         }
     }
     if (a.stats) {
@@ -419,7 +467,7 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
         logits = gather_rows(j, logits, tokens);
         if (a.backward) {
             grad_x = gather_rows(j, grad_x, tokens);
-            params = gather_expert_grads(j, layer, params, ckpt.config(), a.layer, remote);
+            params = gather_expert_grads(j, layer, params, model.config(), a.layer, remote);
         }
     }
 #endif
@@ -444,12 +492,12 @@ void run(const arguments& a, const moe::io::checkpoint& ckpt, Layer& layer, cons
 }
 
 void run(const arguments& a, const job& j) {
-    const moe::io::checkpoint ckpt(a.model);
-    const moe::io::model_config& c = ckpt.config();
+    const model_source model(a.model);
+    const moe::io::model_config& c = model.config();
     const moe::layer_shape shape = moe::io::shape_of(c);
     const moe::routers::any_router router = make_router(a, c);
     router.validate(c.n_experts);
-    moe::io::check_layer(ckpt, a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
+    model.check_layer(a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
     using moe::routers::any_router;
     namespace se = moe::shared_experts;
     using lb = moe::losses::load_balance;
@@ -459,21 +507,22 @@ void run(const arguments& a, const job& j) {
     const auto run_with = [&]<class Expert>() {  // Expert: SwiGLU, its weights as --weights says
         if (c.shared_size == 0) {
             moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, ckpt, layer, j);
+            run(a, model, layer, j);
         } else if (c.shared_gated) {
             moe::layer<float, any_router, Expert, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, ckpt, layer, j);
+            run(a, model, layer, j);
         } else {
             moe::layer<float, any_router, Expert, se::ungated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, ckpt, layer, j);
+            run(a, model, layer, j);
         }
     };
     namespace ex = moe::experts;
-    if (a.weights == "bf16")
+    const std::string weights = a.weights.empty() ? model.own_weights(a.layer) : a.weights;
+    if (weights == "bf16")
         run_with.template operator()<ex::bf16_weights<ex::swiglu>>();
-    else if (a.weights == "q8_0")
+    else if (weights == "q8_0")
         run_with.template operator()<ex::q8_0_weights<ex::swiglu>>();
-    else if (a.weights == "q4_0")
+    else if (weights == "q4_0")
         run_with.template operator()<ex::q4_0_weights<ex::swiglu>>();
     else
         run_with.template operator()<ex::swiglu>();

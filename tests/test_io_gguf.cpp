@@ -251,3 +251,129 @@ TEST_CASE("gguf_file refuses malformed files, naming the problem", "[io][gguf][e
         CHECK(ok.tensor("b").bytes == 16);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// MoE layers from GGUF models: the generator writes each checkpoint family's case also as model.gguf
+// (llama.cpp's names and keys; the quantized cases also model_q8_0.gguf / model_q4_0.gguf). A layer
+// loaded from it holds the same weights as from the HuggingFace checkpoint, so it gives the same bits,
+// and the checkpoint's expected outputs.
+
+#include <moe/io/gguf_model.hpp>
+
+namespace {
+
+const fs::path ckpt_dir = golden::data_dir / "ckpt";
+
+moe::matrix<float> forward_case(const std::string& name, auto& layer) {
+    const moe::io::safetensors_file in(ckpt_dir / name / "input.safetensors");
+    const moe::index d = layer.shape().d_model;
+    const auto raw = golden::read_matrix(in, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / d, d);
+    moe::matrix<float> y(x.rows(), d);
+    layer.forward(x, y);
+    return y;
+}
+
+// Layer 1 of case `name` from its GGUF file and from its checkpoint, into layers made by `make`
+// (from a model_config): the same config, bitwise the same output, the expected one (`output`).
+template <class Make>
+void check_gguf_case(const std::string& name, const std::string& gguf_name, const std::string& output, Make make,
+                     double tolerance) {
+    INFO("case " << name << ", " << gguf_name);
+    const gguf_file file(ckpt_dir / name / gguf_name);
+    const moe::io::checkpoint ckpt(ckpt_dir / name);
+    const moe::io::model_config g = moe::io::gguf_config(file), c = ckpt.config();
+    CHECK(g.kind == c.kind);
+    CHECK(moe::io::shape_of(g).d_model == c.hidden_size);
+    CHECK(g.expert_size == c.expert_size);
+    CHECK(g.n_experts == c.n_experts);
+    CHECK(g.top_k == c.top_k);
+    CHECK(g.normalize == c.normalize);
+    CHECK(g.scale == c.scale);
+    CHECK(g.n_group == c.n_group);
+    CHECK(g.topk_group == c.topk_group);
+    CHECK(g.shared_size == c.shared_size);
+    CHECK(g.shared_gated == c.shared_gated);
+    CHECK(g.sigmoid_scoring == c.sigmoid_scoring);
+    CHECK(g.n_layers == c.n_layers);
+    auto from_gguf = make(g), from_ckpt = make(c);
+    moe::io::load_layer(file, 1, from_gguf);
+    moe::io::load_layer(ckpt, 1, from_ckpt);
+    const moe::matrix<float> y = forward_case(name, from_gguf);
+    CHECK(y == forward_case(name, from_ckpt));
+    const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
+    const auto want = golden::read_matrix(expected, output);
+    CHECK(golden::relative_error(Eigen::Map<const moe::matrix<float>>(y.data(), want.rows(), want.cols()), want) <= tolerance);
+}
+
+template <class S = moe::storages::scalar<float>>
+auto softmax_layer(const moe::io::model_config& c) {
+    return moe::layer<float, moe::routers::softmax_topk, moe::experts::stored_as<moe::experts::swiglu, S>>(
+        moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+}
+template <class S = moe::storages::scalar<float>>
+auto deepseek_layer(const moe::io::model_config& c) {
+    return moe::layer<float, moe::routers::sigmoid_topk, moe::experts::stored_as<moe::experts::swiglu, S>,
+                      moe::shared_experts::ungated<moe::experts::stored_as<moe::experts::swiglu, S>>>(
+        moe::io::shape_of(c),
+        {.k = c.top_k, .normalize = c.normalize, .scale = c.scale, .n_group = c.n_group, .topk_group = c.topk_group});
+}
+
+}  // namespace
+
+TEST_CASE("load_layer reads each family's MoE layer from a GGUF model as from its checkpoint", "[io][gguf]") {
+    for (const char* name : {"mixtral_f32", "mixtral_bf16", "qwen3_moe", "olmoe"})
+        check_gguf_case(name, "model.gguf", "hidden_states", [](const auto& c) { return softmax_layer(c); }, 2e-5);
+    check_gguf_case("qwen2_moe", "model.gguf", "hidden_states",
+                    [](const auto& c) {
+                        return moe::qwen2_moe_layer<float>(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+                    },
+                    2e-5);
+    check_gguf_case("deepseek_v3", "model.gguf", "hidden_states", [](const auto& c) { return deepseek_layer(c); }, 2e-5);
+}
+
+TEST_CASE("Q8_0 and Q4_0 GGUF tensors go into the quantized storages as they are", "[io][gguf][quantized]") {
+    using q8 = moe::storages::q8_0;
+    using q4 = moe::storages::q4_0;
+    check_gguf_case("mixtral_quant", "model_q8_0.gguf", "hidden_states_q8_0_weights",
+                    [](const auto& c) { return softmax_layer<q8>(c); }, 1e-6);
+    check_gguf_case("mixtral_quant", "model_q4_0.gguf", "hidden_states_q4_0_weights",
+                    [](const auto& c) { return softmax_layer<q4>(c); }, 1e-6);
+    check_gguf_case("deepseek_v3_quant", "model_q8_0.gguf", "hidden_states_q8_0_weights",
+                    [](const auto& c) { return deepseek_layer<q8>(c); }, 1e-6);
+    check_gguf_case("deepseek_v3_quant", "model_q4_0.gguf", "hidden_states_q4_0_weights",
+                    [](const auto& c) { return deepseek_layer<q4>(c); }, 1e-6);
+    // Other combinations go through float: Q8_0 blocks into q4_0 storage are quantized again, F32 tensors
+    // into q8_0 storage quantized once (the same blocks as from the checkpoint: checked above).
+    const gguf_file file(ckpt_dir / "mixtral_quant" / "model_q8_0.gguf");
+    auto requantized = softmax_layer<q4>(moe::io::gguf_config(file));
+    moe::io::load_layer(file, 1, requantized);
+    const moe::q8_0_block stored = file.blocks<moe::q8_0_block>("blk.1.ffn_gate_exps.weight")[0];
+    std::vector<float> values(32);
+    moe::kernels::dequantize(&stored, 32, values.data());
+    moe::q4_0_block want;
+    moe::kernels::quantize(values.data(), 32, &want);
+    const moe::q4_0_block got = requantized.expert_weights(0).in.block(0, 0);
+    CHECK(std::memcmp(&got, &want, sizeof got) == 0);
+    auto as_float = softmax_layer(moe::io::gguf_config(file));
+    moe::io::load_layer(file, 1, as_float);
+    CHECK(as_float.expert_weights(0).in.row(0).head(32).transpose() == Eigen::Map<const Eigen::VectorXf>(values.data(), 32));
+}
+
+TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
+    const gguf_file deepseek(ckpt_dir / "deepseek_v3" / "model.gguf");
+    auto layer = deepseek_layer(moe::io::gguf_config(deepseek));
+    CHECK_THROWS_WITH(moe::io::load_layer(deepseek, 0, layer),
+                      Catch::Contains("layer 0 is a dense layer") && Catch::Contains("blk.0.ffn_gate_inp.weight"));
+    CHECK_THROWS_WITH(moe::io::load_layer(deepseek, 2, layer), Catch::Contains("layer 2 is out of range (block_count = 2)"));
+    auto wrong = softmax_layer(moe::io::gguf_config(gguf_file(ckpt_dir / "olmoe" / "model.gguf")));
+    CHECK_THROWS_AS(moe::io::load_layer(deepseek, 1, wrong), moe::shape_error);
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(reader_gguf)), Catch::Contains("'llama.expert_count' is missing or 0"));
+    builder other(0, 1);
+    other.str("general.architecture").put<std::uint32_t>(8).str("gemma");
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(other.write())),
+                      Catch::Contains("architecture 'gemma' is not one of") && Catch::Contains("deepseek2"));
+    // A quantized storage of rows that are not a multiple of 32 (the checkpoint's sizes): the layer refuses.
+    CHECK_THROWS_WITH(softmax_layer<moe::storages::q8_0>(moe::io::gguf_config(gguf_file(ckpt_dir / "olmoe" / "model.gguf"))),
+                      Catch::Contains("not a multiple of 32"));
+}

@@ -158,6 +158,48 @@ TEST_CASE("moe-run --weights bf16|q8_0|q4_0 reproduces the PyTorch reference of 
     CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
 }
 
+TEST_CASE("moe-run runs a layer of a GGUF model as of its checkpoint; --weights defaults to the file's type",
+          "[moe-run][gguf]") {
+    temp_dir tmp;
+    const auto gguf_args = [&](const std::string& name, const std::string& file, const fs::path& output) {
+        return "--model " + (ckpt_dir / name / file).string() + " --layer 1 --input " +
+               (ckpt_dir / name / "input.safetensors").string() + " --output " + output.string();
+    };
+    // A GGUF model's own types, against the checkpoint with the same --weights: the same bits.
+    const std::pair<const char*, const char*> runs[] = {
+        {"qwen2_moe", "model.gguf"}, {"deepseek_v3", "model.gguf"}, {"mixtral_quant", "model_q4_0.gguf"},
+        {"deepseek_v3_quant", "model_q8_0.gguf"}};
+    const std::string weights[] = {"f32", "bf16", "q4_0", "q8_0"};  // what each file holds
+    for (std::size_t i = 0; i < std::size(runs); ++i) {
+        const auto& [name, file] = runs[i];
+        INFO("case " << name << ", " << file);
+        const fs::path from_gguf = tmp.path / "gguf.safetensors", from_ckpt = tmp.path / "ckpt.safetensors";
+        const auto r = moe_run(gguf_args(name, file, from_gguf) + " --repeat 1 --stats", tmp);
+        REQUIRE(r.status == 0);
+        CHECK_THAT(r.out, Catch::Contains("expert_weights_mb=") && Catch::Contains("\"tokens\""));
+        REQUIRE(moe_run(case_args(name, from_ckpt) + " --weights " + weights[i], tmp).status == 0);
+        const moe::io::safetensors_file got(from_gguf), want(from_ckpt);
+        CHECK(got.names() == want.names());
+        check_bitwise(got, want);
+    }
+    // --weights still chooses: the Q4_0 file's blocks in float.
+    const fs::path as_float = tmp.path / "float.safetensors";
+    REQUIRE(moe_run(gguf_args("mixtral_quant", "model_q4_0.gguf", as_float) + " --weights f32", tmp).status == 0);
+    const moe::io::safetensors_file expected(ckpt_dir / "mixtral_quant" / "expected.safetensors");
+    CHECK(golden::relative_error(golden::read_matrix(moe::io::safetensors_file(as_float), "hidden_states"),
+                                 golden::read_matrix(expected, "hidden_states")) > 1e-3);
+    // No backward from a GGUF file; a dense layer and a missing file are errors naming them.
+    auto r = moe_run(gguf_args("qwen2_moe", "model.gguf", tmp.path / "out.safetensors") + " --backward", tmp);
+    CHECK(r.status == 2);
+    CHECK_THAT(r.err, Catch::Contains("--backward needs a HuggingFace checkpoint folder"));
+    r = moe_run("--model " + (ckpt_dir / "deepseek_v3" / "model.gguf").string() + " --layer 0 --input " +
+                    (ckpt_dir / "deepseek_v3" / "input.safetensors").string() + " --output " + (tmp.path / "out.safetensors").string(),
+                tmp);
+    CHECK(r.status == 1);
+    CHECK_THAT(r.err, Catch::Contains("layer 0 is a dense layer"));
+    CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
+}
+
 TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run][routers]") {
     temp_dir tmp;
     moe::index cases = 0;

@@ -1154,6 +1154,7 @@ def gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry=None):
     for f in os.listdir(folder):  # the case folder is owned by this script
         os.remove(os.path.join(folder, f))
     write_checkpoint(folder, config, tensors, sharded)
+    write_gguf_models(folder, name, config, tensors)
     meta = {"case": name}
     g, expected_backward, backward_info = run_backward("ckpt/" + name, tensors, spec, x, shape, out)
     write_safetensors(os.path.join(folder, "input.safetensors"),
@@ -2040,6 +2041,91 @@ def q4_0_bytes(rows):
             raw += np.float16(d).tobytes() + bytes(packed[b * QBLOCK // 2:(b + 1) * QBLOCK // 2])
             values += [np.float32(d) * np.float32(v) for v in q[b * QBLOCK:(b + 1) * QBLOCK]]
     return raw, np.array(values, dtype=np.float32).reshape(len(rows), -1)
+
+
+# llama.cpp's architecture names of the checkpoint families (general.architecture).
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+             "deepseek_v3": "deepseek2"}
+# Checkpoint cases also written as GGUF models (model.gguf in the file's own types; the quantized cases
+# also model_q8_0.gguf and model_q4_0.gguf, their experts' tensors quantized here).
+GGUF_CKPT_CASES = ("mixtral_f32", "mixtral_bf16", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+                   "mixtral_quant", "deepseek_v3_quant")
+
+
+def gguf_model_metadata(config):
+    """llama.cpp's metadata keys (src/llama-arch.cpp) for a HuggingFace config of our families."""
+    mt = config["model_type"]
+    a = GGUF_ARCH[mt]
+    experts = config.get("num_local_experts", config.get("num_experts", config.get("n_routed_experts")))
+    md = [("general.architecture", "string", a), (f"{a}.block_count", "u32", config["num_hidden_layers"]),
+          (f"{a}.embedding_length", "u32", config["hidden_size"]), (f"{a}.expert_count", "u32", experts),
+          (f"{a}.expert_used_count", "u32", config["num_experts_per_tok"])]
+    if mt in ("mixtral", "olmoe"):  # the expert width is their feed_forward_length
+        md.append((f"{a}.feed_forward_length", "u32", config["intermediate_size"]))
+    else:
+        md.append((f"{a}.expert_feed_forward_length", "u32", config["moe_intermediate_size"]))
+    if mt == "qwen2_moe":
+        md.append((f"{a}.expert_shared_feed_forward_length", "u32", config["shared_expert_intermediate_size"]))
+    if mt == "deepseek_v3":
+        md += [(f"{a}.leading_dense_block_count", "u32", config["first_k_dense_replace"]),
+               (f"{a}.expert_shared_count", "u32", config["n_shared_experts"]),
+               (f"{a}.expert_weights_norm", "bool", 1 if config["norm_topk_prob"] else 0),
+               (f"{a}.expert_weights_scale", "f32", config["routed_scaling_factor"]),
+               (f"{a}.expert_gating_func", "u32", 2),  # sigmoid
+               (f"{a}.expert_group_count", "u32", config["n_group"]),
+               (f"{a}.expert_group_used_count", "u32", config["topk_group"])]
+    return md
+
+
+def gguf_model_tensors(config, tensors, quant=None):
+    """The MoE layers' tensors under llama.cpp's names (blk.L.ffn_gate_inp, the experts stacked into
+    ffn_{gate,up,down}_exps, ffn_*_shexp, ffn_gate_inp_shexp, exp_probs_b.bias), dimensions fastest
+    first; with `quant` ("Q8_0" / "Q4_0") the experts' and shared experts' tensors in that format."""
+    mt = config["model_type"]
+    stored = {n: (dt, t) for n, dt, t in tensors}
+    experts = gguf_model_metadata(config)[3][2]
+    block = "block_sparse_moe" if mt == "mixtral" else "mlp"
+    hf = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    shared = "shared_expert" if mt == "qwen2_moe" else "shared_experts"
+    out = []
+
+    def put(name, dtype, t, quantizable):
+        rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
+        if quant and quantizable:
+            raw = (q8_0_bytes if quant == "Q8_0" else q4_0_bytes)(rows)[0]
+            out.append((name, quant, list(reversed(t.shape)), raw))
+        else:
+            out.append((name, dtype, list(reversed(t.shape)), encode(t, dtype)))
+
+    for layer in range(config["num_hidden_layers"]):
+        p, b = f"model.layers.{layer}.{block}", f"blk.{layer}"
+        if f"{p}.gate.weight" not in stored:
+            continue  # a dense layer
+        put(f"{b}.ffn_gate_inp.weight", *stored[f"{p}.gate.weight"], False)
+        for part, name in zip(("gate", "up", "down"), hf):
+            dtype = stored[f"{p}.experts.0.{name}.weight"][0]
+            stacked = torch.stack([stored[f"{p}.experts.{e}.{name}.weight"][1] for e in range(experts)])
+            put(f"{b}.ffn_{part}_exps.weight", dtype, stacked, True)
+        if f"{p}.{shared}.gate_proj.weight" in stored:
+            for part, name in zip(("gate", "up", "down"), ("gate_proj", "up_proj", "down_proj")):
+                put(f"{b}.ffn_{part}_shexp.weight", *stored[f"{p}.{shared}.{name}.weight"], True)
+        if f"{p}.shared_expert_gate.weight" in stored:
+            dtype, t = stored[f"{p}.shared_expert_gate.weight"]
+            put(f"{b}.ffn_gate_inp_shexp.weight", dtype, t.reshape(-1), False)
+        if f"{p}.gate.e_score_correction_bias" in stored:
+            put(f"{b}.exp_probs_b.bias", *stored[f"{p}.gate.e_score_correction_bias"], False)
+    return out
+
+
+def write_gguf_models(folder, name, config, tensors):
+    if name not in GGUF_CKPT_CASES:
+        return
+    metadata = gguf_model_metadata(config)
+    write_gguf(os.path.join(folder, "model.gguf"), metadata, gguf_model_tensors(config, tensors))
+    if name in QUANT_CASES:
+        for fmt in ("Q8_0", "Q4_0"):
+            write_gguf(os.path.join(folder, f"model_{fmt.lower()}.gguf"), metadata,
+                       gguf_model_tensors(config, tensors, fmt))
 
 
 def gen_gguf_cases(root):

@@ -181,12 +181,20 @@ public:
     /// Tensor `name` as float values (F32, F16, BF16, F64; Q8_0 and Q4_0 dequantized: scale times value),
     /// into `out`, which must hold exactly its values (else shape_error); io_error naming the tensor and
     /// its type for another type.
-    void read(std::string_view name, std::span<float> out) const {
+    void read(std::string_view name, std::span<float> out) const { read_rows(name, 0, tensor(name).rows(), out); }
+
+    /// Rows [first, first + rows) of tensor `name` seen as a matrix (`gguf_tensor::rows`, `cols`) as float
+    /// values, as `read`; out must hold rows x cols values. shape_error for rows outside the tensor.
+    void read_rows(std::string_view name, std::uint64_t first, std::uint64_t rows, std::span<float> out) const {
         const gguf_tensor& t = tensor(name);
-        if (out.size() != t.numel())
-            throw shape_error(path_.string() + ": tensor '" + t.name + "' has " + std::to_string(t.numel()) +
-                              " values but the output holds " + std::to_string(out.size()));
-        const std::byte* source = bytes(name).data();
+        if (first > t.rows() || rows > t.rows() - first)
+            throw shape_error(path_.string() + ": rows [" + std::to_string(first) + ", " + std::to_string(first + rows) +
+                              ") of tensor '" + t.name + "', which has " + std::to_string(t.rows()));
+        if (out.size() != rows * t.cols())
+            throw shape_error(path_.string() + ": " + std::to_string(rows) + " rows of tensor '" + t.name + "' hold " +
+                              std::to_string(rows * t.cols()) + " values but the output holds " + std::to_string(out.size()));
+        const std::uint64_t row_bytes = t.bytes / std::max<std::uint64_t>(t.rows(), 1);
+        const std::byte* source = bytes(name).data() + first * row_bytes;
         const auto each = [&](std::size_t size, auto convert) {
             for (std::size_t i = 0; i < out.size(); ++i) out[i] = convert(source + i * size);
         };
@@ -208,6 +216,20 @@ public:
                 fail("tensor '" + t.name + "' has type " + std::string(ggml_type_name(t.type)) +
                      "; this library reads F32, F16, BF16, F64, Q8_0 and Q4_0 tensors");
         }
+    }
+
+    /// Whether tensor `name` holds blocks of `Block` (Q8_0 for q8_0_block, Q4_0 for q4_0_block).
+    template <quantized_block Block>
+    [[nodiscard]] bool holds(std::string_view name) const {
+        return tensor(name).type == (std::is_same_v<Block, q8_0_block> ? ggml_type::q8_0 : ggml_type::q4_0);
+    }
+    /// The blocks of tensor `name` (ggml's layout, row by row), which must hold them (`holds`), else io_error.
+    template <quantized_block Block>
+    [[nodiscard]] const Block* blocks(std::string_view name) const {
+        if (!holds<Block>(name))
+            fail("tensor '" + std::string(name) + "' has type " + std::string(ggml_type_name(tensor(name).type)) + ", not " +
+                 (std::is_same_v<Block, q8_0_block> ? "Q8_0" : "Q4_0"));
+        return reinterpret_cast<const Block*>(bytes(name).data());  // 2-byte aligned: blocks of an even size
     }
 
 private:
