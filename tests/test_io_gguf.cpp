@@ -348,7 +348,14 @@ TEST_CASE("Q8_0 and Q4_0 GGUF tensors go into the quantized storages as they are
     const gguf_file file(ckpt_dir / "mixtral_quant" / "model_q8_0.gguf");
     auto requantized = softmax_layer<q4>(moe::io::gguf_config(file));
     moe::io::load_layer(file, 1, requantized);
-    const moe::q8_0_block stored = file.blocks<moe::q8_0_block>("blk.1.ffn_gate_exps.weight")[0];
+    moe::q8_0_block stored;
+    CHECK_THROWS_AS(file.read_blocks<moe::q8_0_block>("blk.1.ffn_gate_exps.weight", 0, 1, std::span<moe::q8_0_block>(&stored, 1)),
+                    moe::shape_error);  // a row holds 2 blocks
+    std::vector<moe::q8_0_block> row(2);
+    file.read_blocks<moe::q8_0_block>("blk.1.ffn_gate_exps.weight", 0, 1, row);
+    stored = row[0];
+    CHECK_THROWS_WITH(file.read_blocks<moe::q4_0_block>("blk.1.ffn_gate_exps.weight", 0, 1, std::span<moe::q4_0_block>()),
+                      Catch::Contains("has type Q8_0, not Q4_0"));
     std::vector<float> values(32);
     moe::kernels::dequantize(&stored, 32, values.data());
     moe::q4_0_block want;
@@ -373,7 +380,32 @@ TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
     other.str("general.architecture").put<std::uint32_t>(8).str("gemma");
     CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(other.write())),
                       Catch::Contains("architecture 'gemma' is not one of") && Catch::Contains("deepseek2"));
+    // K-quants: named with the types that work, before a layer is allocated.
+    const gguf_file k_quant(golden::data_dir / "gguf" / "olmoe_q4_k.gguf");
+    CHECK_THROWS_WITH(moe::io::check_layer(k_quant, 0, 2),
+                      Catch::Contains("tensor 'blk.0.ffn_gate_exps.weight' has type Q4_K") &&
+                          Catch::Contains("F32, F16, BF16, F64, Q8_0 and Q4_0"));
     // A quantized storage of rows that are not a multiple of 32 (the checkpoint's sizes): the layer refuses.
     CHECK_THROWS_WITH(softmax_layer<moe::storages::q8_0>(moe::io::gguf_config(gguf_file(ckpt_dir / "olmoe" / "model.gguf"))),
                       Catch::Contains("not a multiple of 32"));
+}
+
+TEST_CASE("a split GGUF model opens from its first file; its parts are checked", "[io][gguf]") {
+    const gguf_file split(ckpt_dir / "mixtral_sharded" / "model-00001-of-00002.gguf");
+    CHECK(split.files() == 2);
+    CHECK(split.contains("blk.1.ffn_down_exps.weight"));  // in the second file
+    CHECK(split.tensor("blk.1.ffn_down_exps.weight").part == 1);
+    CHECK(split.tensor("blk.0.ffn_gate_inp.weight").part == 0);
+    check_gguf_case("mixtral_sharded", "model-00001-of-00002.gguf", "hidden_states",
+                    [](const auto& c) { return softmax_layer(c); }, 2e-5);
+    CHECK_THROWS_WITH(gguf_file(ckpt_dir / "mixtral_sharded" / "model-00002-of-00002.gguf"),
+                      Catch::Contains("is file 2 of a split model of 2 files; open the first"));
+    // A first file whose name does not say it, and a missing part.
+    const fs::path dir = fs::temp_directory_path() / ("moe_test_gguf_split_" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    fs::copy_file(ckpt_dir / "mixtral_sharded" / "model-00001-of-00002.gguf", dir / "renamed.gguf");
+    CHECK_THROWS_WITH(gguf_file(dir / "renamed.gguf"), Catch::Contains("is not named <name>-00001-of-00002.gguf"));
+    fs::copy_file(ckpt_dir / "mixtral_sharded" / "model-00001-of-00002.gguf", dir / "m-00001-of-00002.gguf");
+    CHECK_THROWS_WITH(gguf_file(dir / "m-00001-of-00002.gguf"), Catch::Contains("m-00002-of-00002.gguf: cannot open"));
+    fs::remove_all(dir);
 }

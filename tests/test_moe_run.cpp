@@ -1,6 +1,7 @@
 // moe-run as a user runs it: on every checkpoint case, at 1 and 2 threads, and on broken inputs.
 #include "golden.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <utility>
 #include <fstream>
@@ -197,6 +198,14 @@ TEST_CASE("moe-run runs a layer of a GGUF model as of its checkpoint; --weights 
                 tmp);
     CHECK(r.status == 1);
     CHECK_THAT(r.err, Catch::Contains("layer 0 is a dense layer"));
+    CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
+    // A K-quant model: one line saying which types work.
+    r = moe_run("--model " + (golden::data_dir / "gguf" / "olmoe_q4_k.gguf").string() + " --layer 0 --input " +
+                    (ckpt_dir / "olmoe" / "input.safetensors").string() + " --output " + (tmp.path / "out.safetensors").string(),
+                tmp);
+    CHECK(r.status == 1);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    CHECK_THAT(r.err, Catch::Contains("has type Q4_K; this library reads F32, F16, BF16, F64, Q8_0 and Q4_0 tensors"));
     CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
 }
 

@@ -2047,7 +2047,8 @@ def q4_0_bytes(rows):
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
              "deepseek_v3": "deepseek2"}
 # Checkpoint cases also written as GGUF models (model.gguf in the file's own types; the quantized cases
-# also model_q8_0.gguf and model_q4_0.gguf, their experts' tensors quantized here).
+# also model_q8_0.gguf and model_q4_0.gguf, their experts' tensors quantized here; mixtral_sharded as a
+# split model, model-0000{1,2}-of-00002.gguf).
 GGUF_CKPT_CASES = ("mixtral_f32", "mixtral_bf16", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
                    "mixtral_quant", "deepseek_v3_quant")
 
@@ -2118,6 +2119,14 @@ def gguf_model_tensors(config, tensors, quant=None):
 
 
 def write_gguf_models(folder, name, config, tensors):
+    if name == "mixtral_sharded":  # split as llama.cpp's gguf-split does: the metadata in the first file
+        parts = gguf_model_tensors(config, tensors)
+        cut = len(parts) // 2
+        split = [("split.count", "u16", 2), ("split.tensors.count", "i32", len(parts))]
+        write_gguf(os.path.join(folder, "model-00001-of-00002.gguf"),
+                   gguf_model_metadata(config) + [("split.no", "u16", 0)] + split, parts[:cut])
+        write_gguf(os.path.join(folder, "model-00002-of-00002.gguf"), [("split.no", "u16", 1)] + split, parts[cut:])
+        return
     if name not in GGUF_CKPT_CASES:
         return
     metadata = gguf_model_metadata(config)
@@ -2167,6 +2176,19 @@ def gen_gguf_cases(root):
         ("blk.0.ffn_gate_exps.weight.source", "F32", q8_src), ("q4_0.source", "F32", q4_src),
     ], {})
     yield out, "GGUF reader: metadata of every type, F32/F16/BF16/Q8_0/Q4_0/Q4_K tensors, alignment 64"
+    # An OLMoE layer whose experts are Q4_K (random bytes): a K-quant model, which the library refuses.
+    d = ff = 256
+    config = {"model_type": "olmoe", "num_hidden_layers": 1, "hidden_size": d, "num_experts": 2,
+              "num_experts_per_tok": 1, "intermediate_size": ff}
+    rng = random.Random(4)
+    k_quant = lambda n: bytes(rng.randrange(256) for _ in range(n // 256 * 144))
+    write_gguf(os.path.join(out, "olmoe_q4_k.gguf"), gguf_model_metadata(config), [
+        ("blk.0.ffn_gate_inp.weight", "F32", [d, 2], encode(torch.randn(2, d, generator=g), "F32")),
+        ("blk.0.ffn_gate_exps.weight", "Q4_K", [d, ff, 2], k_quant(d * ff * 2)),
+        ("blk.0.ffn_up_exps.weight", "Q4_K", [d, ff, 2], k_quant(d * ff * 2)),
+        ("blk.0.ffn_down_exps.weight", "Q4_K", [ff, d, 2], k_quant(d * ff * 2)),
+    ])
+    yield os.path.join(out, "olmoe_q4_k.gguf"), "an OLMoE layer with Q4_K experts (random bytes): refused"
 
 
 def main():

@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -34,13 +35,13 @@
 
 namespace moe::io {
 
-/// ggml's tensor types, by their numbers in GGUF files (ggml.h's `enum ggml_type`; 4, 5 and 31-33 are
-/// retired there).
+/// ggml's tensor types, by their numbers in GGUF files (ggml.h's `enum ggml_type`; 4, 5, 31-33 and 36-38
+/// are retired there).
 enum class ggml_type : std::uint32_t {
     f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q8_1 = 9,
     q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, q8_k = 15,
     iq2_xxs = 16, iq2_xs = 17, iq3_xxs = 18, iq1_s = 19, iq4_nl = 20, iq3_s = 21, iq2_s = 22, iq4_xs = 23,
-    i8 = 24, i16 = 25, i32 = 26, i64 = 27, f64 = 28, iq1_m = 29, bf16 = 30, tq1_0 = 34, tq2_0 = 35,
+    i8 = 24, i16 = 25, i32 = 26, i64 = 27, f64 = 28, iq1_m = 29, bf16 = 30, tq1_0 = 34, tq2_0 = 35, mxfp4 = 39,
 };
 
 namespace detail {
@@ -53,7 +54,7 @@ struct ggml_type_entry {
     std::uint64_t block_values, block_bytes;
 };
 
-inline constexpr std::array<ggml_type_entry, 31> ggml_types{{
+inline constexpr std::array<ggml_type_entry, 32> ggml_types{{
     {ggml_type::f32, "F32", 1, 4},         {ggml_type::f16, "F16", 1, 2},          {ggml_type::q4_0, "Q4_0", 32, 18},
     {ggml_type::q4_1, "Q4_1", 32, 20},     {ggml_type::q5_0, "Q5_0", 32, 22},      {ggml_type::q5_1, "Q5_1", 32, 24},
     {ggml_type::q8_0, "Q8_0", 32, 34},     {ggml_type::q8_1, "Q8_1", 32, 36},      {ggml_type::q2_k, "Q2_K", 256, 84},
@@ -64,7 +65,7 @@ inline constexpr std::array<ggml_type_entry, 31> ggml_types{{
     {ggml_type::iq4_xs, "IQ4_XS", 256, 136}, {ggml_type::i8, "I8", 1, 1},          {ggml_type::i16, "I16", 1, 2},
     {ggml_type::i32, "I32", 1, 4},         {ggml_type::i64, "I64", 1, 8},          {ggml_type::f64, "F64", 1, 8},
     {ggml_type::iq1_m, "IQ1_M", 256, 56},  {ggml_type::bf16, "BF16", 1, 2},        {ggml_type::tq1_0, "TQ1_0", 256, 54},
-    {ggml_type::tq2_0, "TQ2_0", 256, 66},
+    {ggml_type::tq2_0, "TQ2_0", 256, 66},  {ggml_type::mxfp4, "MXFP4", 32, 17},
 }};
 
 inline const ggml_type_entry* find_ggml_type(std::uint32_t number) {
@@ -80,6 +81,13 @@ inline std::string_view ggml_type_name(ggml_type type) {
     const auto* entry = detail::find_ggml_type(static_cast<std::uint32_t>(type));
     return entry != nullptr ? entry->name : "unknown";
 }
+
+/// Whether `gguf_file::read` takes tensors of this type (as float), and those types in words.
+inline bool ggml_type_readable(ggml_type type) {
+    return type == ggml_type::f32 || type == ggml_type::f16 || type == ggml_type::bf16 || type == ggml_type::f64 ||
+           type == ggml_type::q8_0 || type == ggml_type::q4_0;
+}
+inline constexpr std::string_view ggml_readable_types = "F32, F16, BF16, F64, Q8_0 and Q4_0";
 
 /// The types of GGUF metadata values, by their numbers in the file.
 enum class gguf_value_type : std::uint32_t {
@@ -103,37 +111,30 @@ struct gguf_tensor {
     ggml_type type{};
     std::uint64_t offset = 0;  ///< from the start of the data section
     std::uint64_t bytes = 0;
+    std::uint32_t part = 0;    ///< which file of a split model holds it (0: the first)
 
     [[nodiscard]] std::uint64_t numel() const {
         std::uint64_t n = 1;
         for (const auto d : dims) n *= d;
         return n;
     }
-    /// Rows as a matrix: the product of every dimension but the first.
-    [[nodiscard]] std::uint64_t rows() const { return dims.empty() ? 0 : numel() / std::max<std::uint64_t>(dims[0], 1); }
+    /// Rows as a matrix: the product of every dimension but the first (1 for a scalar, of no dimension).
+    [[nodiscard]] std::uint64_t rows() const { return numel() / cols(); }
     /// Values per row: the first dimension.
-    [[nodiscard]] std::uint64_t cols() const { return dims.empty() ? 0 : dims[0]; }
+    [[nodiscard]] std::uint64_t cols() const { return dims.empty() ? 1 : dims[0]; }
 };
 
 /// A read-only, memory-mapped GGUF file, validated on open (see the top of this header). Move-only.
 class gguf_file {
 public:
     /// Maps and validates `path`; io_error naming the file and the problem (key, tensor, offset).
-    explicit gguf_file(const std::filesystem::path& path) : path_(path) {
-        detail::unique_fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
-        if (fd.get() < 0) fail("cannot open: " + detail::errno_message(errno));
-        struct stat status {};
-        if (::fstat(fd.get(), &status) != 0) fail("cannot stat: " + detail::errno_message(errno));
-        if (!S_ISREG(status.st_mode)) fail("not a regular file");
-        const auto size = static_cast<std::uint64_t>(status.st_size);
-        if (size < 24) fail("file is " + std::to_string(size) + " bytes, shorter than a GGUF header (24)");
-        void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-        if (address == MAP_FAILED) fail("cannot mmap: " + detail::errno_message(errno));
-        mapping_ = detail::mapping(address, size);
-        parse();
-    }
+    explicit gguf_file(const std::filesystem::path& path) : gguf_file(path, 0) { open_parts(); }
 
     [[nodiscard]] const std::filesystem::path& path() const { return path_; }
+    /// The files of a split model (`<name>-00001-of-0000N.gguf`, llama.cpp's gguf-split: the metadata in
+    /// the first, `split.count` N, each file's tensors its own); 1 for a whole one.
+    [[nodiscard]] std::size_t files() const { return parts_.size() + 1; }
+
     /// The GGUF version (2 or 3).
     [[nodiscard]] std::uint32_t version() const { return version_; }
     /// The alignment of the tensor data (`general.alignment`, default 32).
@@ -175,7 +176,8 @@ public:
     /// The bytes of tensor `name` (aligned as the file's alignment, from a page-aligned mapping).
     [[nodiscard]] std::span<const std::byte> bytes(std::string_view name) const {
         const gguf_tensor& t = tensor(name);
-        return {mapping_.data() + data_offset_ + t.offset, static_cast<std::size_t>(t.bytes)};
+        const gguf_file& holder = t.part == 0 ? *this : *parts_[t.part - 1];
+        return {holder.mapping_.data() + holder.data_offset_ + t.offset, static_cast<std::size_t>(t.bytes)};
     }
 
     /// Tensor `name` as float values (F32, F16, BF16, F64; Q8_0 and Q4_0 dequantized: scale times value),
@@ -213,8 +215,8 @@ public:
             case ggml_type::q8_0: return dequantize_blocks<q8_0_block>(source, out);
             case ggml_type::q4_0: return dequantize_blocks<q4_0_block>(source, out);
             default:
-                fail("tensor '" + t.name + "' has type " + std::string(ggml_type_name(t.type)) +
-                     "; this library reads F32, F16, BF16, F64, Q8_0 and Q4_0 tensors");
+                fail("tensor '" + t.name + "' has type " + std::string(ggml_type_name(t.type)) + "; this library reads " +
+                     std::string(ggml_readable_types) + " tensors");
         }
     }
 
@@ -223,19 +225,78 @@ public:
     [[nodiscard]] bool holds(std::string_view name) const {
         return tensor(name).type == (std::is_same_v<Block, q8_0_block> ? ggml_type::q8_0 : ggml_type::q4_0);
     }
-    /// The blocks of tensor `name` (ggml's layout, row by row), which must hold them (`holds`), else io_error.
+    /// Rows [first, first + rows) of tensor `name` as blocks (ggml's layout, row by row) into `out` (copied:
+    /// a file's alignment may leave them at odd addresses); the tensor must hold them (`holds`), else
+    /// io_error; shape_error for rows outside it or an output of another size.
     template <quantized_block Block>
-    [[nodiscard]] const Block* blocks(std::string_view name) const {
+    void read_blocks(std::string_view name, std::uint64_t first, std::uint64_t rows, std::span<Block> out) const {
+        const gguf_tensor& t = tensor(name);
         if (!holds<Block>(name))
-            fail("tensor '" + std::string(name) + "' has type " + std::string(ggml_type_name(tensor(name).type)) + ", not " +
+            fail("tensor '" + t.name + "' has type " + std::string(ggml_type_name(t.type)) + ", not " +
                  (std::is_same_v<Block, q8_0_block> ? "Q8_0" : "Q4_0"));
-        return reinterpret_cast<const Block*>(bytes(name).data());  // 2-byte aligned: blocks of an even size
+        const std::uint64_t per_row = t.cols() / quant_block;
+        if (first > t.rows() || rows > t.rows() - first || out.size() != rows * per_row)
+            throw shape_error(path_.string() + ": rows [" + std::to_string(first) + ", " + std::to_string(first + rows) +
+                              ") of tensor '" + t.name + "' (" + std::to_string(t.rows()) + " rows of " + std::to_string(per_row) +
+                              " blocks) into " + std::to_string(out.size()) + " blocks");
+        std::memcpy(out.data(), bytes(name).data() + first * per_row * sizeof(Block), out.size() * sizeof(Block));
     }
 
 private:
+    // One file of a model, part `part` (0-based) of a split one.
+    gguf_file(const std::filesystem::path& path, std::uint32_t part) : path_(path) {
+        detail::unique_fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+        if (fd.get() < 0) fail("cannot open: " + detail::errno_message(errno));
+        struct stat status {};
+        if (::fstat(fd.get(), &status) != 0) fail("cannot stat: " + detail::errno_message(errno));
+        if (!S_ISREG(status.st_mode)) fail("not a regular file");
+        const auto size = static_cast<std::uint64_t>(status.st_size);
+        if (size < 24) fail("file is " + std::to_string(size) + " bytes, shorter than a GGUF header (24)");
+        void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+        if (address == MAP_FAILED) fail("cannot mmap: " + detail::errno_message(errno));
+        mapping_ = detail::mapping(address, size);
+        parse(part);
+    }
+
+    // A split model's other files, named after the first; their tensors join this file's table.
+    void open_parts() {
+        if (!contains_key("split.count")) return;
+        const std::int64_t count = integer("split.count"), no = contains_key("split.no") ? integer("split.no") : 0;
+        if (count < 1 || count > 99999) fail("'split.count' is " + std::to_string(count) + " (1 to 99999 expected)");
+        if (no != 0)
+            fail("is file " + std::to_string(no + 1) + " of a split model of " + std::to_string(count) +
+                 " files; open the first (-00001-of-...)");
+        if (count == 1) return;
+        const auto five = [](std::int64_t i) {
+            const std::string digits = std::to_string(i);
+            return std::string(5 - std::min<std::size_t>(5, digits.size()), '0') + digits;
+        };
+        const std::string file = path_.filename().string(), suffix = "-00001-of-" + five(count) + ".gguf";
+        if (file.size() <= suffix.size() || file.compare(file.size() - suffix.size(), suffix.size(), suffix) != 0)
+            fail("is the first of " + std::to_string(count) + " files of a split model but is not named <name>" + suffix);
+        const std::string stem = file.substr(0, file.size() - suffix.size());
+        for (std::int64_t i = 2; i <= count; ++i) {
+            const auto next = path_.parent_path() / (stem + "-" + five(i) + "-of-" + five(count) + ".gguf");
+            std::unique_ptr<gguf_file> part(new gguf_file(next, static_cast<std::uint32_t>(i - 1)));
+            if (!part->contains_key("split.no") || part->integer("split.no") != i - 1 || !part->contains_key("split.count") ||
+                part->integer("split.count") != count)
+                part->fail("is not file " + std::to_string(i) + " of the " + std::to_string(count) + " of " + path_.string() +
+                           " (its split.no and split.count say otherwise)");
+            for (const gguf_tensor& t : part->tensors_) {
+                if (!by_name_.emplace(t.name, tensors_.size()).second)
+                    part->fail("tensor '" + t.name + "' is also in another file of the model");
+                tensors_.push_back(t);
+            }
+            parts_.push_back(std::move(part));
+        }
+        if (contains_key("split.tensors.count") && integer("split.tensors.count") != static_cast<std::int64_t>(tensors_.size()))
+            fail("'split.tensors.count' is " + std::to_string(integer("split.tensors.count")) + " but the " +
+                 std::to_string(count) + " files hold " + std::to_string(tensors_.size()) + " tensors");
+    }
+
     // Nested arrays deeper than this are refused (the specification allows nesting; real files use
     // none): keeps a crafted file from exhausting the stack.
-    static constexpr int max_depth = 8;
+    static constexpr std::size_t max_depth = 8;
 
     [[noreturn]] void fail(const std::string& problem) const { throw io_error(path_.string() + ": " + problem); }
 
@@ -270,21 +331,31 @@ private:
         std::uint64_t at = 0;
 
         [[nodiscard]] std::uint64_t left() const { return file.mapping_.size() - at; }
-        void need(std::uint64_t n, const std::string& what) const {
+        // What is read, for an error: a string, or a function that makes one (built only on failure).
+        template <class What>
+        static std::string text(const What& what) {
+            if constexpr (std::is_invocable_v<const What&>)
+                return what();
+            else
+                return what;
+        }
+        template <class What>
+        void need(std::uint64_t n, const What& what) const {
             if (n > left())
-                file.fail(what + " at byte " + std::to_string(at) + " needs " + std::to_string(n) + " bytes; " +
+                file.fail(text(what) + " at byte " + std::to_string(at) + " needs " + std::to_string(n) + " bytes; " +
                           std::to_string(left()) + " are left");
         }
-        template <class T>
-        T read(const std::string& what) {
+        template <class T, class What>
+        T read(const What& what) {
             need(sizeof(T), what);
             T v;
             std::memcpy(&v, file.mapping_.data() + at, sizeof v);
             at += sizeof v;
             return v;
         }
-        std::string string(const std::string& what) {
-            const auto length = read<std::uint64_t>(what + " (its length)");
+        template <class What>
+        std::string string(const What& what) {
+            const auto length = read<std::uint64_t>([&] { return text(what) + " (its length)"; });
             need(length, what);
             std::string s(reinterpret_cast<const char*>(file.mapping_.data() + at), static_cast<std::size_t>(length));
             at += length;
@@ -305,43 +376,54 @@ private:
         return 1;
     }
 
-    gguf_value read_value(cursor& c, std::uint32_t type, const std::string& where, int depth) const {
+    // A value of `type` for metadata key `key` (`where`: "metadata key '<key>'"), inside arrays at the
+    // indices `path` (named in an error only, so that an array of n elements costs O(n)).
+    gguf_value read_value(cursor& c, std::uint32_t type, const std::string& where, std::vector<std::uint64_t>& path) const {
+        const auto label = [&] {
+            std::string s = where;
+            for (const auto i : path) s += "[" + std::to_string(i) + "]";
+            return s;
+        };
         if (type > static_cast<std::uint32_t>(gguf_value_type::f64))
-            fail(where + " has value type " + std::to_string(type) + ", not one of GGUF's (0 to 12)");
+            fail(label() + " has value type " + std::to_string(type) + ", not one of GGUF's (0 to 12)");
         gguf_value v;
         v.type = static_cast<gguf_value_type>(type);
         switch (v.type) {
-            case gguf_value_type::u8: v.value = std::uint64_t{c.read<std::uint8_t>(where)}; break;
-            case gguf_value_type::u16: v.value = std::uint64_t{c.read<std::uint16_t>(where)}; break;
-            case gguf_value_type::u32: v.value = std::uint64_t{c.read<std::uint32_t>(where)}; break;
-            case gguf_value_type::u64: v.value = c.read<std::uint64_t>(where); break;
-            case gguf_value_type::i8: v.value = std::int64_t{c.read<std::int8_t>(where)}; break;
-            case gguf_value_type::i16: v.value = std::int64_t{c.read<std::int16_t>(where)}; break;
-            case gguf_value_type::i32: v.value = std::int64_t{c.read<std::int32_t>(where)}; break;
-            case gguf_value_type::i64: v.value = c.read<std::int64_t>(where); break;
-            case gguf_value_type::f32: v.value = double{c.read<float>(where)}; break;
-            case gguf_value_type::f64: v.value = c.read<double>(where); break;
+            case gguf_value_type::u8: v.value = std::uint64_t{c.read<std::uint8_t>(label)}; break;
+            case gguf_value_type::u16: v.value = std::uint64_t{c.read<std::uint16_t>(label)}; break;
+            case gguf_value_type::u32: v.value = std::uint64_t{c.read<std::uint32_t>(label)}; break;
+            case gguf_value_type::u64: v.value = c.read<std::uint64_t>(label); break;
+            case gguf_value_type::i8: v.value = std::int64_t{c.read<std::int8_t>(label)}; break;
+            case gguf_value_type::i16: v.value = std::int64_t{c.read<std::int16_t>(label)}; break;
+            case gguf_value_type::i32: v.value = std::int64_t{c.read<std::int32_t>(label)}; break;
+            case gguf_value_type::i64: v.value = c.read<std::int64_t>(label); break;
+            case gguf_value_type::f32: v.value = double{c.read<float>(label)}; break;
+            case gguf_value_type::f64: v.value = c.read<double>(label); break;
             case gguf_value_type::boolean: {
-                const auto b = c.read<std::uint8_t>(where);
-                if (b > 1) fail(where + " is a boolean stored as " + std::to_string(b) + " (0 or 1 expected)");
+                const auto b = c.read<std::uint8_t>(label);
+                if (b > 1) fail(label() + " is a boolean stored as " + std::to_string(b) + " (0 or 1 expected)");
                 v.value = b == 1;
                 break;
             }
-            case gguf_value_type::string: v.value = c.string(where); break;
+            case gguf_value_type::string: v.value = c.string(label); break;
             case gguf_value_type::array: {
-                if (depth >= max_depth) fail(where + " nests arrays deeper than " + std::to_string(max_depth));
-                const auto element = c.read<std::uint32_t>(where + " (its element type)");
-                const auto count = c.read<std::uint64_t>(where + " (its length)");
+                if (path.size() >= max_depth) fail(label() + " nests arrays deeper than " + std::to_string(max_depth));
+                const auto element = c.read<std::uint32_t>([&] { return label() + " (its element type)"; });
+                const auto count = c.read<std::uint64_t>([&] { return label() + " (its length)"; });
                 if (element > static_cast<std::uint32_t>(gguf_value_type::f64))
-                    fail(where + " is an array of value type " + std::to_string(element) + ", not one of GGUF's (0 to 12)");
+                    fail(label() + " is an array of value type " + std::to_string(element) + ", not one of GGUF's (0 to 12)");
                 v.element_type = static_cast<gguf_value_type>(element);
                 if (count > c.left() / min_bytes(v.element_type))
-                    fail(where + " claims " + std::to_string(count) + " elements; the " + std::to_string(c.left()) +
+                    fail(label() + " claims " + std::to_string(count) + " elements; the " + std::to_string(c.left()) +
                          " bytes left cannot hold them");
                 std::vector<gguf_value> items;
                 items.reserve(static_cast<std::size_t>(count));
-                for (std::uint64_t i = 0; i < count; ++i)
-                    items.push_back(read_value(c, element, where + "[" + std::to_string(i) + "]", depth + 1));
+                path.push_back(0);
+                for (std::uint64_t i = 0; i < count; ++i) {
+                    path.back() = i;
+                    items.push_back(read_value(c, element, where, path));
+                }
+                path.pop_back();
                 v.value = std::move(items);
                 break;
             }
@@ -349,7 +431,7 @@ private:
         return v;
     }
 
-    void parse() {
+    void parse(std::uint32_t part) {
         cursor c{*this};
         if (std::memcmp(mapping_.data(), "GGUF", 4) != 0) fail("not a GGUF file (its first bytes are not \"GGUF\")");
         c.at = 4;
@@ -366,7 +448,8 @@ private:
             std::string key = c.string("metadata key " + std::to_string(k));
             const std::string where = "metadata key '" + key + "'";
             const auto type = c.read<std::uint32_t>(where + " (its type)");
-            gguf_value v = read_value(c, type, where, 0);
+            std::vector<std::uint64_t> path;
+            gguf_value v = read_value(c, type, where, path);
             if (!metadata_.emplace(std::move(key), std::move(v)).second) fail(where + " appears twice");
         }
         if (const auto found = metadata_.find("general.alignment"); found != metadata_.end()) {
@@ -379,11 +462,12 @@ private:
         tensors_.reserve(static_cast<std::size_t>(tensor_count));
         for (std::uint64_t i = 0; i < tensor_count; ++i) {
             gguf_tensor t;
+            t.part = part;
             t.name = c.string("the name of tensor " + std::to_string(i));
             const std::string where = "tensor '" + t.name + "'";
             if (t.name.empty()) fail("tensor " + std::to_string(i) + " has an empty name");
             const auto dims = c.read<std::uint32_t>(where + " (its number of dimensions)");
-            if (dims == 0 || dims > 4) fail(where + " has " + std::to_string(dims) + " dimensions (1 to 4 expected)");
+            if (dims > 4) fail(where + " has " + std::to_string(dims) + " dimensions (at most 4 expected)");
             std::uint64_t numel = 1;
             for (std::uint32_t d = 0; d < dims; ++d) {
                 const auto n = c.read<std::uint64_t>(where + " (dimension " + std::to_string(d) + ")");
@@ -397,8 +481,8 @@ private:
             const auto* entry = detail::find_ggml_type(type);
             if (entry == nullptr) fail(where + " has ggml type " + std::to_string(type) + ", which this reader does not know");
             t.type = entry->type;
-            if (t.dims[0] % entry->block_values != 0)
-                fail(where + " of type " + std::string(entry->name) + " has rows of " + std::to_string(t.dims[0]) +
+            if (t.cols() % entry->block_values != 0)
+                fail(where + " of type " + std::string(entry->name) + " has rows of " + std::to_string(t.cols()) +
                      " values, not a multiple of its blocks' " + std::to_string(entry->block_values));
             if (numel / entry->block_values > std::numeric_limits<std::uint64_t>::max() / entry->block_bytes)
                 fail(where + " of " + std::to_string(numel) + " values: its size in bytes overflows");
@@ -435,6 +519,7 @@ private:
     std::map<std::string, gguf_value, std::less<>> metadata_;
     std::vector<gguf_tensor> tensors_;
     std::map<std::string, std::size_t, std::less<>> by_name_;
+    std::vector<std::unique_ptr<gguf_file>> parts_;  // the other files of a split model
 };
 
 }  // namespace moe::io

@@ -93,7 +93,7 @@ struct gguf_layer_names {
 }  // namespace detail
 
 /// Checks, from the tensor infos alone, that MoE layer `layer_index` of `file` exists and that every
-/// tensor `load_layer` reads is there with the dimensions the metadata implies (the router with
+/// tensor `load_layer` reads is there, of a type it reads, with the dimensions the metadata implies (the router with
 /// `router_rows` rows), so that a bad file fails before a layer is allocated. config_error for a layer
 /// out of range or dense, io_error / shape_error naming the tensor.
 inline void check_layer(const gguf_file& file, index layer_index, index router_rows) {
@@ -109,6 +109,9 @@ inline void check_layer(const gguf_file& file, index layer_index, index router_r
     // Each tensor present with the dimensions llama.cpp gives it (fastest first).
     const auto expect = [&](const std::string& tensor, std::vector<std::uint64_t> dims) {
         const gguf_tensor& t = file.tensor(tensor);
+        if (!ggml_type_readable(t.type))
+            throw io_error(where + "tensor '" + tensor + "' has type " + std::string(ggml_type_name(t.type)) +
+                           "; this library reads " + std::string(ggml_readable_types) + " tensors");
         if (t.dims != dims) {
             const auto text = [](const std::vector<std::uint64_t>& v) {
                 std::string s = "[";
@@ -176,7 +179,9 @@ void load_layer(const gguf_file& file, index layer_index, Layer& layer) {
             if constexpr (requires { typename matrix_type::block_type; }) {
                 using Block = typename matrix_type::block_type;
                 if (file.holds<Block>(tensor)) {
-                    w.assign(row, file.blocks<Block>(tensor) + first * w.blocks_per_row(), rows);
+                    std::vector<Block> blocks(static_cast<std::size_t>(rows * w.blocks_per_row()));
+                    file.read_blocks<Block>(tensor, u(first), u(rows), blocks);
+                    w.assign(row, blocks.data(), rows);
                     return;
                 }
             }

@@ -662,8 +662,12 @@ inline bool has_dotprod() {
     return dotprod;
 }
 
+// A build for a CPU with the dot product (-march=armv8.4-a, -mcpu=neoverse-n1, ...) has it already;
+// otherwise the region is built for Armv8.2 with it (a lower or equal base: Debian's armv8-a).
 #pragma GCC push_options
+#if !defined(__ARM_FEATURE_DOTPROD)
 #pragma GCC target("arch=armv8.2-a+dotprod")
+#endif
 namespace quant_neon {
 
 /// Tiles of R rows of x by J groups of W (4 vectors of 4 rows each), block by block: `sdot` by lane
