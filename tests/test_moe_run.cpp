@@ -182,6 +182,11 @@ TEST_CASE("moe-run runs a layer of a GGUF model as of its checkpoint; --weights 
         const moe::io::safetensors_file got(from_gguf), want(from_ckpt);
         CHECK(got.names() == want.names());
         check_bitwise(got, want);
+        if (weights[i] == "q8_0" || weights[i] == "q4_0") {  // against the reference's quantized arithmetic
+            const moe::io::safetensors_file reference(ckpt_dir / name / "expected.safetensors");
+            CHECK(golden::relative_error(golden::read_matrix(got, "hidden_states"),
+                                         golden::read_matrix(reference, "hidden_states_" + weights[i] + "_weights")) <= 1e-6);
+        }
     }
     // --weights still chooses: the Q4_0 file's blocks in float.
     const fs::path as_float = tmp.path / "float.safetensors";

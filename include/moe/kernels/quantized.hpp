@@ -77,7 +77,8 @@ static_assert(sizeof(q8_0_block) == 34 && sizeof(q4_0_block) == 18, "the blocks 
 
 /// A block of 32 values of a projection's input quantized as q8_0 (`kernels::quantize_input`), in the
 /// form the kernels take: the values, the value of the fp16 scale (as float), and the sum of the values
-/// (with it, products with weights stored as unsigned bytes become signed ones).
+/// (with it, products with weights stored as unsigned bytes become signed ones). The kernels trust it:
+/// values in [-127, 127] and `sum` their sum, as `quantize_input` makes them (else the families differ).
 struct q8_0_input {
     std::int8_t values[32];
     float scale;
