@@ -320,6 +320,19 @@ void check_quantized_families() {
         moe::deepseek_v3_layer<float> reference(moe::io::shape_of(c), router);
         check_quantized_case<S>("deepseek_v3_quant", layer, reference);
     }
+    for (const char* name : {"qwen3_moe_quant", "olmoe_quant"}) {
+        const auto c = moe::io::checkpoint(ckpt_dir / name).config();
+        moe::layer<float, moe::routers::softmax_topk, X> layer(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        moe::mixtral_layer<float> reference(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_quantized_case<S>(name, layer, reference);
+    }
+    {
+        const auto c = moe::io::checkpoint(ckpt_dir / "qwen2_moe_quant").config();
+        moe::layer<float, moe::routers::softmax_topk, X, moe::shared_experts::sigmoid_gated<>> layer(
+            moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        moe::qwen2_moe_layer<float> reference(moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        check_quantized_case<S>("qwen2_moe_quant", layer, reference);
+    }
 }
 }  // namespace
 

@@ -343,6 +343,26 @@ TEST_CASE("Q8_0 and Q4_0 GGUF tensors go into the quantized storages as they are
                     [](const auto& c) { return deepseek_layer<q8>(c); }, 1e-6);
     check_gguf_case("deepseek_v3_quant", "model_q4_0.gguf", "hidden_states_q4_0_weights",
                     [](const auto& c) { return deepseek_layer<q4>(c); }, 1e-6);
+    for (const char* name : {"qwen3_moe_quant", "olmoe_quant"}) {
+        check_gguf_case(name, "model_q8_0.gguf", "hidden_states_q8_0_weights", [](const auto& c) { return softmax_layer<q8>(c); },
+                        1e-6);
+        check_gguf_case(name, "model_q4_0.gguf", "hidden_states_q4_0_weights", [](const auto& c) { return softmax_layer<q4>(c); },
+                        1e-6);
+    }
+    const auto qwen2 = [](const auto& c) {
+        return [&]<class S>() {
+            using X = moe::experts::stored_as<moe::experts::swiglu, S>;
+            return moe::layer<float, moe::routers::softmax_topk, X, moe::shared_experts::sigmoid_gated<X>>(
+                moe::io::shape_of(c), {.k = c.top_k, .normalize = c.normalize});
+        };
+    };
+    check_gguf_case("qwen2_moe_quant", "model_q8_0.gguf", "hidden_states_q8_0_weights",
+                    [&](const auto& c) { return qwen2(c).template operator()<q8>(); }, 1e-6);
+    check_gguf_case("qwen2_moe_quant", "model_q4_0.gguf", "hidden_states_q4_0_weights",
+                    [&](const auto& c) { return qwen2(c).template operator()<q4>(); }, 1e-6);
+    // And the F32 file of the same case, into a float layer: the same bits as from the checkpoint.
+    check_gguf_case("qwen2_moe_quant", "model.gguf", "hidden_states",
+                    [&](const auto& c) { return qwen2(c).template operator()<moe::storages::scalar<float>>(); }, 2e-5);
     // Other combinations go through float: Q8_0 blocks into q4_0 storage are quantized again, F32 tensors
     // into q8_0 storage quantized once (the same blocks as from the checkpoint: checked above).
     const gguf_file file(ckpt_dir / "mixtral_quant" / "model_q8_0.gguf");

@@ -1052,9 +1052,12 @@ CKPT_CASES = [
     ("deepseek_v3_quant", build_deepseek_v3,
      dict(d=64, dense_ff=64, ff=32, E=8, k=2, n_shared=1, n_group=4, topk_group=2, dtype="BF16"),
      (6, 64), False),
+    ("qwen2_moe_quant", build_qwen2_moe, dict(d=64, ff=32, shared_ff=64, E=8, k=2), (6, 64), False),
+    ("qwen3_moe_quant", build_qwen3_moe, dict(d=64, ff=32, E=8, k=3, dtype="F16"), (6, 64), False),
+    ("olmoe_quant", build_olmoe, dict(d=64, ff=32, E=8, k=2), (6, 64), False),
 ]
 # Cases whose expected.safetensors also holds the outputs of the layer with q8_0 and q4_0 experts.
-QUANT_CASES = ("mixtral_quant", "deepseek_v3_quant")
+QUANT_CASES = ("mixtral_quant", "deepseek_v3_quant", "qwen2_moe_quant", "qwen3_moe_quant", "olmoe_quant")
 
 
 def ckpt_input(g, name, shape):
@@ -2049,8 +2052,7 @@ GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe
 # Checkpoint cases also written as GGUF models (model.gguf in the file's own types; the quantized cases
 # also model_q8_0.gguf and model_q4_0.gguf, their experts' tensors quantized here; mixtral_sharded as a
 # split model, model-0000{1,2}-of-00002.gguf).
-GGUF_CKPT_CASES = ("mixtral_f32", "mixtral_bf16", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
-                   "mixtral_quant", "deepseek_v3_quant")
+GGUF_CKPT_CASES = ("mixtral_f32", "mixtral_bf16", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3") + QUANT_CASES
 
 
 def gguf_model_metadata(config):
