@@ -37,6 +37,18 @@ moe::matrix<Scalar> read_matrix(const moe::io::safetensors_file& f, const std::s
     return m;
 }
 
+/// The output of `layer` (loaded) on the input of checkpoint case `name` (tests/data/ckpt), T x d.
+template <class Layer>
+moe::matrix<float> forward_ckpt_case(const std::string& name, Layer& layer) {
+    const moe::io::safetensors_file in(data_dir / "ckpt" / name / "input.safetensors");
+    const moe::index d = layer.shape().d_model;
+    const auto raw = read_matrix(in, "hidden_states");
+    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / d, d);
+    moe::matrix<float> y(x.rows(), d);
+    layer.forward(x, y);
+    return y;
+}
+
 /// One layer case of tests/data/layer: its file and its options (the file's metadata).
 struct layer_case {
     explicit layer_case(const std::string& name) : name(name), file(data_dir / "layer" / (name + ".safetensors")) {}

@@ -10,25 +10,13 @@
 namespace {
 const std::filesystem::path ckpt_dir = golden::data_dir / "ckpt";
 
-// The output of `layer` (loaded) on the input of checkpoint case `name`, T x d.
-template <class Layer>
-moe::matrix<float> run_case(const moe::io::checkpoint& ckpt, Layer& layer, const std::string& name) {
-    const moe::io::safetensors_file in(ckpt_dir / name / "input.safetensors");
-    const auto d = ckpt.config().hidden_size;
-    const auto raw = golden::read_matrix(in, "hidden_states");
-    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / d, d);
-    moe::matrix<float> y(x.rows(), d);
-    layer.forward(x, y);
-    return y;
-}
-
 // Loads layer 1 of a checkpoint case into the layer type its family needs and compares with the reference.
 template <class Layer>
 void check_case(const moe::io::checkpoint& ckpt, Layer& layer, const std::string& name) {
     INFO("checkpoint case " << name);
     moe::io::load_layer(ckpt, 1, layer);
     const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
-    const moe::matrix<float> y = run_case(ckpt, layer, name);
+    const moe::matrix<float> y = golden::forward_ckpt_case(name, layer);
     const auto want = golden::read_matrix(expected, "hidden_states");
     CHECK(golden::relative_error(Eigen::Map<const moe::matrix<float>>(y.data(), want.rows(), want.cols()), want) <= 2e-5);
     CHECK(golden::relative_error(layer.logits(), golden::read_matrix(expected, "router_logits")) <= 2e-5);
@@ -73,7 +61,7 @@ void check_bf16_case(const std::string& name, Bf16& layer, Float& reference) {
         CHECK(layer.expert_weights(e).out.template cast<float>() == reference.expert_weights(e).out);
     }
     const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
-    const moe::matrix<float> y = run_case(ckpt, layer, name);
+    const moe::matrix<float> y = golden::forward_ckpt_case(name, layer);
     const auto want = golden::read_matrix(expected, "hidden_states_bf16_weights");
     const auto as_float = golden::read_matrix(expected, "hidden_states");
     const Eigen::Map<const moe::matrix<float>> got(y.data(), want.rows(), want.cols());
@@ -291,7 +279,7 @@ void check_quantized_case(const std::string& name, Quantized& layer, Float& refe
         CHECK(same_blocks(layer.shared_weights().out, reference.shared_weights().out));
     }
     const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
-    const moe::matrix<float> y = run_case(ckpt, layer, name);
+    const moe::matrix<float> y = golden::forward_ckpt_case(name, layer);
     const auto want = golden::read_matrix(expected, "hidden_states_" + std::string(S::name) + "_weights");
     const auto as_float = golden::read_matrix(expected, "hidden_states");
     const Eigen::Map<const moe::matrix<float>> got(y.data(), want.rows(), want.cols());

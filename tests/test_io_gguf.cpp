@@ -264,16 +264,6 @@ namespace {
 
 const fs::path ckpt_dir = golden::data_dir / "ckpt";
 
-moe::matrix<float> forward_case(const std::string& name, auto& layer) {
-    const moe::io::safetensors_file in(ckpt_dir / name / "input.safetensors");
-    const moe::index d = layer.shape().d_model;
-    const auto raw = golden::read_matrix(in, "hidden_states");
-    const Eigen::Map<const moe::matrix<float>> x(raw.data(), raw.size() / d, d);
-    moe::matrix<float> y(x.rows(), d);
-    layer.forward(x, y);
-    return y;
-}
-
 // Layer 1 of case `name` from its GGUF file and from its checkpoint, into layers made by `make`
 // (from a model_config): the same config, bitwise the same output, the expected one (`output`).
 template <class Make>
@@ -299,8 +289,8 @@ void check_gguf_case(const std::string& name, const std::string& gguf_name, cons
     auto from_gguf = make(g), from_ckpt = make(c);
     moe::io::load_layer(file, 1, from_gguf);
     moe::io::load_layer(ckpt, 1, from_ckpt);
-    const moe::matrix<float> y = forward_case(name, from_gguf);
-    CHECK(y == forward_case(name, from_ckpt));
+    const moe::matrix<float> y = golden::forward_ckpt_case(name, from_gguf);
+    CHECK(y == golden::forward_ckpt_case(name, from_ckpt));
     const moe::io::safetensors_file expected(ckpt_dir / name / "expected.safetensors");
     const auto want = golden::read_matrix(expected, output);
     CHECK(golden::relative_error(Eigen::Map<const moe::matrix<float>>(y.data(), want.rows(), want.cols()), want) <= tolerance);

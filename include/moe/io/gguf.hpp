@@ -245,16 +245,7 @@ public:
 private:
     // One file of a model, part `part` (0-based) of a split one.
     gguf_file(const std::filesystem::path& path, std::uint32_t part) : path_(path) {
-        detail::unique_fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
-        if (fd.get() < 0) fail("cannot open: " + detail::errno_message(errno));
-        struct stat status {};
-        if (::fstat(fd.get(), &status) != 0) fail("cannot stat: " + detail::errno_message(errno));
-        if (!S_ISREG(status.st_mode)) fail("not a regular file");
-        const auto size = static_cast<std::uint64_t>(status.st_size);
-        if (size < 24) fail("file is " + std::to_string(size) + " bytes, shorter than a GGUF header (24)");
-        void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-        if (address == MAP_FAILED) fail("cannot mmap: " + detail::errno_message(errno));
-        mapping_ = detail::mapping(address, size);
+        mapping_ = detail::map_readonly(path_, 24, "a GGUF header (24)", [&](const std::string& problem) { fail(problem); });
         parse(part);
     }
 

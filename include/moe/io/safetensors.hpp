@@ -196,6 +196,23 @@ private:
     std::size_t size_ = 0;
 };
 
+/// Maps `path` read-only (the whole file, PROT_READ, MAP_PRIVATE): a regular file of at least
+/// `min_size` bytes ("file is N bytes, shorter than <min_what>" otherwise); `fail(problem)` throws.
+template <class Fail>
+mapping map_readonly(const std::filesystem::path& path, std::uint64_t min_size, const std::string& min_what, Fail fail) {
+    unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) fail("cannot open: " + errno_message(errno));
+    struct stat status {};
+    if (::fstat(fd.get(), &status) != 0) fail("cannot stat: " + errno_message(errno));
+    if (!S_ISREG(status.st_mode)) fail("not a regular file");
+    const auto size = static_cast<std::uint64_t>(status.st_size);
+    // Checked before mapping, which also keeps mmap from seeing an invalid length of 0.
+    if (size < min_size) fail("file is " + std::to_string(size) + " bytes, shorter than " + min_what);
+    void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+    if (address == MAP_FAILED) fail("cannot mmap: " + errno_message(errno));
+    return mapping(address, size);
+}
+
 // Decodes `out.size()` elements stored as `Stored` at the possibly unaligned `source`.
 template <class Stored, class T, class Convert>
 void decode(const std::byte* source, std::span<T> out, Convert convert) {
@@ -375,20 +392,7 @@ private:
     }
 
     void map_file() {
-        detail::unique_fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
-        if (fd.get() < 0) fail("cannot open: " + detail::errno_message(errno));
-        struct stat status {};
-        if (::fstat(fd.get(), &status) != 0) fail("cannot stat: " + detail::errno_message(errno));
-        if (!S_ISREG(status.st_mode)) fail("not a regular file");
-        const auto size = static_cast<std::uint64_t>(status.st_size);
-        // Checked before mapping, which also keeps mmap from seeing an invalid length of 0.
-        if (size < 8) {
-            fail("file is " + std::to_string(size) +
-                 " bytes, shorter than the 8-byte header length");
-        }
-        void* address = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-        if (address == MAP_FAILED) fail("cannot mmap: " + detail::errno_message(errno));
-        mapping_ = detail::mapping(address, size);
+        mapping_ = detail::map_readonly(path_, 8, "the 8-byte header length", [&](const std::string& problem) { fail(problem); });
     }
 
     void parse_header() {
