@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <system_error>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -37,8 +38,8 @@ constexpr const char* usage =
     "               tensors as stored, others rounded; each projection's input rounded to bf16, sums in\n"
     "               float32); q8_0 or q4_0 (ggml's block formats, quantized at load, a GGUF file's Q8_0 /\n"
     "               Q4_0 blocks taken as they are; each projection's input quantized to q8_0, integer\n"
-    "               sums per block). A GGUF file's default is its experts' own type (Q8_0, Q4_0, BF16;\n"
-    "               else f32). bf16, q8_0 and q4_0 are for inference. With\n"
+    "               sums per block). A GGUF file's default is its experts' own type (Q8_0, Q4_0, BF16,\n"
+    "               where gate, up and down share it; else f32). bf16, q8_0 and q4_0 are for inference. With\n"
     "               --repeat the kernel family (kernels=<name>) and the expert weights' size\n"
     "               (expert_weights_mb=<MB>) are printed\n"
     "  --stats      print the routing statistics as JSON\n"
@@ -182,7 +183,7 @@ arguments parse_arguments(int argc, char** argv) {
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
     if (a.backward && !a.weights.empty() && a.weights != "f32")
         throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");
-    if (a.backward && std::filesystem::is_regular_file(a.model))
+    if (std::error_code ignored; a.backward && std::filesystem::is_regular_file(a.model, ignored))
         throw argument_error("--backward needs a HuggingFace checkpoint folder (its gradients are written under "
                              "the checkpoint's tensor names), not a GGUF file");
 #ifndef MOE_RUN_MPI
@@ -366,7 +367,7 @@ std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& laye
 class model_source {
 public:
     explicit model_source(const std::string& path) {
-        if (std::filesystem::is_regular_file(path)) {
+        if (std::error_code ignored; std::filesystem::is_regular_file(path, ignored)) {
             gguf_.emplace(path);
             config_ = moe::io::gguf_config(*gguf_);
         } else {
@@ -384,11 +385,17 @@ public:
         if (gguf_) return moe::io::load_layer(*gguf_, layer, l);
         moe::io::load_layer(*ckpt_, layer, l);
     }
-    /// --weights when none is given: a GGUF file's experts' own type (of layer L), else f32.
+    /// --weights when none is given: the type of a GGUF file's expert tensors of layer L (Q8_0, Q4_0,
+    /// BF16) where all three share it, else f32 (a checkpoint; mixed types: none is quantized again).
     [[nodiscard]] std::string own_weights(moe::index layer) const {
-        const std::string experts = "blk." + std::to_string(layer) + ".ffn_gate_exps.weight";
-        if (!gguf_ || !gguf_->contains(experts)) return "f32";
-        switch (gguf_->tensor(experts).type) {
+        if (!gguf_) return "f32";
+        std::optional<moe::io::ggml_type> type;
+        for (const char* part : {"gate", "up", "down"}) {
+            const std::string experts = "blk." + std::to_string(layer) + ".ffn_" + part + "_exps.weight";
+            if (!gguf_->contains(experts) || (type && *type != gguf_->tensor(experts).type)) return "f32";
+            type = gguf_->tensor(experts).type;
+        }
+        switch (*type) {
             case moe::io::ggml_type::q8_0: return "q8_0";
             case moe::io::ggml_type::q4_0: return "q4_0";
             case moe::io::ggml_type::bf16: return "bf16";

@@ -5,6 +5,7 @@
 
 #include <moe/io/gguf.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -390,6 +391,32 @@ TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
     other.str("general.architecture").put<std::uint32_t>(8).str("gemma");
     CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(other.write())),
                       Catch::Contains("architecture 'gemma' is not one of") && Catch::Contains("deepseek2"));
+    // Metadata out of range or missing, named by key (a DeepSeek-V3 header with one defect each).
+    const auto deepseek_keys = [](builder& b, float scale, std::uint32_t shared) -> builder& {
+        b.str("general.architecture").put<std::uint32_t>(8).str("deepseek2");
+        for (const auto& [k, v] : {std::pair<const char*, std::uint32_t>{"deepseek2.expert_count", 8}, {"deepseek2.embedding_length", 64},
+                                   {"deepseek2.block_count", 2}, {"deepseek2.expert_used_count", 2},
+                                   {"deepseek2.expert_feed_forward_length", 32}, {"deepseek2.expert_gating_func", 2},
+                                   {"deepseek2.leading_dense_block_count", 1}})
+            b.key_u32(k, v);
+        b.key_u32("deepseek2.expert_shared_count", shared);
+        return b.str("deepseek2.expert_weights_scale").put<std::uint32_t>(6).put(scale);
+    };
+    builder fine(0, 10);
+    CHECK(moe::io::gguf_config(gguf_file(deepseek_keys(fine, 2.5f, 1).write())).shared_size == 32);
+    builder huge(0, 10);
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(deepseek_keys(huge, 2.5f, 1u << 31).write())),
+                      Catch::Contains("'deepseek2.expert_shared_count' is 2147483648, outside [0, 16777216]"));
+    builder wide(0, 10);
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(deepseek_keys(wide, 2.5f, 1u << 20).write())),
+                      Catch::Contains("'deepseek2.expert_shared_count' x 'deepseek2.expert_feed_forward_length' exceeds"));
+    builder nan(0, 10);
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(deepseek_keys(nan, std::nanf(""), 1).write())),
+                      Catch::Contains("'deepseek2.expert_weights_scale' is nan"));
+    builder no_scale(0, 9);
+    deepseek_keys(no_scale, 1.0f, 1);
+    no_scale.bytes.resize(no_scale.bytes.size() - (8 + 30 + 4 + 4));  // the scale key (30 bytes) and value dropped
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(no_scale.write())), Catch::Contains("no metadata key 'deepseek2.expert_weights_scale'"));
     // K-quants: named with the types that work, before a layer is allocated.
     const gguf_file k_quant(golden::data_dir / "gguf" / "olmoe_q4_k.gguf");
     CHECK_THROWS_WITH(moe::io::check_layer(k_quant, 0, 2),

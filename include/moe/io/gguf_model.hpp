@@ -8,7 +8,8 @@
 /// normalised), `qwen2moe` (softmax top-k, not normalised; a shared expert gated by sigmoid),
 /// `qwen3moe` (softmax top-k, normalised), `olmoe` (softmax top-k, not normalised), `deepseek2` with
 /// `deepseek2.expert_gating_func` = 2 (DeepSeek-V3: sigmoid scores with the correction bias, groups,
-/// `expert_weights_norm`, `expert_weights_scale`; shared experts). Keys (src/llama-arch.cpp, `%s` the
+/// `expert_weights_norm`, `expert_weights_scale`; shared experts). Every size in [1, 2^24] (as a
+/// checkpoint's config), else config_error naming the key. Keys (src/llama-arch.cpp, `%s` the
 /// architecture): `%s.block_count`, `%s.embedding_length`, `%s.expert_count`, `%s.expert_used_count`,
 /// `%s.expert_feed_forward_length` (else `%s.feed_forward_length`: Mixtral, OLMoE),
 /// `%s.expert_shared_feed_forward_length` (Qwen2-MoE), `%s.expert_shared_count`,
@@ -25,6 +26,8 @@
 #include "moe/io/config.hpp"
 #include "moe/io/gguf.hpp"
 
+#include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,38 +49,52 @@ inline model_config gguf_config(const gguf_file& file) {
                            "' is not one of the MoE architectures this library reads (llama, qwen2moe, qwen3moe, olmoe, deepseek2)");
     c.model_type = arch;
     const auto key = [&](const char* name) { return arch + "." + name; };
-    const auto integer = [&](const char* name, std::int64_t fallback, bool required) -> index {
+    constexpr index largest = detail::config_reader::largest;  // the checkpoint's bound on every size
+    // An integer key in [min, largest]; `fallback` when absent and not required.
+    const auto integer = [&](const char* name, index min, std::optional<index> fallback = std::nullopt) -> index {
         if (!file.contains_key(key(name))) {
-            if (required) throw config_error(where + "no metadata key '" + key(name) + "'");
-            return fallback;
+            if (!fallback) throw config_error(where + "no metadata key '" + key(name) + "'");
+            return *fallback;
         }
         const std::int64_t v = file.integer(key(name));
-        if (v < 0) throw config_error(where + "'" + key(name) + "' is " + std::to_string(v) + ", below 0");
+        if (v < min || v > largest)
+            throw config_error(where + "'" + key(name) + "' is " + std::to_string(v) + ", outside [" + std::to_string(min) +
+                               ", " + std::to_string(largest) + "]");
         return static_cast<index>(v);
     };
-    c.n_experts = integer("expert_count", 0, false);
-    if (c.n_experts == 0) throw config_error(where + "'" + key("expert_count") + "' is missing or 0: not an MoE model");
-    c.hidden_size = integer("embedding_length", 0, true);
-    c.n_layers = integer("block_count", 0, true);
-    c.top_k = integer("expert_used_count", 0, true);
-    c.expert_size = file.contains_key(key("expert_feed_forward_length")) ? integer("expert_feed_forward_length", 0, true)
-                                                                         : integer("feed_forward_length", 0, true);
+    if (integer("expert_count", 0, 0) == 0)
+        throw config_error(where + "'" + key("expert_count") + "' is missing or 0: not an MoE model");
+    c.n_experts = integer("expert_count", 1);
+    c.hidden_size = integer("embedding_length", 1);
+    c.n_layers = integer("block_count", 1);
+    c.top_k = integer("expert_used_count", 1);
+    c.expert_size = file.contains_key(key("expert_feed_forward_length")) ? integer("expert_feed_forward_length", 1)
+                                                                         : integer("feed_forward_length", 1);
+    // What llama.cpp computes for each (src/llama-model.cpp): normalised top-k for Mixtral and
+    // Qwen3-MoE, not for Qwen2-MoE and OLMoE; DeepSeek-V3 as its keys say.
     c.normalize = c.kind == family::mixtral || c.kind == family::qwen3_moe;
-    if (file.contains_key(key("expert_weights_norm"))) c.normalize = file.boolean(key("expert_weights_norm"));
-    if (file.contains_key(key("expert_weights_scale"))) c.scale = file.number(key("expert_weights_scale"));
     if (c.kind == family::qwen2_moe) {
-        c.shared_size = integer("expert_shared_feed_forward_length", 0, true);
+        c.shared_size = integer("expert_shared_feed_forward_length", 1);
         c.shared_gated = true;
     }
     if (c.kind == family::deepseek_v3) {
-        if (integer("expert_gating_func", 1, false) != 2)
+        if (integer("expert_gating_func", 0, 1) != 2)
             throw config_error(where + "'" + key("expert_gating_func") +
                                "' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's softmax gating is not supported");
         c.sigmoid_scoring = true;
-        c.shared_size = integer("expert_shared_count", 0, false) * c.expert_size;
-        c.n_group = std::max<index>(1, integer("expert_group_count", 1, false));
-        c.topk_group = std::max<index>(1, integer("expert_group_used_count", 1, false));
-        c.first_k_dense_replace = integer("leading_dense_block_count", 0, false);
+        const index shared = integer("expert_shared_count", 0);
+        if (shared > largest / c.expert_size)
+            throw config_error(where + "'" + key("expert_shared_count") + "' x '" + key("expert_feed_forward_length") +
+                               "' exceeds " + std::to_string(largest));
+        c.shared_size = shared * c.expert_size;
+        c.normalize = file.contains_key(key("expert_weights_norm")) && file.boolean(key("expert_weights_norm"));
+        c.scale = file.number(key("expert_weights_scale"));
+        if (!std::isfinite(c.scale) || c.scale <= 0)
+            throw config_error(where + "'" + key("expert_weights_scale") + "' is " + std::to_string(c.scale) +
+                               "; a finite value > 0 is needed");
+        c.n_group = integer("expert_group_count", 1, 1);
+        c.topk_group = integer("expert_group_used_count", 1, 1);
+        c.first_k_dense_replace = integer("leading_dense_block_count", 0);
     }
     return c;
 }
