@@ -239,9 +239,9 @@ void memory_read(benchmark::State& state) {
 
 // What the layer's task lists would do on P cores, for P = 1 to 64, measured on one thread: the call
 // runs 5 times with the tasks planned for P threads (`layer::plan_for_threads`); each pool run's tasks
-// are list-scheduled on P workers with their median measured times, and the rest of the call (routing,
-// planning, the pool's own work, less one clock read per task for the tracing) counts as serial, at
-// its median. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the median call on one thread
+// are list-scheduled on P workers with their median measured times (a task's time includes taking it
+// from the pool's counter and one clock read, which the thread running it pays), and the rest of the
+// call (routing, planning, starting each pool run) counts as serial, at its median. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the median call on one thread
 // with the one-thread plan, timed just before. It shows load balance and the cost of the finer cut;
 // not memory bandwidth shared by the cores, nor the time P threads take to wake.
 template <class Layer>
@@ -280,12 +280,6 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
         return walls;
     };
     time_calls(1, nullptr);  // warm: the weights as far in the caches as they will be
-    // One clock read per task falls outside the tasks' times: the tracing's own cost, taken off.
-    const double clock_read = [] {
-        const auto start = std::chrono::steady_clock::now();
-        for (int i = 0; i < 10000; ++i) benchmark::DoNotOptimize(std::chrono::steady_clock::now());
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 10000;
-    }();
     for (auto _ : state) {
         for (const moe::index p : {1, 2, 4, 8, 16, 32, 64}) {
             const double one = median(time_calls(1, nullptr));  // next to the calls it is set against
@@ -295,7 +289,7 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
             for (int c = 0; c < calls; ++c) {
                 double tasks = 0;
                 for (const auto& run : traces[static_cast<std::size_t>(c)])
-                    for (const double t : run) tasks += t + clock_read;
+                    for (const double t : run) tasks += t;
                 serial.push_back(walls[static_cast<std::size_t>(c)] - tasks);
             }
             double simulated = median(serial);

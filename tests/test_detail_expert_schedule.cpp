@@ -166,3 +166,44 @@ TEST_CASE("plan_tasks orders a decoding step's alike blocks as a varied batch's:
     CHECK(largest_first_ties_in_order(tasks));
     CHECK(exact_cover(varied, tasks));
 }
+
+TEST_CASE("stage_plan gives plan_tasks' tasks, and plans again only when the items with work change size",
+          "[schedule]") {
+    // The tasks of the items that have work, numbered among them; `item` maps them back.
+    const auto mapped = [](const moe::detail::stage_plan& sp, std::vector<work_task> tasks) {
+        for (work_task& t : tasks) t.item = sp.item(t);
+        return tasks;
+    };
+    const auto same_tasks = [](const std::vector<work_task>& a, const std::vector<work_task>& b) {
+        return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const work_task& x, const work_task& y) {
+            return std::tie(x.item, x.row_begin, x.row_end, x.column_begin, x.column_end, x.cost) ==
+                   std::tie(y.item, y.row_begin, y.row_end, y.column_begin, y.column_end, y.cost);
+        });
+    };
+    moe::detail::stage_plan sp;
+    // Decoding: experts 1 and 5 active, then 0 and 7: the same sizes, the same plan, other items.
+    std::vector<work_item> step(8, work_item{0, 2816, 2048});
+    step[1].rows = step[5].rows = 1;
+    const std::vector<work_task>* first = &sp.update(step, 64, {});
+    const std::vector<work_task> kept = *first;
+    CHECK(same_tasks(mapped(sp, kept), plan(step, 64)));
+    CHECK(exact_cover(step, mapped(sp, kept)));
+    step[1].rows = step[5].rows = 0;
+    step[0].rows = step[7].rows = 1;
+    const std::vector<work_task>& again = sp.update(step, 64, {});
+    CHECK(same_tasks(again, kept));  // not planned again
+    CHECK(same_tasks(mapped(sp, again), plan(step, 64)));
+    std::size_t largest = 0;
+    for (const work_task& t : again)
+        largest = std::max<std::size_t>(largest, static_cast<std::size_t>((t.row_end - t.row_begin) * (t.column_end - t.column_begin)));
+    CHECK(sp.largest() == static_cast<moe::index>(largest));
+    // Other sizes, threads or rules: planned again.
+    step[7].rows = 3;
+    CHECK(same_tasks(mapped(sp, sp.update(step, 64, {})), plan(step, 64)));
+    CHECK(same_tasks(mapped(sp, sp.update(step, 16, {})), plan(step, 16)));
+    const moe::detail::split_rules wide{256, 16, 32};
+    CHECK(same_tasks(mapped(sp, sp.update(step, 16, wide)), plan(step, 16, wide)));
+    // No work at all: no tasks.
+    const std::vector<work_item> idle(4, work_item{0, 64, 64});
+    CHECK(sp.update(idle, 16, {}).empty());
+}

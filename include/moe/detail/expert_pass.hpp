@@ -18,6 +18,7 @@
 
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <span>
 #include <type_traits>
@@ -70,7 +71,7 @@ public:
         const bool keep_h = !blocks.empty() && blocks.front().hidden != nullptr;
         const index scratch = (keep_h ? 0 : 2) + (converts ? 1 : 0);
         constexpr index hidden_unit = std::lcm<index>(16, Storage::unit);
-        run_plan(pool, plan_threads, {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
+        run_plan(pool, plan_threads, plans_[0], {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
             Scalar* h = b.hidden ? b.hidden + tk.row_begin * b.ldh + c0 : scratch;
@@ -90,7 +91,7 @@ public:
         // Stage 2: output columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, d(b), ff(b)});
-        run_plan(pool, plan_threads, {max_rows, 16, 16}, 0, [&](const work_task& tk, Scalar*) {
+        run_plan(pool, plan_threads, plans_[1], {max_rows, 16, 16}, 0, [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             ffn_output_columns(*b.weights, b.act + tk.row_begin * b.lda, b.lda, tk.row_end - tk.row_begin, tk.column_begin,
                                tk.column_end, b.out + tk.row_begin * b.ldo + tk.column_begin, b.ldo);
@@ -106,7 +107,7 @@ public:
         // Stage 1: da, a and dh by hidden columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), d(b)});
-        run_plan(pool, plan_threads, {max_rows, 16, panel}, 1, [&](const work_task& tk, Scalar* da) {
+        run_plan(pool, plan_threads, plans_[2], {max_rows, 16, panel}, 1, [&](const work_task& tk, Scalar* da) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index r0 = tk.row_begin, c0 = tk.column_begin;
             with_policy(b, routed, shared, [&](const auto& policy) {
@@ -123,7 +124,7 @@ public:
             items_.push_back({held ? b.grad->in.rows() : 0, d(b), b.rows});
             items_.push_back({held ? b.rows : 0, d(b), held ? b.grad->in.rows() : 0});
         }
-        run_plan(pool, plan_threads, {max_rows, 16, panel}, 0, [&](const work_task& tk, Scalar*) {
+        run_plan(pool, plan_threads, plans_[3], {max_rows, 16, panel}, 0, [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
             const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
             switch (tk.item % 3) {
@@ -155,24 +156,25 @@ private:
             f(routed);
     }
 
-    // Plans the tasks of `items_` and runs f(task, scratch) for each on the pool, with `per_output`
-    // values of scratch per output of the task (sized for the largest task, per thread).
+    // Plans the tasks of `items_` (with the stage's `plan`) and runs f(task, scratch) for each on the
+    // pool, the task's item an index of `items_`, with `per_output` values of scratch per output of the
+    // task (sized for the largest task, per thread).
     template <class F>
-    void run_plan(thread_pool& pool, index plan_threads, const split_rules& rules, index per_output, F&& f) {
-        plan_tasks(items_, plan_threads > 0 ? plan_threads : pool.size(), rules, tasks_);
-        index per_thread = 0;
-        for (const work_task& t : tasks_)
-            per_thread = std::max(per_thread, per_output * (t.row_end - t.row_begin) * (t.column_end - t.column_begin));
+    void run_plan(thread_pool& pool, index plan_threads, stage_plan& plan, const split_rules& rules, index per_output, F&& f) {
+        const std::vector<work_task>& tasks = plan.update(items_, plan_threads > 0 ? plan_threads : pool.size(), rules);
+        const index per_thread = per_output * plan.largest();
         if (scratch_.size() < static_cast<std::size_t>(per_thread * pool.size()))
             scratch_.resize(static_cast<std::size_t>(per_thread * pool.size()));
         auto run = [&](index i, index thread) {
-            f(tasks_[static_cast<std::size_t>(i)], scratch_.data() + thread * per_thread);
+            work_task t = tasks[static_cast<std::size_t>(i)];
+            t.item = plan.item(t);
+            f(t, scratch_.data() + thread * per_thread);
         };
-        pool.run(static_cast<index>(tasks_.size()), run);
+        pool.run(static_cast<index>(tasks.size()), run);
     }
 
     std::vector<work_item> items_;
-    std::vector<work_task> tasks_;
+    std::array<stage_plan, 4> plans_;  // forward stages 1 and 2, backward stages 1 and 2
     std::vector<Scalar> scratch_;
 };
 

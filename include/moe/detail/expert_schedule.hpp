@@ -31,6 +31,7 @@ struct work_item {
     index rows = 0;
     index columns = 0;
     index depth = 0;
+    bool operator==(const work_item&) const = default;
 };
 
 /// How finely a stage may be cut: blocks have at most `max_rows` rows and at least `row_unit` (unless
@@ -39,6 +40,7 @@ struct split_rules {
     index max_rows = 256;
     index row_unit = 16;
     index column_unit = 16;
+    bool operator==(const split_rules&) const = default;
 };
 
 /// One task: rows [row_begin, row_end) x columns [column_begin, column_end) of item `item`.
@@ -133,6 +135,53 @@ inline void plan_tasks(std::span<const work_item> items, index threads, const sp
     }
     largest_first(out);
 }
+
+/// A stage's plan, kept between calls: planned again only when the sizes of the items that have work,
+/// the threads or the rules change. Tasks name those items by their place among them (`item` maps it
+/// back), so a decoding step, whose active experts change from token to token but not their sizes,
+/// plans once: on 64 cores planning a step's few hundred tasks would cost a tenth of the step.
+class stage_plan {
+public:
+    /// The tasks of `items` for `threads` threads by `rules`, as `plan_tasks` makes them, with `item`
+    /// numbering the items that have work.
+    const std::vector<work_task>& update(std::span<const work_item> items, index threads, const split_rules& rules) {
+        active_.clear();
+        sized_.clear();
+        for (index i = 0; i < static_cast<index>(items.size()); ++i) {
+            const work_item& it = items[static_cast<std::size_t>(i)];
+            if (it.rows <= 0 || it.columns <= 0) continue;
+            active_.push_back(i);
+            sized_.push_back(it);
+        }
+        if (!planned_ || threads != threads_ || rules != rules_ || sized_ != planned_sizes_) {
+            plan_tasks(sized_, threads, rules, tasks_);
+            largest_ = 0;
+            for (const work_task& t : tasks_)
+                largest_ = std::max(largest_, (t.row_end - t.row_begin) * (t.column_end - t.column_begin));
+            planned_sizes_ = sized_;
+            threads_ = threads;
+            rules_ = rules;
+            planned_ = true;
+        }
+        return tasks_;
+    }
+
+    /// The index in `update`'s items of task `t`'s item.
+    [[nodiscard]] index item(const work_task& t) const { return active_[static_cast<std::size_t>(t.item)]; }
+
+    /// The most outputs (rows x columns) a task of the plan has.
+    [[nodiscard]] index largest() const { return largest_; }
+
+private:
+    std::vector<index> active_;       // items with work, by their index in the last `update`
+    std::vector<work_item> sized_;    // their sizes
+    std::vector<work_item> planned_sizes_;  // the sizes `tasks_` was planned for
+    index threads_ = 0;
+    split_rules rules_{};
+    bool planned_ = false;
+    std::vector<work_task> tasks_;
+    index largest_ = 0;
+};
 
 /// Rows per chunk of the token-wise passes (logits, gathering rows, combine) over n rows: about
 /// `tasks_per_thread` chunks per thread, between 16 and 64 rows each.

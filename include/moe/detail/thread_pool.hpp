@@ -1,6 +1,12 @@
 #pragma once
 // Internal: a small persistent thread pool. Tasks are pulled from an atomic counter; which thread runs
 // a task never changes what it computes, so results do not depend on the thread count.
+//
+// A layer call runs a few pools runs back to back, microseconds apart on many cores (a decoding step's
+// stages), and waking a sleeping thread costs tens of microseconds (40 us for two threads on a VM). So
+// the workers, after a run, and the caller, waiting for the workers, watch an atomic for up to
+// `spin_time` before they sleep on a condition variable; each look pauses the core (and every 16th
+// yields it, for machines with more threads than cores).
 
 #include "moe/types.hpp"
 
@@ -13,10 +19,18 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace moe::detail {
 
 class thread_pool {
 public:
+    /// How long a thread watches for work (a worker) or for the workers to finish (the caller) before
+    /// it sleeps.
+    static constexpr std::chrono::microseconds spin_time{200};
+
     /// `threads` workers in all, the calling thread included.
     explicit thread_pool(index threads) {
         try {
@@ -38,84 +52,125 @@ public:
     void run(index tasks, F& f) {
         if (trace_ != nullptr) trace_->emplace_back(static_cast<std::size_t>(tasks), 0.0);
         if (workers_.empty() || tasks <= 1) {
-            for (index t = 0; t < tasks; ++t) timed(t, [&] { f(t, 0); });
+            clock last = start_clock();
+            for (index t = 0; t < tasks; ++t) {
+                f(t, 0);
+                record(t, last);
+            }
             return;
         }
+        // Published to the workers by the generation's increment, which they read before any of it.
+        call_ = [](void* ctx, index task, index thread) { (*static_cast<F*>(ctx))(task, thread); };
+        context_ = &f;
+        tasks_ = tasks;
+        error_ = nullptr;
+        next_.store(0, std::memory_order_relaxed);
+        busy_.store(static_cast<index>(workers_.size()), std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_seq_cst);
         {
-            std::lock_guard lock(mutex_);
-            call_ = [](void* ctx, index task, index thread) { (*static_cast<F*>(ctx))(task, thread); };
-            context_ = &f;
-            tasks_ = tasks;
-            next_.store(0, std::memory_order_relaxed);
-            busy_ = static_cast<index>(workers_.size());
-            error_ = nullptr;
-            ++generation_;
+            std::lock_guard lock(mutex_);  // a worker between its last look and its sleep holds it
         }
         wake_.notify_all();
         drain(0);
-        std::unique_lock lock(mutex_);
-        done_.wait(lock, [this] { return busy_ == 0; });
+        if (!spin([this] { return busy_.load(std::memory_order_acquire) == 0; })) {
+            std::unique_lock lock(mutex_);
+            done_.wait(lock, [this] { return busy_.load(std::memory_order_acquire) == 0; });
+        }
         if (error_) std::rethrow_exception(error_);
     }
 
     /// Benchmarks: while `trace` is set, every `run` appends the seconds each of its tasks took, by task
-    /// index (to list-schedule a task list for more threads than run it).
+    /// index (to list-schedule a task list for more threads than run it). A task's time runs from the end
+    /// of the task its thread ran before (or from the thread's start on the run) to its own end: taking
+    /// it from the counter and calling it are its cost, which the thread that runs it pays.
     void set_trace(std::vector<std::vector<double>>* trace) { trace_ = trace; }
 
 private:
-    template <class Call>
-    void timed(index task, Call&& call) {
-        if (trace_ == nullptr) return call();
-        const auto start = std::chrono::steady_clock::now();
-        call();
-        trace_->back()[static_cast<std::size_t>(task)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    using clock = std::chrono::steady_clock::time_point;
+
+    [[nodiscard]] clock start_clock() const { return trace_ != nullptr ? std::chrono::steady_clock::now() : clock{}; }
+
+    // Traced: task `task` ended now, its thread's previous one at `last` (moved to now).
+    void record(index task, clock& last) {
+        if (trace_ == nullptr) return;
+        const clock end = std::chrono::steady_clock::now();
+        trace_->back()[static_cast<std::size_t>(task)] = std::chrono::duration<double>(end - last).count();
+        last = end;
+    }
+
+    // Looks at `ready` until it holds (true) or `spin_time` has passed (false).
+    template <class Ready>
+    static bool spin(Ready&& ready) {
+        const auto until = std::chrono::steady_clock::now() + spin_time;
+        for (unsigned look = 1;; ++look) {
+            if (ready()) return true;
+            if (look % 16 == 0) {
+                if (std::chrono::steady_clock::now() > until) return false;
+                std::this_thread::yield();
+            } else {
+#if defined(__x86_64__) || defined(__i386__)
+                _mm_pause();
+#elif defined(__aarch64__)
+                asm volatile("yield");
+#endif
+            }
+        }
     }
 
     void stop_and_join() {
+        stop_.store(true, std::memory_order_seq_cst);
         {
             std::lock_guard lock(mutex_);
-            stop_ = true;
         }
         wake_.notify_all();
         for (auto& t : workers_) t.join();
     }
 
     void drain(index thread) {
+        clock last = start_clock();
         for (index t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
             try {
-                timed(t, [&] { call_(context_, t, thread); });
+                call_(context_, t, thread);
             } catch (...) {
                 std::lock_guard lock(mutex_);
                 if (!error_) error_ = std::current_exception();
             }
+            record(t, last);
         }
     }
 
     void work(index thread) {
         std::uint64_t seen = 0;
+        const auto called = [&] {
+            return stop_.load(std::memory_order_seq_cst) || generation_.load(std::memory_order_seq_cst) != seen;
+        };
         for (;;) {
-            {
+            if (!spin(called)) {
                 std::unique_lock lock(mutex_);
-                wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-                if (stop_) return;
-                seen = generation_;
+                wake_.wait(lock, called);
             }
+            if (stop_.load(std::memory_order_seq_cst)) return;
+            seen = generation_.load(std::memory_order_acquire);
             drain(thread);
-            std::lock_guard lock(mutex_);
-            if (--busy_ == 0) done_.notify_one();
+            if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                {
+                    std::lock_guard lock(mutex_);  // the caller between its last look and its sleep holds it
+                }
+                done_.notify_one();
+            }
         }
     }
 
     std::vector<std::thread> workers_;
     std::mutex mutex_;
     std::condition_variable wake_, done_;
-    std::uint64_t generation_ = 0;
-    bool stop_ = false;
+    std::atomic<std::uint64_t> generation_{0};  // runs started
+    std::atomic<bool> stop_{false};
     void (*call_)(void*, index, index) = nullptr;
     void* context_ = nullptr;
     index tasks_ = 0;
     std::atomic<index> next_{0};
-    index busy_ = 0;
+    std::atomic<index> busy_{0};  // workers not done with the current run
     std::exception_ptr error_;
     std::vector<std::vector<double>>* trace_ = nullptr;
 };

@@ -1,0 +1,64 @@
+#include <moe/detail/thread_pool.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+TEST_CASE("thread_pool runs every task once, whether its workers are watching or asleep", "[thread_pool]") {
+    for (const moe::index threads : {1, 2, 3, 7, 16}) {
+        moe::detail::thread_pool pool(threads);
+        REQUIRE(pool.size() == threads);
+        for (int run = 0; run < 200; ++run) {
+            const moe::index tasks = run % 37;
+            std::vector<std::atomic<int>> done(static_cast<std::size_t>(tasks));
+            std::atomic<bool> thread_in_range{true};
+            auto f = [&](moe::index t, moe::index thread) {
+                done[static_cast<std::size_t>(t)].fetch_add(1);
+                if (thread < 0 || thread >= threads) thread_in_range = false;
+            };
+            pool.run(tasks, f);  // back to back: the workers are still watching for work
+            for (const auto& d : done) REQUIRE(d.load() == 1);
+            REQUIRE(thread_in_range);
+            if (run % 50 == 49)  // past the watch: the workers sleep and are woken
+                std::this_thread::sleep_for(moe::detail::thread_pool::spin_time * 3);
+        }
+    }
+}
+
+TEST_CASE("thread_pool rethrows a task's exception after every task has run", "[thread_pool]") {
+    for (const moe::index threads : {1, 4}) {
+        moe::detail::thread_pool pool(threads);
+        std::atomic<int> ran{0};
+        auto f = [&](moe::index t, moe::index) {
+            ran.fetch_add(1);
+            if (t == 5) throw std::runtime_error("task 5");
+        };
+        CHECK_THROWS_WITH(pool.run(40, f), "task 5");
+        if (threads > 1) CHECK(ran.load() == 40);
+        // The pool works on afterwards.
+        ran = 0;
+        auto g = [&](moe::index, moe::index) { ran.fetch_add(1); };
+        pool.run(40, g);
+        CHECK(ran.load() == 40);
+    }
+}
+
+TEST_CASE("a traced thread_pool records a time for every task of every run", "[thread_pool]") {
+    moe::detail::thread_pool pool(1);
+    std::vector<std::vector<double>> trace;
+    pool.set_trace(&trace);
+    auto f = [](moe::index, moe::index) { std::this_thread::sleep_for(std::chrono::microseconds(200)); };
+    pool.run(3, f);
+    pool.run(1, f);
+    pool.set_trace(nullptr);
+    pool.run(2, f);
+    REQUIRE(trace.size() == 2);
+    REQUIRE(trace[0].size() == 3);
+    REQUIRE(trace[1].size() == 1);
+    for (const auto& run : trace)
+        for (const double t : run) CHECK(t >= 200e-6);
+}
