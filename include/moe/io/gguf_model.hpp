@@ -107,16 +107,10 @@ struct gguf_layer_names {
     [[nodiscard]] std::string operator()(const char* name) const { return prefix + name; }
 };
 
-}  // namespace detail
-
-/// Checks, from the tensor infos alone, that MoE layer `layer_index` of `file` exists and that every
-/// tensor `load_layer` reads is there, of a type it reads, with the dimensions the metadata implies (the router with
-/// `router_rows` rows), so that a bad file fails before a layer is allocated. config_error for a layer
-/// out of range or dense, io_error / shape_error naming the tensor.
-inline void check_layer(const gguf_file& file, index layer_index, index router_rows) {
-    const model_config c = gguf_config(file);
+// check_layer with the file's configuration `c` already read.
+inline void check_layer(const gguf_file& file, const model_config& c, index layer_index, index router_rows) {
     const std::string where = file.path().string() + ": ";
-    const detail::gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
+    const gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
     if (layer_index < 0 || layer_index >= c.n_layers)
         throw config_error(where + "layer " + std::to_string(layer_index) + " is out of range (block_count = " +
                            std::to_string(c.n_layers) + ")");
@@ -129,14 +123,9 @@ inline void check_layer(const gguf_file& file, index layer_index, index router_r
         if (!ggml_type_readable(t.type))
             throw io_error(where + "tensor '" + tensor + "' has type " + std::string(ggml_type_name(t.type)) +
                            "; this library reads " + std::string(ggml_readable_types) + " tensors");
-        if (t.dims != dims) {
-            const auto text = [](const std::vector<std::uint64_t>& v) {
-                std::string s = "[";
-                for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-                return s + "]";
-            };
-            throw shape_error(where + "tensor '" + tensor + "' has dimensions " + text(t.dims) + ", expected " + text(dims));
-        }
+        if (t.dims != dims)
+            throw shape_error(where + "tensor '" + tensor + "' has dimensions " + format_shape(t.dims) + ", expected " +
+                              format_shape(dims));
     };
     const auto u = [](index v) { return static_cast<std::uint64_t>(v); };
     const index d = c.hidden_size, ff = c.expert_size, e_count = c.n_experts;
@@ -153,6 +142,16 @@ inline void check_layer(const gguf_file& file, index layer_index, index router_r
     if (c.sigmoid_scoring) expect(name("exp_probs_b.bias"), {u(e_count)});
 }
 
+}  // namespace detail
+
+/// Checks, from the tensor infos alone, that MoE layer `layer_index` of `file` exists and that every
+/// tensor `load_layer` reads is there, of a type it reads, with the dimensions the metadata implies (the router with
+/// `router_rows` rows), so that a bad file fails before a layer is allocated. config_error for a layer
+/// out of range or dense, io_error / shape_error naming the tensor.
+inline void check_layer(const gguf_file& file, index layer_index, index router_rows) {
+    detail::check_layer(file, gguf_config(file), layer_index, router_rows);
+}
+
 /// Loads MoE layer `layer_index` of GGUF `file` into `layer`, whose shape must be
 /// `shape_of(gguf_config(file))` (`check_layer` first); only the experts an expert-parallel rank holds
 /// are read. Q8_0 and Q4_0 tensors go into a layer of the same storage as they are (ggml's blocks, not
@@ -167,7 +166,7 @@ void load_layer(const gguf_file& file, index layer_index, Layer& layer) {
     const std::string where = file.path().string() + ": ";
     const detail::gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
     const index router_rows = layer.router_weight().rows();
-    check_layer(file, layer_index, router_rows);
+    detail::check_layer(file, c, layer_index, router_rows);
     const layer_shape expected = shape_of(c), actual = layer.shape();
     if (actual.d_model != expected.d_model || actual.d_ff != expected.d_ff || actual.n_experts != expected.n_experts ||
         actual.d_shared != expected.d_shared)

@@ -130,11 +130,13 @@ inline std::uint16_t float_to_f16(float value) {
     return static_cast<std::uint16_t>(sign | shift_round_even(mantissa, 126u - exponent));
 }
 
-inline std::string format_shape(std::span<const std::int64_t> shape) {
+// "[a, b, c]" for a shape (a range of integers).
+template <class Shape>
+std::string format_shape(const Shape& shape) {
     std::string text = "[";
-    for (std::size_t i = 0; i < shape.size(); ++i) {
-        if (i != 0) text += ", ";
-        text += std::to_string(shape[i]);
+    for (const auto extent : shape) {
+        if (text.size() > 1) text += ", ";
+        text += std::to_string(extent);
     }
     return text + "]";
 }
