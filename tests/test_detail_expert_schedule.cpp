@@ -190,8 +190,10 @@ TEST_CASE("stage_plan gives plan_tasks' tasks, and plans again only when the ite
     CHECK(exact_cover(step, mapped(sp, kept)));
     step[1].rows = step[5].rows = 0;
     step[0].rows = step[7].rows = 1;
+    CHECK(sp.plans() == 1);
     const std::vector<work_task>& again = sp.update(step, 64, {});
-    CHECK(same_tasks(again, kept));  // not planned again
+    CHECK(sp.plans() == 1);  // not planned again
+    CHECK(same_tasks(again, kept));
     CHECK(same_tasks(mapped(sp, again), plan(step, 64)));
     std::size_t largest = 0;
     for (const work_task& t : again)
@@ -200,9 +202,12 @@ TEST_CASE("stage_plan gives plan_tasks' tasks, and plans again only when the ite
     // Other sizes, threads or rules: planned again.
     step[7].rows = 3;
     CHECK(same_tasks(mapped(sp, sp.update(step, 64, {})), plan(step, 64)));
+    CHECK(sp.plans() == 2);
     CHECK(same_tasks(mapped(sp, sp.update(step, 16, {})), plan(step, 16)));
+    CHECK(sp.plans() == 3);
     const moe::detail::split_rules wide{256, 16, 32};
     CHECK(same_tasks(mapped(sp, sp.update(step, 16, wide)), plan(step, 16, wide)));
+    CHECK(sp.plans() == 4);
     // No work at all: no tasks.
     const std::vector<work_item> idle(4, work_item{0, 64, 64});
     CHECK(sp.update(idle, 16, {}).empty());

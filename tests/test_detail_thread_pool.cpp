@@ -38,7 +38,14 @@ TEST_CASE("thread_pool rethrows a task's exception after every task has run", "[
             if (t == 5) throw std::runtime_error("task 5");
         };
         CHECK_THROWS_WITH(pool.run(40, f), "task 5");
-        if (threads > 1) CHECK(ran.load() == 40);
+        CHECK(ran.load() == 40);
+        ran = 0;
+        auto one = [&](moe::index, moe::index) {
+            ran.fetch_add(1);
+            throw std::runtime_error("alone");
+        };
+        CHECK_THROWS_WITH(pool.run(1, one), "alone");
+        CHECK(ran.load() == 1);
         // The pool works on afterwards.
         ran = 0;
         auto g = [&](moe::index, moe::index) { ran.fetch_add(1); };
@@ -48,17 +55,28 @@ TEST_CASE("thread_pool rethrows a task's exception after every task has run", "[
 }
 
 TEST_CASE("a traced thread_pool records a time for every task of every run", "[thread_pool]") {
-    moe::detail::thread_pool pool(1);
-    std::vector<std::vector<double>> trace;
-    pool.set_trace(&trace);
-    auto f = [](moe::index, moe::index) { std::this_thread::sleep_for(std::chrono::microseconds(200)); };
-    pool.run(3, f);
-    pool.run(1, f);
-    pool.set_trace(nullptr);
-    pool.run(2, f);
-    REQUIRE(trace.size() == 2);
-    REQUIRE(trace[0].size() == 3);
-    REQUIRE(trace[1].size() == 1);
-    for (const auto& run : trace)
-        for (const double t : run) CHECK(t >= 200e-6);
+    // A task's time runs from its thread's previous task's end: on one thread they add up to the run.
+    for (const moe::index threads : {1, 3}) {
+        moe::detail::thread_pool pool(threads);
+        std::vector<std::vector<double>> trace;
+        pool.set_trace(&trace);
+        auto f = [](moe::index, moe::index) { std::this_thread::sleep_for(std::chrono::microseconds(200)); };
+        const auto start = std::chrono::steady_clock::now();
+        pool.run(12, f);
+        const double run = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        pool.run(1, f);
+        pool.set_trace(nullptr);
+        pool.run(2, f);
+        REQUIRE(trace.size() == 2);
+        REQUIRE(trace[0].size() == 12);
+        REQUIRE(trace[1].size() == 1);
+        double sum = 0;
+        for (const double t : trace[0]) {
+            CHECK(t >= 200e-6);
+            sum += t;
+        }
+        CHECK(trace[1][0] >= 200e-6);
+        CHECK(sum <= static_cast<double>(threads) * run);
+        if (threads == 1) CHECK(sum >= 0.9 * run);
+    }
 }

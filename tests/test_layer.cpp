@@ -114,6 +114,31 @@ TEST_CASE("forward and backward are bitwise identical at 1, 2, 3, 7 and 16 threa
     }
 }
 
+TEST_CASE("decoding token after token gives each token's output as a fresh layer does", "[layer][determinism]") {
+    // One token a call: the plan made for the first token's experts is kept for the next ones, whose
+    // experts differ and whose sizes do not; each output must be the bits a layer that never saw the
+    // earlier tokens gives.
+    const moe::matrix<float> tokens = moe::matrix<float>::Random(12, 48);
+    for (const moe::index threads : {1, 3}) {
+        auto decoding = random_deepseek(threads);
+        decoding.plan_for_threads(64);
+        moe::index changed = 0;
+        std::vector<std::int32_t> previous;
+        for (moe::index t = 0; t < tokens.rows(); ++t) {
+            moe::matrix<float> y(1, 48), fresh_y(1, 48);
+            decoding.forward(tokens.row(t), y);
+            const auto& ids = decoding.last_routing().expert_ids;
+            changed += t > 0 && std::vector<std::int32_t>(ids.begin(), ids.end()) != previous;
+            previous.assign(ids.begin(), ids.end());
+            auto fresh = random_deepseek(threads);
+            fresh.plan_for_threads(64);
+            fresh.forward(tokens.row(t), fresh_y);
+            CHECK((y.array() == fresh_y.array()).all());
+        }
+        CHECK(changed > 0);  // the tokens went to other experts
+    }
+}
+
 TEST_CASE("layer handles an empty batch and reuses its workspace across batch sizes", "[layer]") {
     auto layer = random_deepseek(2);
     moe::matrix<float> x0(0, 48), y0(0, 48);

@@ -162,6 +162,7 @@ public:
             threads_ = threads;
             rules_ = rules;
             planned_ = true;
+            ++plans_;
         }
         return tasks_;
     }
@@ -172,6 +173,9 @@ public:
     /// The most outputs (rows x columns) a task of the plan has.
     [[nodiscard]] index largest() const { return largest_; }
 
+    /// How many times `update` has planned.
+    [[nodiscard]] index plans() const { return plans_; }
+
 private:
     std::vector<index> active_;       // items with work, by their index in the last `update`
     std::vector<work_item> sized_;    // their sizes
@@ -181,6 +185,7 @@ private:
     bool planned_ = false;
     std::vector<work_task> tasks_;
     index largest_ = 0;
+    index plans_ = 0;
 };
 
 /// Rows per chunk of the token-wise passes (logits, gathering rows, combine) over n rows: about

@@ -20,7 +20,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include <xmmintrin.h>  // _mm_pause
 #endif
 
 namespace moe::detail {
@@ -47,23 +47,29 @@ public:
     [[nodiscard]] index size() const { return static_cast<index>(workers_.size()) + 1; }
 
     /// Runs f(task, thread) for every task in [0, tasks) and returns when all are done. `thread` is in
-    /// [0, size()) and identifies per-thread scratch. The first exception a task throws is rethrown here.
+    /// [0, size()) and identifies per-thread scratch. Every task runs; the first exception a task
+    /// throws is rethrown here.
     template <class F>
     void run(index tasks, F& f) {
         if (trace_ != nullptr) trace_->emplace_back(static_cast<std::size_t>(tasks), 0.0);
+        error_ = nullptr;
         if (workers_.empty() || tasks <= 1) {
             clock last = start_clock();
             for (index t = 0; t < tasks; ++t) {
-                f(t, 0);
+                try {
+                    f(t, 0);
+                } catch (...) {
+                    if (!error_) error_ = std::current_exception();
+                }
                 record(t, last);
             }
+            if (error_) std::rethrow_exception(error_);
             return;
         }
         // Published to the workers by the generation's increment, which they read before any of it.
         call_ = [](void* ctx, index task, index thread) { (*static_cast<F*>(ctx))(task, thread); };
         context_ = &f;
         tasks_ = tasks;
-        error_ = nullptr;
         next_.store(0, std::memory_order_relaxed);
         busy_.store(static_cast<index>(workers_.size()), std::memory_order_relaxed);
         generation_.fetch_add(1, std::memory_order_seq_cst);
