@@ -241,8 +241,9 @@ void memory_read(benchmark::State& state) {
 // runs 5 times with the tasks planned for P threads (`layer::plan_for_threads`); each pool run's tasks
 // are list-scheduled on P workers with their median measured times (a task's time includes taking it
 // from the pool's counter and one clock read, which the thread running it pays), and the rest of the
-// call (routing, planning, starting each pool run) counts as serial, at its median. Counter `P<n>`: the parallel efficiency T1 / (P T_P), T1 the median call on one thread
-// with the one-thread plan, timed just before. It shows load balance and the cost of the finer cut;
+// call (routing, planning, starting each pool run) counts as serial, at its median. Counter `P<n>`:
+// the parallel efficiency T1 / (P T_P), T1 the median call on one thread with the one-thread plan,
+// timed just before. It shows load balance and the cost of the finer cut;
 // not memory bandwidth shared by the cores, nor the time P threads take to wake.
 template <class Layer>
 void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool backward) {

@@ -153,7 +153,7 @@ public:
             active_.push_back(i);
             sized_.push_back(it);
         }
-        if (!planned_ || threads != threads_ || rules != rules_ || sized_ != planned_sizes_) {
+        if (plans_ == 0 || threads != threads_ || rules != rules_ || sized_ != planned_sizes_) {
             plan_tasks(sized_, threads, rules, tasks_);
             largest_ = 0;
             for (const work_task& t : tasks_)
@@ -161,7 +161,6 @@ public:
             planned_sizes_ = sized_;
             threads_ = threads;
             rules_ = rules;
-            planned_ = true;
             ++plans_;
         }
         return tasks_;
@@ -182,7 +181,6 @@ private:
     std::vector<work_item> planned_sizes_;  // the sizes `tasks_` was planned for
     index threads_ = 0;
     split_rules rules_{};
-    bool planned_ = false;
     std::vector<work_task> tasks_;
     index largest_ = 0;
     index plans_ = 0;

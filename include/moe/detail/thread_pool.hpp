@@ -2,7 +2,7 @@
 // Internal: a small persistent thread pool. Tasks are pulled from an atomic counter; which thread runs
 // a task never changes what it computes, so results do not depend on the thread count.
 //
-// A layer call runs a few pools runs back to back, microseconds apart on many cores (a decoding step's
+// A layer call runs a few pool runs back to back, microseconds apart on many cores (a decoding step's
 // stages), and waking a sleeping thread costs tens of microseconds (40 us for two threads on a VM). So
 // the workers, after a run, and the caller, waiting for the workers, watch an atomic for up to
 // `spin_time` before they sleep on a condition variable; each look pauses the core (and every 16th
