@@ -1,8 +1,8 @@
-// moe-run: runs one MoE layer of a HuggingFace checkpoint on the hidden states of a safetensors file
-// and writes the layer's output and router logits. See README.md ("moe-run").
-#include <moe/io/checkpoint.hpp>
-#include <moe/io/gguf_model.hpp>
-#include <moe/io/safetensors.hpp>
+// moe-run: runs one MoE layer of a HuggingFace checkpoint or GGUF model on the hidden states of a
+// safetensors file and writes the layer's output and router logits. See README.md ("moe-run"). This
+// unit reads the command line and the inputs; the layers are built in moe_run_<weights>.cpp.
+#include "moe_run.hpp"
+
 #include <moe/moe.hpp>
 #ifdef MOE_RUN_MPI
 #include <moe/parallel/mpi.hpp>
@@ -10,18 +10,18 @@
 
 #include <algorithm>
 #include <charconv>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
-#include <system_error>
 #include <iostream>
-#include <optional>
+#include <limits>
+#include <span>
 #include <string>
-#include <tuple>
 #include <vector>
 
 namespace {
+
+using moe_run::arguments;
+using moe_run::job;
 
 constexpr const char* usage =
     "usage: moe-run --model DIR|FILE.gguf --layer L --input IN.safetensors --output OUT.safetensors\n"
@@ -69,18 +69,6 @@ constexpr const char* usage =
 /// Bad command-line arguments: exit code 2.
 struct argument_error : std::runtime_error {
     using std::runtime_error::runtime_error;
-};
-
-struct arguments {
-    std::string model, input, output;
-    moe::index layer = -1, threads = 1, repeat = 0;
-    bool stats = false, backward = false, expert_parallel = false;
-    std::string weights;  // empty: the model's own (f32 for a checkpoint)
-    std::optional<double> load_balance_coef, z_loss_coef;
-    // Router overrides; empty/unset means the family's own router.
-    std::string router, drop_policy, sinkhorn_gates;
-    std::optional<double> capacity_factor, sinkhorn_tolerance, top_p;
-    std::optional<moe::index> sinkhorn_iters, null_experts, max_k;
 };
 
 moe::index parse_integer(const std::string& flag, const std::string& text, moe::index min,
@@ -216,7 +204,6 @@ moe::routers::any_router make_router(const arguments& a, const moe::io::model_co
     return r::top_p{.threshold = a.top_p.value_or(0.9), .max_k = a.max_k.value_or(c.top_k), .normalize = c.normalize};
 }
 
-/// Reads tensor `name` ([T, d] or [B, S, d]) as a T x d matrix; rejects other shapes and non-finite values.
 moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::index d, std::vector<std::int64_t>& shape,
                                       const std::string& name) {
     const std::string where = in.path().string() + ": tensor '" + name + "'";
@@ -242,7 +229,6 @@ moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::
     return x;
 }
 
-/// Reads tensor `name` of `in`, which must have `shape`, as a T x d matrix of finite values.
 moe::matrix<float> read_like(const moe::io::safetensors_file& in, const std::string& name,
                              const std::vector<std::int64_t>& shape, moe::index d) {
     std::vector<std::int64_t> got;
@@ -259,27 +245,6 @@ moe::matrix<float> read_like(const moe::io::safetensors_file& in, const std::str
     return m;
 }
 
-/// Median of `n` timed calls of `f`, in milliseconds.
-template <class F>
-double median_ms(moe::index n, F&& f) {
-    std::vector<double> ms;
-    for (moe::index i = 0; i < n; ++i) {
-        const auto start = std::chrono::steady_clock::now();
-        f();
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-    }
-    std::nth_element(ms.begin(), ms.begin() + static_cast<std::ptrdiff_t>(ms.size() / 2), ms.end());
-    return ms[ms.size() / 2];
-}
-
-/// The processes of a run: one, or the ranks of an MPI job (`--expert-parallel`), of which rank 0 reads
-/// the input and writes the output.
-struct job {
-    int rank = 0, ranks = 1;
-    std::shared_ptr<moe::parallel::communicator> comm;  // null: one process
-    [[nodiscard]] bool root() const { return rank == 0; }
-};
-
 #ifdef MOE_RUN_MPI
 int to_int(moe::index v) {
     if (v > std::numeric_limits<int>::max())
@@ -287,7 +252,6 @@ int to_int(moe::index v) {
     return static_cast<int>(v);
 }
 
-/// Rank 0's `shape` on every rank.
 void share_shape(std::vector<std::int64_t>& shape) {
     std::int64_t rank = static_cast<std::int64_t>(shape.size());
     MPI_Bcast(&rank, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
@@ -306,7 +270,6 @@ void slice_counts(const job& j, moe::index tokens, moe::index cols, std::vector<
     }
 }
 
-/// This rank's slice of rank 0's `full` (`tokens` x `cols`).
 moe::matrix<float> scatter_rows(const job& j, const moe::matrix<float>& full, moe::index tokens, moe::index cols) {
     std::vector<int> counts, at;
     slice_counts(j, tokens, cols, counts, at);
@@ -316,7 +279,6 @@ moe::matrix<float> scatter_rows(const job& j, const moe::matrix<float>& full, mo
     return mine;
 }
 
-/// Every rank's slice end to end on rank 0 (empty elsewhere).
 moe::matrix<float> gather_rows(const job& j, const moe::matrix<float>& mine, moe::index tokens) {
     std::vector<int> counts, at;
     slice_counts(j, tokens, mine.cols(), counts, at);
@@ -326,14 +288,14 @@ moe::matrix<float> gather_rows(const job& j, const moe::matrix<float>& mine, moe
     return full;
 }
 
+
 /// On rank 0, `mine` (rank 0's trainable tensors) with the expert gradients of the other ranks
 /// inserted, in the order of one process (`remote` holds them); the other ranks send theirs.
-template <class Layer>
-std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& layer, std::vector<moe::parameter<float>> mine,
+std::vector<moe::parameter<float>> gather_expert_grads(const job& j, const moe::parallel::expert_exchange<float>* owners,
+                                                     std::vector<moe::parameter<float>> mine,
                                                      const moe::io::model_config& c, moe::index layer_index,
                                                      std::vector<moe::matrix<float>>& remote) {
     const auto names = moe::io::layer_tensor_names::of(c.kind, layer_index);
-    const auto* owners = layer.exchange();
     // `mine`: the router, this rank's experts in ascending order (gate, up, down), the shared tensors.
     std::vector<moe::parameter<float>> all{mine[0]};
     std::size_t next = 1;
@@ -363,179 +325,81 @@ std::vector<moe::parameter<float>> gather_expert_grads(const job& j, Layer& laye
 }
 #endif
 
-/// The model --model names: a HuggingFace checkpoint folder, or a GGUF file.
-class model_source {
-public:
-    explicit model_source(const std::string& path) {
-        if (std::error_code ignored; std::filesystem::is_regular_file(path, ignored)) {
-            gguf_.emplace(path);
-            config_ = moe::io::gguf_config(*gguf_);
-        } else {
-            ckpt_.emplace(path);
-            config_ = ckpt_->config();
-        }
-    }
-    [[nodiscard]] const moe::io::model_config& config() const { return config_; }
-    void check_layer(moe::index layer, moe::index router_rows) const {
-        if (gguf_) return moe::io::check_layer(*gguf_, layer, router_rows);
-        moe::io::check_layer(*ckpt_, layer, router_rows);
-    }
-    template <class Layer>
-    void load_layer(moe::index layer, Layer& l) const {
-        if (gguf_) return moe::io::load_layer(*gguf_, layer, l);
-        moe::io::load_layer(*ckpt_, layer, l);
-    }
-    /// --weights when none is given: the type of a GGUF file's expert tensors of layer L (Q8_0, Q4_0,
-    /// BF16) where all three share it, else f32 (a checkpoint; mixed types: none is quantized again).
-    [[nodiscard]] std::string own_weights(moe::index layer) const {
-        if (!gguf_) return "f32";
-        std::optional<moe::io::ggml_type> type;
-        for (const char* part : {"gate", "up", "down"}) {
-            const std::string experts = "blk." + std::to_string(layer) + ".ffn_" + part + "_exps.weight";
-            if (!gguf_->contains(experts) || (type && *type != gguf_->tensor(experts).type)) return "f32";
-            type = gguf_->tensor(experts).type;
-        }
-        switch (*type) {
-            case moe::io::ggml_type::q8_0: return "q8_0";
-            case moe::io::ggml_type::q4_0: return "q4_0";
-            case moe::io::ggml_type::bf16: return "bf16";
-            default: return "f32";
-        }
-    }
+void run(const arguments& a, const job& j) {
+    const moe_run::model_source model(a.model);
+    const moe::io::model_config& c = model.config();
+    const moe::routers::any_router router = make_router(a, c);
+    router.validate(c.n_experts);
+    model.check_layer(a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
+    const moe_run::inputs in = moe_run::read_inputs(a, j, c.hidden_size);
+    namespace ex = moe::experts;
+    const std::string weights = a.weights.empty() ? model.own_weights(a.layer) : a.weights;
+    if (weights == "bf16")
+        moe_run::run_layer<ex::bf16_weights<ex::swiglu>>(a, model, router, j, in);
+    else if (weights == "q8_0")
+        moe_run::run_layer<ex::q8_0_weights<ex::swiglu>>(a, model, router, j, in);
+    else if (weights == "q4_0")
+        moe_run::run_layer<ex::q4_0_weights<ex::swiglu>>(a, model, router, j, in);
+    else
+        moe_run::run_layer<ex::swiglu>(a, model, router, j, in);
+}
 
-private:
-    std::optional<moe::io::checkpoint> ckpt_;
-    std::optional<moe::io::gguf_file> gguf_;
-    moe::io::model_config config_;
-};
+}  // namespace
 
-template <class Layer>
-void run(const arguments& a, const model_source& model, Layer& layer, const job& j) {
-    model.load_layer(a.layer, layer);
-    layer.set_threads(a.threads);
-    if constexpr (Layer::trainable) layer.set_training(a.backward);
-    const moe::index d = layer.shape().d_model;
-    std::vector<std::int64_t> shape;
-    moe::matrix<float> x, grad_output, grad_x;
+namespace moe_run {
+
+inputs read_inputs(const arguments& a, const job& j, moe::index d) {
+    inputs in;
     if (j.root()) {
-        const moe::io::safetensors_file in(a.input);
-        x = read_hidden_states(in, d, shape, "hidden_states");
-        if (a.backward) grad_output = read_like(in, "grad_output", shape, d);
+        const moe::io::safetensors_file file(a.input);
+        in.x = read_hidden_states(file, d, in.shape, "hidden_states");
+        if (a.backward) in.grad_output = read_like(file, "grad_output", in.shape, d);
     }
+    in.tokens = in.x.rows();
 #ifdef MOE_RUN_MPI
-    moe::index tokens = x.rows();
     if (j.comm) {  // rank 0 keeps the whole batch for the output
-        share_shape(shape);
-        tokens = shape.size() == 2 ? shape[0] : shape[0] * shape[1];
-        x = scatter_rows(j, x, tokens, d);
-        if (a.backward) grad_output = scatter_rows(j, grad_output, tokens, d);
+        share_shape(in.shape);
+        in.tokens = in.shape.size() == 2 ? in.shape[0] : in.shape[0] * in.shape[1];
+        in.x = scatter_rows(j, in.x, in.tokens, d);
+        if (a.backward) in.grad_output = scatter_rows(j, in.grad_output, in.tokens, d);
     }
 #endif
-    if (a.backward) grad_x.resize(x.rows(), d);
-    moe::matrix<float> y(x.rows(), d);
-    if (a.repeat > 0) {
-        const double forward = median_ms(a.repeat, [&] { layer.forward(x, y); });
-        if (j.root()) std::printf("forward_ms_median=%.4f\n", forward);
-        if (j.root()) std::printf("kernels=%s\n", std::string(moe::kernels::isa_name(moe::kernels::active_isa())).c_str());
-        if (j.root()) std::printf("expert_weights_mb=%.3f\n", static_cast<double>(layer.expert_weight_bytes()) * 1e-6);
-        if constexpr (Layer::trainable) {
-            if (a.backward) {
-                // Each backward consumes its forward: time the pair and the forward alone, report the difference.
-                const double pair = median_ms(a.repeat, [&] {
-                    layer.forward(x, y);
-                    layer.backward(x, grad_output, grad_x);
-                });
-                const double again = median_ms(a.repeat, [&] { layer.forward(x, y); });
-                if (j.root()) std::printf("backward_ms_median=%.4f\n", std::max(0.0, pair - again));
-            }
-        }
-    }
-    layer.forward(x, y);
-    std::vector<moe::parameter<float>> params;  // --backward: every trainable tensor with its gradient
-    if constexpr (Layer::trainable) {
-        if (a.backward) {
-            layer.backward(x, grad_output, grad_x);
-            params = moe::io::checkpoint_parameters(layer, model.config().kind, a.layer);
-        }
-    }
-    if (a.stats) {
-        const std::string routing = layer.statistics().to_json();
-        if (j.root()) std::printf("%s\n", routing.c_str());
-        if (j.comm) {
-            const std::string load = layer.parallel_load().to_json();
-            if (j.root()) std::printf("%s\n", load.c_str());
-        }
-    }
-    moe::matrix<float> logits = layer.logits();
+    return in;
+}
+
+void write_outputs(const arguments& a, const job& j, const model_source& model, const inputs& in, results& r) {
     std::vector<moe::matrix<float>> remote;  // rank 0: gradients of the experts other ranks hold
 #ifdef MOE_RUN_MPI
     if (j.comm) {
-        y = gather_rows(j, y, tokens);
-        logits = gather_rows(j, logits, tokens);
+        r.y = gather_rows(j, r.y, in.tokens);
+        r.logits = gather_rows(j, r.logits, in.tokens);
         if (a.backward) {
-            grad_x = gather_rows(j, grad_x, tokens);
-            params = gather_expert_grads(j, layer, params, model.config(), a.layer, remote);
+            r.grad_x = gather_rows(j, r.grad_x, in.tokens);
+            r.params = gather_expert_grads(j, r.owners, r.params, model.config(), a.layer, remote);
         }
     }
+#else
+    (void)model;
 #endif
     if (!j.root()) return;
-
     const auto tensor = [](std::string name, std::vector<std::int64_t> dims, const float* data, moe::index n) {
         return moe::io::tensor_to_write{.name = std::move(name), .shape = std::move(dims), .type = moe::io::dtype::f32,
                                         .values = std::span<const float>(data, static_cast<std::size_t>(n))};
     };
-    std::vector<moe::io::tensor_to_write> out = {tensor("hidden_states", shape, y.data(), y.size()),
-                                                 tensor("router_logits", {logits.rows(), logits.cols()}, logits.data(),
-                                                        logits.size())};
+    std::vector<moe::io::tensor_to_write> out = {tensor("hidden_states", in.shape, r.y.data(), r.y.size()),
+                                                 tensor("router_logits", {r.logits.rows(), r.logits.cols()},
+                                                        r.logits.data(), r.logits.size())};
     if (a.backward) {
-        out.push_back(tensor("grad_hidden_states", shape, grad_x.data(), grad_x.size()));
-        for (const auto& p : params)
+        out.push_back(tensor("grad_hidden_states", in.shape, r.grad_x.data(), r.grad_x.size()));
+        for (const auto& p : r.params)
             out.push_back(tensor("grad." + p.name, {p.grad.rows(), p.grad.cols()}, p.grad.data(), p.grad.size()));
-        const auto& losses = layer.loss_values();  // load balance, z-loss
-        if (a.load_balance_coef) out.push_back(tensor("loss.load_balance", {}, &losses[0], 1));
-        if (a.z_loss_coef) out.push_back(tensor("loss.z_loss", {}, &losses[1], 1));
+        if (a.load_balance_coef) out.push_back(tensor("loss.load_balance", {}, &r.losses[0], 1));
+        if (a.z_loss_coef) out.push_back(tensor("loss.z_loss", {}, &r.losses[1], 1));
     }
     moe::io::write_safetensors(a.output, out);
 }
 
-void run(const arguments& a, const job& j) {
-    const model_source model(a.model);
-    const moe::io::model_config& c = model.config();
-    const moe::layer_shape shape = moe::io::shape_of(c);
-    const moe::routers::any_router router = make_router(a, c);
-    router.validate(c.n_experts);
-    model.check_layer(a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
-    using moe::routers::any_router;
-    namespace se = moe::shared_experts;
-    using lb = moe::losses::load_balance;
-    using zl = moe::losses::z_loss;
-    const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
-    const moe::parallel::placement where{.comm = j.comm};
-    const auto run_with = [&]<class Expert>() {  // Expert: SwiGLU, its weights as --weights says
-        if (c.shared_size == 0) {
-            moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, model, layer, j);
-        } else if (c.shared_gated) {
-            moe::layer<float, any_router, Expert, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, model, layer, j);
-        } else {
-            moe::layer<float, any_router, Expert, se::ungated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
-            run(a, model, layer, j);
-        }
-    };
-    namespace ex = moe::experts;
-    const std::string weights = a.weights.empty() ? model.own_weights(a.layer) : a.weights;
-    if (weights == "bf16")
-        run_with.template operator()<ex::bf16_weights<ex::swiglu>>();
-    else if (weights == "q8_0")
-        run_with.template operator()<ex::q8_0_weights<ex::swiglu>>();
-    else if (weights == "q4_0")
-        run_with.template operator()<ex::q4_0_weights<ex::swiglu>>();
-    else
-        run_with.template operator()<ex::swiglu>();
-}
-
-}  // namespace
+}  // namespace moe_run
 
 int main(int argc, char** argv) {
     arguments a;

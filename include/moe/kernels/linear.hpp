@@ -44,21 +44,24 @@ Scalar dot(const Scalar* a, const Scalar* b, index n) {
     return z;
 }
 
-/// z = x W^T: z (n x m, row stride ldz), x (n x d, row stride ldx), w (m x d, row stride ldw). Every
-/// output equals `dot(x_r, w_j)` bit for bit.
-template <std::floating_point Scalar>
-void linear(const Scalar* x, index ldx, const Scalar* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
-    detail::with_products<Scalar>([&]<class P>() { P::template linear<Scalar, Scalar>(x, ldx, w, ldw, z, ldz, n, m, d); });
-}
+/// The operand types `linear` takes: float or double rows summed in their own type, or bf16 rows
+/// summed in float32 (products of bf16 are exact).
+template <class In, class Out>
+concept linear_operands = (std::floating_point<In> && std::same_as<In, Out>) ||
+                          (std::same_as<In, bf16> && std::same_as<Out, float>);
 
-/// z = x W^T for bf16 x and W in float32 sums (products of bf16 are exact): by AVX-512 BF16 dot
-/// products on the `avx512_bf16` family, else by float tiles that widen each value.
-inline void linear(const bf16* x, index ldx, const bf16* w, index ldw, float* z, index ldz, index n, index m, index d) {
+/// z = x W^T: z (n x m, row stride ldz), x (n x d, row stride ldx), w (m x d, row stride ldw). On float
+/// and double every output equals `dot(x_r, w_j)` bit for bit; bf16 operands run AVX-512 BF16 dot
+/// products on the `avx512_bf16` family, else float tiles that widen each value.
+template <class In, class Out>
+    requires linear_operands<In, Out>
+void linear(const In* x, index ldx, const In* w, index ldw, Out* z, index ldz, index n, index m, index d) {
 #if defined(MOE_X86_DISPATCH)
-    if (active_isa() == isa::avx512_bf16)
-        return detail::avx512::linear_with<detail::avx512::bf16_dot_tiles>(x, ldx, w, ldw, z, ldz, n, m, d);
+    if constexpr (std::is_same_v<In, bf16>)
+        if (active_isa() == isa::avx512_bf16)
+            return detail::avx512::linear_with<detail::avx512::bf16_dot_tiles>(x, ldx, w, ldw, z, ldz, n, m, d);
 #endif
-    detail::with_products<float>([&]<class P>() { P::template linear<bf16, float>(x, ldx, w, ldw, z, ldz, n, m, d); });
+    detail::with_products<Out>([&]<class P>() { P::template linear<In, Out>(x, ldx, w, ldw, z, ldz, n, m, d); });
 }
 
 /// out[i] = to_bf16(x[i]) for i < n: the rows `linear` takes with bf16 weights (vectorised for the
@@ -66,5 +69,17 @@ inline void linear(const bf16* x, index ldx, const bf16* w, index ldw, float* z,
 inline void round_to_bf16(const float* x, bf16* out, index n) {
     detail::with_products<float>([&]<class P>() { P::round(x, out, n); });
 }
+
+/// The instantiations of this header the library uses, which a program may build once (`MOE_EXTERN_TEMPLATES`,
+/// `moe/compiled.hpp`): `EXTERN` is `extern` to declare them, empty to define them.
+#define MOE_LINEAR_INSTANCES(EXTERN) \
+    EXTERN template float dot(const float*, const float*, index); \
+    EXTERN template double dot(const double*, const double*, index); \
+    EXTERN template void linear(const float*, index, const float*, index, float*, index, index, index, index); \
+    EXTERN template void linear(const double*, index, const double*, index, double*, index, index, index, index); \
+    EXTERN template void linear(const bf16*, index, const bf16*, index, float*, index, index, index, index);
+#if defined(MOE_EXTERN_TEMPLATES)
+MOE_LINEAR_INSTANCES(extern)
+#endif
 
 }  // namespace moe::kernels

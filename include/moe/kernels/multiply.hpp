@@ -30,4 +30,12 @@ index multiply_panel_width() {
     return detail::with_products<Scalar>([]<class P>() { return P::template panel_width<Scalar>; });
 }
 
+/// The instantiations of this header a program may build once (as `MOE_LINEAR_INSTANCES`).
+#define MOE_MULTIPLY_INSTANCES(EXTERN) \
+    EXTERN template void multiply(strided<float>, const float*, index, float*, index, index, index, index, bool); \
+    EXTERN template void multiply(strided<double>, const double*, index, double*, index, index, index, index, bool);
+#if defined(MOE_EXTERN_TEMPLATES)
+MOE_MULTIPLY_INSTANCES(extern)
+#endif
+
 }  // namespace moe::kernels

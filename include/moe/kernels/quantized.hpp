@@ -824,6 +824,16 @@ void linear(const q8_0_input* x, index ldx, const quantized_matrix<Block>& w, in
         [&](auto family) { detail::quant_linear<decltype(family)>(x, ldx, w, row, m, z, ldz, n); });
 }
 
+/// The instantiations of this header a program may build once (as `MOE_LINEAR_INSTANCES`).
+#define MOE_QUANTIZED_INSTANCES(EXTERN) \
+    EXTERN template void linear(const q8_0_input*, index, const quantized_matrix<q8_0_block>&, index, index, float*, \
+                                index, index); \
+    EXTERN template void linear(const q8_0_input*, index, const quantized_matrix<q4_0_block>&, index, index, float*, \
+                                index, index);
+#if defined(MOE_EXTERN_TEMPLATES)
+MOE_QUANTIZED_INSTANCES(extern)
+#endif
+
 }  // namespace kernels
 
 }  // namespace moe

@@ -78,16 +78,12 @@ public:
         }
     };
 
+    // Defined below the class, not inline: a program may build them once (MOE_ANY_ROUTER_INSTANCES).
     template <class Scalar>
-    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
-        route_at<0>(logits, st, out);
-    }
-
+    void route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const;
     template <class Scalar>
     void backward(const matrix<Scalar>& logits, const routing<Scalar>& r, state<Scalar>& st,
-                  std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const {
-        backward_at<0>(logits, r, st, grad_weights, grad_logits);
-    }
+                  std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const;
 
 private:
     template <std::size_t I, class Scalar>
@@ -111,6 +107,30 @@ private:
     variant router_ = softmax_topk{};
 };
 
+template <class Scalar>
+void any_router::route(const matrix<Scalar>& logits, state<Scalar>& st, routing<Scalar>& out) const {
+    route_at<0>(logits, st, out);
+}
+
+template <class Scalar>
+void any_router::backward(const matrix<Scalar>& logits, const routing<Scalar>& r, state<Scalar>& st,
+                          std::span<const Scalar> grad_weights, matrix<Scalar>& grad_logits) const {
+    backward_at<0>(logits, r, st, grad_weights, grad_logits);
+}
+
 static_assert(differentiable_router<any_router, float> && differentiable_router<any_router, double>);
+
+/// The instantiations of this header that a program may build once (`moe/compiled.hpp`): `EXTERN` is
+/// `extern` to declare them, empty to define them.
+#define MOE_ANY_ROUTER_INSTANCES(EXTERN) \
+    EXTERN template void any_router::route(const matrix<float>&, state<float>&, routing<float>&) const; \
+    EXTERN template void any_router::route(const matrix<double>&, state<double>&, routing<double>&) const; \
+    EXTERN template void any_router::backward(const matrix<float>&, const routing<float>&, state<float>&, \
+                                              std::span<const float>, matrix<float>&) const; \
+    EXTERN template void any_router::backward(const matrix<double>&, const routing<double>&, state<double>&, \
+                                              std::span<const double>, matrix<double>&) const;
+#if defined(MOE_EXTERN_TEMPLATES)
+MOE_ANY_ROUTER_INSTANCES(extern)
+#endif
 
 }  // namespace moe::routers
