@@ -1,9 +1,12 @@
 // moe-run: runs one MoE layer of a HuggingFace checkpoint or GGUF model on the hidden states of a
 // safetensors file and writes the layer's output and router logits. See README.md ("moe-run"). This
-// unit reads the command line and the inputs; the layers are built in moe_run_<weights>.cpp.
+// unit parses the command line, reads the inputs and writes the outputs (under MPI, scattered and
+// gathered); the layers are built in moe_run_<weights>.cpp.
 #include "moe_run.hpp"
 
-#include <moe/moe.hpp>
+#include <moe/experts/ffn.hpp>
+#include <moe/layer.hpp>  // max_threads
+#include <moe/routers/any_router.hpp>
 #ifdef MOE_RUN_MPI
 #include <moe/parallel/mpi.hpp>
 #endif
@@ -12,7 +15,6 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <iostream>
 #include <limits>
 #include <span>
 #include <string>
@@ -204,6 +206,7 @@ moe::routers::any_router make_router(const arguments& a, const moe::io::model_co
     return r::top_p{.threshold = a.top_p.value_or(0.9), .max_k = a.max_k.value_or(c.top_k), .normalize = c.normalize};
 }
 
+/// Reads tensor `name` ([T, d] or [B, S, d]) as a T x d matrix; rejects other shapes and non-finite values.
 moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::index d, std::vector<std::int64_t>& shape,
                                       const std::string& name) {
     const std::string where = in.path().string() + ": tensor '" + name + "'";
@@ -229,6 +232,7 @@ moe::matrix<float> read_hidden_states(const moe::io::safetensors_file& in, moe::
     return x;
 }
 
+/// Reads tensor `name` of `in`, which must have `shape`, as a T x d matrix of finite values.
 moe::matrix<float> read_like(const moe::io::safetensors_file& in, const std::string& name,
                              const std::vector<std::int64_t>& shape, moe::index d) {
     std::vector<std::int64_t> got;
@@ -246,12 +250,14 @@ moe::matrix<float> read_like(const moe::io::safetensors_file& in, const std::str
 }
 
 #ifdef MOE_RUN_MPI
+/// MPI's int count of `v` values; value_error past it.
 int to_int(moe::index v) {
     if (v > std::numeric_limits<int>::max())
         throw moe::value_error("--expert-parallel: a block of " + std::to_string(v) + " values exceeds MPI's int counts");
     return static_cast<int>(v);
 }
 
+/// Rank 0's `shape` on every rank.
 void share_shape(std::vector<std::int64_t>& shape) {
     std::int64_t rank = static_cast<std::int64_t>(shape.size());
     MPI_Bcast(&rank, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
@@ -270,6 +276,7 @@ void slice_counts(const job& j, moe::index tokens, moe::index cols, std::vector<
     }
 }
 
+/// This rank's slice of rank 0's `full` (`tokens` x `cols`).
 moe::matrix<float> scatter_rows(const job& j, const moe::matrix<float>& full, moe::index tokens, moe::index cols) {
     std::vector<int> counts, at;
     slice_counts(j, tokens, cols, counts, at);
@@ -279,6 +286,7 @@ moe::matrix<float> scatter_rows(const job& j, const moe::matrix<float>& full, mo
     return mine;
 }
 
+/// Every rank's slice end to end on rank 0 (empty elsewhere).
 moe::matrix<float> gather_rows(const job& j, const moe::matrix<float>& mine, moe::index tokens) {
     std::vector<int> counts, at;
     slice_counts(j, tokens, mine.cols(), counts, at);
@@ -287,7 +295,6 @@ moe::matrix<float> gather_rows(const job& j, const moe::matrix<float>& mine, moe
                 MPI_COMM_WORLD);
     return full;
 }
-
 
 /// On rank 0, `mine` (rank 0's trainable tensors) with the expert gradients of the other ranks
 /// inserted, in the order of one process (`remote` holds them); the other ranks send theirs.

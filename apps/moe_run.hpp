@@ -1,7 +1,7 @@
 #pragma once
-// moe-run's parts (README.md, "moe-run"): moe_run.cpp parses the command line, opens the model and
-// reads the inputs; each moe_run_<weights>.cpp builds the layers whose expert weights are of one type
-// (moe_run_layer.hpp), so that the program compiles as several units, side by side.
+// moe-run's parts (README.md, "moe-run"): moe_run.cpp parses the command line, opens the model, reads
+// the inputs and writes the outputs; each moe_run_<weights>.cpp builds the layers whose expert weights
+// are of one type (moe_run_layer.hpp), so that the program compiles as several units, side by side.
 #include <moe/io/checkpoint.hpp>
 #include <moe/io/gguf_model.hpp>
 #include <moe/io/safetensors.hpp>

@@ -59,7 +59,7 @@ void load_and_run(const arguments& a, const model_source& model, Layer& layer, c
         if (a.backward) {
             layer.backward(in.x, in.grad_output, r.grad_x);
             r.params = moe::io::checkpoint_parameters(layer, model.config().kind, a.layer);
-            std::copy(layer.loss_values().begin(), layer.loss_values().end(), r.losses.begin());
+            r.losses = layer.loss_values();
         }
     }
     if (a.stats) {

@@ -26,7 +26,7 @@ moe::routing<double> fixed_routing(const moe::matrix<double>& z, moe::score_func
 }
 }  // namespace
 
-TEST_CASE("gates_backward matches finite differences for softmax and sigmoid scores", "[routers][backward]") {
+TEST_CASE("logits_backward matches finite differences for softmax and sigmoid scores", "[routers][backward]") {
     const moe::matrix<double> z0 = moe::matrix<double>::Random(6, 5) * 2.0;
     const std::vector<double> g = {0.3, -1.2, 5.0, 0.7, 0.1, -2.0, -0.4, 0.9, 1.0, 1.5, -0.6, 3.0, 0.2, 0.8, -1.0, 0.5, 2.0, 0.0};
     for (const auto f : {moe::score_function::softmax, moe::score_function::sigmoid})
@@ -46,7 +46,7 @@ TEST_CASE("gates_backward matches finite differences for softmax and sigmoid sco
             };
             const auto r = fixed_routing(z0, f);
             moe::matrix<double> grad(z0.rows(), z0.cols());
-            moe::routers::gates_backward(r, std::span<const double>(g), normalize, eps, scale, grad);
+            moe::routers::logits_backward(r, std::span<const double>(g), normalize, eps, scale, grad);
             moe::matrix<double> z = z0;
             const auto rep = moe::testing::gradient_check(loss, z, grad);
             INFO(rep.str());

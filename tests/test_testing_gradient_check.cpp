@@ -22,7 +22,7 @@ struct wrong_backward : moe::routers::softmax_topk {  // forgets the normalisati
     template <class Scalar>
     void backward(const moe::matrix<Scalar>&, const moe::routing<Scalar>& r, std::span<const Scalar> g,
                   moe::matrix<Scalar>& grad) const {
-        moe::routers::gates_backward(r, g, false, Scalar(0), Scalar(1), grad);
+        moe::routers::logits_backward(r, g, false, Scalar(0), Scalar(1), grad);
     }
 };
 }  // namespace

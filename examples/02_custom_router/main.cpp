@@ -41,7 +41,7 @@ struct confident_topk {
     template <class Scalar>
     void backward(const moe::matrix<Scalar>&, const moe::routing<Scalar>& r, std::span<const Scalar> grad_weights,
                   moe::matrix<Scalar>& grad_logits) const {
-        moe::routers::gates_backward(r, grad_weights, true, Scalar(0), Scalar(1), grad_logits);
+        moe::routers::logits_backward(r, grad_weights, true, Scalar(0), Scalar(1), grad_logits);
     }
 };
 

@@ -121,27 +121,25 @@ public:
         // Own blocks: expert mine_[j] gets the rows of every rank in rank order.
         recv_rows_.assign(nr, 0);
         own_offsets_.assign(static_cast<std::size_t>(experts_) + 1, 0);
-        std::vector<index>& block = counts_out_;  // rows per own expert (scratch)
-        block.assign(mine_.size(), 0);
+        own_rows_.assign(mine_.size(), 0);
         for (std::size_t src = 0; src < nr; ++src)
             for (std::size_t j = 0; j < mine_.size(); ++j) {
                 const index n = recv_expert_rows_[src * mine_.size() + j];
-                block[j] += n;
+                own_rows_[j] += n;
                 recv_rows_[src] += n;
             }
         for (index e = 0, j = 0; e < experts_; ++e) {
-            const index n = owns(e) ? block[static_cast<std::size_t>(j++)] : 0;
+            const index n = owns(e) ? own_rows_[static_cast<std::size_t>(j++)] : 0;
             own_offsets_[static_cast<std::size_t>(e) + 1] = own_offsets_[static_cast<std::size_t>(e)] + n;
         }
         // Own row -> position in the receive buffer (blocks of rank 0, then rank 1, ...).
         received_at_.resize(static_cast<std::size_t>(own_offsets_.back()));
-        std::vector<index>& next = counts_in_;  // next own row of each own expert (scratch)
-        next.resize(mine_.size());
-        for (std::size_t j = 0; j < mine_.size(); ++j) next[j] = own_offsets_[static_cast<std::size_t>(mine_[j])];
+        next_own_row_.resize(mine_.size());
+        for (std::size_t j = 0; j < mine_.size(); ++j) next_own_row_[j] = own_offsets_[static_cast<std::size_t>(mine_[j])];
         for (index src = 0, at = 0; src < ranks; ++src)
             for (std::size_t j = 0; j < mine_.size(); ++j)
                 for (index n = recv_expert_rows_[static_cast<std::size_t>(src) * mine_.size() + j]; n > 0; --n)
-                    received_at_[static_cast<std::size_t>(next[j]++)] = at++;
+                    received_at_[static_cast<std::size_t>(next_own_row_[j]++)] = at++;
     }
 
     /// Rows per expert this rank computes, as one-process expert offsets (E + 1 entries; the blocks of
@@ -232,6 +230,8 @@ private:
     std::vector<index> recv_expert_rows_;  // [source rank][own expert] rows
     std::vector<index> own_offsets_;
     std::vector<index> received_at_;
+    std::vector<index> own_rows_;      // rows per own expert (scratch of plan)
+    std::vector<index> next_own_row_;  // next own row of each own expert (scratch of plan)
     std::vector<index> counts_out_, counts_in_, values_out_, values_in_, totals_;
 
     matrix<Scalar> buffer_, back_;

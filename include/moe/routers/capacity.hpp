@@ -24,8 +24,8 @@ enum class drop_policy {
 
 /// Routes with `inner`, then caps every expert at C = ceil(capacity_factor * T * k / E) assignments
 /// (k = slots per token, T * k = all slots). Dropped slots get id `dropped_slot` and weight 0 and
-/// contribute nothing; kept weights are not renormalised. `routing::routed` keeps the counts before
-/// the drops (what the load-balancing loss counts).
+/// contribute nothing; kept weights are not renormalised. `routing::undropped_ids` and
+/// `routing::chosen_count` keep the choices before the drops (what the load-balancing loss counts).
 template <class Inner>
 struct capacity {
     Inner inner{};

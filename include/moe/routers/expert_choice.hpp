@@ -71,7 +71,7 @@ struct expert_choice {
     template <class Scalar>
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
-        gates_backward(r, grad_weights, false, Scalar(0), Scalar(1), grad_logits);
+        logits_backward(r, grad_weights, false, Scalar(0), Scalar(1), grad_logits);
     }
 };
 

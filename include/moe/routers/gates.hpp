@@ -10,13 +10,14 @@
 
 namespace moe::routers {
 
-/// Writes dL/dz into `grad_logits` (T x E', the shape of `r.scores`) for weights
-/// w = scale * s[chosen] / (eps + sum of the chosen s) (`normalize`) or scale * s[chosen], with
-/// s = softmax(z) or sigmoid(z) (as `r.score` says) stored in `r.scores`. Slots that ran no routed expert (dropped, null) carry no
-/// weight. `grad_weights` holds dL/dw per slot. The selection is held constant (SEMANTICS, "Backward").
+/// dL/dz of the logits into `grad_logits` (T x E', the shape of `r.scores`), given dL/dw per slot in
+/// `grad_weights`, for weights w = scale * s[chosen] / (eps + sum of the chosen s) (`normalize`) or
+/// scale * s[chosen], with s = softmax(z) or sigmoid(z) (as `r.score` says) stored in `r.scores`.
+/// Slots that ran no routed expert (dropped, null) carry no weight. The selection is held constant
+/// (SEMANTICS, "Backward"). Each token's weights-to-scores step is `kernels::gate_backward`.
 template <class Scalar>
-void gates_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weights, bool normalize,
-                            Scalar eps, Scalar scale, matrix<Scalar>& grad_logits) {
+void logits_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weights, bool normalize, Scalar eps,
+                     Scalar scale, matrix<Scalar>& grad_logits) {
     const index cols = r.scores.cols();
     grad_logits.setZero();
     for (index t = 0; t < r.tokens; ++t) {

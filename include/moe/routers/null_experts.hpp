@@ -57,7 +57,7 @@ struct null_experts {
     template <class Scalar>
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
-        gates_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
+        logits_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
     }
 };
 

@@ -99,7 +99,7 @@ struct sigmoid_topk {
     template <class Scalar>
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>&, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
-        gates_backward(r, grad_weights, normalize, Scalar(1e-20), static_cast<Scalar>(scale), grad_logits);
+        logits_backward(r, grad_weights, normalize, Scalar(1e-20), static_cast<Scalar>(scale), grad_logits);
     }
 };
 

@@ -89,7 +89,7 @@ struct sinkhorn {
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, state<Scalar>& st, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
         if (inference_topk || gates == sinkhorn_gates::softmax || r.tokens == 0) {
-            gates_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
+            logits_backward(r, grad_weights, normalize, Scalar(0), Scalar(1), grad_logits);
             return;
         }
         grad_logits.setZero();

@@ -51,7 +51,7 @@ struct softmax_topk {
     template <class Scalar>
     void backward(const matrix<Scalar>&, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
                   matrix<Scalar>& grad_logits) const {
-        gates_backward(r, grad_weights, normalize, Scalar(0), static_cast<Scalar>(scale), grad_logits);
+        logits_backward(r, grad_weights, normalize, Scalar(0), static_cast<Scalar>(scale), grad_logits);
     }
 };
 
