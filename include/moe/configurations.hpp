@@ -59,4 +59,16 @@ using expert_choice_layer = layer<Scalar, routers::expert_choice, experts::mlp, 
 template <class Scalar, class... Losses>
 using sbase_layer = layer<Scalar, routers::sinkhorn, experts::swiglu, shared_experts::none, Losses...>;
 
+/// The float layers of the checkpoint families (Mixtral, Qwen3-MoE and OLMoE; Qwen2-MoE; DeepSeek-V3),
+/// without losses, which a program may build once (`moe/compiled.hpp`): `EXTERN` is `extern` to declare
+/// them, empty to define them.
+#define MOE_CONFIGURATION_INSTANCES(EXTERN) \
+    EXTERN template class layer<float, routers::softmax_topk, experts::swiglu, shared_experts::none>; \
+    EXTERN template class layer<float, routers::softmax_topk, experts::swiglu, \
+                                shared_experts::sigmoid_gated<experts::swiglu>>; \
+    EXTERN template class layer<float, routers::sigmoid_topk, experts::swiglu, shared_experts::ungated<experts::swiglu>>;
+#if defined(MOE_EXTERN_TEMPLATES)
+MOE_CONFIGURATION_INSTANCES(extern)
+#endif
+
 }  // namespace moe
