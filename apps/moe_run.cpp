@@ -65,7 +65,8 @@ constexpr const char* usage =
     "  --expert-parallel  the routed experts are spread over the ranks in contiguous blocks, the tokens\n"
     "               in contiguous slices; rank 0 reads IN and writes OUT, each rank reads only the\n"
     "               tensors of its own experts (and the router and shared experts). Batch-dependent\n"
-    "               routers (capacity, expert choice, Sinkhorn) route each rank's slice as one group.\n"
+    "               routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank:\n"
+    "               the output does not depend on the number of ranks.\n"
     "               --stats also prints the rows each rank computed and the bytes it exchanged.\n";
 
 /// Bad command-line arguments: exit code 2.

@@ -1,6 +1,6 @@
 #pragma once
 // Test helpers: reading the golden files that tools/gen_golden.py writes (an independent float64
-// PyTorch implementation of SEMANTICS.md) and comparing the library with them.
+// PyTorch implementation of docs/semantics.md) and comparing the library with them.
 
 #include <moe/io/safetensors.hpp>
 #include <moe/moe.hpp>

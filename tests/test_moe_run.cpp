@@ -90,6 +90,15 @@ void check_bitwise(const moe::io::safetensors_file& a, const moe::io::safetensor
     }
 }
 
+/// The checkpoint and override cases with backward data (ckpt/mixtral_null has no input of its own).
+std::vector<fs::path> backward_cases() {
+    std::vector<fs::path> dirs;
+    for (const char* kind : {"ckpt", "overrides"})
+        for (const auto& entry : fs::directory_iterator(golden::data_dir / kind))
+            if (fs::exists(entry.path() / "expected_backward.safetensors")) dirs.push_back(entry.path());
+    return dirs;
+}
+
 std::string case_args(const std::string& name, const fs::path& output, const std::string& input = "") {
     const fs::path dir = ckpt_dir / name;
     return "--model " + dir.string() + " --layer 1 --input " + (input.empty() ? (dir / "input.safetensors").string() : input) +
@@ -238,23 +247,19 @@ TEST_CASE("moe-run --backward reproduces PyTorch autograd for every checkpoint a
           "[moe-run][backward]") {
     temp_dir tmp;
     moe::index cases = 0;
-    for (const char* kind : {"ckpt", "overrides"}) {
-        for (const auto& entry : fs::directory_iterator(golden::data_dir / kind)) {
-            const fs::path dir = entry.path();
-            if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // ckpt/mixtral_null: no input of its own
-            INFO(kind << " case " << dir.filename().string());
-            const std::string common =
-                case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
-            const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
-            const auto r = moe_run(common + " --output " + one.string(), tmp);
-            INFO(r.err);
-            REQUIRE(r.status == 0);
-            REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
-            const moe::io::safetensors_file got(one), got2(two);
-            check_file(got, moe::io::safetensors_file(dir / "expected_backward.safetensors"), 1e-4);
-            check_bitwise(got, got2);  // 1 vs 2 threads
-            ++cases;
-        }
+    for (const fs::path& dir : backward_cases()) {
+        INFO("case " << dir.parent_path().filename().string() << "/" << dir.filename().string());
+        const std::string common =
+            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
+        const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
+        const auto r = moe_run(common + " --output " + one.string(), tmp);
+        INFO(r.err);
+        REQUIRE(r.status == 0);
+        REQUIRE(moe_run(common + " --threads 2 --output " + two.string(), tmp).status == 0);
+        const moe::io::safetensors_file got(one), got2(two);
+        check_file(got, moe::io::safetensors_file(dir / "expected_backward.safetensors"), 1e-4);
+        check_bitwise(got, got2);  // 1 vs 2 threads
+        ++cases;
     }
     CHECK(cases >= 23);
 }
@@ -481,14 +486,14 @@ result moe_run_parallel(int ranks, const std::string& args, const temp_dir& tmp)
 
 }  // namespace
 
-TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoint case, forward and backward",
-          "[moe-run][mpirun]") {
+TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoint and override case, forward and "
+          "backward", "[moe-run][mpirun]") {
+    // The override cases give every router, the batch-dependent ones (capacity, expert choice, Sinkhorn)
+    // included: they route the whole batch on every rank, so no case depends on the number of ranks.
     temp_dir tmp;
     moe::index cases = 0;
-    for (const auto& entry : fs::directory_iterator(ckpt_dir)) {
-        const fs::path dir = entry.path();
-        if (!fs::exists(dir / "expected_backward.safetensors")) continue;  // mixtral_null: no input of its own
-        INFO("checkpoint case " << dir.filename().string());
+    for (const fs::path& dir : backward_cases()) {
+        INFO("case " << dir.parent_path().filename().string() << "/" << dir.filename().string());
         const std::string common =
             case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
         const fs::path one = tmp.path / "one.safetensors";
@@ -506,31 +511,7 @@ TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoin
         }
         ++cases;
     }
-    CHECK(cases >= 10);
-}
-
-TEST_CASE("moe-run --expert-parallel routes each rank's slice as one group with batch-dependent routers",
-          "[moe-run][mpirun][routers]") {
-    temp_dir tmp;
-    moe::index cases = 0;
-    for (const auto& entry : fs::directory_iterator(golden::data_dir / "expert_parallel")) {
-        const fs::path dir = entry.path();
-        INFO("case " << dir.filename().string());
-        const std::string common =
-            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
-        std::ifstream args_file(dir / "args.json");
-        for (const int ranks : nlohmann::json::parse(args_file)["ranks"].get<std::vector<int>>()) {
-            INFO(ranks << " ranks");
-            const fs::path out = tmp.path / "out.safetensors";
-            const auto r = moe_run_parallel(ranks, common + " --output " + out.string(), tmp);
-            INFO(r.err);
-            REQUIRE(r.status == 0);
-            check_file(moe::io::safetensors_file(out),
-                       moe::io::safetensors_file(dir / ("expected_np" + std::to_string(ranks) + ".safetensors")), 1e-4);
-        }
-        ++cases;
-    }
-    CHECK(cases >= 2);
+    CHECK(cases >= 23);
 }
 
 TEST_CASE("moe-run --expert-parallel reports the whole batch's statistics and per-rank load, and fails cleanly",

@@ -29,3 +29,36 @@ TEST_CASE("token_slice spreads a batch in contiguous slices in rank order", "[pa
     CHECK(token_slice(3, 0, 4).rows == 0);  // fewer tokens than ranks: some ranks get none
     CHECK(token_slice(3, 3, 4).rows == 1);
 }
+
+TEST_CASE("the default all_gather sends a rank's values to every rank and takes each rank's block in rank order",
+          "[parallel]") {
+    // Rank 1 of 3; its all-to-all plays the other ranks: rank 0 sends {0}, rank 2 sends {20, 21, 22}.
+    struct rank_1_of_3 final : moe::parallel::communicator {
+        [[nodiscard]] int rank() const override { return 1; }
+        [[nodiscard]] int size() const override { return 3; }
+        void all_to_all(std::span<const float> send, std::span<const moe::index> send_counts, std::span<float> recv,
+                        std::span<const moe::index> recv_counts) override {
+            CHECK(std::vector<float>(send.begin(), send.end()) == std::vector<float>{5, 6, 5, 6, 5, 6});
+            CHECK(std::vector<moe::index>(send_counts.begin(), send_counts.end()) == std::vector<moe::index>{2, 2, 2});
+            REQUIRE(std::vector<moe::index>(recv_counts.begin(), recv_counts.end()) == std::vector<moe::index>{1, 2, 3});
+            REQUIRE(recv.size() == 6);
+            const float got[] = {0, send[2], send[3], 20, 21, 22};  // rank 1's block is what it sent itself
+            std::copy(std::begin(got), std::end(got), recv.begin());
+        }
+        void all_to_all(std::span<const double>, std::span<const moe::index>, std::span<double>,
+                        std::span<const moe::index>) override { FAIL(); }
+        void all_to_all(std::span<const moe::index>, std::span<const moe::index>, std::span<moe::index>,
+                        std::span<const moe::index>) override { FAIL(); }
+        void all_sum(std::span<float>) override { FAIL(); }
+        void all_sum(std::span<double>) override { FAIL(); }
+        void all_sum(std::span<moe::index>) override { FAIL(); }
+    } comm;
+    const std::vector<float> mine{5, 6};
+    const std::vector<moe::index> counts{1, 2, 3};
+    std::vector<float> all(6);
+    comm.all_gather(std::span<const float>(mine), counts, std::span<float>(all));
+    CHECK(all == std::vector<float>{0, 5, 6, 20, 21, 22});
+    const std::vector<moe::index> two{1, 2};
+    CHECK_THROWS_WITH(comm.all_gather(std::span<const float>(mine), two, std::span<float>(all)),
+                      Catch::Contains("one count per rank (3)"));
+}

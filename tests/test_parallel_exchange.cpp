@@ -97,3 +97,38 @@ TEST_CASE("an expert-parallel layer of one rank is the one-process layer bit for
     CHECK(part.statistics().to_json() == one.statistics().to_json());
     CHECK(part.parallel_load().rows == std::vector<moe::index>{one.last_routing().rows()});
 }
+
+TEST_CASE("an expert-parallel layer of one rank routes the whole batch with a batch-dependent router",
+          "[parallel][layer]") {
+    // The routing of the whole batch (logits gathered, own slots taken, dL/dw gathered in backward) over
+    // the communicator's default all_gather; at several ranks under mpirun in tests/parallel.
+    const moe::layer_shape shape{.d_model = 16, .d_ff = 24, .n_experts = 6};
+    const auto check = [&](auto one, auto part) {
+        one.randomize(6);
+        part.randomize(6);
+        one.set_training(true);
+        part.set_training(true);
+        const moe::matrix<float> x = moe::matrix<float>::Random(45, 16), g = moe::matrix<float>::Random(45, 16);
+        moe::matrix<float> y(45, 16), y2(45, 16), gx(45, 16), gx2(45, 16);
+        one.forward(x, y);
+        part.forward(x, y2);
+        CHECK((y.array() == y2.array()).all());
+        CHECK(part.last_routing().expert_ids == one.last_routing().expert_ids);
+        one.backward(x, g, gx);
+        part.backward(x, g, gx2);
+        CHECK((gx.array() == gx2.array()).all());
+        const auto a = one.parameters(), b = part.parameters();
+        REQUIRE(a.size() == b.size());
+        for (std::size_t i = 0; i < a.size(); ++i) {
+            INFO(a[i].name);
+            CHECK((a[i].grad.array() == b[i].grad.array()).all());
+        }
+        CHECK(part.statistics().to_json() == one.statistics().to_json());
+    };
+    const moe::parallel::placement where{.comm = std::make_shared<loopback>()};
+    namespace r = moe::routers;
+    const r::sinkhorn plan{.k = 2, .iterations = 20, .gates = r::sinkhorn_gates::plan};
+    check(moe::sbase_layer<float>(shape, plan), moe::sbase_layer<float>(shape, where, plan));
+    const r::capacity<r::softmax_topk> cap{.inner = {.k = 2}, .capacity_factor = 0.75, .policy = r::drop_policy::probs};
+    check(moe::switch_layer<float>(shape, cap), moe::switch_layer<float>(shape, where, cap));
+}

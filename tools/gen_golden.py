@@ -3,7 +3,7 @@
 
 Run with Debian's PyTorch (the ``python3`` on PATH may lack torch)::
 
-    /usr/bin/python3 tools/gen_golden.py   # writes tests/data/{ckpt,layer,overrides,expert_parallel,quant,gguf}
+    /usr/bin/python3 tools/gen_golden.py   # writes tests/data/{ckpt,layer,overrides,quant,gguf}
 
 Everything is computed in float64 from the values *as stored* (weights are rounded
 to their storage dtype F32/BF16/F16 first, inputs to F32); expected values are written
@@ -254,7 +254,7 @@ class Decisions:
 # Routers
 #
 # Every router returns weights that are torch functions of the logits, so autograd
-# differentiates them as SEMANTICS "Backward" says: the selection (ids, drops, Sinkhorn's
+# differentiates them as docs/semantics.md "Backward" says: the selection (ids, drops, Sinkhorn's
 # d0 / d1) is computed from plain Python floats or detached values and is a constant; the
 # gradient flows through p (or s) of the chosen experts, the normalisation and the scale.
 # --------------------------------------------------------------------------------------
@@ -558,7 +558,6 @@ class MoeSpec:
     tolerance: float = 0.0           # R6
     gates: str = "softmax"           # R6: "softmax" | "plan"
     inference_topk: bool = False     # R6: route with R1 (normalize) instead
-    groups: int = 1                  # expert parallelism: see grouped()
     inputs: str = ""                 # each projection's input as "BF16" (bf16 weights) or "Q8_0"
                                      # (quantized weights; see quantized_spec), else as is
 
@@ -570,17 +569,6 @@ class MoeSpec:
 
 TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk")  # the routers R3 capacity applies to
 NEW_ROUTERS = ("top_p", "null_experts", "sinkhorn", "expert_choice")
-
-
-def grouped(route, groups, *tensors):
-    """Expert parallelism routes each rank's tokens as one group: route(*slices) on the
-    `groups` contiguous token slices [T g / G, T (g + 1) / G) of `tensors` (moe-run
-    --expert-parallel gives rank g that slice), results concatenated. Only batch-dependent
-    routing (R3 capacity, R7 expert choice) depends on it."""
-    T = tensors[0].shape[0]
-    parts = [route(*(t[T * g // groups:T * (g + 1) // groups] for t in tensors))
-             for g in range(groups)]
-    return tuple(torch.cat(pieces) for pieces in zip(*parts))
 
 
 def moe_forward(x, spec: MoeSpec, dec: Decisions):
@@ -606,12 +594,10 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
     elif spec.router == "sinkhorn" and spec.inference_topk:
         ids, weights = route_softmax_topk(logits, spec.k, spec.normalize, 1.0, dec)
     elif spec.router == "sinkhorn":
-        assert spec.groups == 1, "grouped Sinkhorn is not modelled"
         ids, weights, extra = route_sinkhorn(logits, spec.k, spec.iterations, spec.tolerance,
                                              spec.gates, spec.normalize, dec)
     elif spec.router == "expert_choice":
-        ids, weights = grouped(lambda z: route_expert_choice(z, spec.capacity_factor, dec),
-                               spec.groups, logits)
+        ids, weights = route_expert_choice(logits, spec.capacity_factor, dec)
     else:
         raise ValueError(spec.router)
     # The router's assignments before any capacity drop: what L1 counts (Switch, GShard).
@@ -625,9 +611,7 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
         if spec.router in TOPK_ROUTERS else (ids >= 0).sum(dim=1)
     null_balance = null_balance_loss(logits, ids, spec.E, spec.k) if spec.null_experts else None
     if spec.capacity_factor and spec.router in TOPK_ROUTERS:
-        ids, weights = grouped(lambda i, w: apply_capacity(i, w, spec.E, spec.capacity_factor,
-                                                           spec.drop_policy, dec),
-                               spec.groups, ids, weights)
+        ids, weights = apply_capacity(ids, weights, spec.E, spec.capacity_factor, spec.drop_policy, dec)
 
     y = torch.zeros_like(x)
     r = keep
@@ -662,7 +646,7 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
 
 
 def balance_losses(logits, routed, slots_total, E):
-    """L1 and L2 of SEMANTICS "Balancing losses" with alpha = beta = 1, for every router.
+    """L1 and L2 of docs/semantics.md "Balancing losses" with alpha = beta = 1, for every router.
 
     L1 (Switch form): E * sum_e (routed_e / slots_total) * P_e, routed_e = the router's
     assignments to real expert e before any capacity drop (Switch and GShard count them so),
@@ -691,7 +675,7 @@ def router_scores(logits, router):
 
 
 def seq_balance_loss(scores, token_routed, token_slots, E):
-    """L3 of SEMANTICS "Balancing losses" (DeepSeek-V2/V3 sequence-wise balance), alpha = 1.
+    """L3 of docs/semantics.md "Balancing losses" (DeepSeek-V2/V3 sequence-wise balance), alpha = 1.
 
     Sequences of S = seq_len(T) consecutive tokens; per sequence f_e = E * c_e(seq) / n(seq)
     with c_e(seq) = the sequence's rows of token_routed (assignments to real expert e before
@@ -715,7 +699,7 @@ def seq_balance_loss(scores, token_routed, token_slots, E):
 
 
 def null_balance_loss(logits, ids, E, k):
-    """L4 of SEMANTICS "Balancing losses" (AdaMoE null-aware balance), alpha = 1, for the
+    """L4 of docs/semantics.md "Balancing losses" (AdaMoE null-aware balance), alpha = 1, for the
     null-experts router (logits [T, E + N], ids [T, k] with null ids >= E kept):
     (E + N) * sum_{e < E+N} (c'_e / (T k)) * P_e, P_e = mean_t softmax(z_t over all E + N
     columns)_e, c_e = slots choosing e, c'_e = c_e for a real expert and the mean of the N
@@ -1692,68 +1676,6 @@ def gen_override_cases(root, registry):
 
 
 # --------------------------------------------------------------------------------------
-# Expert parallelism: batch-dependent routers under moe-run --expert-parallel
-# --------------------------------------------------------------------------------------
-
-# (case, checkpoint, router flags, T): run at each of EP_RANKS ranks, every rank's slice of
-# tokens routed as one group (MoeSpec.groups). The token-choice families need no cases of
-# their own: their routing does not depend on the grouping, so ckpt/*/expected*.safetensors
-# are their references at any number of ranks.
-EP_CASES = [
-    ("expert_choice", "qwen3_moe", ["--router", "expert_choice", "--capacity-factor", "1.0"], 48),
-    ("mixtral_capacity", "mixtral_f32", ["--capacity-factor", "1.0"], 48),
-]
-EP_RANKS = (2, 4)
-
-
-def gen_expert_parallel_cases(root, registry):
-    """tests/data/expert_parallel/<case>/: args.json (model, layer, flags, backward_flags,
-    ranks), input.safetensors (hidden_states, grad_output) and expected_np<P>.safetensors
-    for every P in EP_RANKS (forward and backward, as expected_backward.safetensors)."""
-    results = []
-    for case, model, flags, T in EP_CASES:
-        base = registry[model]
-        d = base["shape"][-1]
-        runs = {P: apply_flags(MoeSpec(**dict(base["spec"].__dict__, groups=P)), flags)
-                for P in EP_RANKS}
-        whole = apply_flags(base["spec"], flags)
-
-        def build(g, dec, runs=runs, whole=whole):
-            x = rand_input(g, T, d)
-            outs = {P: moe_forward(x, run, dec) for P, run in runs.items()}
-            one = moe_forward(x, whole, Decisions())
-            # The grouping must matter: some token's experts differ from routing the whole batch.
-            differ = {P: sum(not torch.equal(a, b) for a, b in zip(o["ids"], one["ids"]))
-                      for P, o in outs.items()}
-            return x, outs, differ
-
-        (x, outs, differ), dec, attempt = generate("expert_parallel/" + case, build,
-                                                   lambda r: all(v > 0 for v in r[2].values()))
-        folder = os.path.join(root, "expert_parallel", case)
-        os.makedirs(folder, exist_ok=True)
-        for f in os.listdir(folder):
-            os.remove(os.path.join(folder, f))
-        write_json(os.path.join(folder, "args.json"),
-                   {"model": model, "layer": 1, "flags": flags, "backward_flags": backward_flags(),
-                    "ranks": list(EP_RANKS)})
-        meta = {"case": case}
-        infos = []
-        for P in EP_RANKS:
-            g, expected, info = run_backward("expert_parallel/" + case, base["tensors"], runs[P], x,
-                                             (T, d), outs[P])
-            write_safetensors(os.path.join(folder, f"expected_np{P}.safetensors"), expected,
-                              dict(meta, ranks=str(P)))
-            infos.append(f"np{P}: tokens routed otherwise than as one batch {differ[P]}; {info}")
-        write_safetensors(os.path.join(folder, "input.safetensors"),
-                          [("hidden_states", "F32", x), ("grad_output", "F32", g)],
-                          dict(meta, input=f"drawn for this case (seed attempt {attempt})"))
-        results.append((folder, f"{model} {' '.join(flags)}, T={T}, each rank's slice routed as "
-                                f"one group; min decision gap {dec.min_gap:.2e}\n    " +
-                        "\n    ".join(infos)))
-    return results
-
-
-# --------------------------------------------------------------------------------------
 # Quantized formats (ggml q8_0 / q4_0), element by element in numpy float32
 # --------------------------------------------------------------------------------------
 
@@ -2233,8 +2155,6 @@ def main():
     for path, info in gen_layer_cases(root):
         report(path, info)
     for path, info in gen_override_cases(root, registry):
-        report(path, info)
-    for path, info in gen_expert_parallel_cases(root, registry):
         report(path, info)
     print(f"total: {total} bytes")
 

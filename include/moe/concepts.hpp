@@ -64,7 +64,7 @@ concept router = std::copy_constructible<R> &&
          r.route(logits, st, out);
      });
 
-/// A router with a backward pass (SEMANTICS, "Backward"): besides `route`, it provides
+/// A router with a backward pass (docs/semantics.md, "Backward"): besides `route`, it provides
 /// `void backward(const matrix<Scalar>& logits, const routing<Scalar>& r, std::span<const Scalar> grad_weights,
 /// matrix<Scalar>& grad_logits) const` (with `state<Scalar>&` after `r` when it keeps state). `r` is the
 /// routing its last `route` call produced for `logits` (the state is as that call left it),
@@ -77,6 +77,16 @@ concept differentiable_router = router<R, Scalar> &&
               matrix<Scalar>& gz) { r.backward(z, rt, gw, gz); } ||
      requires(const R& r, const matrix<Scalar>& z, const routing<Scalar>& rt, router_state_t<R, Scalar>& st,
               std::span<const Scalar> gw, matrix<Scalar>& gz) { r.backward(z, rt, st, gw, gz); });
+
+/// Whether router `r` decides a token's slots with the other tokens of the batch: `r.is_batch_dependent()`
+/// when the router tells it at run time (`routers::any_router`), else `R::batch_dependent`.
+template <class R>
+bool is_batch_dependent(const R& r) {
+    if constexpr (requires { { r.is_batch_dependent() } -> std::convertible_to<bool>; })
+        return r.is_batch_dependent();
+    else
+        return R::batch_dependent;
+}
 
 /// Constructs the state of router `r` for `experts` experts: from (r, experts) when the state takes the
 /// router (e.g. `routers::any_router`), else from the expert count alone.

@@ -276,7 +276,7 @@ public:
     /// Backward of the last forward call, which must have run in training mode on the same `x`:
     /// given dL/dy, writes dL/dx into `grad_x` and sets the gradients of every parameter (see
     /// `parameters`) to those of L plus the layer's loss terms. The selection of the forward is held
-    /// constant (SEMANTICS, "Backward"). One backward per forward: it consumes the saved activations.
+    /// constant (docs/semantics.md, "Backward"). One backward per forward: it consumes the saved activations.
     /// Throws `error` without a training forward, `shape_error` on shapes that do not match it.
     void backward(const_matrix_ref<Scalar> x, const_matrix_ref<Scalar> grad_y, matrix_ref<Scalar> grad_x)
         requires differentiable_router<Router, Scalar>;
@@ -324,6 +324,10 @@ private:
 
     // Logits per token chunk; each is a fixed-order dot product (see kernels/linear.hpp).
     void compute_logits(const const_matrix_ref<Scalar>& x);
+
+    // `routing_` from `logits_`; expert-parallel with a batch-dependent router, this rank's part of the
+    // routing of every rank's tokens (`routed_batch_`), so that the result does not depend on the ranks.
+    void route_tokens();
 
     // The token routed row `row` (of `routing_`) comes from.
     [[nodiscard]] index token_of(index row) const {
@@ -438,6 +442,12 @@ private:
     matrix<Scalar> own_out_;        // their outputs
     matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight
     matrix<Scalar> own_grad_;       // backward: their dL/dx
+    // A batch-dependent router's routing of the whole batch (`route_tokens`), and its backward.
+    bool routed_batch_ = false;
+    matrix<Scalar> batch_logits_;
+    routing<Scalar> batch_routing_;
+    std::vector<Scalar> batch_grad_weights_;
+    matrix<Scalar> batch_grad_logits_;
 };
 
 }  // namespace moe

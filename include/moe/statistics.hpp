@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Routing statistics of one forward call (SEMANTICS, "Routing statistics").
+/// Routing statistics of one forward call (docs/semantics.md, "Routing statistics").
 
 #include "moe/parallel/communicator.hpp"
 #include "moe/routing.hpp"

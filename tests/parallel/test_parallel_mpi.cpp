@@ -98,6 +98,8 @@ void check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwi
     CHECK(stats.null_slots == expected.null_slots);
     CHECK(stats.imbalance == expected.imbalance);
     CHECK(std::abs(stats.mean_entropy - expected.mean_entropy) <= 1e-6 * (1 + expected.mean_entropy));
+    CHECK(stats.sinkhorn_iterations == expected.sinkhorn_iterations);
+    CHECK(stats.sinkhorn_marginal_error == expected.sinkhorn_marginal_error);
     const auto load = part.parallel_load();
     index rows = 0, sent = 0, received = 0;
     for (std::size_t r = 0; r < load.rows.size(); ++r) {
@@ -184,47 +186,33 @@ TEST_CASE("expert-parallel layers with shared experts, sigmoid groups, null expe
     }
 }
 
-TEST_CASE("batch-dependent routers route each rank's tokens as one group", "[parallel]") {
-    // The reference: one process on this rank's slice alone; weight gradients summed over the slices.
-    const auto comm = world();
+TEST_CASE("batch-dependent routers route the whole batch: expert-parallel layers equal one process", "[parallel]") {
+    // Capacity, expert choice and Sinkhorn decide a token's slots with every token of the batch: each
+    // rank routes every rank's logits, so a rank's slice alone would route otherwise at these sizes.
+    using lb = moe::losses::load_balance;
+    using zl = moe::losses::z_loss;
     const moe::layer_shape shape{.d_model = 16, .d_ff = 24, .n_experts = 8};
-    const moe::index tokens = 45, d = shape.d_model;
-    const auto check = [&](auto one, auto part) {
-        one.randomize(5);
-        part.randomize(5);
-        one.set_training(true);
-        part.set_training(true);
-        const auto s = moe::parallel::token_slice(tokens, comm->rank(), comm->size());
-        const moe::matrix<float> x = random_matrix(tokens, d, 21).middleRows(s.first, s.rows);
-        const moe::matrix<float> g = random_matrix(tokens, d, 22).middleRows(s.first, s.rows);
-        moe::matrix<float> y(s.rows, d), y_part(s.rows, d), gx(s.rows, d), gx_part(s.rows, d);
-        one.forward(x, y);
-        part.forward(x, y_part);
-        CHECK(relative_error(y_part, y) <= tolerance);
-        one.backward(x, g, gx);
-        part.backward(x, g, gx_part);
-        CHECK(relative_error(gx_part, gx) <= tolerance);
-        std::map<std::string, moe::parameter<float>> mine;
-        for (auto& p : part.parameters()) mine.emplace(p.name, p);
-        for (auto& p : one.parameters()) {
-            moe::matrix<float> sum = p.grad;
-            comm->all_sum(std::span<float>(sum.data(), static_cast<std::size_t>(sum.size())));
-            if (mine.contains(p.name)) {
-                INFO(p.name);
-                CHECK(relative_error(mine.at(p.name).grad, sum) <= tolerance);
-            }
-        }
-    };
-    const moe::parallel::placement where{.comm = comm};
-    using ec = moe::expert_choice_layer<float>;
-    check(ec(shape, moe::routers::expert_choice{.capacity_factor = 1.5}, moe::experts::mlp{moe::activation::relu}),
-          ec(shape, where, moe::routers::expert_choice{.capacity_factor = 1.5}, moe::experts::mlp{moe::activation::relu}));
-    using sw = moe::switch_layer<float>;
-    const moe::routers::capacity<moe::routers::softmax_topk> cap{.inner = {.k = 2}, .capacity_factor = 0.75};
-    check(sw(shape, cap), sw(shape, where, cap));
-    using sb = moe::sbase_layer<float>;
-    const moe::routers::sinkhorn sinkhorn{.k = 2, .iterations = 20};
-    check(sb(shape, sinkhorn), sb(shape, where, sinkhorn));
+    const moe::experts::mlp relu{moe::activation::relu};
+    const std::tuple<lb, zl> losses{{.alpha = 0.5}, {.beta = 0.05}};
+    namespace r = moe::routers;
+    for (const moe::index tokens : {3, 45}) {  // 3 < 4 ranks: a rank without tokens
+        INFO("T = " << tokens);
+        compare_layers<moe::expert_choice_layer<float>>(shape, tokens, {}, true, r::expert_choice{.capacity_factor = 1.5},
+                                                        relu);
+        for (const auto policy : {r::drop_policy::position, r::drop_policy::probs})
+            compare_layers<moe::switch_layer<float, lb, zl>>(
+                shape, tokens, {}, true,
+                r::capacity<r::softmax_topk>{.inner = {.k = 2}, .capacity_factor = 0.75, .policy = policy}, relu,
+                moe::shared_experts::none{}, losses);
+        for (const auto gates : {r::sinkhorn_gates::softmax, r::sinkhorn_gates::plan})
+            compare_layers<moe::sbase_layer<float>>(shape, tokens, {}, true,
+                                                   r::sinkhorn{.k = 2, .iterations = 20, .gates = gates});
+        // Batch-dependent at run time only (moe-run's router).
+        compare_layers<moe::layer<float, r::any_router, moe::experts::swiglu, moe::shared_experts::none, lb, zl>>(
+            shape, tokens, std::vector<int>{1 % world()->size(), 0, 0, 0, 0, 0, 0, 0}, true,
+            r::any_router(r::expert_choice{.capacity_factor = 2.0}), moe::experts::swiglu{}, moe::shared_experts::none{},
+            losses);
+    }
 }
 
 TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {

@@ -47,7 +47,17 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref
                 grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row));
     }
     grad_logits_.resize(logits_.rows(), logits_.cols());
-    route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
+    if (routed_batch_) {
+        // The router differentiates the routing it made, of the whole batch; this rank keeps its tokens' rows.
+        exchange_->gather_slots(std::span<const Scalar>(grad_weights_), batch_routing_, batch_grad_weights_);
+        batch_grad_logits_.resize(batch_logits_.rows(), batch_logits_.cols());
+        route_backward(router_, batch_logits_, batch_routing_, router_state_, std::span<const Scalar>(batch_grad_weights_),
+                       batch_grad_logits_);
+        const auto own = exchange_->own_tokens();
+        grad_logits_ = batch_grad_logits_.middleRows(own.first, own.rows);
+    } else {
+        route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
+    }
     std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
     // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added).
     const index e = logits_.cols();

@@ -1,5 +1,6 @@
 #pragma once
-// Internal: the definitions of `moe::layer`'s members for the forward path: logits, routing, the expert
+// Internal: the definitions of `moe::layer`'s members for the forward path: logits, routing (expert-parallel
+// with a batch-dependent router: of the whole batch), the expert
 // pass (routed rows gathered, per-FFN blocks for detail/expert_pass.hpp; expert-parallel: rows to their
 // owners and back), combine.
 // Included by moe/layer.hpp, after the class.
@@ -23,7 +24,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::forward(const_matrix_ref<
     saved_tokens_ = -1;  // set again only when this call completes
     logits_.resize(t, router_weight_.rows());
     compute_logits(x);
-    moe::route(router_, logits_, router_state_, routing_);
+    route_tokens();
     routing_.build_dispatch();
     if (exchange_) exchange_->share_totals(routing_, logits_.cols());
     compute_experts(x);
@@ -52,6 +53,19 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_logits(const cons
         kernels::linear(x.row(begin).data(), x.outerStride(), router_weight_.data(), d, logits_.row(begin).data(), e,
                         end - begin, e, d);
     });
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::route_tokens() {
+    routed_batch_ = exchange_ && is_batch_dependent(router_);
+    if (!routed_batch_) {
+        moe::route(router_, logits_, router_state_, routing_);
+        return;
+    }
+    exchange_->gather_tokens(logits_, batch_logits_);
+    moe::route(router_, batch_logits_, router_state_, batch_routing_);
+    exchange_->take_own(batch_routing_, routing_);
 }
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,

@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// Row kernels of the routers: softmax, sigmoid and a top-k selection whose ties go to the lower
-/// index (SEMANTICS, "Ties"), so routing is deterministic; and the backward of the combine weights.
+/// index (docs/semantics.md, "Ties"), so routing is deterministic; and the backward of the combine weights.
 
 #include "moe/types.hpp"
 

@@ -35,6 +35,29 @@ public:
     virtual void all_sum(std::span<float> values) = 0;
     virtual void all_sum(std::span<double> values) = 0;
     virtual void all_sum(std::span<index> values) = 0;
+
+    /// Every rank's `mine` (`counts[p]` values from rank p) end to end in rank order in `all`, the same
+    /// on every rank. The default sends `mine` to every rank with `all_to_all`; a transport with a
+    /// gather of its own (MPI_Allgatherv) overrides it.
+    virtual void all_gather(std::span<const float> mine, std::span<const index> counts, std::span<float> all) {
+        gather_by_all_to_all(mine, counts, all);
+    }
+    virtual void all_gather(std::span<const double> mine, std::span<const index> counts, std::span<double> all) {
+        gather_by_all_to_all(mine, counts, all);
+    }
+
+private:
+    template <class T>
+    void gather_by_all_to_all(std::span<const T> mine, std::span<const index> counts, std::span<T> all) {
+        const auto ranks = static_cast<std::size_t>(size());
+        if (counts.size() != ranks)
+            throw value_error("communicator: all_gather needs one count per rank (" + std::to_string(ranks) + ")");
+        std::vector<T> copies;
+        copies.reserve(ranks * mine.size());
+        for (std::size_t p = 0; p < ranks; ++p) copies.insert(copies.end(), mine.begin(), mine.end());
+        const std::vector<index> sent(ranks, static_cast<index>(mine.size()));
+        all_to_all(std::span<const T>(copies), sent, all, counts);
+    }
 };
 
 /// Which rank computes each routed expert: `owners[e]` for expert e. A layer given a placement with a

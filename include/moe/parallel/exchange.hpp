@@ -8,6 +8,10 @@
 /// expert end to end in rank order; with the tokens spread over the ranks in contiguous slices in rank
 /// order (`token_slice`), that is the expert's one-process row block, so the expert computes the same
 /// rows in the same pieces and its results are bitwise those of one process.
+///
+/// A batch-dependent router (capacity, expert choice, Sinkhorn) routes the whole batch on every rank:
+/// `gather_tokens` shares the router logits (T x E, small next to the rows), every rank routes them the
+/// same way, and `take_own` keeps its own tokens' slots; backward shares dL/dw per slot (`gather_slots`).
 
 #include "moe/parallel/communicator.hpp"
 #include "moe/routing.hpp"
@@ -93,6 +97,59 @@ public:
         r.batch.tokens = totals_[static_cast<std::size_t>(width)];
         r.batch.slots = totals_[static_cast<std::size_t>(width) + 1];
         r.batch.chosen.assign(totals_.begin(), totals_.begin() + width);
+    }
+
+    /// A batch-dependent router routes the whole batch: every rank's rows of `mine` (router logits; the
+    /// same columns on every rank) end to end in rank order into `batch`. Notes which rows are this
+    /// rank's (`own_tokens`). Collective.
+    void gather_tokens(const matrix<Scalar>& mine, matrix<Scalar>& batch) {
+        const auto p = static_cast<std::size_t>(comm_->size()), me = static_cast<std::size_t>(comm_->rank());
+        token_rows_.assign(p, 0);
+        token_rows_[me] = mine.rows();
+        comm_->all_sum(std::span<index>(token_rows_));
+        first_tokens_.assign(p + 1, 0);
+        for (std::size_t q = 0; q < p; ++q) first_tokens_[q + 1] = first_tokens_[q] + token_rows_[q];
+        values_in_.resize(p);
+        for (std::size_t q = 0; q < p; ++q) values_in_[q] = token_rows_[q] * mine.cols();
+        batch.resize(first_tokens_.back(), mine.cols());
+        comm_->all_gather(std::span<const Scalar>(mine.data(), static_cast<std::size_t>(mine.size())), values_in_,
+                          std::span<Scalar>(batch.data(), static_cast<std::size_t>(batch.size())));
+    }
+
+    /// This rank's tokens of the last `gather_tokens`, as rows of the whole batch.
+    [[nodiscard]] slice own_tokens() const {
+        const auto me = static_cast<std::size_t>(comm_->rank());
+        return {first_tokens_[me], token_rows_[me]};
+    }
+
+    /// The token side of this rank's tokens (`own_tokens`) in `batch`, a routing of the whole batch:
+    /// what the router would have produced for them alone had it decided with every rank's tokens.
+    void take_own(const routing<Scalar>& batch, routing<Scalar>& own) const {
+        const slice mine = own_tokens();
+        const auto first = static_cast<std::size_t>(mine.first), n = static_cast<std::size_t>(mine.rows);
+        const index s0 = batch.token_offsets[first], s1 = batch.token_offsets[first + n];
+        own.begin_tokens(batch.experts);
+        own.tokens = mine.rows;
+        own.score = batch.score;
+        own.scores = batch.scores.middleRows(mine.first, mine.rows);
+        own.token_offsets.resize(n + 1);
+        for (std::size_t t = 0; t <= n; ++t) own.token_offsets[t] = batch.token_offsets[first + t] - s0;
+        own.expert_ids.assign(batch.expert_ids.begin() + s0, batch.expert_ids.begin() + s1);
+        own.weights.assign(batch.weights.begin() + s0, batch.weights.begin() + s1);
+        if (!batch.undropped_ids.empty())
+            own.undropped_ids.assign(batch.undropped_ids.begin() + s0, batch.undropped_ids.begin() + s1);
+    }
+
+    /// Every rank's values per slot of its tokens (`mine`, in the slot order `take_own` gave) end to end
+    /// into `all`, one value per slot of `batch` (the routing `take_own` took from). Collective.
+    void gather_slots(std::span<const Scalar> mine, const routing<Scalar>& batch, std::vector<Scalar>& all) {
+        const auto p = static_cast<std::size_t>(comm_->size());
+        values_in_.resize(p);
+        for (std::size_t q = 0; q < p; ++q)
+            values_in_[q] = batch.token_offsets[static_cast<std::size_t>(first_tokens_[q + 1])] -
+                            batch.token_offsets[static_cast<std::size_t>(first_tokens_[q])];
+        all.resize(static_cast<std::size_t>(batch.slots()));
+        comm_->all_gather(mine, values_in_, std::span<Scalar>(all));
     }
 
     /// Plans the exchange of `r`'s routed rows (after `build_dispatch`) and exchanges the row counts
@@ -233,6 +290,7 @@ private:
     std::vector<index> own_rows_;      // rows per own expert (scratch of plan)
     std::vector<index> next_own_row_;  // next own row of each own expert (scratch of plan)
     std::vector<index> counts_out_, counts_in_, values_out_, values_in_, totals_;
+    std::vector<index> token_rows_, first_tokens_;  // tokens of each rank, and where they begin (gather_tokens)
 
     matrix<Scalar> buffer_, back_;
     index sent_bytes_ = 0, received_bytes_ = 0;

@@ -52,6 +52,13 @@ public:
     void all_sum(std::span<double> v) override { allreduce(v.data(), v.size(), MPI_DOUBLE); }
     void all_sum(std::span<index> v) override { allreduce(v.data(), v.size(), index_type()); }
 
+    void all_gather(std::span<const float> mine, std::span<const index> counts, std::span<float> all) override {
+        allgatherv(mine.data(), mine.size(), counts, all.data(), all.size(), MPI_FLOAT);
+    }
+    void all_gather(std::span<const double> mine, std::span<const index> counts, std::span<double> all) override {
+        allgatherv(mine.data(), mine.size(), counts, all.data(), all.size(), MPI_DOUBLE);
+    }
+
 private:
     static MPI_Datatype index_type() {
         static_assert(sizeof(index) == 8 && std::is_signed_v<index>);
@@ -99,6 +106,30 @@ private:
                               std::to_string(recv_at) + " received) exceed the buffers of a rank (here " +
                               std::to_string(send_size) + ", " + std::to_string(recv_size) + ")");
         check(MPI_Alltoallv(send, sc_.data(), sd_.data(), type, recv, rc_.data(), rd_.data(), type, comm_), "MPI_Alltoallv");
+    }
+
+    void allgatherv(const void* mine, std::size_t mine_size, std::span<const index> counts, void* all,
+                    std::size_t all_size, MPI_Datatype type) {
+        const auto p = static_cast<std::size_t>(size_);
+        if (counts.size() != p)
+            throw value_error("mpi_communicator: all_gather needs one count per rank (" + std::to_string(p) + ")");
+        rc_.resize(p), rd_.resize(p);
+        index at = 0;
+        for (std::size_t i = 0; i < p; ++i) {  // int ranges checked below
+            rc_[i] = static_cast<int>(counts[i]);
+            rd_[i] = static_cast<int>(at);
+            at += counts[i];
+        }
+        const index own = counts[static_cast<std::size_t>(rank_)];
+        // Checked on every rank together, as in alltoallv.
+        int ok[2] = {at <= INT_MAX, static_cast<std::size_t>(own) == mine_size && static_cast<std::size_t>(at) <= all_size};
+        check(MPI_Allreduce(MPI_IN_PLACE, ok, 2, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+        if (!ok[0]) throw mpi_error("mpi_communicator: an all-gather of more than INT_MAX values (MPI's counts are int)");
+        if (!ok[1])
+            throw value_error("mpi_communicator: all_gather counts (this rank's " + std::to_string(own) + " of " +
+                              std::to_string(at) + ") do not fit the buffers of a rank (here " +
+                              std::to_string(mine_size) + ", " + std::to_string(all_size) + ")");
+        check(MPI_Allgatherv(mine, static_cast<int>(own), type, all, rc_.data(), rd_.data(), type, comm_), "MPI_Allgatherv");
     }
 
     void allreduce(void* data, std::size_t n, MPI_Datatype type) {

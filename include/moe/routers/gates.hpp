@@ -14,7 +14,7 @@ namespace moe::routers {
 /// `grad_weights`, for weights w = scale * s[chosen] / (eps + sum of the chosen s) (`normalize`) or
 /// scale * s[chosen], with s = softmax(z) or sigmoid(z) (as `r.score` says) stored in `r.scores`.
 /// Slots that ran no routed expert (dropped, null) carry no weight. The selection is held constant
-/// (SEMANTICS, "Backward"). Each token's weights-to-scores step is `kernels::gate_backward`.
+/// (docs/semantics.md, "Backward"). Each token's weights-to-scores step is `kernels::gate_backward`.
 template <class Scalar>
 void logits_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weights, bool normalize, Scalar eps,
                      Scalar scale, matrix<Scalar>& grad_logits) {
