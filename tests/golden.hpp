@@ -145,9 +145,9 @@ struct layer_case {
         moe::matrix<Scalar> got_weights = moe::matrix<Scalar>::Zero(weights.rows(), width);
         for (moe::index t = 0; t < r.tokens; ++t) {
             INFO("token " << t);
-            REQUIRE(r.end(t) - r.begin(t) == slots[static_cast<std::size_t>(t)]);
-            for (moe::index j = 0; j < r.end(t) - r.begin(t); ++j) {
-                const auto s = static_cast<std::size_t>(r.begin(t) + j);
+            REQUIRE(r.slot_count(t) == slots[static_cast<std::size_t>(t)]);
+            for (moe::index j = 0; j < r.slot_count(t); ++j) {
+                const auto s = static_cast<std::size_t>(r.first_slot(t) + j);
                 CHECK(r.expert_ids[s] == ids[static_cast<std::size_t>(t * width + j)]);
                 got_weights(t, j) = r.weights[s];
             }

@@ -25,13 +25,13 @@ TEST_CASE("softmax_topk routing invariants", "[routers][softmax_topk]") {
     for (moe::index t = 0; t < r.tokens; ++t) {
         std::set<int> ids;
         double sum = 0;
-        for (moe::index s = r.begin(t); s < r.end(t); ++s) {
+        for (moe::index s = r.first_slot(t); s < r.end_slot(t); ++s) {
             const auto id = r.expert_ids[static_cast<std::size_t>(s)];
             REQUIRE(id >= 0);
             REQUIRE(id < 6);
             ids.insert(id);
             sum += r.weights[static_cast<std::size_t>(s)];
-            if (s > r.begin(t))  // selection order: descending probability
+            if (s > r.first_slot(t))  // selection order: descending probability
                 CHECK(r.scores(t, r.expert_ids[static_cast<std::size_t>(s) - 1]) >= r.scores(t, id));
         }
         CHECK(ids.size() == 3);

@@ -23,10 +23,10 @@ TEST_CASE("top_p reaches the threshold unless max_k stops it, and conforms", "[r
     moe::index stopped = 0, reached = 0;
     for (moe::index t = 0; t < r.tokens; ++t) {
         double mass = 0, before_last = 0;
-        const moe::index n = r.end(t) - r.begin(t);
+        const moe::index n = r.slot_count(t);
         REQUIRE(n >= 1);
         REQUIRE(n <= 3);
-        for (moe::index s = r.begin(t); s < r.end(t); ++s) {
+        for (moe::index s = r.first_slot(t); s < r.end_slot(t); ++s) {
             before_last = mass;
             mass += r.weights[static_cast<std::size_t>(s)];
         }

@@ -14,7 +14,7 @@ TEST_CASE("build_dispatch groups slots per expert in token order", "[routing]") 
     for (moe::index row = 0; row < r.rows(); ++row) CHECK(r.slot_rows[r.row_slots[row]] == row);
     CHECK(r.rows() == 7);
     CHECK(r.slots() == 8);
-    CHECK(r.end(3) - r.begin(3) == 2);
+    CHECK(r.slot_count(3) == 2);
 }
 
 TEST_CASE("build_dispatch skips null experts and handles no tokens", "[routing]") {

@@ -94,9 +94,10 @@ struct routing {
         const auto i = static_cast<std::size_t>(s);
         return undropped_ids.empty() ? expert_ids[i] : undropped_ids[i];
     }
-    /// Slots of token t.
-    [[nodiscard]] index begin(index t) const { return token_offsets[static_cast<std::size_t>(t)]; }
-    [[nodiscard]] index end(index t) const { return token_offsets[static_cast<std::size_t>(t + 1)]; }
+    /// The slots of token t are the indices [first_slot(t), end_slot(t)), slot_count(t) of them.
+    [[nodiscard]] index first_slot(index t) const { return token_offsets[static_cast<std::size_t>(t)]; }
+    [[nodiscard]] index end_slot(index t) const { return token_offsets[static_cast<std::size_t>(t + 1)]; }
+    [[nodiscard]] index slot_count(index t) const { return end_slot(t) - first_slot(t); }
 
     /// Prepares the token side for `t` tokens with exactly `k` slots each (the common case).
     void reset_fixed_k(index t, index e, index k) {
@@ -148,7 +149,7 @@ struct routing {
         expert_offsets.assign(ne + 1, 0);
         slot_tokens.resize(expert_ids.size());
         for (index t = 0; t < tokens; ++t)
-            for (index s = begin(t); s < end(t); ++s) slot_tokens[static_cast<std::size_t>(s)] = t;
+            for (index s = first_slot(t); s < end_slot(t); ++s) slot_tokens[static_cast<std::size_t>(s)] = t;
         for (auto id : expert_ids)
             if (id >= 0 && id < experts) ++expert_offsets[static_cast<std::size_t>(id) + 1];
         for (std::size_t e = 0; e < ne; ++e) expert_offsets[e + 1] += expert_offsets[e];

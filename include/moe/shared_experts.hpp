@@ -9,8 +9,15 @@
 
 namespace moe {
 
-/// A shared-expert policy: `static constexpr bool enabled`, `static constexpr bool gated` (output
-/// `sigmoid(w_g . x) * FFN(x)` when true), and, when enabled, a member `expert` of an `expert_ffn` type.
+/// A shared-expert policy: the FFN every token goes through besides its routed experts. It must provide
+/// `static constexpr bool enabled` and `static constexpr bool gated`, and, when enabled, a member
+/// `expert` of an `expert_ffn` type.
+///
+/// The layer then holds one more FFN of `expert`'s layout and storage, of width `layer_shape::d_shared`
+/// (DeepSeek's n_shared experts stored as one), runs it on every token in the same task list as the
+/// routed experts, and adds its output to the combined routed output, times `sigmoid(w_g . x)` with a
+/// gate vector w_g (d values, a layer parameter) when `gated`. Backward differentiates the FFN, the
+/// gate and w_g. See docs/semantics.md, "Shared experts".
 template <class S>
 concept shared_expert = std::copy_constructible<S> && requires {
     { S::enabled } -> std::convertible_to<bool>;

@@ -83,11 +83,11 @@ routing_statistics compute_statistics(const routing<Scalar>& r) {
     s.experts = r.experts;
     s.load.assign(static_cast<std::size_t>(r.experts), 0);
     index most = 0;
-    for (index t = 0; t < r.tokens; ++t) most = std::max(most, r.end(t) - r.begin(t));
+    for (index t = 0; t < r.tokens; ++t) most = std::max(most, r.slot_count(t));
     s.experts_per_token.assign(static_cast<std::size_t>(most) + 1, 0);
     for (index t = 0; t < r.tokens; ++t) {
         index ran = 0;
-        for (index slot = r.begin(t); slot < r.end(t); ++slot) {
+        for (index slot = r.first_slot(t); slot < r.end_slot(t); ++slot) {
             const auto id = r.expert_ids[static_cast<std::size_t>(slot)];
             if (id == dropped_slot) {
                 ++s.dropped;

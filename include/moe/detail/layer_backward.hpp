@@ -151,7 +151,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::combine_backward(matrix_r
     for_row_chunks(routing_.tokens, [&](index begin, index end) {
         for (index i = begin; i < end; ++i) {
             auto gi = grad_x.row(i);
-            for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
+            for (index s = routing_.first_slot(i); s < routing_.end_slot(i); ++s) {
                 const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
                 if (row >= 0) gi += row_grad_.row(row);
             }

@@ -153,7 +153,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::combine(const const_matri
         for (index i = begin; i < end; ++i) {
             auto yi = y.row(i);
             yi.setZero();
-            for (index s = routing_.begin(i); s < routing_.end(i); ++s) {
+            for (index s = routing_.first_slot(i); s < routing_.end_slot(i); ++s) {
                 const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
                 if (row >= 0) yi += routing_.weights[static_cast<std::size_t>(s)] * expert_out_.row(row);
             }

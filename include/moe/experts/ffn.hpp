@@ -31,10 +31,19 @@ struct ffn_weights {
     typename Storage::matrix out;
 };
 
-/// An expert FFN policy: `static constexpr bool gated` (output `W_out (act(W_gate x) * (W_up x))` when
-/// true, `W_out act(W_in x)` when false) and `activation act() const`; optionally `using storage = S`, the
-/// weight storage of its weights (default: the layer's scalar type). It holds no weights; the layer
-/// stores them in `ffn_weights` of the policy's layout.
+/// An expert FFN policy: what one routed (or shared) expert computes. It must provide:
+///
+/// - `static constexpr bool gated`: the output is `W_out (act(W_gate x) * (W_up x))` when true (GLU
+///   experts: the input projection `in` has 2 * ff rows, the gate's first), `W_out act(W_in x)` when
+///   false (`in` has ff rows).
+/// - `activation act() const`: one of `moe::activation` (kernels/activations.hpp holds each one's
+///   forward and derivative; a new activation is added there, to both).
+/// - Optionally `using storage = S`: the `weight_storage` of its weights (`experts::stored_as`); without
+///   it, the layer's scalar type (`storages::scalar<Scalar>`, the one storage a layer trains on).
+///
+/// And guarantee: it holds no weights (the layer keeps them in `ffn_weights` of this layout, one per
+/// expert, and runs every expert of the layer with one policy object), and `act()` is the same on
+/// every call. What the layer computes with it, forward and backward: docs/semantics.md, "Expert FFNs".
 template <class X>
 concept expert_ffn = std::copy_constructible<X> && requires(const X& x) {
     { X::gated } -> std::convertible_to<bool>;

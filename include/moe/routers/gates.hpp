@@ -22,8 +22,8 @@ void logits_backward(const routing<Scalar>& r, std::span<const Scalar> grad_weig
     grad_logits.setZero();
     for (index t = 0; t < r.tokens; ++t) {
         Scalar* g = grad_logits.row(t).data();
-        const index b = r.begin(t);
-        kernels::gate_backward(r.scores.row(t).data(), r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b,
+        const index b = r.first_slot(t);
+        kernels::gate_backward(r.scores.row(t).data(), r.expert_ids.data() + b, grad_weights.data() + b, r.end_slot(t) - b,
                                r.experts, normalize, eps, scale, g);
         if (r.score == score_function::sigmoid)
             kernels::sigmoid_backward(r.scores.row(t).data(), g, g, cols);

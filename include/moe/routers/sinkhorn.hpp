@@ -96,8 +96,8 @@ struct sinkhorn {
         for (index t = 0; t < r.tokens; ++t) {
             Scalar* g = grad_logits.row(t).data();
             const Scalar* plan = st.plan.row(t).data();
-            const index b = r.begin(t);
-            kernels::gate_backward(plan, r.expert_ids.data() + b, grad_weights.data() + b, r.end(t) - b, r.experts, true,
+            const index b = r.first_slot(t);
+            kernels::gate_backward(plan, r.expert_ids.data() + b, grad_weights.data() + b, r.end_slot(t) - b, r.experts, true,
                                    Scalar(0), Scalar(1), g);
             for (index x = 0; x < r.experts; ++x) g[x] *= plan[x];
         }

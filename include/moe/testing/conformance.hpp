@@ -83,11 +83,11 @@ report check_router(const R& router, const matrix<Scalar>& logits, index experts
         return rep;
     }
     for (index i = 0; i < t; ++i) {
-        if (r.end(i) < r.begin(i)) detail::fail(rep, "token ", i, ": slot offsets decrease");
+        if (r.end_slot(i) < r.first_slot(i)) detail::fail(rep, "token ", i, ": slot offsets decrease");
         std::set<std::int32_t> seen;
         double sum = 0;
         bool any_real = false;
-        for (index s = r.begin(i); s < r.end(i); ++s) {
+        for (index s = r.first_slot(i); s < r.end_slot(i); ++s) {
             const auto id = r.expert_ids[static_cast<std::size_t>(s)];
             const double w = static_cast<double>(r.weights[static_cast<std::size_t>(s)]);
             if (id != dropped_slot && (id < 0 || id >= rows))
@@ -104,8 +104,8 @@ report check_router(const R& router, const matrix<Scalar>& logits, index experts
         }
         if (expect.weight_sum && any_real && std::abs(sum - *expect.weight_sum) > expect.tolerance * std::abs(*expect.weight_sum))
             detail::fail(rep, "token ", i, ": weights sum to ", sum, ", expected ", *expect.weight_sum);
-        if (expect.slots_per_token && r.end(i) - r.begin(i) != *expect.slots_per_token)
-            detail::fail(rep, "token ", i, ": ", r.end(i) - r.begin(i), " slots, expected ", *expect.slots_per_token);
+        if (expect.slots_per_token && r.slot_count(i) != *expect.slots_per_token)
+            detail::fail(rep, "token ", i, ": ", r.slot_count(i), " slots, expected ", *expect.slots_per_token);
     }
     if (expect.rows_per_expert)
         for (index e = 0; e < experts; ++e) {
@@ -119,8 +119,8 @@ report check_router(const R& router, const matrix<Scalar>& logits, index experts
         for (index i = 0; i < t; ++i) {
             const matrix<Scalar> one = logits.row(i);
             const routing<Scalar> alone = detail::route_once<Scalar>(router, one, experts);
-            const auto b = r.expert_ids.begin() + r.begin(i), e = r.expert_ids.begin() + r.end(i);
-            const auto wb = r.weights.begin() + r.begin(i), we = r.weights.begin() + r.end(i);
+            const auto b = r.expert_ids.begin() + r.first_slot(i), e = r.expert_ids.begin() + r.end_slot(i);
+            const auto wb = r.weights.begin() + r.first_slot(i), we = r.weights.begin() + r.end_slot(i);
             if (!std::equal(b, e, alone.expert_ids.begin(), alone.expert_ids.end()) ||
                 !std::equal(wb, we, alone.weights.begin(), alone.weights.end()))
                 detail::fail(rep, "token ", i, " is routed differently alone than in its batch, but the router is not batch_dependent");
