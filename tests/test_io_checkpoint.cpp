@@ -1,4 +1,5 @@
 #include "golden.hpp"
+#include "one_of_ranks.hpp"
 
 #include <moe/io/checkpoint.hpp>
 
@@ -209,22 +210,12 @@ TEST_CASE("save_layer names an unwritable file and leaves nothing behind", "[io]
 
 TEST_CASE("load_layer and checkpoint_parameters of an expert-parallel rank cover only its experts", "[io][checkpoint][parallel]") {
     // Rank 1 of 2 (loading makes no collective call, so no other rank is needed).
-    struct second_of_two final : moe::parallel::communicator {
-        [[nodiscard]] int rank() const override { return 1; }
-        [[nodiscard]] int size() const override { return 2; }
-        void all_to_all(std::span<const float>, std::span<const moe::index>, std::span<float>, std::span<const moe::index>) override { FAIL(); }
-        void all_to_all(std::span<const double>, std::span<const moe::index>, std::span<double>, std::span<const moe::index>) override { FAIL(); }
-        void all_to_all(std::span<const moe::index>, std::span<const moe::index>, std::span<moe::index>, std::span<const moe::index>) override { FAIL(); }
-        void all_sum(std::span<float>) override { FAIL(); }
-        void all_sum(std::span<double>) override { FAIL(); }
-        void all_sum(std::span<moe::index>) override { FAIL(); }
-    };
     const moe::io::checkpoint ckpt(ckpt_dir / "deepseek_v3");
     const auto& c = ckpt.config();
     const moe::routers::sigmoid_topk router{.k = c.top_k, .normalize = c.normalize, .scale = c.scale,
                                             .n_group = c.n_group, .topk_group = c.topk_group};
     moe::deepseek_v3_layer<float> whole(moe::io::shape_of(c), router),
-        part(moe::io::shape_of(c), moe::parallel::placement{.comm = std::make_shared<second_of_two>()}, router);
+        part(moe::io::shape_of(c), moe::parallel::placement{.comm = std::make_shared<one_of_ranks>(1, 2)}, router);
     moe::io::load_layer(ckpt, 1, whole);
     moe::io::load_layer(ckpt, 1, part);
     const moe::index half = c.n_experts / 2;  // rank 1 holds the second half

@@ -1,6 +1,8 @@
-#include <catch2/catch.hpp>
+#include "one_of_ranks.hpp"
 
 #include <moe/parallel/communicator.hpp>
+
+#include <catch2/catch.hpp>
 
 TEST_CASE("placement gives nearly equal contiguous blocks and checks a given map", "[parallel]") {
     using moe::parallel::placement;
@@ -33,9 +35,9 @@ TEST_CASE("token_slice spreads a batch in contiguous slices in rank order", "[pa
 TEST_CASE("the default all_gather sends a rank's values to every rank and takes each rank's block in rank order",
           "[parallel]") {
     // Rank 1 of 3; its all-to-all plays the other ranks: rank 0 sends {0}, rank 2 sends {20, 21, 22}.
-    struct rank_1_of_3 final : moe::parallel::communicator {
-        [[nodiscard]] int rank() const override { return 1; }
-        [[nodiscard]] int size() const override { return 3; }
+    struct rank_1_of_3 final : one_of_ranks {
+        rank_1_of_3() : one_of_ranks(1, 3) {}
+        using one_of_ranks::all_to_all;
         void all_to_all(std::span<const float> send, std::span<const moe::index> send_counts, std::span<float> recv,
                         std::span<const moe::index> recv_counts) override {
             CHECK(std::vector<float>(send.begin(), send.end()) == std::vector<float>{5, 6, 5, 6, 5, 6});
@@ -45,13 +47,6 @@ TEST_CASE("the default all_gather sends a rank's values to every rank and takes 
             const float got[] = {0, send[2], send[3], 20, 21, 22};  // rank 1's block is what it sent itself
             std::copy(std::begin(got), std::end(got), recv.begin());
         }
-        void all_to_all(std::span<const double>, std::span<const moe::index>, std::span<double>,
-                        std::span<const moe::index>) override { FAIL(); }
-        void all_to_all(std::span<const moe::index>, std::span<const moe::index>, std::span<moe::index>,
-                        std::span<const moe::index>) override { FAIL(); }
-        void all_sum(std::span<float>) override { FAIL(); }
-        void all_sum(std::span<double>) override { FAIL(); }
-        void all_sum(std::span<moe::index>) override { FAIL(); }
     } comm;
     const std::vector<float> mine{5, 6};
     const std::vector<moe::index> counts{1, 2, 3};

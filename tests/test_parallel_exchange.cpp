@@ -1,6 +1,8 @@
 // The expert exchange and an expert-parallel layer over a one-rank communicator (no MPI needed): the
 // whole protocol runs, and the result must be the one-process layer's bit for bit. Several ranks are
 // tested under mpirun by tests/parallel/test_parallel_mpi.cpp.
+#include "one_of_ranks.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <moe/moe.hpp>
@@ -103,7 +105,9 @@ TEST_CASE("an expert-parallel layer of one rank routes the whole batch with a ba
     // The routing of the whole batch (logits gathered, own slots taken, dL/dw gathered in backward) over
     // the communicator's default all_gather; at several ranks under mpirun in tests/parallel.
     const moe::layer_shape shape{.d_model = 16, .d_ff = 24, .n_experts = 6};
+    std::shared_ptr<loopback> comm;
     const auto check = [&](auto one, auto part) {
+        comm->exchanges = 0;
         one.randomize(6);
         part.randomize(6);
         one.set_training(true);
@@ -112,10 +116,12 @@ TEST_CASE("an expert-parallel layer of one rank routes the whole batch with a ba
         moe::matrix<float> y(45, 16), y2(45, 16), gx(45, 16), gx2(45, 16);
         one.forward(x, y);
         part.forward(x, y2);
+        CHECK(comm->exchanges == 3);  // the logits gathered, rows out, results back
         CHECK((y.array() == y2.array()).all());
         CHECK(part.last_routing().expert_ids == one.last_routing().expert_ids);
         one.backward(x, g, gx);
         part.backward(x, g, gx2);
+        CHECK(comm->exchanges == 6);  // dL/dw per slot gathered, gradients of the rows out and back
         CHECK((gx.array() == gx2.array()).all());
         const auto a = one.parameters(), b = part.parameters();
         REQUIRE(a.size() == b.size());
@@ -125,10 +131,83 @@ TEST_CASE("an expert-parallel layer of one rank routes the whole batch with a ba
         }
         CHECK(part.statistics().to_json() == one.statistics().to_json());
     };
-    const moe::parallel::placement where{.comm = std::make_shared<loopback>()};
+    comm = std::make_shared<loopback>();
+    const moe::parallel::placement where{.comm = comm};
     namespace r = moe::routers;
     const r::sinkhorn plan{.k = 2, .iterations = 20, .gates = r::sinkhorn_gates::plan};
     check(moe::sbase_layer<float>(shape, plan), moe::sbase_layer<float>(shape, where, plan));
     const r::capacity<r::softmax_topk> cap{.inner = {.k = 2}, .capacity_factor = 0.75, .policy = r::drop_policy::probs};
     check(moe::switch_layer<float>(shape, cap), moe::switch_layer<float>(shape, where, cap));
+}
+
+TEST_CASE("expert_exchange gathers the batch's logits, takes a rank's slots and gathers its slot values",
+          "[parallel]") {
+    // Rank 1 of 3 with 1 of the batch's 5 tokens (rank 0 has 2, rank 2 has 2); its collectives play the
+    // other ranks: each all_sum adds their canned values, each all-to-all hands in their blocks.
+    struct rank_1_of_3 final : one_of_ranks {
+        rank_1_of_3() : one_of_ranks(1, 3) {}
+        using one_of_ranks::all_sum, one_of_ranks::all_to_all;
+        std::vector<std::vector<moe::index>> others;  // what the other ranks add to each all_sum, in order
+        std::vector<std::vector<float>> blocks;       // rank 0's and rank 2's values of each all-gather
+        void all_to_all(std::span<const float> send, std::span<const moe::index> send_counts, std::span<float> recv,
+                        std::span<const moe::index> recv_counts) override {
+            REQUIRE(!blocks.empty());
+            const auto mine = static_cast<std::size_t>(send_counts[1]);
+            REQUIRE(static_cast<std::size_t>(recv_counts[0] + recv_counts[2]) == blocks.front().size());
+            auto at = std::copy_n(blocks.front().begin(), recv_counts[0], recv.begin());
+            at = std::copy_n(send.begin() + static_cast<std::ptrdiff_t>(mine), recv_counts[1], at);
+            std::copy(blocks.front().begin() + recv_counts[0], blocks.front().end(), at);
+            blocks.erase(blocks.begin());
+        }
+        void all_sum(std::span<moe::index> v) override {
+            REQUIRE(!others.empty());
+            REQUIRE(others.front().size() == v.size());
+            for (std::size_t i = 0; i < v.size(); ++i) v[i] += others.front()[i];
+            others.erase(others.begin());
+        }
+    };
+    auto comm = std::make_shared<rank_1_of_3>();
+    moe::parallel::expert_exchange<float> ex(moe::parallel::placement{.comm = comm}, 2);
+    comm->others = {{2, 0, 2}};                          // token rows
+    comm->blocks = {{0, 1, 2, 3, 40, 41, 42, 43}};       // rank 0's two logit rows, rank 2's two
+    moe::matrix<float> mine(1, 2), batch;
+    mine << 20, 21;
+    ex.gather_tokens(mine, batch);
+    moe::matrix<float> expected(5, 2);
+    expected << 0, 1, 2, 3, 20, 21, 40, 41, 42, 43;
+    CHECK(batch == expected);
+    CHECK(ex.own_tokens().first == 2);
+    CHECK(ex.own_tokens().rows == 1);
+
+    // A routing of the batch with 1, 2, 2, 0 and 1 slots: this rank's token is the third.
+    moe::routing<float> whole, own;
+    whole.begin_tokens(2);
+    whole.scores = batch;
+    for (const auto& token : std::vector<std::vector<std::int32_t>>{{0}, {1, 0}, {1, moe::dropped_slot}, {}, {0}}) {
+        for (const auto id : token) whole.add_slot(id, 0.5f + static_cast<float>(whole.slots()));
+        whole.end_token();
+    }
+    whole.undropped_ids = {0, 1, 0, 1, 1, 0};
+    ex.take_own(whole, own);
+    CHECK(own.tokens == 1);
+    CHECK(own.token_offsets == std::vector<moe::index>{0, 2});
+    CHECK(own.expert_ids == std::vector<std::int32_t>{1, moe::dropped_slot});
+    CHECK(own.weights == std::vector<float>{3.5f, 4.5f});
+    CHECK(own.undropped_ids == std::vector<std::int32_t>{1, 1});
+    CHECK(own.scores == expected.middleRows(2, 1));
+
+    comm->others = {{3, 0, 1}, {0}};  // slots of rank 0 and rank 2; no rank fails
+    comm->blocks = {{7, 8, 9, 10}};
+    const std::vector<float> grads{-1, -2};
+    std::vector<float> all;
+    ex.gather_slots(std::span<const float>(grads), whole, all);
+    CHECK(all == std::vector<float>{7, 8, 9, -1, -2, 10});
+
+    // Ranks whose routings of the batch differ (rank 2 counts 2 slots where this routing has 1): every
+    // rank fails, this one with the reason.
+    comm->others = {{3, 0, 2}, {0}};
+    CHECK_THROWS_WITH(ex.gather_slots(std::span<const float>(grads), whole, all),
+                      Catch::Contains("routings of the whole batch differ"));
+    whole.tokens = 4;  // a router that lost a token
+    CHECK_THROWS_WITH(ex.take_own(whole, own), Catch::Contains("routing of 4 tokens for the batch's 5"));
 }

@@ -38,6 +38,8 @@ using router_state_t = typename detail::router_state<R, Scalar>::type;
 /// - `static constexpr bool batch_dependent`: whether one token's choice can depend on the other
 ///   tokens of the batch (capacity, Sinkhorn, expert choice). Such routing lets one request of a
 ///   shared batch influence another; serve separate requests in separate batches when that matters.
+///   Under expert parallelism every rank routes the whole batch, so such a router must route the same
+///   logits (and state) the same way on every rank: deterministically, with no per-rank randomness.
 /// - `void validate(index experts) const`: throws `moe::value_error` naming the field and its value
 ///   when its hyper-parameters do not fit `experts` routed experts. The layer calls it once.
 /// - `void route(const matrix<Scalar>& logits, routing<Scalar>& out) const`, or, with a nested

@@ -66,8 +66,8 @@ struct routing {
     std::vector<index> slot_rows;  ///< slot -> row, or -1 when the slot runs no expert
     std::vector<index> slot_tokens;  ///< slot -> token
 
-    /// When this routing is one part of a batch routed in parts (expert parallelism: every rank routes
-    /// its own tokens), the whole batch's totals, by which the losses normalise. Empty `chosen` means
+    /// When this routing is one part of a batch (expert parallelism: every rank's routing of its own
+    /// tokens), the whole batch's totals, by which the losses normalise. Empty `chosen` means
     /// the routing is the whole batch. Set after `build_dispatch`; the reset functions clear it.
     struct batch_totals {
         index tokens = 0;

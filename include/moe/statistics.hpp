@@ -114,9 +114,10 @@ routing_statistics compute_statistics(const routing<Scalar>& r) {
     return s;
 }
 
-/// The statistics of a batch routed in parts (expert parallelism: each rank routes its own tokens)
+/// The statistics of a batch held in parts (expert parallelism: each rank's routing of its own tokens)
 /// from this rank's part: counts are summed over the ranks and the ratios derived again. Collective.
-/// Router-specific fields (Sinkhorn's) stay this rank's.
+/// Router-specific fields (Sinkhorn's) are left as they are: the layer adds them from its router's
+/// state, which is of the whole batch when a batch-dependent router routed it.
 inline routing_statistics combine_statistics(routing_statistics s, parallel::communicator& comm) {
     // The histogram runs to the largest slot count of a token in any part: agree on its length first.
     const auto ranks = static_cast<std::size_t>(comm.size());

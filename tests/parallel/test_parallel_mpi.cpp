@@ -136,6 +136,33 @@ void compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owner
     check_against_one_process(one, part, tokens, bitwise_output);
 }
 
+/// What routing each rank's slice as a group of its own would change: the tokens (over all ranks) whose
+/// slots differ between a one-process layer routing the whole batch and the same layer routing the
+/// rank's slice alone (the inputs of `check_against_one_process`).
+template <class Layer, class... Args>
+index routed_otherwise_by_slice(moe::layer_shape shape, index tokens, Args... args) {
+    Layer layer(shape, args...);
+    layer.randomize(3);
+    const auto s = moe::parallel::token_slice(tokens, world()->rank(), world()->size());
+    const moe::matrix<float> x = random_matrix(tokens, shape.d_model, 11), x_part = x.middleRows(s.first, s.rows);
+    moe::matrix<float> y(tokens, shape.d_model), y_part(s.rows, shape.d_model);
+    layer.forward(x, y);
+    const moe::routing<float> whole = layer.last_routing();
+    layer.forward(x_part, y_part);
+    const auto& alone = layer.last_routing();
+    index differ = 0;
+    for (index t = 0; t < s.rows; ++t) {
+        const auto slots = [](const moe::routing<float>& r, index token) {
+            const auto b = r.expert_ids.begin() + r.first_slot(token), e = r.expert_ids.begin() + r.end_slot(token);
+            const auto wb = r.weights.begin() + r.first_slot(token), we = r.weights.begin() + r.end_slot(token);
+            return std::pair(std::vector<std::int32_t>(b, e), std::vector<float>(wb, we));
+        };
+        differ += slots(whole, s.first + t) != slots(alone, t);
+    }
+    world()->all_sum(std::span<index>(&differ, 1));
+    return differ;
+}
+
 }  // namespace
 
 TEST_CASE("expert-parallel top-k layers equal one process: outputs and expert gradients bitwise", "[parallel]") {
@@ -195,7 +222,7 @@ TEST_CASE("batch-dependent routers route the whole batch: expert-parallel layers
     const moe::experts::mlp relu{moe::activation::relu};
     const std::tuple<lb, zl> losses{{.alpha = 0.5}, {.beta = 0.05}};
     namespace r = moe::routers;
-    for (const moe::index tokens : {3, 45}) {  // 3 < 4 ranks: a rank without tokens
+    for (const moe::index tokens : {0, 3, 45}) {  // 3 < 4 ranks: a rank without tokens
         INFO("T = " << tokens);
         compare_layers<moe::expert_choice_layer<float>>(shape, tokens, {}, true, r::expert_choice{.capacity_factor = 1.5},
                                                         relu);
@@ -213,6 +240,16 @@ TEST_CASE("batch-dependent routers route the whole batch: expert-parallel layers
             r::any_router(r::expert_choice{.capacity_factor = 2.0}), moe::experts::swiglu{}, moe::shared_experts::none{},
             losses);
     }
+    // The test tells routing the whole batch from routing each slice alone: at T = 45 they differ.
+    CHECK(routed_otherwise_by_slice<moe::expert_choice_layer<float>>(shape, 45, r::expert_choice{.capacity_factor = 1.5},
+                                                                      relu) > 0);
+    for (const auto policy : {r::drop_policy::position, r::drop_policy::probs})
+        CHECK(routed_otherwise_by_slice<moe::switch_layer<float>>(
+                  shape, 45, r::capacity<r::softmax_topk>{.inner = {.k = 2}, .capacity_factor = 0.75, .policy = policy},
+                  relu) > 0);
+    for (const auto gates : {r::sinkhorn_gates::softmax, r::sinkhorn_gates::plan})
+        CHECK(routed_otherwise_by_slice<moe::sbase_layer<float>>(shape, 45,
+                                                                 r::sinkhorn{.k = 2, .iterations = 20, .gates = gates}) > 0);
 }
 
 TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {

@@ -65,6 +65,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::route_tokens() {
     }
     exchange_->gather_tokens(logits_, batch_logits_);
     moe::route(router_, batch_logits_, router_state_, batch_routing_);
+    batch_routing_.build_dispatch();  // the router's backward gets the routing as one process's would
     exchange_->take_own(batch_routing_, routing_);
 }
 

@@ -126,6 +126,10 @@ public:
     /// what the router would have produced for them alone had it decided with every rank's tokens.
     void take_own(const routing<Scalar>& batch, routing<Scalar>& own) const {
         const slice mine = own_tokens();
+        // The same on every rank (every rank routed the same logits), so no rank throws alone.
+        if (batch.tokens != first_tokens_.back())
+            throw value_error("expert parallelism: the router returned a routing of " + std::to_string(batch.tokens) +
+                              " tokens for the batch's " + std::to_string(first_tokens_.back()));
         const auto first = static_cast<std::size_t>(mine.first), n = static_cast<std::size_t>(mine.rows);
         const index s0 = batch.token_offsets[first], s1 = batch.token_offsets[first + n];
         own.begin_tokens(batch.experts);
@@ -141,13 +145,21 @@ public:
     }
 
     /// Every rank's values per slot of its tokens (`mine`, in the slot order `take_own` gave) end to end
-    /// into `all`, one value per slot of `batch` (the routing `take_own` took from). Collective.
+    /// into `all`, one value per slot of `batch` (the routing `take_own` took from). Throws `error` on
+    /// every rank when the ranks' routings of the batch differ (a router that did not route the same
+    /// logits the same way everywhere). Collective.
     void gather_slots(std::span<const Scalar> mine, const routing<Scalar>& batch, std::vector<Scalar>& all) {
-        const auto p = static_cast<std::size_t>(comm_->size());
-        values_in_.resize(p);
-        for (std::size_t q = 0; q < p; ++q)
-            values_in_[q] = batch.token_offsets[static_cast<std::size_t>(first_tokens_[q + 1])] -
-                            batch.token_offsets[static_cast<std::size_t>(first_tokens_[q])];
+        const auto p = static_cast<std::size_t>(comm_->size()), me = static_cast<std::size_t>(comm_->rank());
+        values_in_.assign(p, 0);
+        values_in_[me] = static_cast<index>(mine.size());
+        comm_->all_sum(std::span<index>(values_in_));
+        agree([&] {  // every rank's slots where this rank's routing of the batch puts them
+            for (std::size_t q = 0; q < p; ++q)
+                if (values_in_[q] != batch.token_offsets[static_cast<std::size_t>(first_tokens_[q + 1])] -
+                                         batch.token_offsets[static_cast<std::size_t>(first_tokens_[q])])
+                    throw error("expert parallelism: the ranks' routings of the whole batch differ (a batch-dependent "
+                                "router must route the same logits the same way on every rank)");
+        });
         all.resize(static_cast<std::size_t>(batch.slots()));
         comm_->all_gather(mine, values_in_, std::span<Scalar>(all));
     }
