@@ -22,17 +22,6 @@ TEST_CASE("load-balance and z-loss match the PyTorch reference", "[losses]") {
     }
 }
 
-TEST_CASE("load balance equals alpha at perfect balance, alpha*k per token", "[losses]") {
-    moe::routing<double> r;
-    r.reset_fixed_k(4, 4, 2);
-    r.expert_ids = {0, 1, 2, 3, 0, 1, 2, 3};
-    r.build_dispatch();
-    const moe::matrix<double> z = moe::matrix<double>::Zero(4, 4);  // uniform probabilities
-    CHECK(moe::losses::load_balance{.alpha = 0.5}.value(r, z) == Approx(0.5));
-    CHECK(moe::losses::load_balance{.alpha = 0.5, .per_token = true}.value(r, z) == Approx(1.0));
-    CHECK(moe::losses::z_loss{.beta = 1.0}.value(r, z) == Approx(std::log(4.0) * std::log(4.0)));
-}
-
 TEST_CASE("L1-L4 values and gradients match PyTorch autograd for every router", "[losses][backward]") {
     std::size_t cases = 0;
     for (const auto& entry : std::filesystem::directory_iterator(golden::data_dir / "layer")) {
@@ -76,38 +65,6 @@ TEST_CASE("L1-L4 values and gradients match PyTorch autograd for every router", 
         if (c.file.contains("expected.null_balance")) check(moe::losses::null_balance{.alpha = 1.0}, "null_balance");
     }
     CHECK(cases >= 25);
-}
-
-TEST_CASE("bias update moves the bias of over- and under-loaded experts by gamma", "[losses]") {
-    moe::routing<double> r;
-    r.reset_fixed_k(3, 4, 2);
-    r.expert_ids = {0, 1, 0, 2, 0, 1};  // counts 3, 2, 1, 0 (mean 1.5)
-    r.build_dispatch();
-    moe::losses::bias_update u(0.25);
-    u.observe(r);
-    u.observe(r);  // a step of two micro-batches: counts 6, 4, 2, 0 (mean 3)
-    CHECK(u.counts() == std::vector<moe::index>{6, 4, 2, 0});
-    moe::vector<double> bias = moe::vector<double>::Constant(4, 1.0);
-    u.apply(bias);
-    CHECK(bias[0] == 0.75);
-    CHECK(bias[1] == 0.75);
-    CHECK(bias[2] == 1.25);
-    CHECK(bias[3] == 1.25);
-    CHECK(u.counts().empty());
-    moe::vector<double> wrong(3);
-    u.observe(r);
-    CHECK_THROWS_AS(u.apply(wrong), moe::shape_error);
-}
-
-TEST_CASE("sequence-wise balance rejects a batch that is not whole sequences", "[losses][errors]") {
-    moe::routing<double> r;
-    r.reset_fixed_k(5, 4, 1);
-    r.scores = moe::matrix<double>::Constant(5, 4, 0.25);
-    r.build_dispatch();
-    const moe::matrix<double> z = moe::matrix<double>::Zero(5, 4);
-    CHECK_THROWS_WITH(moe::losses::seq_balance{.seq_len = 2}.value(r, z),
-                      Catch::Contains("5 tokens") && Catch::Contains("seq_len = 2"));
-    CHECK(moe::losses::seq_balance{.alpha = 1.0, .seq_len = 5}.value(r, z) == Approx(1.0));  // all on expert 0: f_0 = 4
 }
 
 namespace {

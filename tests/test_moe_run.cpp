@@ -90,6 +90,11 @@ void check_bitwise(const moe::io::safetensors_file& a, const moe::io::safetensor
     }
 }
 
+/// The model, layer, flags, backward flags and input of a case with backward data.
+std::string backward_case_args(const fs::path& dir) {
+    return case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
+}
+
 /// The checkpoint and override cases with backward data (ckpt/mixtral_null has no input of its own).
 std::vector<fs::path> backward_cases() {
     std::vector<fs::path> dirs;
@@ -249,8 +254,7 @@ TEST_CASE("moe-run --backward reproduces PyTorch autograd for every checkpoint a
     moe::index cases = 0;
     for (const fs::path& dir : backward_cases()) {
         INFO("case " << dir.parent_path().filename().string() << "/" << dir.filename().string());
-        const std::string common =
-            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
+        const std::string common = backward_case_args(dir);
         const fs::path one = tmp.path / "one.safetensors", two = tmp.path / "two.safetensors";
         const auto r = moe_run(common + " --output " + one.string(), tmp);
         INFO(r.err);
@@ -494,8 +498,7 @@ TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoin
     moe::index cases = 0;
     for (const fs::path& dir : backward_cases()) {
         INFO("case " << dir.parent_path().filename().string() << "/" << dir.filename().string());
-        const std::string common =
-            case_flags(dir, {"flags", "backward_flags"}) + " --input " + (dir / "input.safetensors").string();
+        const std::string common = backward_case_args(dir);
         const fs::path one = tmp.path / "one.safetensors";
         REQUIRE(moe_run(common + " --output " + one.string(), tmp).status == 0);
         const moe::io::safetensors_file single(one), reference(dir / "expected_backward.safetensors");

@@ -168,7 +168,7 @@ TEST_CASE("expert_exchange gathers the batch's logits, takes a rank's slots and 
     };
     auto comm = std::make_shared<rank_1_of_3>();
     moe::parallel::expert_exchange<float> ex(moe::parallel::placement{.comm = comm}, 2);
-    comm->others = {{2, 0, 2}};                          // token rows
+    comm->others = {{0, 2, 0, 2}};                       // token counts (after a leading 0)
     comm->blocks = {{0, 1, 2, 3, 40, 41, 42, 43}};       // rank 0's two logit rows, rank 2's two
     moe::matrix<float> mine(1, 2), batch;
     mine << 20, 21;

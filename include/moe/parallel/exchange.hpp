@@ -104,13 +104,12 @@ public:
     /// rank's (`own_tokens`). Collective.
     void gather_tokens(const matrix<Scalar>& mine, matrix<Scalar>& batch) {
         const auto p = static_cast<std::size_t>(comm_->size()), me = static_cast<std::size_t>(comm_->rank());
-        token_rows_.assign(p, 0);
-        token_rows_[me] = mine.rows();
-        comm_->all_sum(std::span<index>(token_rows_));
         first_tokens_.assign(p + 1, 0);
-        for (std::size_t q = 0; q < p; ++q) first_tokens_[q + 1] = first_tokens_[q] + token_rows_[q];
+        first_tokens_[me + 1] = mine.rows();
+        comm_->all_sum(std::span<index>(first_tokens_));  // every rank's token count, then their sums
+        std::partial_sum(first_tokens_.begin(), first_tokens_.end(), first_tokens_.begin());
         values_in_.resize(p);
-        for (std::size_t q = 0; q < p; ++q) values_in_[q] = token_rows_[q] * mine.cols();
+        for (std::size_t q = 0; q < p; ++q) values_in_[q] = (first_tokens_[q + 1] - first_tokens_[q]) * mine.cols();
         batch.resize(first_tokens_.back(), mine.cols());
         comm_->all_gather(std::span<const Scalar>(mine.data(), static_cast<std::size_t>(mine.size())), values_in_,
                           std::span<Scalar>(batch.data(), static_cast<std::size_t>(batch.size())));
@@ -119,7 +118,7 @@ public:
     /// This rank's tokens of the last `gather_tokens`, as rows of the whole batch.
     [[nodiscard]] slice own_tokens() const {
         const auto me = static_cast<std::size_t>(comm_->rank());
-        return {first_tokens_[me], token_rows_[me]};
+        return {first_tokens_[me], first_tokens_[me + 1] - first_tokens_[me]};
     }
 
     /// The token side of this rank's tokens (`own_tokens`) in `batch`, a routing of the whole batch:
@@ -302,7 +301,7 @@ private:
     std::vector<index> own_rows_;      // rows per own expert (scratch of plan)
     std::vector<index> next_own_row_;  // next own row of each own expert (scratch of plan)
     std::vector<index> counts_out_, counts_in_, values_out_, values_in_, totals_;
-    std::vector<index> token_rows_, first_tokens_;  // tokens of each rank, and where they begin (gather_tokens)
+    std::vector<index> first_tokens_;  // where each rank's tokens begin in the batch, and its end (gather_tokens)
 
     matrix<Scalar> buffer_, back_;
     index sent_bytes_ = 0, received_bytes_ = 0;

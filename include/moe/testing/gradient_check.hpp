@@ -46,6 +46,30 @@ report gradient_check(F&& f, matrix<double>& x, const matrix<double>& gradient, 
     return rep;
 }
 
+/// Checks a loss term's `gradient` (double precision) against finite differences of its `value`, on
+/// the routing `r` gives `logits` (T x `logit_rows(r, experts)`), routed again at every perturbed point
+/// so that the scores follow the logits. The selection must not change under the perturbation.
+template <class R, class L>
+report loss_gradient_check(const R& r, const L& loss, const matrix<double>& logits, index experts, double step = 1e-6,
+                           double tolerance = 1e-6) {
+    r.validate(experts);
+    auto state = make_router_state<double>(r, experts);
+    routing<double> base;
+    route(r, logits, state, base);
+    base.build_dispatch();
+    matrix<double> grad = matrix<double>::Zero(logits.rows(), logits.cols());
+    loss.gradient(base, logits, grad);
+    routing<double> moved;
+    const auto value = [&](const matrix<double>& z) {
+        route(r, z, state, moved);
+        if (moved.expert_ids != base.expert_ids) return std::numeric_limits<double>::quiet_NaN();  // selection changed
+        moved.build_dispatch();
+        return static_cast<double>(loss.value(moved, z));
+    };
+    matrix<double> z = logits;
+    return gradient_check(value, z, grad, step, tolerance);
+}
+
 /// Checks a router's backward (double precision) against finite differences: with L = sum_s g_s w_s
 /// over the slots of the routing of `logits` (T x `logit_rows(r, experts)`) for random g drawn from
 /// `seed`, the `grad_logits` of `r.backward` must match dL/dz. The selection must not change under the
