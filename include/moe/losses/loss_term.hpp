@@ -24,7 +24,7 @@ namespace moe {
 ///   *adds* dL/dz to `grad_logits` (shaped like `z`; the router's and the other losses' terms are
 ///   already there or follow), holding the selection constant (docs/semantics.md, "Backward"). It must
 ///   be the derivative of `value` (the library's losses are checked against PyTorch and by finite
-///   differences; `moe::testing::gradient_check` checks a loss of your own the same way).
+///   differences; `moe::testing::loss_gradient_check` checks a loss of your own the same way).
 ///
 /// And guarantee:
 ///
