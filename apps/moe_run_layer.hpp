@@ -85,7 +85,9 @@ void run_layer(const arguments& a, const model_source& model, const moe::routers
     const moe::io::model_config& c = model.config();
     const moe::layer_shape shape = moe::io::shape_of(c);
     const std::tuple<lb, zl> losses{{.alpha = a.load_balance_coef.value_or(0.0)}, {.beta = a.z_loss_coef.value_or(0.0)}};
-    const moe::parallel::placement where{.comm = j.comm};
+    moe::parallel::placement where{.comm = j.comm};
+    where.rebalance.enabled = a.rebalance;
+    if (a.rebalance_cap_mb) where.rebalance.cap_bytes = static_cast<std::size_t>(*a.rebalance_cap_mb) * 1000000;
     if (c.shared_size == 0) {
         moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
         load_and_run(a, model, layer, j, in);

@@ -6,6 +6,9 @@
 // Every rank runs the same fixed iterations; an iteration's time is the slowest rank's (manual time
 // after a barrier). Counters (rank 0 prints): GFLOP/s on the whole batch's active FLOPs, and bytes of
 // rows that crossed between ranks per layer call (all ranks together, rows out and results back).
+// The skewed case routes every token to experts 0 and 1 (rank 0's at 2 ranks) and runs the forward
+// with and without least-loaded re-balancing (`/ranks_rebalanced`: also the imbalance before and
+// after, and the bytes of weights moved per call).
 #include <moe/moe.hpp>
 #include <moe/parallel/mpi.hpp>
 
@@ -21,8 +24,12 @@ namespace {
 struct shape {
     const char* name;
     moe::index tokens, d, ff, experts, k;
+    bool skewed = false;
 };
-constexpr shape shapes[] = {{"small", 512, 512, 1024, 8, 2}, {"mixtral", 256, 1024, 2816, 8, 2}, {"fine", 512, 1024, 512, 64, 8}};
+constexpr shape shapes[] = {{"small", 512, 512, 1024, 8, 2},
+                            {"mixtral", 256, 1024, 2816, 8, 2},
+                            {"fine", 512, 1024, 512, 64, 8},
+                            {"skewed", 512, 512, 1024, 8, 2, true}};
 
 std::shared_ptr<moe::parallel::mpi_communicator> world() {
     static auto comm = std::make_shared<moe::parallel::mpi_communicator>(MPI_COMM_WORLD);
@@ -48,19 +55,23 @@ double batch_total(double v) {
     return v;
 }
 
-enum class mode { one_thread, threads, ranks };
+enum class mode { one_thread, threads, ranks, rebalanced };
 
 // Runs the layer on this rank's slice (the whole batch on rank 0 in one process) with the time of the
 // slowest rank.
 template <class Layer>
 void run(benchmark::State& state, Layer& layer, const shape& s, mode m, bool backward) {
     const auto comm = world();
-    const bool parallel = m == mode::ranks, idle = !parallel && comm->rank() != 0;
+    const bool parallel = m == mode::ranks || m == mode::rebalanced, idle = !parallel && comm->rank() != 0;
     if (m == mode::threads)
         layer.set_threads(std::min<moe::index>(comm->size(), std::max(1u, std::thread::hardware_concurrency())));
     layer.randomize(1);
     layer.set_training(backward);
-    const moe::matrix<float> all = moe::matrix<float>::Random(s.tokens, s.d);
+    moe::matrix<float> all = moe::matrix<float>::Random(s.tokens, s.d);
+    if (s.skewed) {  // logits of experts 0 and 1 about 32 above the others
+        all.col(0).setConstant(4);
+        layer.router_weight()(0, 0) = layer.router_weight()(1, 0) = 8;
+    }
     const auto mine = parallel ? moe::parallel::token_slice(s.tokens, comm->rank(), comm->size())
                                : moe::parallel::slice{0, s.tokens};
     const moe::matrix<float> x = all.middleRows(mine.first, mine.rows), grad_y = x;
@@ -85,17 +96,26 @@ void run(benchmark::State& state, Layer& layer, const shape& s, mode m, bool bac
     state.counters["ranks"] = parallel ? comm->size() : 1;
     state.counters["threads"] = static_cast<double>(layer.threads());
     if (parallel) {
-        double bytes = 0;
-        for (const moe::index b : layer.parallel_load().bytes_sent) bytes += static_cast<double>(b);
+        double bytes = 0, weight_bytes = 0;
+        const auto load = layer.parallel_load();
+        for (const moe::index b : load.bytes_sent) bytes += static_cast<double>(b);
+        for (const moe::index b : load.weight_bytes_sent) weight_bytes += static_cast<double>(b);
         state.counters["bytes_exchanged"] = bytes;
+        state.counters["imbalance"] = load.imbalance;
+        if (m == mode::rebalanced) {
+            state.counters["imbalance_before"] = load.imbalance_before;
+            state.counters["weight_bytes_moved"] = weight_bytes;
+        }
     }
 }
 
 void expert_parallel(benchmark::State& state, shape s, mode m, bool backward) {
     const moe::routers::softmax_topk router{.k = s.k, .normalize = true};
     const moe::layer_shape ls{s.d, s.ff, s.experts, 0};
-    if (m == mode::ranks) {
-        moe::mixtral_layer<float> layer(ls, moe::parallel::placement{.comm = world()}, router);
+    if (m == mode::ranks || m == mode::rebalanced) {
+        moe::parallel::placement where{.comm = world()};
+        where.rebalance.enabled = m == mode::rebalanced;
+        moe::mixtral_layer<float> layer(ls, where, router);
         run(state, layer, s, m, backward);
     } else {
         moe::mixtral_layer<float> layer(ls, router);
@@ -116,8 +136,11 @@ int main(int argc, char** argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     for (const shape& s : shapes)
         for (const bool backward : {false, true})
-            for (const auto& [m, name] : {std::pair{mode::one_thread, "/one_process"},
-                                          std::pair{mode::threads, "/one_process_threads"}, std::pair{mode::ranks, "/ranks"}})
+            for (const auto& [m, name] :
+                 {std::pair{mode::one_thread, "/one_process"}, std::pair{mode::threads, "/one_process_threads"},
+                  std::pair{mode::ranks, "/ranks"}, std::pair{mode::rebalanced, "/ranks_rebalanced"}}) {
+                if ((m == mode::rebalanced) != s.skewed && m != mode::ranks) continue;  // skewed: ranks, with and without
+                if (s.skewed && backward) continue;  // re-balancing is for inference
                 benchmark::RegisterBenchmark(
                     (std::string("expert_parallel/") + s.name + (backward ? "/forward_backward" : "/forward") + name).c_str(),
                     expert_parallel, s, m, backward)
@@ -126,6 +149,7 @@ int main(int argc, char** argv) {
                     ->Iterations(5)
                     ->Repetitions(3)
                     ->ReportAggregatesOnly(true);
+            }
     // Only rank 0 writes --benchmark_out: the other ranks drop it.
     std::vector<char*> args(argv, argv + argc);
     if (world()->rank() != 0)

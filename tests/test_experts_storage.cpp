@@ -30,6 +30,14 @@ void check_storage() {
     S::project(in.data(), cols / S::unit, m, 2, 3, part.data() + 2, rows, n);  // rows 2..4 into columns 2..4
     CHECK((part.rightCols(3).array() == all.rightCols(3).array()).all());
     CHECK((part.leftCols(2).array() == -1.0f).all());  // nothing else written
+
+    // raw: its bytes, copied into a matrix of the same shape, give the same projections.
+    typename S::matrix copy(rows, cols);
+    CHECK(S::raw(m).size() == S::bytes(m));
+    std::memcpy(S::raw(copy).data(), S::raw(m).data(), S::bytes(m));
+    moe::matrix<float> again(n, rows);
+    S::project(in.data(), cols / S::unit, copy, 0, rows, again.data(), rows, n);
+    CHECK((again.array() == all.array()).all());
 }
 }  // namespace
 

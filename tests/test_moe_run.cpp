@@ -5,7 +5,9 @@
 #include <cstdlib>
 #include <utility>
 #include <fstream>
+#include <limits>
 #include <sstream>
+#include <tuple>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -515,6 +517,70 @@ TEST_CASE("moe-run --expert-parallel at 2 and 4 ranks reproduces every checkpoin
         ++cases;
     }
     CHECK(cases >= 23);
+}
+
+TEST_CASE("moe-run --expert-parallel --rebalance writes the same output and brings the slowest rank near the mean",
+          "[moe-run][mpirun]") {
+    temp_dir tmp;
+    const fs::path dir = ckpt_dir / "mixtral_f32";
+    const moe::io::safetensors_file model(dir / "model.safetensors"), input(dir / "input.safetensors");
+    const moe::matrix<float> w = golden::read_matrix(model, "model.layers.1.block_sparse_moe.gate.weight");
+    moe::matrix<float> x = golden::read_matrix(input, "hidden_states");
+    // A skewed batch: one input column set large where experts 0 and 1 gain most over the others, so
+    // that every token routes to both (rank 0's at 2 ranks; ranks 0 and 1 at 4).
+    moe::index best = 0;
+    float margin = -1, sign = 1;
+    for (moe::index c = 0; c < w.cols(); ++c)
+        for (const float s : {1.0f, -1.0f}) {
+            float m = std::numeric_limits<float>::max();
+            for (moe::index e = 2; e < w.rows(); ++e) m = std::min(m, std::min(s * w(0, c), s * w(1, c)) - s * w(e, c));
+            if (m > margin) std::tie(best, margin, sign) = std::tuple{c, m, s};
+        }
+    REQUIRE(margin > 0);
+    x.col(best).setConstant(60 * sign);
+    const fs::path skewed = tmp.path / "skewed.safetensors";
+    const moe::io::tensor_to_write t{"hidden_states", {x.rows(), x.cols()}, moe::io::dtype::f32, {x.data(), static_cast<std::size_t>(x.size())}};
+    moe::io::write_safetensors(skewed, std::span(&t, 1));
+    const moe::index rows = 2 * x.rows();  // Mixtral: top-2
+
+    const auto load_of = [](const std::string& out) {  // the second line of --stats
+        std::istringstream lines(out);
+        std::string stats, load;
+        std::getline(lines, stats);
+        std::getline(lines, load);
+        return nlohmann::json::parse(load);
+    };
+    for (const int ranks : {2, 4}) {
+        INFO(ranks << " ranks");
+        const fs::path off = tmp.path / "off.safetensors", on = tmp.path / "on.safetensors";
+        const auto r_off = moe_run_parallel(ranks, case_args("mixtral_f32", off, skewed.string()) + " --stats", tmp);
+        const auto r_on = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --stats --rebalance", tmp);
+        INFO(r_off.err << r_on.err);
+        REQUIRE(r_off.status == 0);
+        REQUIRE(r_on.status == 0);
+        CHECK(slurp(on) == slurp(off));  // the same bytes
+        const auto before = load_of(r_off.out), after = load_of(r_on.out);
+        const auto most = [](const nlohmann::json& j) {
+            const auto v = j["rows"].get<std::vector<moe::index>>();
+            return *std::max_element(v.begin(), v.end());
+        };
+        CHECK(before["rows_moved"] == 0);
+        CHECK(before["imbalance"].get<double>() == 2);  // half the ranks compute every row
+        CHECK(after["imbalance_before"] == before["imbalance"]);
+        CHECK(most(after) <= (rows + ranks - 1) / ranks);  // at the mean, rounded up
+        CHECK(after["rows_moved"].get<moe::index>() > 0);
+        CHECK(after["weight_bytes_sent"][0].get<moe::index>() > 0);
+        // A cap below one expert's weights moves nothing.
+        const auto capped = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --stats --rebalance --rebalance-cap-mb 0", tmp);
+        REQUIRE(capped.status == 0);
+        CHECK(load_of(capped.out)["rows_moved"] == 0);
+    }
+    // Misuse is a bad argument (exit 2).
+    const fs::path out = tmp.path / "x.safetensors";
+    CHECK(moe_run(case_args("mixtral_f32", out) + " --rebalance", tmp).status == 2);
+    CHECK(moe_run_parallel(2, case_args("mixtral_f32", out) + " --rebalance-cap-mb 4", tmp).status == 2);
+    CHECK(moe_run_parallel(2, case_args("mixtral_f32", out) + " --rebalance --backward", tmp).status == 2);
+    CHECK_FALSE(fs::exists(out));
 }
 
 TEST_CASE("moe-run --expert-parallel reports the whole batch's statistics and per-rank load, and fails cleanly",

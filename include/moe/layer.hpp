@@ -144,7 +144,12 @@ public:
                     throw shape_error("layer: " + std::string(field) + " = " + std::to_string(size) + " is not a multiple of " +
                                       std::to_string(storage_type::unit) + ", as " + std::string(storage_type::name) +
                                       " weights need (rows of blocks of " + std::to_string(storage_type::unit) + " values)");
-        if (where.comm) exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(where, shape.n_experts);
+        if (where.comm) {
+            weights_type one;  // what a rank helping another with one expert takes in (re-balancing)
+            zero(one, shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
+            exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(
+                where, shape.n_experts, storage_type::bytes(one.in) + storage_type::bytes(one.out));
+        }
         router_weight_ = matrix<Scalar>::Zero(logit_rows(router_, shape.n_experts), shape.d_model);
         experts_.resize(static_cast<std::size_t>(shape.n_experts));
         for (index e = 0; e < shape.n_experts; ++e)
@@ -335,11 +340,19 @@ private:
     }
 
     // Routed rows run on this rank's experts: the routing's own, or (expert-parallel) those received
-    // from every rank; results in `expert_out_` by routing row either way.
+    // from every rank, with the weights of the experts it helps (re-balancing) received from their
+    // owners; results in `expert_out_` by routing row either way.
     void compute_experts(const const_matrix_ref<Scalar>& x);
 
     using row_vector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     static Eigen::Map<row_vector> row_map(Scalar* p, index n) { return {p, n}; }
+
+    // The weights routed expert e's rows run with here: the rank's own, or a copy of the owner's when it
+    // helps another rank with e (re-balancing).
+    [[nodiscard]] const weights_type& weights_of(index e) const {
+        const auto i = static_cast<std::size_t>(e);
+        return exchange_ && exchange_->helps(e) ? helped_[i] : experts_[i];
+    }
 
     // Input row `row` of the routed rows this rank computes.
     [[nodiscard]] const Scalar* routed_input(const const_matrix_ref<Scalar>& x, index row) const {
@@ -438,6 +451,7 @@ private:
 
     // Expert parallelism (null exchange: one process).
     std::unique_ptr<parallel::expert_exchange<Scalar>> exchange_;
+    std::vector<weights_type> helped_;  // copies of the experts this rank helps with in this forward, else empty
     matrix<Scalar> received_x_;     // the input rows of the routed rows this rank computes
     matrix<Scalar> own_out_;        // their outputs
     matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight

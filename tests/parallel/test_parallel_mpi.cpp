@@ -10,7 +10,9 @@
 #include <moe/moe.hpp>
 #include <moe/parallel/mpi.hpp>
 
+#include <algorithm>
 #include <map>
+#include <numeric>
 #include <random>
 
 namespace {
@@ -250,6 +252,92 @@ TEST_CASE("batch-dependent routers route the whole batch: expert-parallel layers
     for (const auto gates : {r::sinkhorn_gates::softmax, r::sinkhorn_gates::plan})
         CHECK(routed_otherwise_by_slice<moe::sbase_layer<float>>(shape, 45,
                                                                  r::sinkhorn{.k = 2, .iterations = 20, .gates = gates}) > 0);
+}
+
+/// A batch whose every token routes to expert 0 first (held by rank 0), the rest spread: x's column 0
+/// is 4 and the router's weight of expert 0 there is 8.
+template <class Layer>
+moe::matrix<float> skewed_batch(Layer& one, Layer& part, moe::index tokens) {
+    for (Layer* l : {&one, &part}) l->router_weight()(0, 0) = 8;
+    moe::matrix<float> x = random_matrix(tokens, one.shape().d_model, 51);
+    x.col(0).setConstant(4);
+    return x;
+}
+
+/// Inference forward of `part` (re-balancing per `how`) on this rank's slice of a skewed batch against
+/// `one`: the outputs bitwise; the load per rank as the plan says.
+template <class Layer>
+moe::parallel::load_statistics rebalanced_forward(const moe::layer_shape& shape, moe::index tokens, moe::parallel::rebalancing how,
+                                                  bool training = false) {
+    const auto comm = world();
+    const moe::routers::softmax_topk top2{.k = 2};
+    Layer one(shape, top2), part(shape, moe::parallel::placement{.comm = comm, .rebalance = how}, top2);
+    one.randomize(5);
+    part.randomize(5);
+    const moe::matrix<float> x = skewed_batch(one, part, tokens);
+    const auto s = moe::parallel::token_slice(tokens, comm->rank(), comm->size());
+    moe::matrix<float> y(tokens, shape.d_model), y_part(s.rows, shape.d_model);
+    if constexpr (Layer::trainable) {
+        one.set_training(training);
+        part.set_training(training);
+    }
+    one.forward(x, y);
+    part.forward(x.middleRows(s.first, s.rows), y_part);
+    CHECK(bitwise(y_part, y.middleRows(s.first, s.rows)));
+    if constexpr (Layer::trainable) if (training) {  // backward on the owners' rows: the gradients of the experts bitwise
+        moe::matrix<float> g = random_matrix(tokens, shape.d_model, 52), gx(tokens, shape.d_model), gx_part(s.rows, shape.d_model);
+        one.backward(x, g, gx);
+        part.backward(x.middleRows(s.first, s.rows), g.middleRows(s.first, s.rows), gx_part);
+        for (moe::index e = 0; e < shape.n_experts; ++e)
+            if (part.owns_expert(e)) {
+                CHECK(bitwise(part.grad_expert_weights(e).in, one.grad_expert_weights(e).in));
+                CHECK(bitwise(part.grad_expert_weights(e).out, one.grad_expert_weights(e).out));
+            }
+    }
+    // Twice: the second forward reuses the helpers' buffers, and gives the same bits again.
+    moe::matrix<float> again(s.rows, shape.d_model);
+    part.forward(x.middleRows(s.first, s.rows), again);
+    CHECK(bitwise(again, y_part));
+    return part.parallel_load();
+}
+
+TEST_CASE("re-balancing moves an overloaded rank's rows to the least-loaded ranks: the same bits", "[parallel]") {
+    const moe::layer_shape shape{.d_model = 64, .d_ff = 32, .n_experts = 8};
+    const int ranks = world()->size();
+    const moe::index tokens = 40, rows = 2 * tokens;  // top-2: every token's rows, one of them on expert 0
+    const moe::index target = (rows + ranks - 1) / ranks;
+    using f32 = moe::mixtral_layer<float>;
+    using q8_0 = moe::layer<float, moe::routers::softmax_topk, moe::experts::q8_0_weights<moe::experts::swiglu>>;
+    using bf16 = moe::layer<float, moe::routers::softmax_topk, moe::experts::bf16_weights<moe::experts::swiglu>>;
+
+    const auto off = rebalanced_forward<f32>(shape, tokens, {});
+    CHECK(off.rows_moved == 0);
+    CHECK(off.imbalance == off.imbalance_before);
+    CHECK(off.rows[0] > target);  // rank 0 holds expert 0: overloaded without re-balancing
+    const auto summed = [](const std::vector<moe::index>& v) { return std::accumulate(v.begin(), v.end(), moe::index{0}); };
+
+    const moe::parallel::rebalancing on{.enabled = true};
+    for (const auto& load : {rebalanced_forward<f32>(shape, tokens, on), rebalanced_forward<q8_0>(shape, tokens, on),
+                             rebalanced_forward<bf16>(shape, tokens, on)}) {
+        CHECK(load.imbalance_before == off.imbalance);
+        CHECK(*std::max_element(load.rows.begin(), load.rows.end()) <= target);  // the slowest rank near the mean
+        CHECK(load.imbalance < load.imbalance_before);
+        CHECK(load.rows_moved > 0);
+        CHECK(summed(load.rows) == rows);
+        CHECK(load.weight_bytes_sent[0] > 0);  // rank 0 sent expert 0's weights
+    }
+    // The cap: none moves nothing; one expert's bytes lets each helper take one expert.
+    const auto capped = rebalanced_forward<f32>(shape, tokens, {.enabled = true, .cap_bytes = 0});
+    CHECK(capped.rows_moved == 0);
+    CHECK(capped.rows == off.rows);
+    const std::size_t expert_bytes = 3 * 64 * 32 * sizeof(float);  // SwiGLU: gate, up and down
+    const auto one_each = rebalanced_forward<f32>(shape, tokens, {.enabled = true, .cap_bytes = expert_bytes});
+    CHECK(one_each.rows_moved > 0);
+    CHECK(summed(one_each.weight_bytes_sent) <= static_cast<moe::index>(expert_bytes) * ranks);  // one expert per helper
+    // Training forwards are not re-balanced (backward runs on the owners' rows), and stay bitwise.
+    const auto trained = rebalanced_forward<f32>(shape, tokens, on, true);
+    CHECK(trained.rows_moved == 0);
+    CHECK(trained.rows == off.rows);
 }
 
 TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {

@@ -78,7 +78,18 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const con
         run_experts(x, routing_.expert_offsets, expert_out_);
         return;
     }
-    exchange_->plan(routing_);
+    exchange_->plan(routing_, !training_);  // re-balanced in inference only: backward runs on the owners' rows
+    if (exchange_->last_plan().rows_moved > 0) {  // the same on every rank
+        helped_.resize(experts_.size());
+        for (index e = 0; e < shape_.n_experts; ++e) {
+            weights_type& w = helped_[static_cast<std::size_t>(e)];
+            if (!exchange_->helps(e))
+                w = {};
+            else if (w.in.rows() == 0)
+                zero(w, shape_.d_ff, ffn_in_rows<Expert>(shape_.d_ff));
+        }
+        exchange_->move_weights(experts_, helped_, [](typename storage_type::matrix& m) { return storage_type::raw(m); });
+    }
     exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
     own_out_.resize(exchange_->own_offsets().back(), d);
     run_experts(x, exchange_->own_offsets(), own_out_);
@@ -103,7 +114,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_m
     for (index ex = 0; ex < e; ++ex) {
         const index first = offsets[static_cast<std::size_t>(ex)];
         auto& b = blocks_[static_cast<std::size_t>(ex)];
-        b.weights = &experts_[static_cast<std::size_t>(ex)];
+        b.weights = &weights_of(ex);
         b.rows = offsets[static_cast<std::size_t>(ex) + 1] - first;
         b.x = routed_in_.row(first);
         b.ldx = dx;

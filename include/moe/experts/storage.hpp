@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <concepts>
 #include <cstddef>
+#include <span>
 #include <string_view>
 #include <type_traits>
 
@@ -33,7 +34,9 @@ namespace moe {
 ///   the block of rows or columns a task computes: see kernels/linear.hpp).
 /// - `S::assign(w, row, values, n)`: rows [row, row + n) of w from n x cols float values (checkpoint
 ///   loading, `layer::randomize`); may throw `value_error` for a value it cannot hold.
-/// - `S::bytes(w)`: the bytes w holds. `S::trainable`: whether a layer can train on it (then `matrix`
+/// - `S::bytes(w)`: the bytes w holds; `S::raw(w)`: those bytes as one span, which another process
+///   holding a matrix of the same shape copies into its own to have the same weights (expert
+///   parallelism's re-balancing moves weights so). `S::trainable`: whether a layer can train on it (then `matrix`
 ///   is `aligned_matrix<Scalar>`, which the backward kernels take). `S::name`: as `moe-run --weights`
 ///   spells it.
 template <class S, class Scalar>
@@ -53,6 +56,7 @@ concept weight_storage =
         S::project(cin, n, cw, n, n, z, n, n);
         S::assign(w, n, values, n);
         { S::bytes(cw) } -> std::convertible_to<std::size_t>;
+        { S::raw(w) } -> std::same_as<std::span<std::byte>>;
     } &&
     (!S::trainable || (std::is_same_v<typename S::matrix, aligned_matrix<Scalar>> && std::is_same_v<typename S::input, Scalar>));
 
@@ -75,6 +79,7 @@ struct scalar {
         std::copy_n(values, n * w.cols(), w.data() + row * w.cols());
     }
     static std::size_t bytes(const matrix& w) { return static_cast<std::size_t>(w.size()) * sizeof(Scalar); }
+    static std::span<std::byte> raw(matrix& w) { return std::as_writable_bytes(std::span(w.data(), static_cast<std::size_t>(w.size()))); }
 };
 
 /// Weights as bf16, as checkpoints store them: half the memory and the bytes a decode step streams. The
@@ -95,6 +100,7 @@ struct bfloat16 {
         kernels::round_to_bf16(values, w.data() + row * w.cols(), n * w.cols());
     }
     static std::size_t bytes(const matrix& w) { return static_cast<std::size_t>(w.size()) * sizeof(bf16); }
+    static std::span<std::byte> raw(matrix& w) { return std::as_writable_bytes(std::span(w.data(), static_cast<std::size_t>(w.size()))); }
 };
 
 /// Weights in one of ggml's block formats (`q8_0_block`, `q4_0_block`: kernels/quantized.hpp), quantized
@@ -115,6 +121,7 @@ struct quantized {
     }
     static void assign(matrix& w, index row, const float* values, index n) { w.assign(row, values, n); }
     static std::size_t bytes(const matrix& w) { return w.bytes(); }
+    static std::span<std::byte> raw(matrix& w) { return w.raw(); }
 };
 
 /// ggml's q8_0: 8.5 bits a weight.

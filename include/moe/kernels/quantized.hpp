@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -302,6 +303,8 @@ public:
     [[nodiscard]] index blocks_per_row() const { return cols_ / quant_block; }
     /// Bytes held (values and scales: those of the blocks, and the zero rows filling the last group).
     [[nodiscard]] std::size_t bytes() const { return bytes_.size(); }
+    /// Those bytes, as one span.
+    [[nodiscard]] std::span<std::byte> raw() { return std::as_writable_bytes(std::span(bytes_.data(), bytes_.size())); }
 
     /// Rows [row, row + n) quantized from n x cols float values (`quantize`: value_error for a value
     /// that is not finite or a scale beyond fp16); shape_error for rows outside the matrix.

@@ -5,6 +5,7 @@
 /// which expert. `moe/parallel/mpi.hpp` implements the communicator over MPI; this header needs no MPI.
 
 #include "moe/error.hpp"
+#include "moe/parallel/rebalance.hpp"
 #include "moe/types.hpp"
 
 #include <memory>
@@ -60,11 +61,14 @@ private:
     }
 };
 
-/// Which rank computes each routed expert: `owners[e]` for expert e. A layer given a placement with a
-/// communicator holds (and allocates) only the weights of the experts its rank owns.
+/// Which rank holds each routed expert: `owners[e]` for expert e. A layer given a placement with a
+/// communicator holds (and allocates) only the weights of the experts its rank owns; with `rebalance`
+/// on, an inference forward may have other ranks compute some of an overloaded rank's rows, with a
+/// copy of the expert's weights for that call (`rebalance.hpp`).
 struct placement {
     std::shared_ptr<communicator> comm = nullptr;  ///< null: one process, every expert local
     std::vector<int> owners = {};                 ///< per routed expert; empty: `blocks` of the experts
+    rebalancing rebalance = {};                   ///< off: every expert's rows are computed by its owner
 
     /// Rank r owns experts [E r / P, E (r + 1) / P): nearly equal contiguous blocks, in rank order.
     [[nodiscard]] static std::vector<int> blocks(index experts, int ranks) {

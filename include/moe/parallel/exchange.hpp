@@ -1,26 +1,33 @@
 #pragma once
 /// \file
-/// `expert_exchange`: moves a rank's routed rows to the ranks that own their experts and the results
-/// back, over a `communicator`: per forward one all-to-all of the row counts per expert, then one of
-/// the rows each way (backward: one each way, with the forward's counts).
+/// `expert_exchange`: moves a rank's routed rows to the ranks that compute their experts and the
+/// results back, over a `communicator`: per forward one sum of every rank's row counts per expert,
+/// then one all-to-all of the rows each way (backward: one each way, with the forward's plan).
 ///
-/// Rows leave a rank ordered by (owner, expert, token). An owner lays the rows it receives for one
-/// expert end to end in rank order; with the tokens spread over the ranks in contiguous slices in rank
-/// order (`token_slice`), that is the expert's one-process row block, so the expert computes the same
-/// rows in the same pieces and its results are bitwise those of one process.
+/// Every rank makes the same plan from the counts: each expert's rows go to its owner, or, re-balanced
+/// (`rebalance.hpp`), the first rows of an overloaded rank's expert to helpers, which receive the
+/// expert's weights from the owner (`move_weights`). Rows leave a rank ordered by (destination, expert,
+/// token). A rank lays the rows it receives for one expert end to end in rank order; with the tokens
+/// spread over the ranks in contiguous slices in rank order (`token_slice`), that is (a segment of) the
+/// expert's one-process row block, and a row's output does not depend on the rows computed beside it,
+/// so the results are bitwise those of one process.
 ///
 /// A batch-dependent router (capacity, expert choice, Sinkhorn) routes the whole batch on every rank:
 /// `gather_tokens` shares the router logits (T x E, small next to the rows), every rank routes them the
 /// same way, and `take_own` keeps its own tokens' slots; backward shares dL/dw per slot (`gather_slots`).
 
 #include "moe/parallel/communicator.hpp"
+#include "moe/parallel/rebalance.hpp"
 #include "moe/routing.hpp"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <numeric>
 #include <string>
+#include <utility>
 
 namespace moe::parallel {
 
@@ -31,37 +38,39 @@ struct load_statistics {
     std::vector<index> bytes_sent;      ///< bytes of rows each rank sent to other ranks since the last forward
                                         ///< began (rows out, results back; the backward's too when it ran)
     std::vector<index> bytes_received;  ///< bytes of rows each rank received from other ranks in that time
+    double imbalance_before = 0;        ///< `imbalance` had every expert's owner computed all of its rows
+    index rows_moved = 0;               ///< rows computed by another rank than their expert's owner (re-balancing)
+    std::vector<index> weight_bytes_sent;  ///< bytes of expert weights each rank sent to the ranks helping it
 
-    /// {"ranks": P, "rows": [...], "imbalance": x, "bytes_sent": [...], "bytes_received": [...]}
+    /// {"ranks": P, "rows": [...], "imbalance": x, "imbalance_before": x, "rows_moved": n,
+    /// "bytes_sent": [...], "bytes_received": [...], "weight_bytes_sent": [...]}
     [[nodiscard]] std::string to_json() const {
         const auto list = [](const std::vector<index>& v) {
             std::string s = "[";
             for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
             return s + "]";
         };
-        char imb[32];
-        std::snprintf(imb, sizeof imb, "%.6g", imbalance);
-        return "{\"ranks\": " + std::to_string(rows.size()) + ", \"rows\": " + list(rows) + ", \"imbalance\": " + imb +
-               ", \"bytes_sent\": " + list(bytes_sent) + ", \"bytes_received\": " + list(bytes_received) + "}";
+        const auto number = [](double v) {
+            char s[32];
+            std::snprintf(s, sizeof s, "%.6g", v);
+            return std::string(s);
+        };
+        return "{\"ranks\": " + std::to_string(rows.size()) + ", \"rows\": " + list(rows) + ", \"imbalance\": " +
+               number(imbalance) + ", \"imbalance_before\": " + number(imbalance_before) + ", \"rows_moved\": " +
+               std::to_string(rows_moved) + ", \"bytes_sent\": " + list(bytes_sent) + ", \"bytes_received\": " +
+               list(bytes_received) + ", \"weight_bytes_sent\": " + list(weight_bytes_sent) + "}";
     }
 };
 
 template <class Scalar>
 class expert_exchange {
 public:
-    /// Throws `value_error` when the communicator is null or `p` names ranks outside it.
-    expert_exchange(const placement& p, index experts)
-        : comm_(p.comm), owners_(p.owners_of(experts)), experts_(experts) {
+    /// `expert_bytes`: the bytes of one routed expert's weights (what a helper takes in, against the
+    /// cap of `p.rebalance`). Throws `value_error` when the communicator is null or `p` names ranks
+    /// outside it.
+    expert_exchange(const placement& p, index experts, std::size_t expert_bytes = 0)
+        : comm_(p.comm), owners_(p.owners_of(experts)), experts_(experts), how_(p.rebalance), expert_bytes_(expert_bytes) {
         if (!comm_) throw value_error("expert_exchange: the placement has no communicator");
-        const int ranks = comm_->size();
-        // Experts in send order: by owner, then by id.
-        order_.resize(static_cast<std::size_t>(experts));
-        std::iota(order_.begin(), order_.end(), index{0});
-        std::stable_sort(order_.begin(), order_.end(), [&](index a, index b) { return owner(a) < owner(b); });
-        owned_by_.assign(static_cast<std::size_t>(ranks), 0);
-        for (const int o : owners_) ++owned_by_[static_cast<std::size_t>(o)];
-        for (index e = 0; e < experts; ++e)
-            if (owns(e)) mine_.push_back(e);
     }
 
     [[nodiscard]] const communicator& comm() const { return *comm_; }
@@ -163,51 +172,112 @@ public:
         comm_->all_gather(mine, values_in_, std::span<Scalar>(all));
     }
 
-    /// Plans the exchange of `r`'s routed rows (after `build_dispatch`) and exchanges the row counts
-    /// per expert. Collective.
-    void plan(const routing<Scalar>& r) {
-        const int ranks = comm_->size();
-        const auto nr = static_cast<std::size_t>(ranks);
-        sent_bytes_ = received_bytes_ = 0;
+    /// Plans the exchange of `r`'s routed rows (after `build_dispatch`): every rank's rows per expert
+    /// are shared (one sum of P x E counts), then every rank makes the same plan of who computes which
+    /// rows (`rebalance.hpp`; re-balanced when the placement asks for it and `may_rebalance`, else each
+    /// expert's rows go to its owner). Collective.
+    void plan(const routing<Scalar>& r, bool may_rebalance = true) {
+        const int ranks = comm_->size(), me = comm_->rank();
+        const auto nr = static_cast<std::size_t>(ranks), ne = static_cast<std::size_t>(experts_);
+        sent_bytes_ = received_bytes_ = weight_bytes_sent_ = 0;
+        rows_of_.assign(nr * ne, 0);  // [rank][expert]
+        for (std::size_t e = 0; e < ne; ++e)
+            rows_of_[static_cast<std::size_t>(me) * ne + e] = r.expert_offsets[e + 1] - r.expert_offsets[e];
+        comm_->all_sum(std::span<index>(rows_of_));
+        std::vector<index> rows(ne, 0);
+        for (std::size_t q = 0; q < nr; ++q)
+            for (std::size_t e = 0; e < ne; ++e) rows[e] += rows_of_[q * ne + e];
+        plan_ = plan_rebalance(rows, owners_, ranks, may_rebalance ? how_ : rebalancing{}, expert_bytes_);
+
+        // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block;
+        // those of them in rank q's segment go to q.
+        const auto first_of = [&](std::size_t src, std::size_t e) {
+            index first = 0;
+            for (std::size_t q = 0; q < src; ++q) first += rows_of_[q * ne + e];
+            return first;
+        };
+        const auto overlap = [&](std::size_t src, std::size_t e, int q) -> std::pair<index, index> {
+            const segment* s = plan_.find(static_cast<index>(e), q);
+            if (!s) return {0, 0};
+            const index first = first_of(src, e), last = first + rows_of_[src * ne + e];
+            const index lo = std::max(first, s->first), hi = std::min(last, s->first + s->rows);
+            return lo < hi ? std::pair{lo, hi} : std::pair<index, index>{0, 0};
+        };
+        // Send: by destination, then expert, then the rows in routing order.
+        const auto mine = static_cast<std::size_t>(me);
         send_rows_.assign(nr, 0);
         send_order_.clear();
-        expert_rows_.clear();
-        for (const index e : order_) {
-            const index first = r.expert_offsets[static_cast<std::size_t>(e)];
-            const index n = r.expert_offsets[static_cast<std::size_t>(e) + 1] - first;
-            expert_rows_.push_back(n);
-            send_rows_[static_cast<std::size_t>(owner(e))] += n;
-            for (index row = first; row < first + n; ++row) send_order_.push_back(row);
-        }
-        // Rows per expert to each owner: owner q receives one count per expert it owns.
-        const auto mine = static_cast<index>(mine_.size());
-        recv_expert_rows_.resize(nr * mine_.size());
-        counts_out_.assign(owned_by_.begin(), owned_by_.end());
-        counts_in_.assign(nr, mine);
-        comm_->all_to_all(std::span<const index>(expert_rows_), counts_out_, std::span<index>(recv_expert_rows_), counts_in_);
-
-        // Own blocks: expert mine_[j] gets the rows of every rank in rank order.
-        recv_rows_.assign(nr, 0);
-        own_offsets_.assign(static_cast<std::size_t>(experts_) + 1, 0);
-        own_rows_.assign(mine_.size(), 0);
-        for (std::size_t src = 0; src < nr; ++src)
-            for (std::size_t j = 0; j < mine_.size(); ++j) {
-                const index n = recv_expert_rows_[src * mine_.size() + j];
-                own_rows_[j] += n;
-                recv_rows_[src] += n;
+        for (int q = 0; q < ranks; ++q)
+            for (std::size_t e = 0; e < ne; ++e) {
+                const auto [lo, hi] = overlap(mine, e, q);
+                const index row0 = r.expert_offsets[e] - first_of(mine, e);
+                for (index pos = lo; pos < hi; ++pos) send_order_.push_back(row0 + pos);
+                send_rows_[static_cast<std::size_t>(q)] += hi - lo;
             }
-        for (index e = 0, j = 0; e < experts_; ++e) {
-            const index n = owns(e) ? own_rows_[static_cast<std::size_t>(j++)] : 0;
-            own_offsets_[static_cast<std::size_t>(e) + 1] = own_offsets_[static_cast<std::size_t>(e)] + n;
+        // Receive: the rows of this rank's segments, from every rank in rank order, then expert.
+        own_offsets_.assign(ne + 1, 0);
+        for (std::size_t e = 0; e < ne; ++e) {
+            const segment* s = plan_.find(static_cast<index>(e), me);
+            own_offsets_[e + 1] = own_offsets_[e] + (s ? s->rows : 0);
         }
-        // Own row -> position in the receive buffer (blocks of rank 0, then rank 1, ...).
+        recv_rows_.assign(nr, 0);
         received_at_.resize(static_cast<std::size_t>(own_offsets_.back()));
-        next_own_row_.resize(mine_.size());
-        for (std::size_t j = 0; j < mine_.size(); ++j) next_own_row_[j] = own_offsets_[static_cast<std::size_t>(mine_[j])];
-        for (index src = 0, at = 0; src < ranks; ++src)
-            for (std::size_t j = 0; j < mine_.size(); ++j)
-                for (index n = recv_expert_rows_[static_cast<std::size_t>(src) * mine_.size() + j]; n > 0; --n)
-                    received_at_[static_cast<std::size_t>(next_own_row_[j]++)] = at++;
+        index at = 0;
+        for (std::size_t src = 0; src < nr; ++src)
+            for (std::size_t e = 0; e < ne; ++e) {
+                const auto [lo, hi] = overlap(src, e, me);
+                const index own0 = own_offsets_[e] - (hi > lo ? plan_.find(static_cast<index>(e), me)->first : 0);
+                for (index pos = lo; pos < hi; ++pos) received_at_[static_cast<std::size_t>(own0 + pos)] = at++;
+                recv_rows_[src] += hi - lo;
+            }
+    }
+
+    /// Whether this rank computes rows of expert e, held by another rank, under the last `plan`.
+    [[nodiscard]] bool helps(index e) const {
+        return !owns(e) && own_offsets_[static_cast<std::size_t>(e) + 1] > own_offsets_[static_cast<std::size_t>(e)];
+    }
+
+    /// The plan of the last `plan`.
+    [[nodiscard]] const rebalance_plan& last_plan() const { return plan_; }
+
+    /// Sends the weights of every expert this rank owns to the ranks that help it under the last
+    /// `plan`, into their `helped[e]` (allocated with the owner's shapes by the caller: see `helps`);
+    /// `raw(w)` gives the bytes of one weight matrix. Collective.
+    template <class Weights, class Raw>
+    void move_weights(std::vector<Weights>& owned, std::vector<Weights>& helped, Raw&& raw) {
+        const int ranks = comm_->size(), me = comm_->rank();
+        const auto nr = static_cast<std::size_t>(ranks);
+        const auto words = [](std::span<std::byte> b) { return static_cast<index>((b.size() + sizeof(index) - 1) / sizeof(index)); };
+        const auto helped_by = [&](index e, int q) { const segment* s = plan_.find(e, q); return q != owner(e) && s && s->rows > 0; };
+        // Each matrix padded to whole words: in, then out, of each expert by (destination, id).
+        values_out_.assign(nr, 0);
+        values_in_.assign(nr, 0);
+        words_out_.clear();
+        for (int q = 0; q < ranks; ++q)
+            for (index e = 0; e < experts_; ++e)
+                if (owner(e) == me && helped_by(e, q))
+                    for (const std::span<std::byte> b : {raw(owned[static_cast<std::size_t>(e)].in), raw(owned[static_cast<std::size_t>(e)].out)}) {
+                        const std::size_t at = words_out_.size();
+                        words_out_.resize(at + static_cast<std::size_t>(words(b)), 0);
+                        std::memcpy(words_out_.data() + at, b.data(), b.size());
+                        values_out_[static_cast<std::size_t>(q)] += words(b);
+                        weight_bytes_sent_ += static_cast<index>(b.size());
+                    }
+        for (int src = 0; src < ranks; ++src)
+            for (index e = 0; e < experts_; ++e)
+                if (owner(e) == src && helped_by(e, me))
+                    for (const std::span<std::byte> b : {raw(helped[static_cast<std::size_t>(e)].in), raw(helped[static_cast<std::size_t>(e)].out)})
+                        values_in_[static_cast<std::size_t>(src)] += words(b);
+        words_in_.resize(static_cast<std::size_t>(std::accumulate(values_in_.begin(), values_in_.end(), index{0})));
+        comm_->all_to_all(std::span<const index>(words_out_), values_out_, std::span<index>(words_in_), values_in_);
+        std::size_t at = 0;
+        for (int src = 0; src < ranks; ++src)
+            for (index e = 0; e < experts_; ++e)
+                if (owner(e) == src && helped_by(e, me))
+                    for (const std::span<std::byte> b : {raw(helped[static_cast<std::size_t>(e)].in), raw(helped[static_cast<std::size_t>(e)].out)}) {
+                        std::memcpy(b.data(), words_in_.data() + at, b.size());
+                        at += static_cast<std::size_t>(words(b));
+                    }
     }
 
     /// Rows per expert this rank computes, as one-process expert offsets (E + 1 entries; the blocks of
@@ -216,7 +286,7 @@ public:
     /// Row of the receive buffer (`send`) that holds own row `row`.
     [[nodiscard]] index received_row(index row) const { return received_at_[static_cast<std::size_t>(row)]; }
 
-    /// Sends `width` values for every routed row of the planned routing to the row's owner:
+    /// Sends `width` values for every routed row of the planned routing to the rank that computes it:
     /// `fill(routing row, destination)` writes them. `received` becomes the rows this rank receives
     /// (see `received_row`). Collective.
     template <class Fill>
@@ -245,18 +315,22 @@ public:
     [[nodiscard]] load_statistics load() {
         load_statistics s;
         const auto p = static_cast<std::size_t>(comm_->size()), me = static_cast<std::size_t>(comm_->rank());
-        std::vector<index> all(3 * p, 0);  // rows, bytes sent, bytes received per rank
+        std::vector<index> all(4 * p, 0);  // rows, bytes sent, bytes received, weight bytes sent per rank
         all[me] = own_offsets_.empty() ? 0 : own_offsets_.back();
         all[p + me] = sent_bytes_;
         all[2 * p + me] = received_bytes_;
+        all[3 * p + me] = weight_bytes_sent_;
         comm_->all_sum(std::span<index>(all));
-        s.rows.assign(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(p));
-        s.bytes_sent.assign(all.begin() + static_cast<std::ptrdiff_t>(p), all.begin() + static_cast<std::ptrdiff_t>(2 * p));
-        s.bytes_received.assign(all.begin() + static_cast<std::ptrdiff_t>(2 * p), all.end());
-        const index total = std::accumulate(s.rows.begin(), s.rows.end(), index{0});
-        if (total > 0)
-            s.imbalance = static_cast<double>(*std::max_element(s.rows.begin(), s.rows.end())) * static_cast<double>(s.rows.size()) /
-                          static_cast<double>(total);
+        const auto part = [&](std::size_t i) {
+            return std::vector<index>(all.begin() + static_cast<std::ptrdiff_t>(i * p), all.begin() + static_cast<std::ptrdiff_t>((i + 1) * p));
+        };
+        s.rows = part(0);
+        s.bytes_sent = part(1);
+        s.bytes_received = part(2);
+        s.weight_bytes_sent = part(3);
+        s.imbalance = imbalance(s.rows);
+        s.imbalance_before = plan_.rows_before.empty() ? 0 : imbalance(plan_.rows_before);
+        s.rows_moved = plan_.rows_moved;
         return s;
     }
 
@@ -286,25 +360,23 @@ private:
     std::shared_ptr<communicator> comm_;
     std::vector<int> owners_;
     index experts_;
-    std::vector<index> order_;     // experts in send order (owner, id)
-    std::vector<index> owned_by_;  // experts per rank
-    std::vector<index> mine_;      // the experts this rank owns, ascending
+    rebalancing how_;
+    std::size_t expert_bytes_;
 
     // Plan of the last routing.
     std::vector<index> send_order_;        // send position -> routing row
     std::vector<index> send_rows_;         // rows to each rank
     std::vector<index> recv_rows_;         // rows from each rank
-    std::vector<index> expert_rows_;       // rows per expert in send order
-    std::vector<index> recv_expert_rows_;  // [source rank][own expert] rows
+    std::vector<index> rows_of_;           // [rank][expert] rows
+    rebalance_plan plan_;
     std::vector<index> own_offsets_;
     std::vector<index> received_at_;
-    std::vector<index> own_rows_;      // rows per own expert (scratch of plan)
-    std::vector<index> next_own_row_;  // next own row of each own expert (scratch of plan)
-    std::vector<index> counts_out_, counts_in_, values_out_, values_in_, totals_;
+    std::vector<index> values_out_, values_in_, totals_;
+    std::vector<index> words_out_, words_in_;  // expert weights as words (move_weights)
     std::vector<index> first_tokens_;  // where each rank's tokens begin in the batch, and its end (gather_tokens)
 
     matrix<Scalar> buffer_, back_;
-    index sent_bytes_ = 0, received_bytes_ = 0;
+    index sent_bytes_ = 0, received_bytes_ = 0, weight_bytes_sent_ = 0;
 };
 
 }  // namespace moe::parallel
