@@ -67,12 +67,13 @@ constexpr const char* usage =
     "               tensors of its own experts (and the router and shared experts). Batch-dependent\n"
     "               routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank:\n"
     "               the output does not depend on the number of ranks.\n"
-    "               --stats also prints the rows each rank computed and the bytes it exchanged.\n"
+    "               --stats also prints the rows each rank computed, their imbalance before and after\n"
+    "               re-balancing, the rows moved, and the bytes of rows and of weights each rank sent.\n"
     "  --rebalance  least-loaded re-balancing (inference): after the row counts are shared, the rows of\n"
     "               overloaded ranks' experts beyond the mean go to the least-loaded ranks with a copy of\n"
-    "               the expert's weights; the output is the same bits. --stats then also prints the\n"
-    "               imbalance before, the rows moved and the weight bytes each rank sent.\n"
-    "  --rebalance-cap-mb N    at most N MB of other ranks' expert weights per rank (default: no cap)\n";
+    "               the expert's weights; the output is the same bits.\n"
+    "  --rebalance-cap-mb N    at most N MB of other ranks' expert weights per rank (default: no cap)\n"
+    "  --rebalance-min-rows N  move no fewer than N rows with an expert's weights (default 16)\n";
 
 /// Bad command-line arguments: exit code 2.
 struct argument_error : std::runtime_error {
@@ -117,7 +118,7 @@ arguments parse_arguments(int argc, char** argv) {
     static const char* const with_value[] = {
         "--model", "--layer", "--input", "--output", "--threads", "--repeat", "--router", "--capacity-factor",
         "--drop-policy", "--sinkhorn-iters", "--sinkhorn-tolerance", "--sinkhorn-gates", "--null-experts",
-        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef", "--weights", "--rebalance-cap-mb"};
+        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef", "--weights", "--rebalance-cap-mb", "--rebalance-min-rows"};
     for (int i = 1; i < argc; ++i) {
         const std::string flag = argv[i];
         if (flag == "--help" || flag == "-h") {
@@ -152,6 +153,7 @@ arguments parse_arguments(int argc, char** argv) {
         } else if (flag == "--sinkhorn-gates") a.sinkhorn_gates = parse_choice(flag, value, {"softmax", "plan"});
         else if (flag == "--null-experts") a.null_experts = parse_integer(flag, value, 1);
         else if (flag == "--rebalance-cap-mb") a.rebalance_cap_mb = parse_integer(flag, value, 0, moe::index{1} << 40);
+        else if (flag == "--rebalance-min-rows") a.rebalance_min_rows = parse_integer(flag, value, 1);
         else if (flag == "--top-p") {
             a.top_p = parse_number(flag, value);
             if (*a.top_p <= 0 || *a.top_p > 1) throw argument_error(flag + " = " + value + " must be in (0, 1]");
@@ -179,6 +181,7 @@ arguments parse_arguments(int argc, char** argv) {
     only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
     only(a.rebalance, "--rebalance", a.expert_parallel && !a.backward, "--expert-parallel inference (not --backward)");
     only(a.rebalance_cap_mb.has_value(), "--rebalance-cap-mb", a.rebalance, "--rebalance");
+    only(a.rebalance_min_rows.has_value(), "--rebalance-min-rows", a.rebalance, "--rebalance");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
     if (a.backward && !a.weights.empty() && a.weights != "f32")
         throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");

@@ -25,7 +25,8 @@ struct arguments {
     std::string model, input, output;
     moe::index layer = -1, threads = 1, repeat = 0;
     bool stats = false, backward = false, expert_parallel = false, rebalance = false;
-    std::optional<moe::index> rebalance_cap_mb;  // with --rebalance: MB (1e6 bytes) of other ranks' weights per rank
+    std::optional<moe::index> rebalance_cap_mb;    // with --rebalance: MB (1e6 bytes) of other ranks' weights per rank
+    std::optional<moe::index> rebalance_min_rows;  // with --rebalance: the fewest rows moved with an expert's weights
     std::string weights;  // empty: the model's own (f32 for a checkpoint)
     std::optional<double> load_balance_coef, z_loss_coef;
     // Router overrides; empty/unset means the family's own router.

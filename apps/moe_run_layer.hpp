@@ -88,6 +88,7 @@ void run_layer(const arguments& a, const model_source& model, const moe::routers
     moe::parallel::placement where{.comm = j.comm};
     where.rebalance.enabled = a.rebalance;
     if (a.rebalance_cap_mb) where.rebalance.cap_bytes = static_cast<std::size_t>(*a.rebalance_cap_mb) * 1000000;
+    if (a.rebalance_min_rows) where.rebalance.min_rows = *a.rebalance_min_rows;
     if (c.shared_size == 0) {
         moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
         load_and_run(a, model, layer, j, in);

@@ -139,8 +139,8 @@ int main(int argc, char** argv) {
             for (const auto& [m, name] :
                  {std::pair{mode::one_thread, "/one_process"}, std::pair{mode::threads, "/one_process_threads"},
                   std::pair{mode::ranks, "/ranks"}, std::pair{mode::rebalanced, "/ranks_rebalanced"}}) {
-                if ((m == mode::rebalanced) != s.skewed && m != mode::ranks) continue;  // skewed: ranks, with and without
-                if (s.skewed && backward) continue;  // re-balancing is for inference
+                if (m == mode::rebalanced && !s.skewed) continue;
+                if (s.skewed && (backward || m == mode::threads)) continue;  // re-balancing is for inference
                 benchmark::RegisterBenchmark(
                     (std::string("expert_parallel/") + s.name + (backward ? "/forward_backward" : "/forward") + name).c_str(),
                     expert_parallel, s, m, backward)

@@ -574,11 +574,16 @@ TEST_CASE("moe-run --expert-parallel --rebalance writes the same output and brin
         const auto capped = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --stats --rebalance --rebalance-cap-mb 0", tmp);
         REQUIRE(capped.status == 0);
         CHECK(load_of(capped.out)["rows_moved"] == 0);
+        // Moves smaller than --rebalance-min-rows are not made (here 33 rows at 2 ranks, 16 at 4).
+        const auto few = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --stats --rebalance --rebalance-min-rows 34", tmp);
+        REQUIRE(few.status == 0);
+        CHECK(load_of(few.out)["rows_moved"] == 0);
     }
     // Misuse is a bad argument (exit 2).
     const fs::path out = tmp.path / "x.safetensors";
     CHECK(moe_run(case_args("mixtral_f32", out) + " --rebalance", tmp).status == 2);
     CHECK(moe_run_parallel(2, case_args("mixtral_f32", out) + " --rebalance-cap-mb 4", tmp).status == 2);
+    CHECK(moe_run_parallel(2, case_args("mixtral_f32", out) + " --rebalance --rebalance-min-rows 0", tmp).status == 2);
     CHECK(moe_run_parallel(2, case_args("mixtral_f32", out) + " --rebalance --backward", tmp).status == 2);
     CHECK_FALSE(fs::exists(out));
 }

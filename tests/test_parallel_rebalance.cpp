@@ -37,7 +37,7 @@ TEST_CASE("plan_rebalance: a hot expert's first rows go to the least-loaded rank
     // 120 rows over 4 ranks: the target is 30. Rank 0's 70 extra rows go to rank 1 (0 rows: takes 30),
     // then rank 2 and rank 3 (10 rows each: take 20 each), in the block's order; rank 0 keeps the last 30.
     const std::vector<moe::index> rows{100, 0, 10, 10};
-    const auto plan = plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true}, 1);
+    const auto plan = plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true, .min_rows = 1}, 1);
     REQUIRE(plan.experts[0].size() == 4);
     CHECK(same(plan.experts[0][0], {1, 0, 30}));
     CHECK(same(plan.experts[0][1], {2, 30, 20}));
@@ -49,10 +49,26 @@ TEST_CASE("plan_rebalance: a hot expert's first rows go to the least-loaded rank
     CHECK(plan.find(0, 2) == &plan.experts[0][1]);
     CHECK(plan.find(1, 0) == nullptr);
 
-    // A cap of 3 bytes with experts of 2 lets each helper take one expert; a cap of 1, none.
-    const auto capped = plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true, .cap_bytes = 3}, 2);
-    CHECK(capped.rows_after == plan.rows_after);
-    CHECK(plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true, .cap_bytes = 1}, 2).rows_moved == 0);
+    // A move of fewer than min_rows is not made (the default, 16, keeps decode-sized moves home).
+    CHECK(plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true, .min_rows = 31}, 1).rows_moved == 0);
+    CHECK(plan_rebalance(rows, std::vector<int>{0, 1, 2, 3}, 4, {.enabled = true, .min_rows = 30}, 1).rows_moved == 30);
+}
+
+TEST_CASE("plan_rebalance: the cap bounds the experts a rank helps with", "[parallel]") {
+    // 150 rows over 2 ranks, target 75: rank 1 takes expert 0's 50 rows, then 25 of expert 1's.
+    const std::vector<moe::index> rows{50, 50, 50, 0};
+    const std::vector<int> owners{0, 0, 0, 1};
+    const rebalancing on{.enabled = true, .min_rows = 1};
+    const auto uncapped = plan_rebalance(rows, owners, 2, on, 2);
+    CHECK(uncapped.rows_after == std::vector<moe::index>{75, 75});
+    CHECK(uncapped.helped == std::vector<moe::index>{0, 2});
+    CHECK(same(uncapped.experts[1][0], {1, 0, 25}));
+    // Room for one expert's bytes (2 of 3): rank 1 stops after expert 0.
+    const auto capped = plan_rebalance(rows, owners, 2, {.enabled = true, .cap_bytes = 3, .min_rows = 1}, 2);
+    CHECK(capped.rows_after == std::vector<moe::index>{100, 50});
+    CHECK(capped.helped == std::vector<moe::index>{0, 1});
+    CHECK(plan_rebalance(rows, owners, 2, {.enabled = true, .cap_bytes = 1, .min_rows = 1}, 2).rows_moved == 0);
+    CHECK(plan_rebalance(rows, owners, 2, {.enabled = true, .cap_bytes = 0, .min_rows = 1}, 0).rows_moved == 0);  // 0: none
 }
 
 TEST_CASE("plan_rebalance: on random loads, segments cover each block once and no rank ends over the target",
@@ -67,10 +83,11 @@ TEST_CASE("plan_rebalance: on random loads, segments cover each block once and n
             rows[e] = rng() % 4 == 0 ? static_cast<moe::index>(rng() % 1000) : static_cast<moe::index>(rng() % 20);
             owners[e] = static_cast<int>(rng() % static_cast<unsigned>(ranks));
         }
-        const bool capped = trial % 2 == 1;
+        const bool capped = trial % 2 == 1, fewest = trial % 3 == 2;  // some with a cap, some with min_rows
         const std::size_t cap = capped ? rng() % 4 : rebalancing{}.cap_bytes;
-        INFO("trial " << trial << ", ranks " << ranks << ", experts " << experts << ", cap " << cap);
-        const auto plan = plan_rebalance(rows, owners, ranks, {.enabled = true, .cap_bytes = cap}, 1);
+        const moe::index min_rows = fewest ? 1 + static_cast<moe::index>(rng() % 50) : 1;
+        INFO("trial " << trial << ", ranks " << ranks << ", experts " << experts << ", cap " << cap << ", min_rows " << min_rows);
+        const auto plan = plan_rebalance(rows, owners, ranks, {.enabled = true, .cap_bytes = cap, .min_rows = min_rows}, 1);
         std::vector<moe::index> load(static_cast<std::size_t>(ranks), 0), helped(static_cast<std::size_t>(ranks), 0);
         moe::index moved = 0, total = 0;
         for (std::size_t e = 0; e < experts; ++e) {
@@ -87,6 +104,7 @@ TEST_CASE("plan_rebalance: on random loads, segments cover each block once and n
                 next += s.rows;
                 load[static_cast<std::size_t>(s.rank)] += s.rows;
                 if (s.rank != owners[e]) {
+                    CHECK(s.rows >= min_rows);
                     moved += s.rows;
                     ++helped[static_cast<std::size_t>(s.rank)];
                 }
@@ -103,7 +121,7 @@ TEST_CASE("plan_rebalance: on random loads, segments cover each block once and n
             CHECK(static_cast<std::size_t>(helped[i]) <= cap);
             CHECK(load[i] <= std::max(target, plan.rows_before[i]));  // a helper never goes past the target
         }
-        if (!capped) CHECK(*std::max_element(load.begin(), load.end()) <= std::max<moe::index>(target, 0));
+        if (!capped && !fewest) CHECK(*std::max_element(load.begin(), load.end()) <= std::max<moe::index>(target, 0));
     }
 }
 

@@ -145,10 +145,13 @@ public:
                                       std::to_string(storage_type::unit) + ", as " + std::string(storage_type::name) +
                                       " weights need (rows of blocks of " + std::to_string(storage_type::unit) + " values)");
         if (where.comm) {
-            weights_type one;  // what a rank helping another with one expert takes in (re-balancing)
-            zero(one, shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
-            exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(
-                where, shape.n_experts, storage_type::bytes(one.in) + storage_type::bytes(one.out));
+            std::size_t expert_bytes = 0;  // what a rank helping another with one expert takes in (re-balancing)
+            if (where.rebalance.enabled) {
+                weights_type one;
+                zero(one, shape.d_ff, ffn_in_rows<Expert>(shape.d_ff));
+                expert_bytes = storage_type::bytes(one.in) + storage_type::bytes(one.out);
+            }
+            exchange_ = std::make_unique<parallel::expert_exchange<Scalar>>(where, shape.n_experts, expert_bytes);
         }
         router_weight_ = matrix<Scalar>::Zero(logit_rows(router_, shape.n_experts), shape.d_model);
         experts_.resize(static_cast<std::size_t>(shape.n_experts));
@@ -451,7 +454,7 @@ private:
 
     // Expert parallelism (null exchange: one process).
     std::unique_ptr<parallel::expert_exchange<Scalar>> exchange_;
-    std::vector<weights_type> helped_;  // copies of the experts this rank helps with in this forward, else empty
+    std::vector<weights_type> helped_;  // copies of the experts this rank helps with in the last forward; empty when none
     matrix<Scalar> received_x_;     // the input rows of the routed rows this rank computes
     matrix<Scalar> own_out_;        // their outputs
     matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight

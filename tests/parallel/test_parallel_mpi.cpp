@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 
 namespace {
@@ -254,90 +255,134 @@ TEST_CASE("batch-dependent routers route the whole batch: expert-parallel layers
                                                                  r::sinkhorn{.k = 2, .iterations = 20, .gates = gates}) > 0);
 }
 
-/// A batch whose every token routes to expert 0 first (held by rank 0), the rest spread: x's column 0
-/// is 4 and the router's weight of expert 0 there is 8.
-template <class Layer>
-moe::matrix<float> skewed_batch(Layer& one, Layer& part, moe::index tokens) {
-    for (Layer* l : {&one, &part}) l->router_weight()(0, 0) = 8;
-    moe::matrix<float> x = random_matrix(tokens, one.shape().d_model, 51);
-    x.col(0).setConstant(4);
+/// A batch of `tokens` whose every token routes to experts `hot` and `hot` + 1 (both rank 0's at 2 and
+/// 4 ranks when `hot` is 0): x's column 0 is 4 and their router weights there are 8 (randomized
+/// layers' logits are far smaller). Without `hot`, the random batch.
+moe::matrix<float> skewed_batch(moe::index tokens, moe::index d, std::optional<moe::index> hot, std::uint64_t seed) {
+    moe::matrix<float> x = random_matrix(tokens, d, seed);
+    if (hot) x.col(0).setConstant(4);
     return x;
 }
 
-/// Inference forward of `part` (re-balancing per `how`) on this rank's slice of a skewed batch against
-/// `one`: the outputs bitwise; the load per rank as the plan says.
+/// `one` and `part` (re-balancing as its placement says) forward each batch (this rank's slice, in
+/// inference; training, then backward, where `training`): outputs, and expert gradients, bitwise.
+/// Returns the load of every call.
 template <class Layer>
-moe::parallel::load_statistics rebalanced_forward(const moe::layer_shape& shape, moe::index tokens, moe::parallel::rebalancing how,
-                                                  bool training = false) {
+std::vector<moe::parallel::load_statistics> compare_rebalanced(Layer& one, Layer& part, const std::vector<moe::matrix<float>>& batches,
+                                                              const std::vector<bool>& training) {
     const auto comm = world();
+    const moe::index d = one.shape().d_model;
+    std::vector<moe::parallel::load_statistics> loads;
+    for (std::size_t i = 0; i < batches.size(); ++i) {
+        INFO("call " << i);
+        const moe::matrix<float>& x = batches[i];
+        const auto s = moe::parallel::token_slice(x.rows(), comm->rank(), comm->size());
+        moe::matrix<float> y(x.rows(), d), y_part(s.rows, d);
+        if constexpr (Layer::trainable) {
+            one.set_training(training[i]);
+            part.set_training(training[i]);
+        }
+        one.forward(x, y);
+        part.forward(x.middleRows(s.first, s.rows), y_part);
+        CHECK(bitwise(y_part, y.middleRows(s.first, s.rows)));
+        if constexpr (Layer::trainable) {
+            if (training[i]) {
+                const moe::matrix<float> g = random_matrix(x.rows(), d, 52);
+                moe::matrix<float> gx(x.rows(), d), gx_part(s.rows, d);
+                one.backward(x, g, gx);
+                part.backward(x.middleRows(s.first, s.rows), g.middleRows(s.first, s.rows), gx_part);
+                for (moe::index e = 0; e < one.shape().n_experts; ++e)
+                    if (part.owns_expert(e)) {
+                        CHECK(bitwise(part.grad_expert_weights(e).in, one.grad_expert_weights(e).in));
+                        CHECK(bitwise(part.grad_expert_weights(e).out, one.grad_expert_weights(e).out));
+                    }
+            }
+        }
+        loads.push_back(part.parallel_load());
+    }
+    return loads;
+}
+
+template <class Layer>
+std::vector<moe::parallel::load_statistics> rebalanced_calls(const moe::layer_shape& shape, moe::parallel::rebalancing how,
+                                                            const std::vector<std::pair<moe::index, std::optional<moe::index>>>& batches,
+                                                            std::vector<bool> training = {}) {
     const moe::routers::softmax_topk top2{.k = 2};
-    Layer one(shape, top2), part(shape, moe::parallel::placement{.comm = comm, .rebalance = how}, top2);
+    Layer one(shape, top2), part(shape, moe::parallel::placement{.comm = world(), .rebalance = how}, top2);
     one.randomize(5);
     part.randomize(5);
-    const moe::matrix<float> x = skewed_batch(one, part, tokens);
-    const auto s = moe::parallel::token_slice(tokens, comm->rank(), comm->size());
-    moe::matrix<float> y(tokens, shape.d_model), y_part(s.rows, shape.d_model);
-    if constexpr (Layer::trainable) {
-        one.set_training(training);
-        part.set_training(training);
+    std::vector<moe::matrix<float>> xs;
+    std::optional<moe::index> hot;
+    for (const auto& [tokens, h] : batches) {
+        xs.push_back(skewed_batch(tokens, shape.d_model, h, 50 + xs.size()));
+        if (h) hot = h;
     }
-    one.forward(x, y);
-    part.forward(x.middleRows(s.first, s.rows), y_part);
-    CHECK(bitwise(y_part, y.middleRows(s.first, s.rows)));
-    if constexpr (Layer::trainable) if (training) {  // backward on the owners' rows: the gradients of the experts bitwise
-        moe::matrix<float> g = random_matrix(tokens, shape.d_model, 52), gx(tokens, shape.d_model), gx_part(s.rows, shape.d_model);
-        one.backward(x, g, gx);
-        part.backward(x.middleRows(s.first, s.rows), g.middleRows(s.first, s.rows), gx_part);
-        for (moe::index e = 0; e < shape.n_experts; ++e)
-            if (part.owns_expert(e)) {
-                CHECK(bitwise(part.grad_expert_weights(e).in, one.grad_expert_weights(e).in));
-                CHECK(bitwise(part.grad_expert_weights(e).out, one.grad_expert_weights(e).out));
-            }
+    if (hot) {  // one hot pair for every skewed batch of a run (the router is the layer's)
+        for (Layer* l : {&one, &part}) l->router_weight()(*hot, 0) = l->router_weight()(*hot + 1, 0) = 8;
     }
-    // Twice: the second forward reuses the helpers' buffers, and gives the same bits again.
-    moe::matrix<float> again(s.rows, shape.d_model);
-    part.forward(x.middleRows(s.first, s.rows), again);
-    CHECK(bitwise(again, y_part));
-    return part.parallel_load();
+    training.resize(batches.size(), false);
+    return compare_rebalanced(one, part, xs, training);
 }
 
 TEST_CASE("re-balancing moves an overloaded rank's rows to the least-loaded ranks: the same bits", "[parallel]") {
     const moe::layer_shape shape{.d_model = 64, .d_ff = 32, .n_experts = 8};
     const int ranks = world()->size();
-    const moe::index tokens = 40, rows = 2 * tokens;  // top-2: every token's rows, one of them on expert 0
+    const moe::index tokens = 40, rows = 2 * tokens;  // top-2: experts 0 and 1 for every token
     const moe::index target = (rows + ranks - 1) / ranks;
     using f32 = moe::mixtral_layer<float>;
     using q8_0 = moe::layer<float, moe::routers::softmax_topk, moe::experts::q8_0_weights<moe::experts::swiglu>>;
     using bf16 = moe::layer<float, moe::routers::softmax_topk, moe::experts::bf16_weights<moe::experts::swiglu>>;
+    const auto summed = [](const std::vector<moe::index>& v) { return std::accumulate(v.begin(), v.end(), moe::index{0}); };
+    const std::vector<std::pair<moe::index, std::optional<moe::index>>> skewed{{tokens, 0}};
 
-    const auto off = rebalanced_forward<f32>(shape, tokens, {});
+    const auto off = rebalanced_calls<f32>(shape, {}, skewed)[0];
     CHECK(off.rows_moved == 0);
     CHECK(off.imbalance == off.imbalance_before);
-    CHECK(off.rows[0] > target);  // rank 0 holds expert 0: overloaded without re-balancing
-    const auto summed = [](const std::vector<moe::index>& v) { return std::accumulate(v.begin(), v.end(), moe::index{0}); };
+    CHECK(off.rows[0] == rows);  // rank 0 holds experts 0 and 1: every row
 
-    const moe::parallel::rebalancing on{.enabled = true};
-    for (const auto& load : {rebalanced_forward<f32>(shape, tokens, on), rebalanced_forward<q8_0>(shape, tokens, on),
-                             rebalanced_forward<bf16>(shape, tokens, on)}) {
+    const moe::parallel::rebalancing on{.enabled = true, .min_rows = 1};
+    for (const auto& load : {rebalanced_calls<f32>(shape, on, skewed)[0], rebalanced_calls<q8_0>(shape, on, skewed)[0],
+                             rebalanced_calls<bf16>(shape, on, skewed)[0]}) {
         CHECK(load.imbalance_before == off.imbalance);
-        CHECK(*std::max_element(load.rows.begin(), load.rows.end()) <= target);  // the slowest rank near the mean
+        CHECK(*std::max_element(load.rows.begin(), load.rows.end()) <= target);  // the slowest rank at the mean
         CHECK(load.imbalance < load.imbalance_before);
-        CHECK(load.rows_moved > 0);
+        CHECK(load.rows_moved == rows - target);
         CHECK(summed(load.rows) == rows);
-        CHECK(load.weight_bytes_sent[0] > 0);  // rank 0 sent expert 0's weights
+        CHECK(load.weight_bytes_sent[0] > 0);  // rank 0 sent the weights
+        CHECK(summed(load.weight_bytes_sent) == load.weight_bytes_sent[0]);  // and no other rank
     }
-    // The cap: none moves nothing; one expert's bytes lets each helper take one expert.
-    const auto capped = rebalanced_forward<f32>(shape, tokens, {.enabled = true, .cap_bytes = 0});
+    // The plan changes from call to call (the hot pair, then none, a batch smaller than the ranks,
+    // T = 0, the hot pair again), and a training call between inference calls is not re-balanced.
+    {
+        const auto loads = rebalanced_calls<f32>(shape, on, {{tokens, 0}, {tokens, std::nullopt}, {3, 0}, {0, 0}, {tokens, 0}, {tokens, 0}},
+                                                 {false, false, false, false, true, false});
+        CHECK(loads[0].rows_moved > 0);
+        CHECK(loads[2].rows_moved == (ranks > 1 ? 6 - (6 + ranks - 1) / ranks : 0));
+        CHECK(loads[3].rows_moved == 0);
+        CHECK(loads[4].rows_moved == 0);  // training
+        CHECK(loads[5].rows_moved == loads[0].rows_moved);
+    }
+    // The cap: none moves nothing; one expert's bytes lets each helper take one expert only (here no
+    // helper needs two: tests/test_parallel_rebalance.cpp has a plan the cap changes).
+    const auto capped = rebalanced_calls<f32>(shape, {.enabled = true, .cap_bytes = 0, .min_rows = 1}, skewed)[0];
     CHECK(capped.rows_moved == 0);
     CHECK(capped.rows == off.rows);
-    const std::size_t expert_bytes = 3 * 64 * 32 * sizeof(float);  // SwiGLU: gate, up and down
-    const auto one_each = rebalanced_forward<f32>(shape, tokens, {.enabled = true, .cap_bytes = expert_bytes});
-    CHECK(one_each.rows_moved > 0);
-    CHECK(summed(one_each.weight_bytes_sent) <= static_cast<moe::index>(expert_bytes) * ranks);  // one expert per helper
-    // Training forwards are not re-balanced (backward runs on the owners' rows), and stay bitwise.
-    const auto trained = rebalanced_forward<f32>(shape, tokens, on, true);
-    CHECK(trained.rows_moved == 0);
-    CHECK(trained.rows == off.rows);
+    {
+        const std::size_t expert_bytes = 3 * 64 * 32 * sizeof(float);  // SwiGLU: gate, up and down
+        const moe::routers::softmax_topk top2{.k = 2};
+        f32 part(shape, moe::parallel::placement{.comm = world(), .rebalance = {.enabled = true, .cap_bytes = expert_bytes, .min_rows = 1}}, top2);
+        part.randomize(5);
+        part.router_weight()(0, 0) = part.router_weight()(1, 0) = 8;
+        const moe::matrix<float> x = skewed_batch(tokens, 64, 0, 50);
+        const auto s = moe::parallel::token_slice(tokens, world()->rank(), world()->size());
+        moe::matrix<float> y(s.rows, 64);
+        part.forward(x.middleRows(s.first, s.rows), y);
+        const auto& plan = part.exchange()->last_plan();
+        for (const moe::index h : plan.helped) CHECK(h <= 1);
+        CHECK(plan.rows_moved > 0);
+    }
+    // min_rows: a plan whose moves are all smaller moves nothing.
+    CHECK(rebalanced_calls<f32>(shape, {.enabled = true, .min_rows = rows}, skewed)[0].rows_moved == 0);
 }
 
 TEST_CASE("the bias update sees the whole batch's counts on every rank", "[parallel]") {

@@ -89,6 +89,8 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const con
                 zero(w, shape_.d_ff, ffn_in_rows<Expert>(shape_.d_ff));
         }
         exchange_->move_weights(experts_, helped_, [](typename storage_type::matrix& m) { return storage_type::raw(m); });
+    } else {
+        helped_.clear();
     }
     exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
     own_out_.resize(exchange_->own_offsets().back(), d);

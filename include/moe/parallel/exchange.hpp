@@ -2,7 +2,8 @@
 /// \file
 /// `expert_exchange`: moves a rank's routed rows to the ranks that compute their experts and the
 /// results back, over a `communicator`: per forward one sum of every rank's row counts per expert,
-/// then one all-to-all of the rows each way (backward: one each way, with the forward's plan).
+/// then one all-to-all of the rows each way (backward: one each way, with the forward's plan), and
+/// one of the weights of the experts that helpers compute rows of when the plan re-balances.
 ///
 /// Every rank makes the same plan from the counts: each expert's rows go to its owner, or, re-balanced
 /// (`rebalance.hpp`), the first rows of an overloaded rank's expert to helpers, which receive the
@@ -33,14 +34,14 @@ namespace moe::parallel {
 
 /// Per-rank load of the last exchange (`expert_exchange::load`), the same on every rank.
 struct load_statistics {
-    std::vector<index> rows;            ///< routed rows each rank's experts computed
+    std::vector<index> rows;            ///< routed rows each rank computed (its experts' and those it helped with)
     double imbalance = 0;               ///< max over ranks of rows / mean over ranks (1: even; 0 without rows)
     std::vector<index> bytes_sent;      ///< bytes of rows each rank sent to other ranks since the last forward
                                         ///< began (rows out, results back; the backward's too when it ran)
     std::vector<index> bytes_received;  ///< bytes of rows each rank received from other ranks in that time
     double imbalance_before = 0;        ///< `imbalance` had every expert's owner computed all of its rows
     index rows_moved = 0;               ///< rows computed by another rank than their expert's owner (re-balancing)
-    std::vector<index> weight_bytes_sent;  ///< bytes of expert weights each rank sent to the ranks helping it
+    std::vector<index> weight_bytes_sent;  ///< bytes of expert weights (as stored) each rank sent to the ranks helping it
 
     /// {"ranks": P, "rows": [...], "imbalance": x, "imbalance_before": x, "rows_moved": n,
     /// "bytes_sent": [...], "bytes_received": [...], "weight_bytes_sent": [...]}
@@ -180,14 +181,19 @@ public:
         const int ranks = comm_->size(), me = comm_->rank();
         const auto nr = static_cast<std::size_t>(ranks), ne = static_cast<std::size_t>(experts_);
         sent_bytes_ = received_bytes_ = weight_bytes_sent_ = 0;
-        rows_of_.assign(nr * ne, 0);  // [rank][expert]
+        rows_of_.assign(nr * ne + 1, 0);  // [rank][expert], then the ranks that may re-balance
         for (std::size_t e = 0; e < ne; ++e)
             rows_of_[static_cast<std::size_t>(me) * ne + e] = r.expert_offsets[e + 1] - r.expert_offsets[e];
+        rows_of_.back() = may_rebalance ? 1 : 0;
         comm_->all_sum(std::span<index>(rows_of_));
+        if (rows_of_.back() != 0 && rows_of_.back() != ranks)  // the same on every rank: all throw
+            throw error("expert parallelism: " + std::to_string(rows_of_.back()) + " of " + std::to_string(ranks) +
+                        " ranks may re-balance this forward (every rank must train, or not, alike)");
         std::vector<index> rows(ne, 0);
         for (std::size_t q = 0; q < nr; ++q)
             for (std::size_t e = 0; e < ne; ++e) rows[e] += rows_of_[q * ne + e];
         plan_ = plan_rebalance(rows, owners_, ranks, may_rebalance ? how_ : rebalancing{}, expert_bytes_);
+        own_offsets_.assign(ne + 1, 0);
 
         // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block;
         // those of them in rank q's segment go to q.
@@ -215,7 +221,6 @@ public:
                 send_rows_[static_cast<std::size_t>(q)] += hi - lo;
             }
         // Receive: the rows of this rank's segments, from every rank in rank order, then expert.
-        own_offsets_.assign(ne + 1, 0);
         for (std::size_t e = 0; e < ne; ++e) {
             const segment* s = plan_.find(static_cast<index>(e), me);
             own_offsets_[e + 1] = own_offsets_[e] + (s ? s->rows : 0);
@@ -234,7 +239,8 @@ public:
 
     /// Whether this rank computes rows of expert e, held by another rank, under the last `plan`.
     [[nodiscard]] bool helps(index e) const {
-        return !owns(e) && own_offsets_[static_cast<std::size_t>(e) + 1] > own_offsets_[static_cast<std::size_t>(e)];
+        return !owns(e) && !own_offsets_.empty() &&
+               own_offsets_[static_cast<std::size_t>(e) + 1] > own_offsets_[static_cast<std::size_t>(e)];
     }
 
     /// The plan of the last `plan`.
@@ -270,6 +276,7 @@ public:
                         values_in_[static_cast<std::size_t>(src)] += words(b);
         words_in_.resize(static_cast<std::size_t>(std::accumulate(values_in_.begin(), values_in_.end(), index{0})));
         comm_->all_to_all(std::span<const index>(words_out_), values_out_, std::span<index>(words_in_), values_in_);
+        std::vector<index>().swap(words_out_);  // transient: the weights stay only in `helped`
         std::size_t at = 0;
         for (int src = 0; src < ranks; ++src)
             for (index e = 0; e < experts_; ++e)
@@ -278,6 +285,7 @@ public:
                         std::memcpy(b.data(), words_in_.data() + at, b.size());
                         at += static_cast<std::size_t>(words(b));
                     }
+        std::vector<index>().swap(words_in_);
     }
 
     /// Rows per expert this rank computes, as one-process expert offsets (E + 1 entries; the blocks of
@@ -367,12 +375,12 @@ private:
     std::vector<index> send_order_;        // send position -> routing row
     std::vector<index> send_rows_;         // rows to each rank
     std::vector<index> recv_rows_;         // rows from each rank
-    std::vector<index> rows_of_;           // [rank][expert] rows
+    std::vector<index> rows_of_;           // [rank][expert] rows, then the ranks that may re-balance
     rebalance_plan plan_;
     std::vector<index> own_offsets_;
     std::vector<index> received_at_;
     std::vector<index> values_out_, values_in_, totals_;
-    std::vector<index> words_out_, words_in_;  // expert weights as words (move_weights)
+    std::vector<index> words_out_, words_in_;  // expert weights as words during move_weights, else empty
     std::vector<index> first_tokens_;  // where each rank's tokens begin in the batch, and its end (gather_tokens)
 
     matrix<Scalar> buffer_, back_;

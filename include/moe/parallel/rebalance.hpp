@@ -16,7 +16,8 @@
 /// by decreasing load (ties: lower rank), their experts by decreasing rows (ties: lower id); while the
 /// rank is over the target, the least-loaded rank below the target that does not help this expert yet
 /// and has room under its cap takes min(the rank's excess, the helper's room below the target, the
-/// expert's rows still with its owner) rows.
+/// expert's rows still with its owner) rows, when that is at least `min_rows`. With `min_rows` 1 and no
+/// cap no rank ends above the target.
 
 #include "moe/error.hpp"
 #include "moe/types.hpp"
@@ -34,9 +35,13 @@ namespace moe::parallel {
 /// Whether and how far an expert-parallel layer re-balances its ranks' rows (`placement::rebalance`).
 struct rebalancing {
     bool enabled = false;
-    /// Bytes of other ranks' expert weights one rank may take in per forward (each helped expert's
+    /// Bytes of other ranks' expert weights one rank may hold per forward (each helped expert's
     /// routed weights, as stored). The default has no cap; 0 moves nothing.
     std::size_t cap_bytes = std::numeric_limits<std::size_t>::max();
+    /// The fewest rows worth moving to a helper with an expert's weights: a move of fewer is not made.
+    /// A helper computes 2 x (in rows + d) x ff FLOPs per row with weights it received whole (3 x d x ff
+    /// values for a gated FFN), so a few rows rarely pay for the weights outside one node.
+    index min_rows = 16;
 };
 
 /// Rows [first, first + rows) of an expert's one-process row block, computed by `rank`.
@@ -93,7 +98,7 @@ struct rebalance_plan {
     plan.rows_after = plan.rows_before;
     std::vector<index> taken(experts, 0);  // rows of each expert's block given to helpers (its first rows)
     plan.experts.assign(experts, {});
-    if (how.enabled && ranks > 1) {
+    if (how.enabled && ranks > 1 && how.cap_bytes > 0) {
         std::vector<index>& load = plan.rows_after;
         const index total = std::accumulate(load.begin(), load.end(), index{0});
         const index target = (total + ranks - 1) / ranks;
@@ -118,6 +123,7 @@ struct rebalance_plan {
                     if (h < 0) break;
                     const auto hq = static_cast<std::size_t>(h);
                     const index m = std::min({load[q] - target, target - load[hq], rows[e] - taken[e]});
+                    if (m < how.min_rows) break;
                     plan.experts[e].push_back({h, taken[e], m});
                     taken[e] += m;
                     load[q] -= m;
