@@ -70,14 +70,14 @@ TEST_CASE("layer output is bitwise identical across runs and thread counts", "[l
 namespace {
 // y, dL/dx and every parameter's gradient of one training step at `threads` threads, with the tasks
 // planned for `planned` threads (0: as many as run them).
-template <class Layer>
-std::vector<moe::matrix<float>> training_step(Layer& layer, const moe::matrix<float>& x, moe::index threads,
-                                              moe::index planned = 0) {
+template <class Layer, class Scalar = typename Layer::scalar_type>
+std::vector<moe::matrix<Scalar>> training_step(Layer& layer, const moe::matrix<Scalar>& x, moe::index threads,
+                                               moe::index planned = 0) {
     layer.set_threads(threads);
     layer.plan_for_threads(planned);
     layer.set_training(true);
-    const moe::matrix<float> grad_y = moe::matrix<float>::Random(x.rows(), x.cols());
-    std::vector<moe::matrix<float>> out{moe::matrix<float>(x.rows(), x.cols()), moe::matrix<float>(x.rows(), x.cols())};
+    const moe::matrix<Scalar> grad_y = moe::matrix<Scalar>::Random(x.rows(), x.cols());
+    std::vector<moe::matrix<Scalar>> out{moe::matrix<Scalar>(x.rows(), x.cols()), moe::matrix<Scalar>(x.rows(), x.cols())};
     layer.forward(x, out[0]);
     layer.backward(x, grad_y, out[1]);
     for (const auto& p : layer.parameters()) out.emplace_back(p.grad);
@@ -85,19 +85,19 @@ std::vector<moe::matrix<float>> training_step(Layer& layer, const moe::matrix<fl
 }
 }  // namespace
 
-TEST_CASE("forward and backward are bitwise identical at 1, 2, 3, 7 and 16 threads and for any plan",
-          "[layer][determinism]") {
+TEMPLATE_TEST_CASE("forward and backward are bitwise identical at 1, 2, 3, 7 and 16 threads and for any plan",
+                   "[layer][determinism]", float, double) {
     // Widths that are no multiple of a SIMD vector or of a column block; a decoding step, a short batch,
     // a hot expert (all-zero router weights tie every token to expert 0) and a long batch; a gated
     // shared expert, so every kind of task runs.
     const moe::layer_shape shape{.d_model = 100, .d_ff = 150, .n_experts = 8, .d_shared = 120};
-    using layer_type = moe::qwen2_moe_layer<float>;
+    using layer_type = moe::qwen2_moe_layer<TestType>;
     for (const moe::index tokens : {1, 3, 300}) {
         for (const bool hot : {false, true}) {
             layer_type layer(shape, {.k = hot ? 1 : 2, .normalize = true});
             layer.randomize(11);
             if (hot) layer.router_weight().setZero();
-            const moe::matrix<float> x = moe::matrix<float>::Random(tokens, shape.d_model);
+            const moe::matrix<TestType> x = moe::matrix<TestType>::Random(tokens, shape.d_model);
             std::srand(3);
             const auto want = training_step(layer, x, 1);
             if (hot) CHECK(layer.statistics().idle_experts == shape.n_experts - 1);

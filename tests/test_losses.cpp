@@ -2,7 +2,7 @@
 
 #include <moe/losses/losses.hpp>
 
-TEST_CASE("load-balance and z-loss match the PyTorch reference", "[losses]") {
+TEMPLATE_TEST_CASE("load-balance and z-loss match the PyTorch reference", "[losses]", float, double) {
     for (const char* name : {"swiglu_topk2", "capacity_position", "k_eq_e"}) {
         const golden::layer_case c(name);
         INFO(name);
@@ -10,12 +10,12 @@ TEST_CASE("load-balance and z-loss match the PyTorch reference", "[losses]") {
         // Cases without a capacity factor get one too large to drop anything.
         router r = c.option("capacity_factor").empty() ? router{.inner = c.softmax_router(), .capacity_factor = 1e6}
                                                        : c.with_capacity(c.softmax_router());
-        moe::layer<float, router, moe::experts::swiglu, moe::shared_experts::none, moe::losses::load_balance,
+        moe::layer<TestType, router, moe::experts::swiglu, moe::shared_experts::none, moe::losses::load_balance,
                    moe::losses::z_loss>
             layer(c.shape(), r, {}, {}, {{.alpha = 1.0}, {.beta = 1.0}});
         c.load(layer);
-        const auto x = golden::read_matrix(c.file, "x");
-        moe::matrix<float> y(x.rows(), x.cols());
+        const auto x = golden::read_matrix<TestType>(c.file, "x");
+        moe::matrix<TestType> y(x.rows(), x.cols());
         layer.forward(x, y);
         CHECK(layer.loss_values()[0] == Approx(golden::read_matrix(c.file, "expected.load_balance")(0, 0)).epsilon(2e-5));
         CHECK(layer.loss_values()[1] == Approx(golden::read_matrix(c.file, "expected.z_loss")(0, 0)).epsilon(2e-5));

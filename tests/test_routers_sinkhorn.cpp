@@ -5,10 +5,10 @@
 
 using moe::routers::sinkhorn;
 
-TEST_CASE("Sinkhorn routing matches the PyTorch reference", "[routers][sinkhorn]") {
+TEMPLATE_TEST_CASE("Sinkhorn routing matches the PyTorch reference", "[routers][sinkhorn]", float, double) {
     for (const char* name : {"sinkhorn_softmax", "sinkhorn_plan", "sinkhorn_inference"}) {
         const golden::layer_case c(name);
-        moe::sbase_layer<float> layer(c.shape(), c.sinkhorn_router());
+        moe::sbase_layer<TestType> layer(c.shape(), c.sinkhorn_router());
         c.load(layer);
         c.check(layer);
         if (c.file.contains("expected.marginal_error")) {

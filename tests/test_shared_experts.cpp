@@ -2,17 +2,17 @@
 
 #include <moe/shared_experts.hpp>
 
-TEST_CASE("shared experts match the PyTorch reference", "[shared_experts]") {
+TEMPLATE_TEST_CASE("shared experts match the PyTorch reference", "[shared_experts]", float, double) {
     {
         const golden::layer_case c("shared_ungated");
-        moe::layer<float, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
+        moe::layer<TestType, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
             c.shape(), c.softmax_router());
         c.load(layer);
         c.check(layer);
     }
     {
         const golden::layer_case c("shared_gated");
-        moe::qwen2_moe_layer<float> layer(c.shape(), c.softmax_router());
+        moe::qwen2_moe_layer<TestType> layer(c.shape(), c.softmax_router());
         c.load(layer);
         c.check(layer);
     }
