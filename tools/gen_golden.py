@@ -4,6 +4,8 @@
 Run with Debian's PyTorch (the ``python3`` on PATH may lack torch)::
 
     /usr/bin/python3 tools/gen_golden.py   # writes tests/data/{ckpt,layer,overrides,quant,gguf}
+    /usr/bin/python3 tools/gen_golden.py --check   # compares a fresh run with tests/data
+    /usr/bin/python3 tools/gen_golden.py --only layer [--check]   # one set
 
 Everything is computed in float64 from the values *as stored* (weights are rounded
 to their storage dtype F32/BF16/F16 first, inputs to F32); expected values are written
@@ -2115,16 +2117,125 @@ def gen_gguf_cases(root):
     yield os.path.join(out, "olmoe_q4_k.gguf"), "an OLMoE layer with Q4_K experts (random bytes): refused"
 
 
+# The sets of test data, each a folder of tests/data. ckpt and overrides come together: the override
+# cases run the checkpoint cases' layers.
+SETS = {"gguf": ["gguf"], "quant": ["quant"], "layer": ["layer"], "ckpt": ["ckpt", "overrides"]}
+
+
+def generate_sets(root, only, report):
+    """Writes the sets `only` names (all when None) under root; report(path, info) for each case."""
+    wanted = [only] if only else list(SETS)
+    if "gguf" in wanted:
+        for path, info in gen_gguf_cases(root):
+            report(path, info)
+    if "quant" in wanted:
+        for path, info in gen_quant_cases(root):
+            report(path, info)
+    if "ckpt" in wanted:
+        registry = {}
+        for name, builder, kwargs, shape, sharded in CKPT_CASES:
+            folder, info, _ = gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry)
+            report(folder, info)
+        for path, info in gen_override_cases(root, registry):
+            report(path, info)
+    if "layer" in wanted:
+        for path, info in gen_layer_cases(root):
+            report(path, info)
+
+
+def safetensors_tensors(path):
+    """{name: (dtype, shape, float64 values)} of a safetensors file, and its metadata."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    types = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        raw = data[lo:hi]
+        if info["dtype"] == "BF16":
+            values = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(raw, dtype=types[info["dtype"]])
+        out[name] = (info["dtype"], info["shape"], values.astype(np.float64))
+    return out, header.get("__metadata__")
+
+
+def compare_file(new, old, tolerance):
+    """None when the files agree: the same bytes, or safetensors files with the same tensors whose
+    values differ by at most `tolerance` times the tensor's largest magnitude; else why not."""
+    with open(new, "rb") as a, open(old, "rb") as b:
+        if a.read() == b.read():
+            return None
+    if not new.endswith(".safetensors"):
+        return "bytes differ"
+    (got, got_meta), (want, want_meta) = safetensors_tensors(new), safetensors_tensors(old)
+    if got_meta != want_meta or got.keys() != want.keys():
+        return "metadata or tensor names differ"
+    worst = 0.0
+    for name, (dtype, shape, values) in got.items():
+        wdtype, wshape, wvalues = want[name]
+        if (dtype, shape) != (wdtype, wshape):
+            return f"{name}: {dtype} {shape} against {wdtype} {wshape}"
+        if values.size == 0:
+            continue
+        scale = max(float(np.abs(wvalues).max()), 1e-30)
+        diff = float(np.abs(values - wvalues).max()) / scale
+        if diff > tolerance:
+            return f"{name}: relative difference {diff:.3g} > {tolerance:g}"
+        worst = max(worst, diff)
+    print(f"    {os.path.basename(new)}: bytes differ, values within {worst:.3g} of the tensors' largest")
+    return None
+
+
+def check(root, only, tolerance):
+    """Regenerates the sets into a temporary folder and compares them with root; returns the count of
+    files that differ (missing on either side included)."""
+    import tempfile
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_sets(tmp, only, lambda path, info: None)
+        for folder in [f for key in ([only] if only else SETS) for f in SETS[key]]:
+            files = set()
+            for side in (tmp, root):
+                for dirpath, _, names in os.walk(os.path.join(side, folder)):
+                    files.update(os.path.relpath(os.path.join(dirpath, n), side) for n in names)
+            for rel in sorted(files):
+                new, old = os.path.join(tmp, rel), os.path.join(root, rel)
+                if not os.path.exists(new) or not os.path.exists(old):
+                    why = "not generated" if not os.path.exists(new) else "not committed"
+                else:
+                    why = compare_file(new, old, tolerance)
+                if why:
+                    failures += 1
+                    print(f"{rel}: {why}")
+    return failures
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "data"),
                     help="output directory (default: tests/data)")
-    ap.add_argument("--only", choices=["quant", "gguf"],
-                    help="write only this set (the others depend on each other and come together)")
+    ap.add_argument("--only", choices=list(SETS),
+                    help="write (or check) only this set (ckpt includes overrides, which run its layers)")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing: regenerate into a temporary folder and compare with --out, file by "
+                         "file (exit 1 on a difference)")
+    ap.add_argument("--tolerance", type=float, default=1e-6,
+                    help="--check: where a safetensors file's bytes differ, the largest difference of a "
+                         "tensor accepted, relative to its largest magnitude (default 1e-6; the bytes of a "
+                         "few float64 reductions differ across torch builds)")
     args = ap.parse_args()
     root = os.path.normpath(args.out)
     torch.set_num_threads(1)
+    if args.check:
+        failures = check(root, args.only, args.tolerance)
+        print(f"check: {failures} file(s) differ" if failures else "check: every file agrees")
+        raise SystemExit(1 if failures else 0)
 
     total = 0
 
@@ -2137,25 +2248,7 @@ def main():
             total += size
             print(f"    {os.path.relpath(p, root):60s} {size:8d} bytes")
 
-    if args.only != "quant":
-        for path, info in gen_gguf_cases(root):
-            report(path, info)
-    if args.only == "gguf":
-        print(f"total: {total} bytes")
-        return
-    for path, info in gen_quant_cases(root):
-        report(path, info)
-    if args.only == "quant":
-        print(f"total: {total} bytes")
-        return
-    registry = {}
-    for name, builder, kwargs, shape, sharded in CKPT_CASES:
-        folder, info, _ = gen_ckpt_case(root, name, builder, kwargs, shape, sharded, registry)
-        report(folder, info)
-    for path, info in gen_layer_cases(root):
-        report(path, info)
-    for path, info in gen_override_cases(root, registry):
-        report(path, info)
+    generate_sets(root, args.only, report)
     print(f"total: {total} bytes")
 
 
