@@ -11,13 +11,15 @@
 #include <moe/parallel/mpi.hpp>
 #endif
 
+#include <CLI/CLI.hpp>
+
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -25,147 +27,125 @@ namespace {
 using moe_run::arguments;
 using moe_run::job;
 
-constexpr const char* usage =
-    "usage: moe-run --model DIR|FILE.gguf --layer L --input IN.safetensors --output OUT.safetensors\n"
-    "               [--threads N] [--repeat N] [--weights f32|bf16|q8_0|q4_0] [--stats] [router overrides]\n"
-    "               [--backward ...]\n"
-    "\n"
+constexpr const char* description =
     "Runs MoE layer L of the HuggingFace checkpoint in DIR (config.json plus model.safetensors or\n"
     "model.safetensors.index.json and shards), or of a GGUF model file (llama.cpp's llama/Mixtral,\n"
     "qwen2moe, qwen3moe, olmoe, deepseek2), on IN's `hidden_states` ([T, d] or [B, S, d]) and writes\n"
-    "`hidden_states` (same shape) and `router_logits` ([T, E]) to OUT.\n"
-    "  --threads N  worker threads (default 1); the output does not depend on it\n"
-    "  --repeat N   run the forward N more times and print forward_ms_median=<ms>\n"
-    "  --weights T  how the expert weights are held: f32 (the default for a checkpoint); bf16 (BF16\n"
-    "               tensors as stored, others rounded; each projection's input rounded to bf16, sums in\n"
-    "               float32); q8_0 or q4_0 (ggml's block formats, quantized at load, a GGUF file's Q8_0 /\n"
-    "               Q4_0 blocks taken as they are; each projection's input quantized to q8_0, integer\n"
-    "               sums per block). A GGUF file's default is its experts' own type (Q8_0, Q4_0, BF16,\n"
-    "               where gate, up and down share it; else f32). bf16, q8_0 and q4_0 are for inference. With\n"
-    "               --repeat the kernel family (kernels=<name>) and the expert weights' size\n"
-    "               (expert_weights_mb=<MB>) are printed\n"
-    "  --stats      print the routing statistics as JSON\n"
-    "Router overrides (k, normalisation and scaling follow the checkpoint's config):\n"
-    "  --router softmax_topk|expert_choice|sinkhorn|null_experts|top_p\n"
-    "  --capacity-factor F     expert choice's bucket factor (default 1); with a top-k router it\n"
-    "                          enables expert capacity and token dropping\n"
-    "  --drop-policy position|probs   which assignments a full expert keeps (default position)\n"
-    "  --sinkhorn-iters N (default 8)  --sinkhorn-tolerance X (default 0: run all iterations)\n"
-    "  --sinkhorn-gates softmax|plan (default softmax)\n"
-    "  --null-experts N        the router weight must have E+N rows\n"
-    "  --top-p P (default 0.9)  --max-k K (default the config's num_experts_per_tok)\n"
-    "Backward:\n"
-    "  --backward   IN also holds `grad_output` (the shape of `hidden_states`); OUT also receives\n"
-    "               `grad_hidden_states` and `grad.<tensor>` for every trainable tensor of the layer:\n"
-    "               the gradient of sum(output * grad_output) plus the enabled losses\n"
-    "  --load-balance-coef A   add A * the load-balancing loss (Switch form); writes loss.load_balance\n"
-    "  --z-loss-coef B         add B * the router z-loss; writes loss.z_loss\n"
-    "  with --repeat, also prints backward_ms_median=<ms> (the backward alone)\n"
-    "Expert parallelism (start under mpirun; needs a moe-run built with MPI):\n"
-    "  --expert-parallel  the routed experts are spread over the ranks in contiguous blocks, the tokens\n"
-    "               in contiguous slices; rank 0 reads IN and writes OUT, each rank reads only the\n"
-    "               tensors of its own experts (and the router and shared experts). Batch-dependent\n"
-    "               routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank:\n"
-    "               the output does not depend on the number of ranks.\n"
-    "               --stats also prints the rows each rank computed, their imbalance before and after\n"
-    "               re-balancing, the rows moved, and the bytes of rows and of weights each rank sent.\n"
-    "  --rebalance  least-loaded re-balancing (inference): after the row counts are shared, the rows of\n"
-    "               overloaded ranks' experts beyond the mean go to the least-loaded ranks with a copy of\n"
-    "               the expert's weights; the output is the same bits.\n"
-    "  --rebalance-cap-mb N    at most N MB of other ranks' expert weights per rank (default: no cap)\n"
-    "  --rebalance-min-rows N  move no fewer than N rows with an expert's weights (default 16)\n";
+    "`hidden_states` (same shape) and `router_logits` ([T, E]) to OUT. Router overrides take k,\n"
+    "normalisation and scaling from the checkpoint's config.";
+
+constexpr const char* footer =
+    "--weights: f32 (a checkpoint's default); bf16 (BF16 tensors as stored, others rounded; each\n"
+    "projection's input rounded to bf16, sums in float32); q8_0 or q4_0 (ggml's block formats, quantized\n"
+    "at load, a GGUF file's Q8_0 / Q4_0 blocks taken as they are; each projection's input quantized to\n"
+    "q8_0, integer sums per block). A GGUF file's default is its experts' own type (Q8_0, Q4_0, BF16,\n"
+    "where gate, up and down share it; else f32). bf16, q8_0 and q4_0 are for inference.\n"
+    "--repeat N prints forward_ms_median=<ms>, the kernel family (kernels=<name>) and the expert\n"
+    "weights' size (expert_weights_mb=<MB>); with --backward also backward_ms_median=<ms>.\n"
+    "--backward: IN also holds `grad_output` (the shape of `hidden_states`); OUT also receives\n"
+    "`grad_hidden_states` and `grad.<tensor>` for every trainable tensor of the layer: the gradient of\n"
+    "sum(output * grad_output) plus the enabled losses (written as loss.load_balance, loss.z_loss).\n"
+    "Expert parallelism (start under mpirun; needs a moe-run built with MPI): the routed experts are\n"
+    "spread over the ranks in contiguous blocks, the tokens in contiguous slices; rank 0 reads IN and\n"
+    "writes OUT, each rank reads only the tensors of its own experts (and the router and shared experts).\n"
+    "Batch-dependent routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank: the\n"
+    "output does not depend on the number of ranks. --rebalance moves the rows of overloaded ranks'\n"
+    "experts beyond the mean, with a copy of the expert's weights, to the least-loaded ranks; the output\n"
+    "is the same bits. --stats also prints the rows each rank computed, their imbalance before and after\n"
+    "re-balancing, the rows moved, and the bytes of rows and of weights each rank sent.\n"
+    "Exit status: 0 on success, 2 for bad arguments, 1 for any other error (one line on stderr).";
 
 /// Bad command-line arguments: exit code 2.
 struct argument_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-moe::index parse_integer(const std::string& flag, const std::string& text, moe::index min,
-                         moe::index max = std::numeric_limits<moe::index>::max()) {
-    moe::index v = 0;
-    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-    if (ec != std::errc{} || end != text.data() + text.size())
-        throw argument_error(flag + " expects an integer, got '" + text + "'");
-    if (v < min) throw argument_error(flag + " = " + text + " must be >= " + std::to_string(min));
-    if (v > max) throw argument_error(flag + " = " + text + " must be <= " + std::to_string(max));
-    return v;
-}
-
-double parse_number(const std::string& flag, const std::string& text) {
-    std::size_t used = 0;
-    double v = 0;
-    try {
-        v = std::stod(text, &used);
-    } catch (const std::exception&) {
-        used = 0;
-    }
-    if (used == 0 || used != text.size() || !std::isfinite(v))
-        throw argument_error(flag + " expects a finite number, got '" + text + "'");
-    return v;
-}
-
-std::string parse_choice(const std::string& flag, const std::string& text, std::initializer_list<const char*> choices) {
-    std::string all;
-    for (const char* c : choices) {
-        if (text == c) return text;
-        all += (all.empty() ? "" : ", ") + std::string(c);
-    }
-    throw argument_error(flag + " = '" + text + "' is not one of " + all);
+/// A value of type T (a finite number, for floating point) in [min, max], described as `range`.
+template <class T>
+CLI::Validator in_range(T min, T max, const std::string& range, bool open_min = false) {
+    return {[=](std::string& text) -> std::string {
+                T v{};
+                if (!CLI::detail::lexical_cast(text, v) || (std::is_floating_point_v<T> && !std::isfinite(static_cast<double>(v))))
+                    return std::string(std::is_floating_point_v<T> ? "expects a finite number" : "expects an integer") +
+                           ", got '" + text + "'";
+                return v >= min && v <= max && !(open_min && v == min) ? std::string() : text + " must be in " + range;
+            },
+            range};
 }
 
 arguments parse_arguments(int argc, char** argv) {
     arguments a;
-    static const char* const with_value[] = {
-        "--model", "--layer", "--input", "--output", "--threads", "--repeat", "--router", "--capacity-factor",
-        "--drop-policy", "--sinkhorn-iters", "--sinkhorn-tolerance", "--sinkhorn-gates", "--null-experts",
-        "--top-p", "--max-k", "--load-balance-coef", "--z-loss-coef", "--weights", "--rebalance-cap-mb", "--rebalance-min-rows"};
-    for (int i = 1; i < argc; ++i) {
-        const std::string flag = argv[i];
-        if (flag == "--help" || flag == "-h") {
-            std::fputs(usage, stdout);
-            std::exit(0);
-        }
-        if (flag == "--stats" || flag == "--backward" || flag == "--expert-parallel" || flag == "--rebalance") {
-            (flag == "--stats" ? a.stats : flag == "--backward" ? a.backward : flag == "--rebalance" ? a.rebalance : a.expert_parallel) = true;
-            continue;
-        }
-        if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value))
-            throw argument_error("unknown argument '" + flag + "'");
-        if (i + 1 >= argc) throw argument_error(flag + " needs a value");
-        const std::string value = argv[++i];
-        if (flag == "--model") a.model = value;
-        else if (flag == "--layer") a.layer = parse_integer(flag, value, 0);
-        else if (flag == "--input") a.input = value;
-        else if (flag == "--output") a.output = value;
-        else if (flag == "--threads") a.threads = parse_integer(flag, value, 1, moe::max_threads);
-        else if (flag == "--repeat") a.repeat = parse_integer(flag, value, 0);
-        else if (flag == "--weights") a.weights = parse_choice(flag, value, {"f32", "bf16", "q8_0", "q4_0"});
-        else if (flag == "--router")
-            a.router = parse_choice(flag, value, {"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"});
-        else if (flag == "--capacity-factor") {
-            a.capacity_factor = parse_number(flag, value);
-            if (*a.capacity_factor <= 0) throw argument_error(flag + " = " + value + " must be > 0");
-        } else if (flag == "--drop-policy") a.drop_policy = parse_choice(flag, value, {"position", "probs"});
-        else if (flag == "--sinkhorn-iters") a.sinkhorn_iters = parse_integer(flag, value, 1);
-        else if (flag == "--sinkhorn-tolerance") {
-            a.sinkhorn_tolerance = parse_number(flag, value);
-            if (*a.sinkhorn_tolerance < 0) throw argument_error(flag + " = " + value + " must be >= 0");
-        } else if (flag == "--sinkhorn-gates") a.sinkhorn_gates = parse_choice(flag, value, {"softmax", "plan"});
-        else if (flag == "--null-experts") a.null_experts = parse_integer(flag, value, 1);
-        else if (flag == "--rebalance-cap-mb") a.rebalance_cap_mb = parse_integer(flag, value, 0, moe::index{1} << 40);
-        else if (flag == "--rebalance-min-rows") a.rebalance_min_rows = parse_integer(flag, value, 1);
-        else if (flag == "--top-p") {
-            a.top_p = parse_number(flag, value);
-            if (*a.top_p <= 0 || *a.top_p > 1) throw argument_error(flag + " = " + value + " must be in (0, 1]");
-        } else if (flag == "--load-balance-coef" || flag == "--z-loss-coef") {
-            const double v = parse_number(flag, value);
-            if (v < 0) throw argument_error(flag + " = " + value + " must be >= 0");
-            (flag == "--z-loss-coef" ? a.z_loss_coef : a.load_balance_coef) = v;
-        } else a.max_k = parse_integer(flag, value, 1);
+    CLI::App app(description, "moe-run");
+    app.footer(footer);
+    app.get_formatter()->column_width(34);
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later value wins
+    const auto at_least = [](moe::index min) {
+        return in_range(min, std::numeric_limits<moe::index>::max(), "[" + std::to_string(min) + ", inf)");
+    };
+    const double inf = std::numeric_limits<double>::infinity();
+    const CLI::Validator positive = in_range(0.0, inf, "(0, inf)", true), non_negative = in_range(0.0, inf, "[0, inf)");
+
+    app.add_option("--model", a.model, "a HuggingFace checkpoint folder or a GGUF file")->required()->type_name("DIR|FILE.gguf");
+    app.add_option("--layer", a.layer, "the MoE layer to run")->required()->check(at_least(0))->type_name("L");
+    app.add_option("--input", a.input, "safetensors file with `hidden_states` (and `grad_output`)")
+        ->required()->type_name("IN");
+    app.add_option("--output", a.output, "safetensors file to write")->required()->type_name("OUT");
+    app.add_option("--threads", a.threads, "worker threads (per rank); the output does not depend on it")
+        ->check(in_range(moe::index{1}, moe::max_threads, "[1, " + std::to_string(moe::max_threads) + "]"))
+        ->capture_default_str();
+    app.add_option("--repeat", a.repeat, "run the forward N more times; print its median time and more (below)")
+        ->check(at_least(0))->type_name("N");
+    app.add_option("--weights", a.weights,
+                   "how the expert weights are held (below)")
+        ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0"}));
+    app.add_flag("--stats", a.stats, "print the routing statistics as JSON");
+
+    const auto routers = "Router overrides";
+    app.add_option("--router", a.router, "the router instead of the checkpoint's")->group(routers)
+        ->check(CLI::IsMember({"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"}));
+    app.add_option("--capacity-factor", a.capacity_factor,
+                   "expert choice's bucket factor (default 1); top-k: capacity and dropping")->group(routers)->check(positive);
+    app.add_option("--drop-policy", a.drop_policy, "which assignments a full expert keeps (default position)")
+        ->group(routers)->check(CLI::IsMember({"position", "probs"}));
+    app.add_option("--sinkhorn-iters", a.sinkhorn_iters, "Sinkhorn iterations (default 8)")->group(routers)->check(at_least(1));
+    app.add_option("--sinkhorn-tolerance", a.sinkhorn_tolerance, "stop early below it (default 0: run all iterations)")
+        ->group(routers)->check(non_negative);
+    app.add_option("--sinkhorn-gates", a.sinkhorn_gates, "Sinkhorn's gates (default softmax)")->group(routers)
+        ->check(CLI::IsMember({"softmax", "plan"}));
+    app.add_option("--null-experts", a.null_experts, "null experts (the router weight must have E+N rows)")
+        ->group(routers)->check(at_least(1));
+    app.add_option("--top-p", a.top_p, "top-p's threshold (default 0.9)")->group(routers)
+        ->check(in_range(0.0, 1.0, "(0, 1]", true));
+    app.add_option("--max-k", a.max_k, "top-p's most experts per token (default the config's num_experts_per_tok)")
+        ->group(routers)->check(at_least(1));
+
+    const auto training = "Backward";
+    CLI::Option* backward = app.add_flag("--backward", a.backward,
+                                         "also the gradients (below)")
+                                ->group(training);
+    app.add_option("--load-balance-coef", a.load_balance_coef, "add A * the load-balancing loss (Switch form)")->group(training)->check(non_negative)->needs(backward)->type_name("A");
+    app.add_option("--z-loss-coef", a.z_loss_coef, "add B * the router z-loss")
+        ->group(training)->check(non_negative)->needs(backward)->type_name("B");
+
+    const auto parallel = "Expert parallelism (see below)";
+    CLI::Option* expert_parallel = app.add_flag("--expert-parallel", a.expert_parallel, "spread the routed experts over "
+                                                "the ranks of the mpirun job")->group(parallel);
+    CLI::Option* rebalance = app.add_flag("--rebalance", a.rebalance,
+                                          "least-loaded re-balancing, in inference (below)")
+                                 ->group(parallel)->needs(expert_parallel)->excludes(backward);
+    app.add_option("--rebalance-cap-mb", a.rebalance_cap_mb, "at most N MB of other ranks' weights per rank (default: no cap)")
+        ->group(parallel)->needs(rebalance)->check(in_range(moe::index{0}, moe::index{1} << 40, "[0, 2^40]"))->type_name("N");
+    app.add_option("--rebalance-min-rows", a.rebalance_min_rows, "move no fewer than N rows with an expert (default 16)")
+        ->group(parallel)->needs(rebalance)->check(at_least(1))->type_name("N");
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+        std::fputs(app.help().c_str(), stdout);
+        std::exit(0);
+    } catch (const CLI::ParseError& e) {
+        throw argument_error(e.what());
     }
-    for (const auto& [flag, missing] : {std::pair{"--model", a.model.empty()}, std::pair{"--layer", a.layer < 0},
-                                        std::pair{"--input", a.input.empty()}, std::pair{"--output", a.output.empty()}})
-        if (missing) throw argument_error(std::string(flag) + " is required");
+
     // Options of one router given with another are mistakes, not silently ignored.
     const bool top_k = a.router.empty() || a.router == "softmax_topk";
     const auto only = [&](bool given, const char* flag, bool applies, const char* routers) {
@@ -178,10 +158,6 @@ arguments parse_arguments(int argc, char** argv) {
          "--router sinkhorn");
     only(a.null_experts.has_value(), "--null-experts", a.router == "null_experts", "--router null_experts");
     only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
-    only(a.load_balance_coef || a.z_loss_coef, "--load-balance-coef/--z-loss-coef", a.backward, "--backward");
-    only(a.rebalance, "--rebalance", a.expert_parallel && !a.backward, "--expert-parallel inference (not --backward)");
-    only(a.rebalance_cap_mb.has_value(), "--rebalance-cap-mb", a.rebalance, "--rebalance");
-    only(a.rebalance_min_rows.has_value(), "--rebalance-min-rows", a.rebalance, "--rebalance");
     if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
     if (a.backward && !a.weights.empty() && a.weights != "f32")
         throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");
