@@ -195,13 +195,12 @@ public:
         plan_ = plan_rebalance(rows, owners_, ranks, may_rebalance ? how_ : rebalancing{}, expert_bytes_);
         own_offsets_.assign(ne + 1, 0);
 
-        // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block;
-        // those of them in rank q's segment go to q.
-        const auto first_of = [&](std::size_t src, std::size_t e) {
-            index first = 0;
-            for (std::size_t q = 0; q < src; ++q) first += rows_of_[q * ne + e];
-            return first;
-        };
+        // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block
+        // (the sum of the earlier ranks' rows); those of them in rank q's segment go to q.
+        firsts_.assign(nr * ne, 0);
+        for (std::size_t q = 1; q < nr; ++q)
+            for (std::size_t e = 0; e < ne; ++e) firsts_[q * ne + e] = firsts_[(q - 1) * ne + e] + rows_of_[(q - 1) * ne + e];
+        const auto first_of = [&](std::size_t src, std::size_t e) { return firsts_[src * ne + e]; };
         const auto overlap = [&](std::size_t src, std::size_t e, int q) -> std::pair<index, index> {
             const segment* s = plan_.find(static_cast<index>(e), q);
             if (!s) return {0, 0};
@@ -376,6 +375,7 @@ private:
     std::vector<index> send_rows_;         // rows to each rank
     std::vector<index> recv_rows_;         // rows from each rank
     std::vector<index> rows_of_;           // [rank][expert] rows, then the ranks that may re-balance
+    std::vector<index> firsts_;            // [rank][expert] where the rank's rows begin in the expert's block
     rebalance_plan plan_;
     std::vector<index> own_offsets_;
     std::vector<index> received_at_;
