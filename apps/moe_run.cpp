@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -50,8 +51,8 @@ constexpr const char* footer =
     "writes OUT, each rank reads only the tensors of its own experts (and the router and shared experts).\n"
     "Batch-dependent routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank: the\n"
     "output does not depend on the number of ranks. --rebalance moves the rows of overloaded ranks'\n"
-    "experts beyond the mean, with a copy of the expert's weights, to the least-loaded ranks; the output\n"
-    "is the same bits. --stats also prints the rows each rank computed, their imbalance before and after\n"
+    "experts beyond ceil(rows / ranks), with a copy of the expert's weights, to the least-loaded ranks\n"
+    "(moves of at least --rebalance-min-rows rows); the output is the same bits. --stats also prints the rows each rank computed, their imbalance before and after\n"
     "re-balancing, the rows moved, and the bytes of rows and of weights each rank sent.\n"
     "Exit status: 0 on success, 2 for bad arguments, 1 for any other error (one line on stderr).";
 
@@ -60,15 +61,26 @@ struct argument_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-/// A value of type T (a finite number, for floating point) in [min, max], described as `range`.
+/// A value of type T in [min, max] (the lower end open with `open_min`), described as `range`: an
+/// integer in decimal, whole and in range (CLI11 alone reads octal and hex and clamps), or a finite
+/// number. Rewrites the text as the value, which is what CLI11 then converts.
 template <class T>
 CLI::Validator in_range(T min, T max, const std::string& range, bool open_min = false) {
     return {[=](std::string& text) -> std::string {
                 T v{};
-                if (!CLI::detail::lexical_cast(text, v) || (std::is_floating_point_v<T> && !std::isfinite(static_cast<double>(v))))
-                    return std::string(std::is_floating_point_v<T> ? "expects a finite number" : "expects an integer") +
-                           ", got '" + text + "'";
-                return v >= min && v <= max && !(open_min && v == min) ? std::string() : text + " must be in " + range;
+                bool read = false;
+                if constexpr (std::is_integral_v<T>) {
+                    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+                    read = ec == std::errc{} && end == text.data() + text.size();
+                } else {
+                    read = CLI::detail::lexical_cast(text, v) && std::isfinite(v);
+                }
+                if (!read)
+                    return std::string(std::is_integral_v<T> ? "expects a decimal integer" : "expects a finite number") +
+                           " (in " + range + "), got '" + text + "'";
+                if (v < min || v > max || (open_min && v == min)) return text + " must be in " + range;
+                if constexpr (std::is_integral_v<T>) text = std::to_string(v);
+                return {};
             },
             range};
 }
@@ -78,7 +90,8 @@ arguments parse_arguments(int argc, char** argv) {
     CLI::App app(description, "moe-run");
     app.footer(footer);
     app.get_formatter()->column_width(34);
-    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later value wins
+    // A later value wins; a flag takes no value (`--backward=false` would pass the dependency checks).
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)->disable_flag_override();
     const auto at_least = [](moe::index min) {
         return in_range(min, std::numeric_limits<moe::index>::max(), "[" + std::to_string(min) + ", inf)");
     };
@@ -86,15 +99,15 @@ arguments parse_arguments(int argc, char** argv) {
     const CLI::Validator positive = in_range(0.0, inf, "(0, inf)", true), non_negative = in_range(0.0, inf, "[0, inf)");
 
     app.add_option("--model", a.model, "a HuggingFace checkpoint folder or a GGUF file")->required()->type_name("DIR|FILE.gguf");
-    app.add_option("--layer", a.layer, "the MoE layer to run")->required()->check(at_least(0))->type_name("L");
+    app.add_option("--layer", a.layer, "the MoE layer to run")->required()->transform(at_least(0))->type_name("L");
     app.add_option("--input", a.input, "safetensors file with `hidden_states` (and `grad_output`)")
         ->required()->type_name("IN");
     app.add_option("--output", a.output, "safetensors file to write")->required()->type_name("OUT");
     app.add_option("--threads", a.threads, "worker threads (per rank); the output does not depend on it")
-        ->check(in_range(moe::index{1}, moe::max_threads, "[1, " + std::to_string(moe::max_threads) + "]"))
+        ->transform(in_range(moe::index{1}, moe::max_threads, "[1, " + std::to_string(moe::max_threads) + "]"))
         ->capture_default_str();
     app.add_option("--repeat", a.repeat, "run the forward N more times; print its median time and more (below)")
-        ->check(at_least(0))->type_name("N");
+        ->transform(at_least(0))->type_name("N");
     app.add_option("--weights", a.weights,
                    "how the expert weights are held (below)")
         ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0"}));
@@ -104,28 +117,28 @@ arguments parse_arguments(int argc, char** argv) {
     app.add_option("--router", a.router, "the router instead of the checkpoint's")->group(routers)
         ->check(CLI::IsMember({"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"}));
     app.add_option("--capacity-factor", a.capacity_factor,
-                   "expert choice's bucket factor (default 1); top-k: capacity and dropping")->group(routers)->check(positive);
+                   "expert choice's bucket factor (default 1); top-k: capacity and dropping")->group(routers)->transform(positive);
     app.add_option("--drop-policy", a.drop_policy, "which assignments a full expert keeps (default position)")
         ->group(routers)->check(CLI::IsMember({"position", "probs"}));
-    app.add_option("--sinkhorn-iters", a.sinkhorn_iters, "Sinkhorn iterations (default 8)")->group(routers)->check(at_least(1));
+    app.add_option("--sinkhorn-iters", a.sinkhorn_iters, "Sinkhorn iterations (default 8)")->group(routers)->transform(at_least(1));
     app.add_option("--sinkhorn-tolerance", a.sinkhorn_tolerance, "stop early below it (default 0: run all iterations)")
-        ->group(routers)->check(non_negative);
+        ->group(routers)->transform(non_negative);
     app.add_option("--sinkhorn-gates", a.sinkhorn_gates, "Sinkhorn's gates (default softmax)")->group(routers)
         ->check(CLI::IsMember({"softmax", "plan"}));
     app.add_option("--null-experts", a.null_experts, "null experts (the router weight must have E+N rows)")
-        ->group(routers)->check(at_least(1));
+        ->group(routers)->transform(at_least(1));
     app.add_option("--top-p", a.top_p, "top-p's threshold (default 0.9)")->group(routers)
-        ->check(in_range(0.0, 1.0, "(0, 1]", true));
+        ->transform(in_range(0.0, 1.0, "(0, 1]", true));
     app.add_option("--max-k", a.max_k, "top-p's most experts per token (default the config's num_experts_per_tok)")
-        ->group(routers)->check(at_least(1));
+        ->group(routers)->transform(at_least(1));
 
     const auto training = "Backward";
     CLI::Option* backward = app.add_flag("--backward", a.backward,
                                          "also the gradients (below)")
                                 ->group(training);
-    app.add_option("--load-balance-coef", a.load_balance_coef, "add A * the load-balancing loss (Switch form)")->group(training)->check(non_negative)->needs(backward)->type_name("A");
+    app.add_option("--load-balance-coef", a.load_balance_coef, "add A * the load-balancing loss (Switch form)")->group(training)->transform(non_negative)->needs(backward)->type_name("A");
     app.add_option("--z-loss-coef", a.z_loss_coef, "add B * the router z-loss")
-        ->group(training)->check(non_negative)->needs(backward)->type_name("B");
+        ->group(training)->transform(non_negative)->needs(backward)->type_name("B");
 
     const auto parallel = "Expert parallelism (see below)";
     CLI::Option* expert_parallel = app.add_flag("--expert-parallel", a.expert_parallel, "spread the routed experts over "
@@ -134,9 +147,9 @@ arguments parse_arguments(int argc, char** argv) {
                                           "least-loaded re-balancing, in inference (below)")
                                  ->group(parallel)->needs(expert_parallel)->excludes(backward);
     app.add_option("--rebalance-cap-mb", a.rebalance_cap_mb, "at most N MB of other ranks' weights per rank (default: no cap)")
-        ->group(parallel)->needs(rebalance)->check(in_range(moe::index{0}, moe::index{1} << 40, "[0, 2^40]"))->type_name("N");
+        ->group(parallel)->needs(rebalance)->transform(in_range(moe::index{0}, moe::index{1} << 40, "[0, 2^40]"))->type_name("N");
     app.add_option("--rebalance-min-rows", a.rebalance_min_rows, "move no fewer than N rows with an expert (default 16)")
-        ->group(parallel)->needs(rebalance)->check(at_least(1))->type_name("N");
+        ->group(parallel)->needs(rebalance)->transform(at_least(1))->type_name("N");
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp&) {

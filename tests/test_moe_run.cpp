@@ -367,7 +367,13 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     fails(ok + " --threads 0", 2, "--threads: 0 must be in [1, 1024]");
     fails(ok + " --threads 99999999999", 2, "--threads: 99999999999 must be in [1, 1024]");
     fails(ok + " --frobnicate", 2, "not expected: --frobnicate");
-    fails(ok + " --layer x", 2, "--layer: expects an integer, got 'x'");
+    fails(ok + " --layer x", 2, "--layer: expects a decimal integer (in [0, inf)), got 'x'");
+    // Integers are decimal and whole: no octal, hex or clamping of what does not fit.
+    fails(ok + " --layer 010", 1, "layer 10 is out of range");
+    fails(ok + " --threads 0x10", 2, "--threads: expects a decimal integer");
+    fails(ok + " --repeat 99999999999999999999", 2, "got '99999999999999999999'");
+    // A flag takes no value: `--backward=false` would pass --load-balance-coef's need of --backward.
+    fails(ok + " --backward=false --load-balance-coef 1", 2, "backward was given a disallowed flag override");
     fails("--layer 1 --input a --output b", 2, "--model is required");
     fails(ok + " --repeat", 2, "--repeat: 1 required");
     fails(case_args("does_not_exist", out), 1, "does_not_exist: not a model folder");

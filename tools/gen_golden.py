@@ -2149,7 +2149,7 @@ def safetensors_tensors(path):
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         data = f.read()
-    types = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16}
+    types = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I8": np.int8, "U8": np.uint8}
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -2160,7 +2160,7 @@ def safetensors_tensors(path):
             values = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
             values = np.frombuffer(raw, dtype=types[info["dtype"]])
-        out[name] = (info["dtype"], info["shape"], values.astype(np.float64))
+        out[name] = (info["dtype"], info["shape"], values)
     return out, header.get("__metadata__")
 
 
@@ -2182,9 +2182,19 @@ def compare_file(new, old, tolerance):
             return f"{name}: {dtype} {shape} against {wdtype} {wshape}"
         if values.size == 0:
             continue
-        scale = max(float(np.abs(wvalues).max()), 1e-30)
-        diff = float(np.abs(values - wvalues).max()) / scale
-        if diff > tolerance:
+        if not np.issubdtype(values.dtype, np.floating):  # ids, counts, quantized bytes: exact
+            if not np.array_equal(values, wvalues):
+                return f"{name}: {dtype} values differ"
+            continue
+        values, wvalues = values.astype(np.float64), wvalues.astype(np.float64)
+        finite = np.isfinite(wvalues)
+        if not np.array_equal(np.isfinite(values), finite) or not np.array_equal(values[~finite], wvalues[~finite]):
+            return f"{name}: non-finite values differ"
+        if not finite.any():
+            continue
+        scale = max(float(np.abs(wvalues[finite]).max()), 1e-30)
+        diff = float(np.abs(values[finite] - wvalues[finite]).max()) / scale
+        if not diff <= tolerance:
             return f"{name}: relative difference {diff:.3g} > {tolerance:g}"
         worst = max(worst, diff)
     print(f"    {os.path.basename(new)}: bytes differ, values within {worst:.3g} of the tensors' largest")
