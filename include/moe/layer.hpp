@@ -19,6 +19,9 @@
 /// Expert parallelism: a layer built with a `parallel::placement` is one rank of a layer whose routed
 /// experts are spread over the ranks of a communicator. Every rank calls forward (and backward) with
 /// its own tokens; the rows of an expert go to its owner and come back (`parallel::expert_exchange`).
+/// With `placement::rebalance` on, an inference forward lets the least-loaded ranks compute the first
+/// rows of an overloaded rank's experts with a copy of their weights (`parallel/rebalance.hpp`); the
+/// outputs are the same bits.
 /// Router, shared experts and losses are replicated; their gradients are summed over the ranks.
 
 #include "moe/concepts.hpp"
