@@ -96,7 +96,7 @@ arguments parse_arguments(int argc, char** argv) {
         return in_range(min, std::numeric_limits<moe::index>::max(), "[" + std::to_string(min) + ", inf)");
     };
     const double inf = std::numeric_limits<double>::infinity();
-    const CLI::Validator positive = in_range(0.0, inf, "(0, inf)", true), non_negative = in_range(0.0, inf, "[0, inf)");
+    const CLI::Validator non_negative = in_range(0.0, inf, "[0, inf)");
 
     app.add_option("--model", a.model, "a HuggingFace checkpoint folder or a GGUF file")->required()->type_name("DIR|FILE.gguf");
     app.add_option("--layer", a.layer, "the MoE layer to run")->required()->transform(at_least(0))->type_name("L");
@@ -113,24 +113,27 @@ arguments parse_arguments(int argc, char** argv) {
         ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0"}));
     app.add_flag("--stats", a.stats, "print the routing statistics as JSON");
 
+    // The router options come from the registry: one per setting that has a flag (a flag several routers
+    // take, such as --capacity-factor, once, with each meaning in its help).
+    namespace r = moe::routers;
     const auto routers = "Router overrides";
-    app.add_option("--router", a.router, "the router instead of the checkpoint's")->group(routers)
-        ->check(CLI::IsMember({"softmax_topk", "expert_choice", "sinkhorn", "null_experts", "top_p"}));
-    app.add_option("--capacity-factor", a.capacity_factor,
-                   "expert choice's bucket factor (default 1); top-k: capacity and dropping")->group(routers)->transform(positive);
-    app.add_option("--drop-policy", a.drop_policy, "which assignments a full expert keeps (default position)")
-        ->group(routers)->check(CLI::IsMember({"position", "probs"}));
-    app.add_option("--sinkhorn-iters", a.sinkhorn_iters, "Sinkhorn iterations (default 8)")->group(routers)->transform(at_least(1));
-    app.add_option("--sinkhorn-tolerance", a.sinkhorn_tolerance, "stop early below it (default 0: run all iterations)")
-        ->group(routers)->transform(non_negative);
-    app.add_option("--sinkhorn-gates", a.sinkhorn_gates, "Sinkhorn's gates (default softmax)")->group(routers)
-        ->check(CLI::IsMember({"softmax", "plan"}));
-    app.add_option("--null-experts", a.null_experts, "null experts (the router weight must have E+N rows)")
-        ->group(routers)->transform(at_least(1));
-    app.add_option("--top-p", a.top_p, "top-p's threshold (default 0.9)")->group(routers)
-        ->transform(in_range(0.0, 1.0, "(0, 1]", true));
-    app.add_option("--max-k", a.max_k, "top-p's most experts per token (default the config's num_experts_per_tok)")
-        ->group(routers)->transform(at_least(1));
+    const std::vector<std::string> names(r::builtin_routers::names.begin(), r::builtin_routers::names.end());
+    app.add_option("--router", a.router, "the router instead of the checkpoint's")->group(routers)->check(CLI::IsMember(names));
+    std::vector<std::pair<r::setting, std::string>> flags;  // each flag's setting and help
+    for (const std::string& name : names)
+        for (const r::setting& s : r::builtin_routers::settings_of(name)) {
+            if (s.flag.empty()) continue;
+            auto same = std::find_if(flags.begin(), flags.end(), [&](const auto& f) { return f.first.flag == s.flag; });
+            if (same == flags.end())
+                flags.emplace_back(s, s.help);
+            else if (same->second.find(s.help) == std::string::npos)
+                same->second += "; " + std::string(s.help);
+        }
+    for (const auto& [s, help] : flags)
+        app.add_option("--" + std::string(s.flag), a.router_settings[std::string(s.key)], help)
+            ->group(routers)
+            ->transform(CLI::Validator([s = s](const std::string& text) { return s.problem(text); }, s.domain()))
+            ->type_name(s.type == r::setting_type::integer ? "N" : s.type == r::setting_type::number ? "X" : "TEXT");
 
     const auto training = "Backward";
     CLI::Option* backward = app.add_flag("--backward", a.backward,
@@ -159,19 +162,31 @@ arguments parse_arguments(int argc, char** argv) {
         throw argument_error(e.what());
     }
 
-    // Options of one router given with another are mistakes, not silently ignored.
-    const bool top_k = a.router.empty() || a.router == "softmax_topk";
-    const auto only = [&](bool given, const char* flag, bool applies, const char* routers) {
-        if (given && !applies) throw argument_error(std::string(flag) + " applies only to " + routers);
+    // Options of one router given with another are mistakes, not silently ignored. Without --router the
+    // checkpoint's own router is softmax_topk or sigmoid_topk, which take the same options.
+    const std::string chosen = a.router.empty() ? "softmax_topk" : a.router;
+    const std::vector<r::setting> taken = r::builtin_routers::settings_of(chosen);
+    const auto given = [&](std::string_view key) { return !a.router_settings[std::string(key)].empty(); };
+    const auto flag_of = [&](std::string_view key) {
+        for (const auto& f : flags)
+            if (f.first.key == key) return "--" + std::string(f.first.flag);
+        return std::string(key);
     };
-    only(a.capacity_factor.has_value(), "--capacity-factor", top_k || a.router == "expert_choice",
-         "top-k routers and --router expert_choice");
-    only(!a.drop_policy.empty(), "--drop-policy", top_k && a.capacity_factor, "a top-k router with --capacity-factor");
-    only(a.sinkhorn_iters || a.sinkhorn_tolerance || !a.sinkhorn_gates.empty(), "--sinkhorn-*", a.router == "sinkhorn",
-         "--router sinkhorn");
-    only(a.null_experts.has_value(), "--null-experts", a.router == "null_experts", "--router null_experts");
-    only(a.top_p || a.max_k, "--top-p/--max-k", a.router == "top_p", "--router top_p");
-    if (a.router == "null_experts" && !a.null_experts) throw argument_error("--router null_experts needs --null-experts N");
+    for (const auto& f : flags) {
+        if (!given(f.first.key)) continue;
+        const auto s = std::find_if(taken.begin(), taken.end(), [&](const r::setting& t) { return t.key == f.first.key; });
+        if (s == taken.end()) {
+            std::string takers;
+            for (const std::string& name : names)
+                for (const r::setting& t : r::builtin_routers::settings_of(name))
+                    if (t.key == f.first.key) takers += (takers.empty() ? "" : ", ") + name;
+            throw argument_error(flag_of(f.first.key) + " applies only to --router " + takers);
+        }
+        if (!s->needs.empty() && !given(s->needs))
+            throw argument_error(flag_of(s->key) + " needs " + flag_of(s->needs));
+    }
+    for (const r::setting& s : taken)
+        if (s.required && !given(s.key)) throw argument_error("--router " + chosen + " needs " + flag_of(s.key));
     if (a.backward && !a.weights.empty() && a.weights != "f32")
         throw argument_error("--backward needs --weights f32 (" + a.weights + " weights are for inference)");
     if (std::error_code ignored; a.backward && std::filesystem::is_regular_file(a.model, ignored))
@@ -185,26 +200,10 @@ arguments parse_arguments(int argc, char** argv) {
 
 /// The router the arguments ask for, with k, normalisation and scaling from the checkpoint's config.
 moe::routers::any_router make_router(const arguments& a, const moe::io::model_config& c) {
-    namespace r = moe::routers;
-    const r::softmax_topk softmax{.k = c.top_k, .normalize = c.normalize, .scale = c.scale};
-    const r::sigmoid_topk sigmoid{.k = c.top_k, .normalize = c.normalize, .scale = c.scale, .n_group = c.n_group,
-                                  .topk_group = c.topk_group};
-    const auto policy = a.drop_policy == "probs" ? r::drop_policy::probs : r::drop_policy::position;
-    if (a.router.empty() || a.router == "softmax_topk") {
-        const bool family = a.router.empty();
-        if (!a.capacity_factor) return family && c.sigmoid_scoring ? r::any_router(sigmoid) : r::any_router(softmax);
-        if (family && c.sigmoid_scoring)
-            return r::capacity<r::sigmoid_topk>{.inner = sigmoid, .capacity_factor = *a.capacity_factor, .policy = policy};
-        return r::capacity<r::softmax_topk>{.inner = softmax, .capacity_factor = *a.capacity_factor, .policy = policy};
-    }
-    if (a.router == "expert_choice") return r::expert_choice{.capacity_factor = a.capacity_factor.value_or(1.0)};
-    if (a.router == "sinkhorn")
-        return r::sinkhorn{.k = c.top_k, .iterations = a.sinkhorn_iters.value_or(8),
-                           .tolerance = a.sinkhorn_tolerance.value_or(0.0),
-                           .gates = a.sinkhorn_gates == "plan" ? r::sinkhorn_gates::plan : r::sinkhorn_gates::softmax,
-                           .normalize = c.normalize};
-    if (a.router == "null_experts") return r::null_experts{.k = c.top_k, .nulls = *a.null_experts, .normalize = c.normalize};
-    return r::top_p{.threshold = a.top_p.value_or(0.9), .max_k = a.max_k.value_or(c.top_k), .normalize = c.normalize};
+    moe::routers::setting_values v = moe::io::router_settings(c);
+    for (const auto& [key, text] : a.router_settings)
+        if (!text.empty()) v.set(key, text);
+    return moe::routers::make_router(a.router.empty() ? c.router_name() : a.router, v);
 }
 
 /// Reads tensor `name` ([T, d] or [B, S, d]) as a T x d matrix; rejects other shapes and non-finite values.

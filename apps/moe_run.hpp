@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,10 +30,10 @@ struct arguments {
     std::optional<moe::index> rebalance_min_rows;  // with --rebalance: the fewest rows moved with an expert's weights
     std::string weights;  // empty: the model's own (f32 for a checkpoint)
     std::optional<double> load_balance_coef, z_loss_coef;
-    // Router overrides; empty/unset means the family's own router.
-    std::string router, drop_policy, sinkhorn_gates;
-    std::optional<double> capacity_factor, sinkhorn_tolerance, top_p;
-    std::optional<moe::index> sinkhorn_iters, null_experts, max_k;
+    // Router overrides: empty means the family's own router; the settings' text by key (empty: not
+    // given; routers/registry.hpp).
+    std::string router;
+    std::map<std::string, std::string, std::less<>> router_settings;
 };
 
 /// The processes of a run: one, or the ranks of an MPI job (`--expert-parallel`), of which rank 0 reads

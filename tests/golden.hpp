@@ -61,45 +61,18 @@ struct layer_case {
     [[nodiscard]] moe::layer_shape shape() const {
         return {.d_model = integer("d"), .d_ff = integer("ff"), .n_experts = integer("E"), .d_shared = integer("shared_ff")};
     }
-    [[nodiscard]] moe::routers::softmax_topk softmax_router() const {
-        return {.k = integer("k"), .normalize = flag("normalize"), .scale = number("scale")};
-    }
-    [[nodiscard]] moe::routers::sigmoid_topk sigmoid_router() const {
-        return {.k = integer("k"), .normalize = flag("normalize"), .scale = number("scale"),
-                .n_group = integer("n_group"), .topk_group = integer("topk_group")};
-    }
-    [[nodiscard]] moe::routers::top_p top_p_router() const {
-        return {.threshold = number("threshold"), .max_k = integer("max_k"), .normalize = flag("normalize")};
-    }
-    [[nodiscard]] moe::routers::null_experts null_router() const {
-        return {.k = integer("k"), .nulls = integer("null_experts"), .normalize = flag("normalize")};
-    }
-    [[nodiscard]] moe::routers::sinkhorn sinkhorn_router() const {
-        return {.k = integer("k"), .iterations = integer("iterations"), .tolerance = number("tolerance"),
-                .gates = option("gates") == "plan" ? moe::routers::sinkhorn_gates::plan : moe::routers::sinkhorn_gates::softmax,
-                .normalize = flag("normalize"), .inference_topk = flag("inference_topk")};
-    }
-    [[nodiscard]] moe::routers::expert_choice expert_choice_router() const {
-        return {.capacity_factor = number("capacity_factor")};
-    }
-    template <class Inner>
-    [[nodiscard]] moe::routers::capacity<Inner> with_capacity(Inner inner) const {
-        return {.inner = inner, .capacity_factor = number("capacity_factor"),
-                .policy = option("drop_policy") == "probs" ? moe::routers::drop_policy::probs
-                                                           : moe::routers::drop_policy::position};
-    }
-
-    /// The case's router (any of the built-in ones), with capacity when the case has a drop policy.
+    /// The case's router (any of the built-in ones, routers/registry.hpp) from its metadata: its
+    /// settings by key, capacity where capacity_factor is given to a top-k router.
     [[nodiscard]] moe::routers::any_router router() const {
-        const std::string kind = option("router");
-        const bool capped = !option("drop_policy").empty();
-        if (kind == "softmax_topk") return capped ? moe::routers::any_router(with_capacity(softmax_router())) : softmax_router();
-        if (kind == "sigmoid_topk") return capped ? moe::routers::any_router(with_capacity(sigmoid_router())) : sigmoid_router();
-        if (kind == "top_p") return top_p_router();
-        if (kind == "null_experts") return null_router();
-        if (kind == "sinkhorn") return sinkhorn_router();
-        REQUIRE(kind == "expert_choice");
-        return expert_choice_router();
+        return moe::routers::make_router(option("router"), moe::routers::setting_values(
+                                                              {file.metadata().begin(), file.metadata().end()}));
+    }
+    /// The case's router as type R (which it must be).
+    template <class R>
+    [[nodiscard]] R router_as() const {
+        const moe::routers::any_router r = router();
+        REQUIRE(std::holds_alternative<R>(r.get()));
+        return std::get<R>(r.get());
     }
 
     /// Copies the case's weights into `layer`.

@@ -11,7 +11,7 @@
 TEST_CASE("layer matches the PyTorch reference for every expert type", "[layer]") {
     {
         const golden::layer_case c("geglu");
-        moe::layer<float, moe::routers::softmax_topk, moe::experts::geglu> layer(c.shape(), c.softmax_router());
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::geglu> layer(c.shape(), c.router_as<moe::routers::softmax_topk>());
         c.load(layer);
         c.check(layer);
     }
@@ -20,13 +20,13 @@ TEST_CASE("layer matches the PyTorch reference for every expert type", "[layer]"
         const auto act = c.option("activation") == "relu"   ? moe::activation::relu
                          : c.option("activation") == "gelu" ? moe::activation::gelu
                                                             : moe::activation::silu;
-        moe::layer<float, moe::routers::softmax_topk, moe::experts::mlp> layer(c.shape(), c.softmax_router(), {act});
+        moe::layer<float, moe::routers::softmax_topk, moe::experts::mlp> layer(c.shape(), c.router_as<moe::routers::softmax_topk>(), {act});
         c.load(layer);
         c.check(layer);
     }
     for (const char* name : {"swiglu_topk2", "t1"}) {
         const golden::layer_case c(name);
-        moe::mixtral_layer<float> layer(c.shape(), c.softmax_router());
+        moe::mixtral_layer<float> layer(c.shape(), c.router_as<moe::routers::softmax_topk>());
         c.load(layer);
         c.check(layer);
     }
@@ -34,7 +34,7 @@ TEST_CASE("layer matches the PyTorch reference for every expert type", "[layer]"
 
 TEST_CASE("layer in double precision agrees with the reference more tightly", "[layer]") {
     const golden::layer_case c("swiglu_topk2");
-    moe::mixtral_layer<double> layer(c.shape(), c.softmax_router());
+    moe::mixtral_layer<double> layer(c.shape(), c.router_as<moe::routers::softmax_topk>());
     c.load(layer);
     const auto x = golden::read_matrix<double>(c.file, "x");
     moe::matrix<double> y(x.rows(), x.cols());

@@ -8,8 +8,9 @@ TEMPLATE_TEST_CASE("load-balance and z-loss match the PyTorch reference", "[loss
         INFO(name);
         using router = moe::routers::capacity<moe::routers::softmax_topk>;
         // Cases without a capacity factor get one too large to drop anything.
-        router r = c.option("capacity_factor").empty() ? router{.inner = c.softmax_router(), .capacity_factor = 1e6}
-                                                       : c.with_capacity(c.softmax_router());
+        router r = c.option("capacity_factor").empty()
+                       ? router{.inner = c.router_as<moe::routers::softmax_topk>(), .capacity_factor = 1e6}
+                       : c.router_as<router>();
         moe::layer<TestType, router, moe::experts::swiglu, moe::shared_experts::none, moe::losses::load_balance,
                    moe::losses::z_loss>
             layer(c.shape(), r, {}, {}, {{.alpha = 1.0}, {.beta = 1.0}});

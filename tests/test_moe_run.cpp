@@ -387,8 +387,12 @@ TEST_CASE("moe-run fails cleanly: exit 2 for bad arguments, 1 otherwise, no outp
     fails(ok + " --null-experts 2", 2, "--null-experts applies only to --router null_experts");
     fails(ok + " --router null_experts", 2, "needs --null-experts");
     fails(ok + " --router top_p --top-p 1.5", 2, "--top-p: 1.5 must be in (0, 1]");
-    fails(ok + " --drop-policy probs", 2, "--drop-policy applies only to");
-    fails(ok + " --router expert_choice --sinkhorn-iters 3", 2, "--sinkhorn-* applies only to --router sinkhorn");
+    fails(ok + " --drop-policy probs", 2, "--drop-policy needs --capacity-factor");
+    fails(ok + " --router expert_choice --sinkhorn-iters 3", 2, "--sinkhorn-iters applies only to --router sinkhorn");
+    fails(ok + " --router top_p --capacity-factor 2", 2,
+          "--capacity-factor applies only to --router softmax_topk, sigmoid_topk, expert_choice");
+    fails(ok + " --router sinkhorn --sinkhorn-gates both", 2, "--sinkhorn-gates: expects one of softmax|plan, got 'both'");
+    fails(ok + " --router sinkhorn --sinkhorn-iters 2.5", 2, "--sinkhorn-iters: expects a decimal integer (in [1, inf)), got '2.5'");
     fails(ok + " --router sinkhorn --sinkhorn-iters 0", 2, "--sinkhorn-iters: 0 must be in [1, inf)");
     fails(ok + " --router top_p --max-k 9", 1, "max_k = 9");
     // The router weight must have E + N rows for N null experts.

@@ -8,13 +8,7 @@ using moe::routers::any_router;
 TEST_CASE("any_router runs the held router exactly like the router itself", "[routers][any_router]") {
     for (const char* name : {"sigmoid_groups", "capacity_probs", "null_experts", "sinkhorn_plan", "expert_choice", "top_p_09"}) {
         const golden::layer_case c(name);
-        const std::string kind = c.option("router");
-        const any_router router = kind == "sigmoid_topk"    ? any_router(c.sigmoid_router())
-                                  : kind == "null_experts"  ? any_router(c.null_router())
-                                  : kind == "sinkhorn"      ? any_router(c.sinkhorn_router())
-                                  : kind == "expert_choice" ? any_router(c.expert_choice_router())
-                                  : kind == "top_p"         ? any_router(c.top_p_router())
-                                                            : any_router(c.with_capacity(c.softmax_router()));
+        const any_router router = c.router();
         moe::layer<float, any_router, moe::experts::swiglu> layer(c.shape(), router);
         c.load(layer);
         c.check(layer);

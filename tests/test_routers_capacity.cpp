@@ -10,13 +10,13 @@ using moe::routers::softmax_topk;
 TEMPLATE_TEST_CASE("capacity drops match the PyTorch reference", "[routers][capacity]", float, double) {
     for (const char* name : {"capacity_position", "capacity_probs"}) {
         const golden::layer_case c(name);
-        moe::layer<TestType, capacity<softmax_topk>, moe::experts::swiglu> layer(c.shape(), c.with_capacity(c.softmax_router()));
+        moe::layer<TestType, capacity<softmax_topk>, moe::experts::swiglu> layer(c.shape(), c.router_as<capacity<softmax_topk>>());
         c.load(layer);
         c.check(layer);
         CHECK(layer.statistics().dropped > 0);
     }
     const golden::layer_case c("capacity_sigmoid_probs");
-    moe::layer<TestType, capacity<sigmoid_topk>, moe::experts::swiglu> layer(c.shape(), c.with_capacity(c.sigmoid_router()));
+    moe::layer<TestType, capacity<sigmoid_topk>, moe::experts::swiglu> layer(c.shape(), c.router_as<capacity<sigmoid_topk>>());
     c.load(layer);
     c.check(layer);
     CHECK(layer.statistics().dropped > 0);

@@ -8,12 +8,12 @@ using moe::routers::expert_choice;
 TEMPLATE_TEST_CASE("expert choice matches the PyTorch reference", "[routers][expert_choice]", float, double) {
     for (const char* name : {"expert_choice", "expert_choice_t1"}) {
         const golden::layer_case c(name);
-        moe::layer<TestType, expert_choice, moe::experts::swiglu> layer(c.shape(), c.expert_choice_router());
+        moe::layer<TestType, expert_choice, moe::experts::swiglu> layer(c.shape(), c.router_as<expert_choice>());
         c.load(layer);
         c.check(layer);
     }
     const golden::layer_case c("expert_choice_cf2");
-    moe::expert_choice_layer<TestType> layer(c.shape(), c.expert_choice_router(), {moe::activation::relu});
+    moe::expert_choice_layer<TestType> layer(c.shape(), c.router_as<expert_choice>(), {moe::activation::relu});
     c.load(layer);
     c.check(layer);
 }

@@ -8,7 +8,7 @@ using moe::routers::null_experts;
 TEMPLATE_TEST_CASE("null experts match the PyTorch reference", "[routers][null_experts]", float, double) {
     for (const char* name : {"null_experts", "null_experts_raw"}) {
         const golden::layer_case c(name);
-        moe::adamoe_layer<TestType> layer(c.shape(), c.null_router());
+        moe::adamoe_layer<TestType> layer(c.shape(), c.router_as<moe::routers::null_experts>());
         REQUIRE(layer.router_weight().rows() == c.shape().n_experts + c.integer("null_experts"));
         c.load(layer);
         c.check(layer);

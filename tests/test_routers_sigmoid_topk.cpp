@@ -7,7 +7,7 @@ using moe::routers::sigmoid_topk;
 TEMPLATE_TEST_CASE("sigmoid_topk matches the PyTorch reference", "[routers][sigmoid_topk]", float, double) {
     for (const char* name : {"sigmoid_groups", "sigmoid_nogroup"}) {
         const golden::layer_case c(name);
-        moe::layer<TestType, sigmoid_topk, moe::experts::swiglu> layer(c.shape(), c.sigmoid_router());
+        moe::layer<TestType, sigmoid_topk, moe::experts::swiglu> layer(c.shape(), c.router_as<sigmoid_topk>());
         c.load(layer);
         c.check(layer);
     }

@@ -8,7 +8,7 @@ using moe::routers::sinkhorn;
 TEMPLATE_TEST_CASE("Sinkhorn routing matches the PyTorch reference", "[routers][sinkhorn]", float, double) {
     for (const char* name : {"sinkhorn_softmax", "sinkhorn_plan", "sinkhorn_inference"}) {
         const golden::layer_case c(name);
-        moe::sbase_layer<TestType> layer(c.shape(), c.sinkhorn_router());
+        moe::sbase_layer<TestType> layer(c.shape(), c.router_as<moe::routers::sinkhorn>());
         c.load(layer);
         c.check(layer);
         if (c.file.contains("expected.marginal_error")) {

@@ -9,7 +9,7 @@ using moe::routers::softmax_topk;
 TEMPLATE_TEST_CASE("softmax_topk matches the PyTorch reference", "[routers][softmax_topk]", float, double) {
     for (const char* name : {"swiglu_topk2", "swiglu_topk1_scale", "k_eq_e", "ties"}) {
         const golden::layer_case c(name);
-        moe::mixtral_layer<TestType> layer(c.shape(), c.softmax_router());
+        moe::mixtral_layer<TestType> layer(c.shape(), c.router_as<moe::routers::softmax_topk>());
         c.load(layer);
         c.check(layer);
     }

@@ -8,7 +8,7 @@ using moe::routers::top_p;
 TEMPLATE_TEST_CASE("top_p matches the PyTorch reference", "[routers][top_p]", float, double) {
     for (const char* name : {"top_p_09", "top_p_normalize"}) {
         const golden::layer_case c(name);
-        moe::layer<TestType, top_p, moe::experts::swiglu> layer(c.shape(), c.top_p_router());
+        moe::layer<TestType, top_p, moe::experts::swiglu> layer(c.shape(), c.router_as<top_p>());
         c.load(layer);
         c.check(layer);
     }

@@ -6,13 +6,13 @@ TEMPLATE_TEST_CASE("shared experts match the PyTorch reference", "[shared_expert
     {
         const golden::layer_case c("shared_ungated");
         moe::layer<TestType, moe::routers::softmax_topk, moe::experts::swiglu, moe::shared_experts::ungated<>> layer(
-            c.shape(), c.softmax_router());
+            c.shape(), c.router_as<moe::routers::softmax_topk>());
         c.load(layer);
         c.check(layer);
     }
     {
         const golden::layer_case c("shared_gated");
-        moe::qwen2_moe_layer<TestType> layer(c.shape(), c.softmax_router());
+        moe::qwen2_moe_layer<TestType> layer(c.shape(), c.router_as<moe::routers::softmax_topk>());
         c.load(layer);
         c.check(layer);
     }

@@ -5,6 +5,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 namespace {
 // Routers that break one rule each, to show the checks catch them.
 struct duplicate_ids {
@@ -56,6 +58,43 @@ TEST_CASE("check_thread_invariance compares 1 and 2 threads", "[testing]") {
     CHECK(layer.threads() == 1);
 }
 
+namespace {
+
+/// The conformance checks of `router` on random and extreme logits, and the thread invariance of a
+/// layer routed by it.
+void check_conformance(const moe::routers::any_router& router, bool batch_dependent,
+                       const moe::testing::router_expectations& expect) {
+    namespace r = moe::routers;
+    const moe::index experts = 8, tokens = 300;
+    CHECK(router.is_batch_dependent() == batch_dependent);
+    const moe::matrix<float> logits = moe::matrix<float>::Random(tokens, router.logit_rows(experts)) * 3.0f;
+    // Check the router itself (its own batch_dependent, not any_router's conservative one).
+    const auto report = std::visit(
+        [&](const auto& held) { return moe::testing::check_router(held, logits, experts, expect); }, router.get());
+    INFO(report.str());
+    CHECK(report.ok());
+    // Extreme logits: huge of both signs, all equal (ties everywhere), denormal. Invariants only:
+    // weights stay finite, ids valid and distinct, routing deterministic.
+    const moe::index rows = router.logit_rows(experts);
+    moe::matrix<float> huge(tokens, rows), equal = moe::matrix<float>::Constant(tokens, rows, 0.25f);
+    for (moe::index i = 0; i < huge.size(); ++i) huge.data()[i] = (i * 7919 % 3 == 0 ? -1e30f : 1e30f) * (1 + i % 5);
+    const moe::matrix<float> tiny = moe::matrix<float>::Random(tokens, rows) * 1e-39f;
+    for (const moe::matrix<float>* extreme : std::initializer_list<const moe::matrix<float>*>{&huge, &equal, &tiny}) {
+        const auto r2 = std::visit([&](const auto& held) { return moe::testing::check_router(held, *extreme, experts); },
+                                   router.get());
+        INFO(r2.str());
+        CHECK(r2.ok());
+    }
+    moe::layer<float, r::any_router, moe::experts::swiglu> layer({.d_model = 24, .d_ff = 16, .n_experts = experts}, router);
+    layer.randomize(11);
+    const moe::matrix<float> x = moe::matrix<float>::Random(tokens, 24);
+    const auto threads = moe::testing::check_thread_invariance(layer, x);
+    INFO(threads.str());
+    CHECK(threads.ok());
+}
+
+}  // namespace
+
 TEST_CASE("every built-in router passes the conformance checks and is thread-count invariant", "[testing][routers]") {
     namespace r = moe::routers;
     struct entry {
@@ -64,7 +103,6 @@ TEST_CASE("every built-in router passes the conformance checks and is thread-cou
         bool batch_dependent;
         moe::testing::router_expectations expect;
     };
-    const moe::index experts = 8, tokens = 300;
     const entry entries[] = {
         {"softmax_topk", r::softmax_topk{.k = 2, .normalize = true}, false, {.weight_sum = 1.0, .slots_per_token = 2}},
         {"softmax_topk scaled", r::softmax_topk{.k = 3, .normalize = true, .scale = 2.0}, false, {.weight_sum = 2.0}},
@@ -79,31 +117,32 @@ TEST_CASE("every built-in router passes the conformance checks and is thread-cou
     };
     for (const auto& e : entries) {
         INFO(e.name);
-        CHECK(e.router.is_batch_dependent() == e.batch_dependent);
-        const moe::matrix<float> logits = moe::matrix<float>::Random(tokens, e.router.logit_rows(experts)) * 3.0f;
-        // Check the router itself (its own batch_dependent, not any_router's conservative one).
-        const auto report = std::visit(
-            [&](const auto& router) { return moe::testing::check_router(router, logits, experts, e.expect); },
-            e.router.get());
-        INFO(report.str());
-        CHECK(report.ok());
-        // Extreme logits: huge of both signs, all equal (ties everywhere), denormal. Invariants only:
-        // weights stay finite, ids valid and distinct, routing deterministic.
-        const moe::index rows = e.router.logit_rows(experts);
-        moe::matrix<float> huge(tokens, rows), equal = moe::matrix<float>::Constant(tokens, rows, 0.25f);
-        for (moe::index i = 0; i < huge.size(); ++i) huge.data()[i] = (i * 7919 % 3 == 0 ? -1e30f : 1e30f) * (1 + i % 5);
-        const moe::matrix<float> tiny = moe::matrix<float>::Random(tokens, rows) * 1e-39f;
-        for (const moe::matrix<float>* extreme : std::initializer_list<const moe::matrix<float>*>{&huge, &equal, &tiny}) {
-            const auto r2 = std::visit([&](const auto& router) { return moe::testing::check_router(router, *extreme, experts); },
-                                       e.router.get());
-            INFO(r2.str());
-            CHECK(r2.ok());
+        check_conformance(e.router, e.batch_dependent, e.expect);
+    }
+}
+
+TEST_CASE("every registered router, built from its settings' examples, passes the conformance checks",
+          "[testing][routers][registry]") {
+    // A router added to the registry is checked here without a line of its own: built from the
+    // example of each setting it takes, and again without capacity where it takes capacity.
+    namespace r = moe::routers;
+    for (std::string_view name : r::builtin_routers::names) {
+        const auto capacitys = [&](const r::setting& s) {  // capacity's settings, where it wraps the router
+            const auto& c = r::capacity<r::softmax_topk>::settings;
+            return r::builtin_routers::capacity_applies(name) &&
+                   std::any_of(c.begin(), c.end(), [&](const r::setting& t) { return t.key == s.key; });
+        };
+        moe::routers::setting_values examples, uncapped;
+        for (const r::setting& s : r::builtin_routers::settings_of(name)) {
+            examples.set(std::string(s.key), std::string(s.example));
+            if (!capacitys(s)) uncapped.set(std::string(s.key), std::string(s.example));
         }
-        moe::layer<float, r::any_router, moe::experts::swiglu> layer({.d_model = 24, .d_ff = 16, .n_experts = experts}, e.router);
-        layer.randomize(11);
-        const moe::matrix<float> x = moe::matrix<float>::Random(tokens, 24);
-        const auto threads = moe::testing::check_thread_invariance(layer, x);
-        INFO(threads.str());
-        CHECK(threads.ok());
+        for (const auto* v : {&examples, &uncapped}) {
+            const r::any_router router = r::make_router(name, *v);
+            INFO(std::string(name) + (v->has("capacity_factor") ? " with capacity" : ""));
+            const bool batch_dependent =
+                std::visit([](const auto& held) { return std::remove_cvref_t<decltype(held)>::batch_dependent; }, router.get());
+            check_conformance(router, batch_dependent, {});
+        }
     }
 }

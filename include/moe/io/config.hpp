@@ -4,11 +4,13 @@
 /// read with HuggingFace's key names for `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe` and `deepseek_v3`.
 
 #include "moe/error.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/types.hpp"
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -42,6 +44,9 @@ struct model_config {
     index moe_layer_freq = 1;
     index decoder_sparse_step = 1;
     std::vector<index> mlp_only_layers;
+
+    /// The family's own router in the router registry (routers/registry.hpp).
+    [[nodiscard]] std::string_view router_name() const { return sigmoid_scoring ? "sigmoid_topk" : "softmax_topk"; }
 
     /// Whether decoder layer `layer` (0-based) is an MoE layer, following the family's modeling code.
     [[nodiscard]] bool is_moe_layer(index layer) const {
@@ -206,6 +211,21 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
         r.fail("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the experts of the " +
                                           std::to_string(c.topk_group) + " eligible groups");
     return c;
+}
+
+/// The router settings the config gives (routers/settings.hpp, `model_setting`): experts per token,
+/// normalisation, scaling and the expert groups. `routers::make_router(c.router_name(),
+/// router_settings(c))` is the family's own router; other routers take what applies to them.
+inline routers::setting_values router_settings(const model_config& c) {
+    char scale[32];
+    const auto end = std::to_chars(scale, scale + sizeof scale, c.scale).ptr;  // the shortest text that reads back exactly
+    routers::setting_values v;
+    v.set("k", std::to_string(c.top_k))
+        .set("normalize", c.normalize ? "true" : "false")
+        .set("scale", std::string(scale, end))
+        .set("n_group", std::to_string(c.n_group))
+        .set("topk_group", std::to_string(c.topk_group));
+    return v;
 }
 
 /// Reads and parses `path` (a config.json file, or a model folder holding one).

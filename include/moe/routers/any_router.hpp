@@ -1,16 +1,10 @@
 #pragma once
 /// \file
 /// `any_router`: one of the built-in routers, chosen at run time (from a command line or a config)
-/// while the layer type stays the same.
+/// while the layer type stays the same; `make_router` builds one from its name and settings as text.
 
 #include "moe/concepts.hpp"
-#include "moe/routers/capacity.hpp"
-#include "moe/routers/expert_choice.hpp"
-#include "moe/routers/null_experts.hpp"
-#include "moe/routers/sigmoid_topk.hpp"
-#include "moe/routers/sinkhorn.hpp"
-#include "moe/routers/softmax_topk.hpp"
-#include "moe/routers/top_p.hpp"
+#include "moe/routers/registry.hpp"
 #include "moe/statistics.hpp"
 
 #include <span>
@@ -19,12 +13,11 @@
 
 namespace moe::routers {
 
-/// Holds any built-in router and forwards to it. `batch_dependent` is conservatively true for the
+/// Holds any built-in router (`builtin_routers`, capacity included) and forwards to it. `batch_dependent` is conservatively true for the
 /// type; `is_batch_dependent()` tells the held router's property.
 class any_router {
 public:
-    using variant = std::variant<softmax_topk, capacity<softmax_topk>, sigmoid_topk, capacity<sigmoid_topk>, top_p,
-                                 null_experts, sinkhorn, expert_choice>;
+    using variant = builtin_routers::variant;
 
     any_router() = default;
     template <class R>
@@ -119,6 +112,12 @@ void any_router::backward(const matrix<Scalar>& logits, const routing<Scalar>& r
 }
 
 static_assert(differentiable_router<any_router, float> && differentiable_router<any_router, double>);
+
+/// The built-in router `name` with `values` (routers/registry.hpp: a setting not given keeps the
+/// router's default; other keys are ignored). Throws `value_error` naming the router and the setting.
+inline any_router make_router(std::string_view name, const setting_values& values) {
+    return builtin_routers::make(name, values);
+}
 
 /// The instantiations of this header that a program may build once (`moe/compiled.hpp`): `EXTERN` is
 /// `extern` to declare them, empty to define them.

@@ -5,10 +5,12 @@
 
 #include "moe/concepts.hpp"
 #include "moe/error.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routers/softmax_topk.hpp"
 #include "moe/routing.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <span>
 #include <string>
@@ -33,6 +35,21 @@ struct capacity {
     drop_policy policy = drop_policy::position;
 
     static constexpr bool batch_dependent = true;
+
+    // Its settings in the router registry (routers/registry.hpp): a router that `takes_capacity` is
+    // wrapped in capacity when capacity_factor is given.
+    static constexpr std::array settings{
+        setting{.key = "capacity_factor", .flag = "capacity-factor",
+                .help = "top-k routers: capacity and dropping, ceil(X T k / E) assignments per expert",
+                .min = 0, .open_min = true, .example = "0.8"},
+        setting{.key = "drop_policy", .flag = "drop-policy", .help = "which assignments a full expert keeps (default position)",
+                .type = setting_type::choice, .choices = "position|probs", .example = "probs", .needs = "capacity_factor"}};
+    static capacity from(Inner inner, const setting_values::reader& v) {
+        capacity r{.inner = std::move(inner)};
+        v.read("capacity_factor", r.capacity_factor);
+        if (v.has("drop_policy")) r.policy = v.text("drop_policy") == "probs" ? drop_policy::probs : drop_policy::position;
+        return r;
+    }
 
     template <class Scalar>
     struct state {

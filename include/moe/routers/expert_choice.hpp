@@ -6,9 +6,11 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <span>
 #include <string>
@@ -24,6 +26,17 @@ struct expert_choice {
     double capacity_factor = 1.0;
 
     static constexpr bool batch_dependent = true;
+
+    // Its entry in the router registry (routers/registry.hpp).
+    static constexpr std::string_view name = "expert_choice";
+    static constexpr std::array settings{setting{.key = "capacity_factor", .flag = "capacity-factor",
+                                          .help = "expert choice: ceil(X T / E) tokens per expert (default 1)",
+                                          .min = 0, .open_min = true, .example = "2"}};
+    static expert_choice from(const setting_values::reader& v) {
+        expert_choice r;
+        v.read("capacity_factor", r.capacity_factor);
+        return r;
+    }
 
     template <class Scalar>
     struct state {

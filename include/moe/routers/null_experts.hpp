@@ -7,8 +7,10 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 
+#include <array>
 #include <span>
 #include <string>
 
@@ -24,6 +26,20 @@ struct null_experts {
     bool normalize = true;
 
     static constexpr bool batch_dependent = false;
+
+    // Its entry in the router registry (routers/registry.hpp).
+    static constexpr std::string_view name = "null_experts";
+    static constexpr std::array settings{model_setting::k,
+                                  setting{.key = "null_experts", .flag = "null-experts", .help = "null experts N (the router weight has E + N rows)",
+                                          .type = setting_type::integer, .min = 1, .example = "2", .required = true},
+                                  model_setting::normalize};
+    static null_experts from(const setting_values::reader& v) {
+        null_experts r;
+        v.read("k", r.k);
+        v.read("null_experts", r.nulls);
+        v.read("normalize", r.normalize);
+        return r;
+    }
 
     /// Rows of the router weight: the real experts, then the null experts.
     [[nodiscard]] index logit_rows(index experts) const { return experts + nulls; }

@@ -6,8 +6,10 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 
+#include <array>
 #include <span>
 #include <string>
 #include <vector>
@@ -27,6 +29,21 @@ struct sigmoid_topk {
     index topk_group = 1;
 
     static constexpr bool batch_dependent = false;
+
+    // Its entry in the router registry (routers/registry.hpp).
+    static constexpr std::string_view name = "sigmoid_topk";
+    static constexpr std::array settings{model_setting::k, model_setting::normalize, model_setting::scale, model_setting::n_group,
+                                  model_setting::topk_group};
+    static sigmoid_topk from(const setting_values::reader& v) {
+        sigmoid_topk r;
+        v.read("k", r.k);
+        v.read("normalize", r.normalize);
+        v.read("scale", r.scale);
+        v.read("n_group", r.n_group);
+        v.read("topk_group", r.topk_group);
+        return r;
+    }
+    static constexpr bool takes_capacity = true;  ///< capacity<sigmoid_topk> is registered with it
 
     /// The correction bias `b` (`e_score_correction_bias`, zero by default) and row scratch.
     template <class Scalar>

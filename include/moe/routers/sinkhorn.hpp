@@ -7,9 +7,11 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 #include "moe/statistics.hpp"
 
+#include <array>
 #include <cmath>
 #include <span>
 #include <string>
@@ -37,6 +39,30 @@ struct sinkhorn {
     bool inference_topk = false;
 
     static constexpr bool batch_dependent = true;
+
+    // Its entry in the router registry (routers/registry.hpp).
+    static constexpr std::string_view name = "sinkhorn";
+    static constexpr std::array settings{
+        model_setting::k,
+        setting{.key = "iterations", .flag = "sinkhorn-iters", .help = "Sinkhorn iterations (default 8)",
+                .type = setting_type::integer, .min = 1, .example = "5"},
+        setting{.key = "tolerance", .flag = "sinkhorn-tolerance", .help = "stop early below it (default 0: run all iterations)",
+                .min = 0, .example = "0"},
+        setting{.key = "gates", .flag = "sinkhorn-gates", .help = "Sinkhorn's gates (default softmax)",
+                .type = setting_type::choice, .choices = "softmax|plan", .example = "plan"},
+        model_setting::normalize,
+        setting{.key = "inference_topk", .help = "plain softmax top-k instead (default false)",
+                .type = setting_type::boolean, .example = "false"}};
+    static sinkhorn from(const setting_values::reader& v) {
+        sinkhorn r;
+        v.read("k", r.k);
+        v.read("iterations", r.iterations);
+        v.read("tolerance", r.tolerance);
+        if (v.has("gates")) r.gates = v.text("gates") == "plan" ? sinkhorn_gates::plan : sinkhorn_gates::softmax;
+        v.read("normalize", r.normalize);
+        v.read("inference_topk", r.inference_topk);
+        return r;
+    }
 
     template <class Scalar>
     struct state {

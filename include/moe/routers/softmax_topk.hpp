@@ -6,8 +6,10 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 
+#include <array>
 #include <span>
 
 #include <string>
@@ -23,6 +25,18 @@ struct softmax_topk {
     double scale = 1.0;      ///< multiply the weights by this factor
 
     static constexpr bool batch_dependent = false;
+
+    // Its entry in the router registry (routers/registry.hpp).
+    static constexpr std::string_view name = "softmax_topk";
+    static constexpr std::array settings{model_setting::k, model_setting::normalize, model_setting::scale};
+    static softmax_topk from(const setting_values::reader& v) {
+        softmax_topk r;
+        v.read("k", r.k);
+        v.read("normalize", r.normalize);
+        v.read("scale", r.scale);
+        return r;
+    }
+    static constexpr bool takes_capacity = true;  ///< capacity<softmax_topk> is registered with it
 
     void validate(index experts) const {
         if (k < 1 || k > experts)

@@ -7,8 +7,10 @@
 #include "moe/error.hpp"
 #include "moe/kernels/select.hpp"
 #include "moe/routers/gates.hpp"
+#include "moe/routers/settings.hpp"
 #include "moe/routing.hpp"
 
+#include <array>
 #include <cmath>
 #include <span>
 #include <string>
@@ -25,6 +27,23 @@ struct top_p {
     bool normalize = false;
 
     static constexpr bool batch_dependent = false;
+
+    // Its entry in the router registry (routers/registry.hpp). max_k defaults to k where k is given.
+    static constexpr std::string_view name = "top_p";
+    static constexpr std::array settings{
+        setting{.key = "threshold", .flag = "top-p", .help = "top-p's threshold (default 0.9)", .min = 0, .max = 1,
+                .open_min = true, .example = "0.6"},
+        setting{.key = "max_k", .flag = "max-k", .help = "top-p's most experts per token (default the config's k)",
+                .type = setting_type::integer, .min = 1, .example = "4"},
+        model_setting::k, model_setting::normalize};
+    static top_p from(const setting_values::reader& v) {
+        top_p r;
+        v.read("threshold", r.threshold);
+        v.read("k", r.max_k);
+        v.read("max_k", r.max_k);
+        v.read("normalize", r.normalize);
+        return r;
+    }
 
     template <class Scalar>
     struct state {
