@@ -358,3 +358,18 @@ TEST_CASE("load_layer names the tensor a quantized storage cannot hold", "[io][c
                           Catch::Contains("beyond fp16's largest"));
     std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("a family's tensor names come from its entry in the family table", "[io][checkpoint]") {
+    const auto mixtral = moe::io::layer_tensor_names::of(moe::io::family::mixtral, 3);
+    CHECK(mixtral.router() == "model.layers.3.block_sparse_moe.gate.weight");
+    CHECK(mixtral.expert_gate(5) == "model.layers.3.block_sparse_moe.experts.5.w1.weight");
+    CHECK(mixtral.expert_up(5) == "model.layers.3.block_sparse_moe.experts.5.w3.weight");
+    CHECK(mixtral.expert_down(5) == "model.layers.3.block_sparse_moe.experts.5.w2.weight");
+    const auto qwen2 = moe::io::layer_tensor_names::of(moe::io::family::qwen2_moe, 0);
+    CHECK(qwen2.expert_down(1) == "model.layers.0.mlp.experts.1.down_proj.weight");
+    CHECK(qwen2.shared_up_proj() == "model.layers.0.mlp.shared_expert.up_proj.weight");
+    CHECK(qwen2.shared_expert_gate() == "model.layers.0.mlp.shared_expert_gate.weight");
+    const auto deepseek = moe::io::layer_tensor_names::of(moe::io::family::deepseek_v3, 7);
+    CHECK(deepseek.shared_gate_proj() == "model.layers.7.mlp.shared_experts.gate_proj.weight");
+    CHECK(deepseek.correction_bias() == "model.layers.7.mlp.gate.e_score_correction_bias");
+}

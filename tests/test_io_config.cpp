@@ -82,3 +82,24 @@ TEST_CASE("broken config.json values are rejected naming the key", "[io][config]
     fails_with(json::array(), "not a JSON object");
     CHECK_THROWS_AS(moe::io::read_config("/nonexistent/config.json"), moe::io_error);
 }
+
+TEST_CASE("the family table has one entry per family, found by each of its names", "[io][config]") {
+    using moe::io::family_names;
+    for (std::size_t i = 0; i < moe::io::families.size(); ++i) {
+        const family_names& f = moe::io::families[i];
+        INFO(f.model_type);
+        CHECK(static_cast<std::size_t>(f.kind) == i);  // names_of indexes by the enum
+        CHECK(&moe::io::names_of(f.kind) == &f);
+        CHECK(moe::io::find_family(&family_names::model_type, f.model_type) == &f);
+        CHECK(moe::io::find_family(&family_names::gguf_architecture, f.gguf_architecture) == &f);
+        // A config with the family's keys parses as it.
+        json j = {{"model_type", f.model_type}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"num_experts_per_tok", 2},
+                  {f.expert_size_key, 32}, {f.experts_key, 8}, {"shared_expert_intermediate_size", 16},
+                  {"n_group", 1}, {"topk_group", 1}};
+        const auto c = moe::io::parse_config(j);
+        CHECK(c.kind == f.kind);
+        CHECK((c.expert_size == 32 && c.n_experts == 8));
+    }
+    CHECK(moe::io::find_family(&family_names::model_type, "llama") == nullptr);
+    CHECK(moe::io::family_list(&family_names::gguf_architecture) == "llama, qwen2moe, qwen3moe, olmoe, deepseek2");
+}

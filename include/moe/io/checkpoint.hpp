@@ -23,7 +23,7 @@
 
 namespace moe::io {
 
-/// HuggingFace's tensor names of one MoE layer of a family.
+/// HuggingFace's tensor names of one MoE layer of a family (`family_names`).
 struct layer_tensor_names {
     std::string prefix;  ///< e.g. "model.layers.3.mlp."
     family kind;
@@ -31,9 +31,9 @@ struct layer_tensor_names {
     [[nodiscard]] std::string router() const { return prefix + "gate.weight"; }
     [[nodiscard]] std::string correction_bias() const { return prefix + "gate.e_score_correction_bias"; }
     /// Gate, up and down projections of routed expert e.
-    [[nodiscard]] std::string expert_gate(index e) const { return expert(e) + (mixtral() ? "w1.weight" : "gate_proj.weight"); }
-    [[nodiscard]] std::string expert_up(index e) const { return expert(e) + (mixtral() ? "w3.weight" : "up_proj.weight"); }
-    [[nodiscard]] std::string expert_down(index e) const { return expert(e) + (mixtral() ? "w2.weight" : "down_proj.weight"); }
+    [[nodiscard]] std::string expert_gate(index e) const { return expert(e, names_of(kind).gate); }
+    [[nodiscard]] std::string expert_up(index e) const { return expert(e, names_of(kind).up); }
+    [[nodiscard]] std::string expert_down(index e) const { return expert(e, names_of(kind).down); }
     /// Gate, up and down projections of the shared FFN.
     [[nodiscard]] std::string shared_gate_proj() const { return shared() + "gate_proj.weight"; }
     [[nodiscard]] std::string shared_up_proj() const { return shared() + "up_proj.weight"; }
@@ -43,16 +43,14 @@ struct layer_tensor_names {
 
     /// The names for decoder layer `layer` of family `kind`.
     static layer_tensor_names of(family kind, index layer) {
-        const std::string block = kind == family::mixtral ? "block_sparse_moe." : "mlp.";
-        return {"model.layers." + std::to_string(layer) + "." + block, kind};
+        return {"model.layers." + std::to_string(layer) + "." + std::string(names_of(kind).block), kind};
     }
 
 private:
-    [[nodiscard]] bool mixtral() const { return kind == family::mixtral; }
-    [[nodiscard]] std::string expert(index e) const { return prefix + "experts." + std::to_string(e) + "."; }
-    [[nodiscard]] std::string shared() const {
-        return prefix + (kind == family::qwen2_moe ? "shared_expert." : "shared_experts.");
+    [[nodiscard]] std::string expert(index e, std::string_view projection) const {
+        return prefix + "experts." + std::to_string(e) + "." + std::string(projection) + ".weight";
     }
+    [[nodiscard]] std::string shared() const { return prefix + std::string(names_of(kind).shared); }
 };
 
 /// A checkpoint folder: its config and its tensors, wherever they are stored.

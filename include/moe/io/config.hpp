@@ -10,17 +10,64 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moe::io {
 
 /// The checkpoint families moe can load, by `model_type`.
 enum class family { mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 };
+
+/// How a family is named in its files: config.json's `model_type` and the keys of its expert sizes,
+/// llama.cpp's architecture (`general.architecture` of a GGUF file), and HuggingFace's tensor names of
+/// its MoE block in `model.layers.L.`. What a family computes beyond these (its router, shared
+/// experts, which layers are MoE) is read by `parse_config` and `gguf_config`.
+struct family_names {
+    family kind;
+    std::string_view model_type;         ///< config.json
+    std::string_view gguf_architecture;  ///< a GGUF file's `general.architecture`
+    std::string_view expert_size_key;    ///< config.json: the width of one routed expert
+    std::string_view experts_key;        ///< config.json: the number of routed experts
+    std::string_view block;              ///< the MoE block's prefix within a decoder layer
+    std::string_view gate, up, down;     ///< an expert's projections (`<name>.weight`)
+    std::string_view shared;             ///< the shared FFN's prefix within the block; empty without
+};
+
+/// One entry per family, in `family`'s order.
+inline constexpr std::array<family_names, 5> families{{
+    {family::mixtral, "mixtral", "llama", "intermediate_size", "num_local_experts", "block_sparse_moe.", "w1", "w3", "w2", ""},
+    {family::qwen2_moe, "qwen2_moe", "qwen2moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
+     "down_proj", "shared_expert."},
+    {family::qwen3_moe, "qwen3_moe", "qwen3moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
+     "down_proj", ""},
+    {family::olmoe, "olmoe", "olmoe", "intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj", "down_proj", ""},
+    {family::deepseek_v3, "deepseek_v3", "deepseek2", "moe_intermediate_size", "n_routed_experts", "mlp.", "gate_proj",
+     "up_proj", "down_proj", "shared_experts."},
+}};
+
+/// The names of family `kind`.
+[[nodiscard]] inline const family_names& names_of(family kind) { return families[static_cast<std::size_t>(kind)]; }
+
+/// The family whose `member` (`&family_names::model_type` or `&family_names::gguf_architecture`) is
+/// `name`; null when none is.
+[[nodiscard]] inline const family_names* find_family(std::string_view family_names::*member, std::string_view name) {
+    for (const family_names& f : families)
+        if (f.*member == name) return &f;
+    return nullptr;
+}
+
+/// Every family's `member`, "a, b, c" (for error messages).
+[[nodiscard]] inline std::string family_list(std::string_view family_names::*member) {
+    std::string s;
+    for (const family_names& f : families) s += (s.empty() ? "" : ", ") + std::string(f.*member);
+    return s;
+}
 
 /// What a family's MoE layers compute, and which decoder layers are MoE.
 struct model_config {
@@ -156,46 +203,40 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
     c.hidden_size = r.integer("hidden_size");
     c.n_layers = r.integer("num_hidden_layers");
     c.top_k = r.integer("num_experts_per_tok");
-    if (c.model_type == "mixtral") {
-        c.kind = family::mixtral;
-        c.expert_size = r.integer("intermediate_size");
-        c.n_experts = r.integer("num_local_experts");
-        c.normalize = true;  // Mixtral always renormalises its top-k weights
-    } else if (c.model_type == "qwen2_moe" || c.model_type == "qwen3_moe") {
-        c.kind = c.model_type == "qwen2_moe" ? family::qwen2_moe : family::qwen3_moe;
-        c.expert_size = r.integer("moe_intermediate_size");
-        c.n_experts = r.integer("num_experts");
-        c.normalize = r.boolean_or("norm_topk_prob", false);
-        c.decoder_sparse_step = r.integer_or("decoder_sparse_step", 1, 1);
-        c.mlp_only_layers = r.integers_or_empty("mlp_only_layers");
-        if (c.kind == family::qwen2_moe) {
-            c.shared_size = r.integer("shared_expert_intermediate_size");
-            c.shared_gated = true;
-        }
-    } else if (c.model_type == "olmoe") {
-        c.kind = family::olmoe;
-        c.expert_size = r.integer("intermediate_size");
-        c.n_experts = r.integer("num_experts");
-        c.normalize = r.boolean_or("norm_topk_prob", false);
-    } else if (c.model_type == "deepseek_v3") {
-        c.kind = family::deepseek_v3;
-        c.expert_size = r.integer("moe_intermediate_size");
-        c.n_experts = r.integer("n_routed_experts");
-        c.sigmoid_scoring = true;
-        c.normalize = r.boolean_or("norm_topk_prob", true);
-        c.scale = r.number_or("routed_scaling_factor", 2.5);
-        c.n_group = r.integer_or("n_group", 8, 1);
-        c.topk_group = r.integer_or("topk_group", 4, 1);
-        c.shared_size = r.integer_or("n_shared_experts", 1, 1) * c.expert_size;
-        c.first_k_dense_replace = r.integer_or("first_k_dense_replace", 3);
-        c.moe_layer_freq = r.integer_or("moe_layer_freq", 1, 1);
-        if (r.string_or("scoring_func", "sigmoid") != "sigmoid")
-            r.fail("scoring_func", "= '" + r.string_or("scoring_func", "") + "' is not supported (only 'sigmoid')");
-        if (r.string_or("topk_method", "noaux_tc") != "noaux_tc")
-            r.fail("topk_method", "= '" + r.string_or("topk_method", "") + "' is not supported (only 'noaux_tc')");
-    } else {
-        r.fail("model_type", "= '" + c.model_type +
-                                 "' is not a supported MoE family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)");
+    const family_names* f = find_family(&family_names::model_type, c.model_type);
+    if (f == nullptr)
+        r.fail("model_type", "= '" + c.model_type + "' is not a supported MoE family (" +
+                                 family_list(&family_names::model_type) + ")");
+    c.kind = f->kind;
+    c.expert_size = r.integer(f->expert_size_key.data());
+    c.n_experts = r.integer(f->experts_key.data());
+    switch (c.kind) {
+        case family::mixtral: c.normalize = true; break;  // Mixtral always renormalises its top-k weights
+        case family::qwen2_moe:
+        case family::qwen3_moe:
+            c.normalize = r.boolean_or("norm_topk_prob", false);
+            c.decoder_sparse_step = r.integer_or("decoder_sparse_step", 1, 1);
+            c.mlp_only_layers = r.integers_or_empty("mlp_only_layers");
+            if (c.kind == family::qwen2_moe) {
+                c.shared_size = r.integer("shared_expert_intermediate_size");
+                c.shared_gated = true;
+            }
+            break;
+        case family::olmoe: c.normalize = r.boolean_or("norm_topk_prob", false); break;
+        case family::deepseek_v3:
+            c.sigmoid_scoring = true;
+            c.normalize = r.boolean_or("norm_topk_prob", true);
+            c.scale = r.number_or("routed_scaling_factor", 2.5);
+            c.n_group = r.integer_or("n_group", 8, 1);
+            c.topk_group = r.integer_or("topk_group", 4, 1);
+            c.shared_size = r.integer_or("n_shared_experts", 1, 1) * c.expert_size;
+            c.first_k_dense_replace = r.integer_or("first_k_dense_replace", 3);
+            c.moe_layer_freq = r.integer_or("moe_layer_freq", 1, 1);
+            if (r.string_or("scoring_func", "sigmoid") != "sigmoid")
+                r.fail("scoring_func", "= '" + r.string_or("scoring_func", "") + "' is not supported (only 'sigmoid')");
+            if (r.string_or("topk_method", "noaux_tc") != "noaux_tc")
+                r.fail("topk_method", "= '" + r.string_or("topk_method", "") + "' is not supported (only 'noaux_tc')");
+            break;
     }
     if (c.top_k > c.n_experts)
         r.fail("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the number of experts (" +

@@ -38,15 +38,12 @@ namespace moe::io {
 inline model_config gguf_config(const gguf_file& file) {
     const std::string where = file.path().string() + ": ";
     const std::string arch = file.contains_key("general.architecture") ? file.string("general.architecture") : "";
+    const family_names* f = find_family(&family_names::gguf_architecture, arch);
+    if (f == nullptr)
+        throw config_error(where + "architecture '" + arch + "' is not one of the MoE architectures this library reads (" +
+                           family_list(&family_names::gguf_architecture) + ")");
     model_config c;
-    if (arch == "llama") c.kind = family::mixtral;
-    else if (arch == "qwen2moe") c.kind = family::qwen2_moe;
-    else if (arch == "qwen3moe") c.kind = family::qwen3_moe;
-    else if (arch == "olmoe") c.kind = family::olmoe;
-    else if (arch == "deepseek2") c.kind = family::deepseek_v3;
-    else
-        throw config_error(where + "architecture '" + arch +
-                           "' is not one of the MoE architectures this library reads (llama, qwen2moe, qwen3moe, olmoe, deepseek2)");
+    c.kind = f->kind;
     c.model_type = arch;
     const auto key = [&](const char* name) { return arch + "." + name; };
     constexpr index largest = detail::config_reader::largest;  // the checkpoint's bound on every size
