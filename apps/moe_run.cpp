@@ -200,6 +200,9 @@ arguments parse_arguments(int argc, char** argv) {
 
 /// The router the arguments ask for, with k, normalisation and scaling from the checkpoint's config.
 moe::routers::any_router make_router(const arguments& a, const moe::io::model_config& c) {
+    if (a.router == "sigmoid_topk" && !c.sigmoid_scoring)  // its correction bias is in DeepSeek-V3's files only
+        throw moe::config_error("--router sigmoid_topk needs a checkpoint with sigmoid scoring and a correction bias "
+                                "(DeepSeek-V3); this one is " + c.model_type);
     moe::routers::setting_values v = moe::io::router_settings(c);
     for (const auto& [key, text] : a.router_settings)
         if (!text.empty()) v.set(key, text);

@@ -55,8 +55,6 @@ struct layer_case {
 
     [[nodiscard]] std::string option(const std::string& key) const { return file.metadata().at(key); }
     [[nodiscard]] moe::index integer(const std::string& key) const { return std::stol(option(key)); }
-    [[nodiscard]] double number(const std::string& key) const { return std::stod(option(key)); }
-    [[nodiscard]] bool flag(const std::string& key) const { return option(key) == "true"; }
 
     [[nodiscard]] moe::layer_shape shape() const {
         return {.d_model = integer("d"), .d_ff = integer("ff"), .n_experts = integer("E"), .d_shared = integer("shared_ff")};
@@ -64,6 +62,10 @@ struct layer_case {
     /// The case's router (any of the built-in ones, routers/registry.hpp) from its metadata: its
     /// settings by key, capacity where capacity_factor is given to a top-k router.
     [[nodiscard]] moe::routers::any_router router() const {
+        for (const moe::routers::setting& s : moe::routers::builtin_routers::settings_of(option("router"))) {
+            INFO("metadata '" << s.key << "' (the generator writes every setting, empty when not set)");
+            REQUIRE(file.metadata().count(std::string(s.key)) == 1);
+        }
         return moe::routers::make_router(option("router"), moe::routers::setting_values(
                                                               {file.metadata().begin(), file.metadata().end()}));
     }

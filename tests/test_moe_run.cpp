@@ -250,6 +250,25 @@ TEST_CASE("moe-run router overrides reproduce the PyTorch reference", "[moe-run]
     CHECK(cases >= 12);
 }
 
+TEST_CASE("moe-run --router sigmoid_topk is a DeepSeek-V3 checkpoint's own router, and only that", "[moe-run][routers]") {
+    temp_dir tmp;
+    for (const char* name : {"deepseek_v3", "deepseek_capacity_probs"}) {
+        INFO(name);
+        const fs::path dir = golden::data_dir / (name == std::string("deepseek_v3") ? "ckpt" : "overrides") / name;
+        const std::string common = case_flags(dir, {"flags"}) + " --input " + (dir / "input.safetensors").string();
+        const fs::path own = tmp.path / "own.safetensors", named = tmp.path / "named.safetensors";
+        REQUIRE(moe_run(common + " --output " + own.string(), tmp).status == 0);
+        const auto r = moe_run(common + " --router sigmoid_topk --output " + named.string(), tmp);
+        INFO(r.err);
+        REQUIRE(r.status == 0);
+        check_bitwise(moe::io::safetensors_file(named), moe::io::safetensors_file(own));
+    }
+    const auto r = moe_run(case_args("mixtral_f32", tmp.path / "out.safetensors") + " --router sigmoid_topk", tmp);
+    CHECK(r.status == 1);
+    CHECK_THAT(r.err, Catch::Contains("--router sigmoid_topk needs a checkpoint with sigmoid scoring"));
+    CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
+}
+
 TEST_CASE("moe-run --backward reproduces PyTorch autograd for every checkpoint and override case",
           "[moe-run][backward]") {
     temp_dir tmp;

@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -95,6 +97,26 @@ TEST_CASE("make_router builds each router from its settings as text", "[routers]
           r::drop_policy::position);
 }
 
+TEST_CASE("an option means one setting across routers; the family routers take the same options", "[routers][registry]") {
+    // moe-run declares each option once (--capacity-factor: capacity's and expert choice's) and checks
+    // the options of the checkpoint's own router (softmax_topk or sigmoid_topk) before reading it.
+    std::map<std::string_view, r::setting> by_flag;
+    for (std::string_view name : r::builtin_routers::names)
+        for (const r::setting& s : r::builtin_routers::settings_of(name)) {
+            if (s.flag.empty()) continue;
+            INFO(std::string(name) + ": --" + std::string(s.flag));
+            const auto [it, first] = by_flag.emplace(s.flag, s);
+            CHECK((it->second.key == s.key && it->second.type == s.type));
+        }
+    const auto flags_of = [](std::string_view name) {
+        std::vector<std::string_view> flags;
+        for (const r::setting& s : r::builtin_routers::settings_of(name))
+            if (!s.flag.empty()) flags.push_back(s.flag);
+        return flags;
+    };
+    CHECK(flags_of("softmax_topk") == flags_of("sigmoid_topk"));
+}
+
 TEST_CASE("make_router keeps defaults, ignores other keys and names what is wrong", "[routers][registry]") {
     // Not given (or empty): the member's default.
     const auto d = held<r::sinkhorn>(r::make_router("sinkhorn", values({{"iterations", ""}, {"d_model", "64"}})));
@@ -114,6 +136,9 @@ TEST_CASE("make_router keeps defaults, ignores other keys and names what is wron
     bad("softmax_topk", {{"scale", "inf"}}, "softmax_topk: setting 'scale' expects a finite number (in (0, inf)), got 'inf'");
     bad("softmax_topk", {{"k", "99999999999999999999"}},
         "softmax_topk: setting 'k' expects a decimal integer (in [1, inf)), got '99999999999999999999'");
+    bad("sinkhorn", {{"tolerance", "1e-400"}}, "sinkhorn: setting 'tolerance' expects a finite number (in [0, inf)), got '1e-400'");
+    bad("sinkhorn", {{"tolerance", " 1"}}, "sinkhorn: setting 'tolerance' expects a finite number (in [0, inf)), got ' 1'");
+    bad("sinkhorn", {{"tolerance", "0x1p-3"}}, "sinkhorn: setting 'tolerance' expects a finite number (in [0, inf)), got '0x1p-3'");
     bad("null_experts", {{"k", "2"}}, "null_experts: setting 'null_experts' is needed");
     bad("softmax_topk", {{"drop_policy", "probs"}}, "softmax_topk: setting 'drop_policy' needs 'capacity_factor'");
     bad("mystery", {}, "unknown router 'mystery' (the routers: softmax_topk, sigmoid_topk, top_p, null_experts, sinkhorn, "
@@ -140,6 +165,8 @@ TEST_CASE("a setting states its domain and what is wrong with a value", "[router
     CHECK(pick.problem("b") == "expects one of a|bb|c, got 'b'");
     CHECK(pick.problem("") == "expects one of a|bb|c, got ''");
     CHECK(r::setting{.key = "f", .min = 0.25, .max = 2.5}.domain() == "[0.25, 2.5]");
+    CHECK(r::setting{.key = "tiny", .min = 1e-7}.domain() == "[1e-07, inf)");
+    CHECK(r::setting{.key = "tiny", .min = 1e-7}.problem("1e-8") == "1e-8 must be in [1e-07, inf)");
 }
 
 TEST_CASE("a model config gives the settings of its family's router", "[routers][registry][io]") {

@@ -1556,8 +1556,8 @@ def apply_flags(spec, flags):
     """The layer moe-run runs for a checkpoint family's layer `spec` and router flags.
 
     The family's settings stay: normalize = norm_topk_prob, k = num_experts_per_tok,
-    shared experts; scale (routed_scaling_factor) is applied only by R1 softmax_topk and
-    the family's own router. --capacity-factor is R7's factor with expert_choice and R3
+    shared experts; scale (routed_scaling_factor) is applied by the routers that take it
+    (R1 softmax_topk and R2, the family's own router where it is DeepSeek-V3's). --capacity-factor is R7's factor with expert_choice and R3
     capacity (--drop-policy, default position) with a top-k router. Defaults:
     --sinkhorn-iters 8, --sinkhorn-tolerance 0, --sinkhorn-gates softmax, --max-k = k."""
     assert len(flags) % 2 == 0

@@ -17,9 +17,13 @@
 #include "moe/routers/top_p.hpp"
 
 #include <array>
+#include <concepts>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <variant>
 #include <vector>
 

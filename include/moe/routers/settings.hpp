@@ -7,16 +7,30 @@
 #include "moe/error.hpp"
 #include "moe/types.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <map>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace moe::routers {
+
+/// Reads all of `text` as a decimal integer, or as a finite number (decimal or scientific, whatever the
+/// locale; no hex, no leading '+' or blank); false when it is not one or does not fit.
+template <class T>
+[[nodiscard]] bool parse(std::string_view text, T& value) {
+    T v{};
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc{} || end != text.data() + text.size() || text.empty()) return false;
+    if constexpr (std::is_floating_point_v<T>)
+        if (!std::isfinite(v)) return false;
+    value = v;
+    return true;
+}
 
 /// How a setting's text is read.
 enum class setting_type {
@@ -51,10 +65,8 @@ struct setting {
         }
         const auto end = [](double v) {
             if (std::isinf(v)) return std::string(v < 0 ? "-inf" : "inf");
-            std::string s = std::to_string(v);
-            s.erase(s.find_last_not_of('0') + 1);
-            if (s.back() == '.') s.pop_back();
-            return s;
+            char text[32];
+            return std::string(text, std::to_chars(text, text + sizeof text, v).ptr);  // shortest exact text
         };
         return std::string(open_min ? "(" : "[") + end(min) + ", " + end(max) + (std::isinf(max) ? ")" : "]");
     }
@@ -78,16 +90,10 @@ struct setting {
         double v = 0;
         if (type == setting_type::integer) {
             index i = 0;
-            const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), i);
-            if (ec != std::errc{} || end != text.data() + text.size() || text.empty())
-                return "expects a decimal integer (in " + domain() + "), got " + got;
+            if (!parse(text, i)) return "expects a decimal integer (in " + domain() + "), got " + got;
             v = static_cast<double>(i);
-        } else {
-            const std::string s(text);
-            char* end = nullptr;
-            v = std::strtod(s.c_str(), &end);
-            if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v))
-                return "expects a finite number (in " + domain() + "), got " + got;
+        } else if (!parse(text, v)) {
+            return "expects a finite number (in " + domain() + "), got " + got;
         }
         if (v < min || v > max || (open_min && v == min)) return std::string(text) + " must be in " + domain();
         return "";
@@ -126,6 +132,8 @@ private:
 };
 
 /// Checked values, read into a router's members: a member keeps its default when its key is not given.
+/// It refers to the values and the settings it was made from: use it while they live (as a router's
+/// `from` does).
 class setting_values::reader {
 public:
     reader(const setting_values& v, std::string_view router, std::span<const setting> settings)
@@ -143,10 +151,10 @@ public:
     [[nodiscard]] bool has(std::string_view key) const { return values_.has(declared(key).key); }
     [[nodiscard]] std::string_view text(std::string_view key) const { return values_.text(declared(key).key); }
     void read(std::string_view key, index& member) const {
-        if (has(key)) member = static_cast<index>(std::stoll(std::string(text(key))));
+        if (has(key)) (void)parse(text(key), member);  // checked by the constructor
     }
     void read(std::string_view key, double& member) const {
-        if (has(key)) member = std::stod(std::string(text(key)));
+        if (has(key)) (void)parse(text(key), member);
     }
     void read(std::string_view key, bool& member) const {
         if (has(key)) member = text(key) == "true";
