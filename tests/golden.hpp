@@ -1,5 +1,5 @@
 #pragma once
-// Test helpers: reading the golden files that tools/gen_golden.py writes (an independent float64
+// Test helpers: reading the golden files that tools/golden writes (an independent float64
 // PyTorch implementation of docs/semantics.md) and comparing the library with them.
 
 #include <moe/io/safetensors.hpp>

@@ -1,4 +1,4 @@
-// The GGUF reader against tools/gen_golden.py's own GGUF writer (tests/data/gguf: reader.gguf and the
+// The GGUF reader against tools/golden's own GGUF writer (gguf_io.py) (tests/data/gguf: reader.gguf and the
 // values each tensor holds, reader_expected.safetensors), and against files built here with one defect
 // each.
 #include "golden.hpp"

@@ -1,4 +1,4 @@
-// The q8_0 and q4_0 block formats and the quantized projection, against tools/gen_golden.py's
+// The q8_0 and q4_0 block formats and the quantized projection, against tools/golden's
 // independent implementation of ggml's reference quantizers (tests/data/quant/formats.safetensors).
 #include "golden.hpp"
 

@@ -44,8 +44,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_golden import round_to, write_json, write_safetensors  # noqa: E402  (one safetensors writer)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden"))
+from files import round_to, write_json, write_safetensors  # noqa: E402  (the generator's safetensors writer)
 
 # The standard shapes of bench/bench_layer.cpp: tokens, d, ff, experts, k.
 SHAPES = {
