@@ -9,9 +9,7 @@ import torch
 
 from files import round_to
 from decisions import Decisions
-from routers import (
-    apply_capacity, route_expert_choice, route_null_experts, route_sigmoid_topk, route_sinkhorn,
-    route_softmax_topk, route_top_p)
+from routers import ROUTERS, TOPK_ROUTERS, apply_capacity
 from experts import apply_expert, keep
 from quant import QuantizedInputs
 from randoms import rand_input
@@ -20,7 +18,7 @@ from randoms import rand_input
 @dataclass
 class MoeSpec:
     """All parameters of one MoE layer (float64 values, already rounded as stored)."""
-    router: str                      # "softmax_topk" | "sigmoid_topk" | NEW_ROUTERS
+    router: str                      # a name in routers.ROUTERS
     k: int
     normalize: bool
     scale: float
@@ -51,10 +49,6 @@ class MoeSpec:
         return self.router_weight.shape[0] - self.null_experts
 
 
-TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk")  # the routers R3 capacity applies to
-NEW_ROUTERS = ("top_p", "null_experts", "sinkhorn", "expert_choice")
-
-
 def moe_forward(x, spec: MoeSpec, dec: Decisions):
     """y_t = sum over kept (t, e) of w_te * Expert_e(x_t) + shared(x_t). x: [T, d] f64.
     Returns dict with y [T,d], logits [T,E'], ids [T,S], weights [T,S], load [E] (real
@@ -64,26 +58,9 @@ def moe_forward(x, spec: MoeSpec, dec: Decisions):
     is a torch function of x and the spec's tensors (selection held constant), so
     moe_backward can differentiate it."""
     logits = x @ spec.router_weight.T
-    extra = {}
-    if spec.router == "softmax_topk":
-        ids, weights = route_softmax_topk(logits, spec.k, spec.normalize, spec.scale, dec)
-    elif spec.router == "sigmoid_topk":
-        ids, weights = route_sigmoid_topk(logits, spec.router_bias, spec.k, spec.n_group,
-                                          spec.topk_group, spec.normalize, spec.scale, dec)
-    elif spec.router == "top_p":
-        ids, weights, extra["capped"] = route_top_p(logits, spec.threshold, spec.max_k,
-                                                    spec.normalize, dec)
-    elif spec.router == "null_experts":
-        ids, weights = route_null_experts(logits, spec.k, spec.E, spec.normalize, dec)
-    elif spec.router == "sinkhorn" and spec.inference_topk:
-        ids, weights = route_softmax_topk(logits, spec.k, spec.normalize, 1.0, dec)
-    elif spec.router == "sinkhorn":
-        ids, weights, extra = route_sinkhorn(logits, spec.k, spec.iterations, spec.tolerance,
-                                             spec.gates, spec.normalize, dec)
-    elif spec.router == "expert_choice":
-        ids, weights = route_expert_choice(logits, spec.capacity_factor, dec)
-    else:
+    if spec.router not in ROUTERS:
         raise ValueError(spec.router)
+    ids, weights, extra = ROUTERS[spec.router].route(logits, spec, dec)
     # The router's assignments before any capacity drop: what L1 counts (Switch, GShard).
     routed = torch.tensor([int((ids == e).sum()) for e in range(spec.E)], dtype=torch.int64)
     # The same per token ([T, E] real experts) and the slots L1 counts per token: k for the

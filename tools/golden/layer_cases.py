@@ -8,10 +8,10 @@ import torch
 
 from files import round_to, write_safetensors
 from decisions import Decisions
-from routers import route_sinkhorn, route_softmax_topk
+from routers import NEW_ROUTERS, TOPK_ROUTERS, route_sinkhorn, route_softmax_topk
 from layer import (
-    MoeSpec, NEW_ROUTERS, TOPK_ROUTERS, loss_shares, max_abs, moe_backward, moe_forward,
-    rand_grad_output, seq_len, with_trainable)
+    MoeSpec, loss_shares, max_abs, moe_backward, moe_forward, rand_grad_output,
+    seq_len, with_trainable)
 from randoms import generate, rand_input, rand_linear, randn
 from families import selection_changed_by_bias
 

@@ -6,7 +6,8 @@ from fractions import Fraction
 
 from files import write_json, write_safetensors
 from decisions import Decisions
-from layer import MoeSpec, NEW_ROUTERS, TOPK_ROUTERS, moe_forward
+from layer import MoeSpec, moe_forward
+from routers import NEW_ROUTERS, TOPK_ROUTERS
 from randoms import generate, rand_input
 from families import build_mixtral
 from ckpt_cases import D, backward_flags, run_backward, write_checkpoint

@@ -2,7 +2,9 @@
 selection a constant."""
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 import torch
 
@@ -233,3 +235,34 @@ def route_expert_choice(logits, capacity_factor, dec):
         ids[t, :len(experts)] = torch.tensor(experts, dtype=torch.int64)
     rows = [probs[t, torch.tensor(experts, dtype=torch.int64)] for t, experts in enumerate(chosen)]
     return ids, stack_rows(rows, E)
+
+
+@dataclass(frozen=True)
+class RouterDef:
+    """A router of the registry: how a layer spec routes with it, and whether R3 capacity applies
+    after it (the top-k routers, whose L1 counts k slots per token, dropped ones included)."""
+    route: Callable  # (logits, spec, dec) -> (ids, weights, extra outputs)
+    takes_capacity: bool = False
+
+
+# The routers by the name the C++ registry gives them (include/moe/routers/registry.hpp).
+ROUTERS = {
+    "softmax_topk": RouterDef(
+        lambda z, s, dec: (*route_softmax_topk(z, s.k, s.normalize, s.scale, dec), {}), takes_capacity=True),
+    "sigmoid_topk": RouterDef(
+        lambda z, s, dec: (*route_sigmoid_topk(z, s.router_bias, s.k, s.n_group, s.topk_group, s.normalize,
+                                               s.scale, dec), {}), takes_capacity=True),
+    "top_p": RouterDef(lambda z, s, dec: _with_capped(route_top_p(z, s.threshold, s.max_k, s.normalize, dec))),
+    "null_experts": RouterDef(lambda z, s, dec: (*route_null_experts(z, s.k, s.E, s.normalize, dec), {})),
+    "sinkhorn": RouterDef(
+        lambda z, s, dec: (*route_softmax_topk(z, s.k, s.normalize, 1.0, dec), {}) if s.inference_topk
+        else route_sinkhorn(z, s.k, s.iterations, s.tolerance, s.gates, s.normalize, dec)),
+    "expert_choice": RouterDef(lambda z, s, dec: (*route_expert_choice(z, s.capacity_factor, dec), {})),
+}
+TOPK_ROUTERS = tuple(name for name, r in ROUTERS.items() if r.takes_capacity)  # R3 applies after them
+NEW_ROUTERS = tuple(name for name, r in ROUTERS.items() if not r.takes_capacity)  # R4-R7
+
+
+def _with_capped(routed):
+    ids, weights, capped = routed
+    return ids, weights, {"capped": capped}
