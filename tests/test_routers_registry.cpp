@@ -1,6 +1,7 @@
 #include <moe/io/config.hpp>
 #include <moe/routers/any_router.hpp>
 #include <moe/routers/registry.hpp>
+#include <moe/testing/conformance.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -194,6 +195,11 @@ TEST_CASE("a registry of one's own builds a router it did not ship with", "[rout
     const auto toy = registry::make("toy", values({{"k", "3"}, {"capacity_factor", "2"}}));
     REQUIRE(std::holds_alternative<toy_router>(toy));
     CHECK(std::get<toy_router>(toy).k == 3);  // capacity_factor: not a toy setting, ignored
+    const moe::matrix<float> logits = moe::matrix<float>::Random(50, 8);
+    const auto report =
+        moe::testing::check_router(std::get<toy_router>(toy), logits, 8, {.weight_sum = 1.0, .slots_per_token = 3});
+    INFO(report.str());
+    CHECK(report.ok());
     CHECK(registry::settings_of("toy").size() == 1);
 }
 
