@@ -72,29 +72,14 @@ def build_qwen2_moe(g, d, ff, shared_ff, E, k, dtype="F32"):
               "num_experts_per_tok": k, "norm_topk_prob": False, "num_hidden_layers": 2,
               "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu",
               "torch_dtype": TORCH_DTYPE_NAME[dtype]}
-    tensors = embed_tensor(g, d, dtype)
-    spec = None
-    for layer in range(2):
-        p = f"model.layers.{layer}.mlp"
-        router = rand_linear(g, E, d, dtype)
-        tensors.append((f"{p}.gate.weight", dtype, router))
-        experts = []
-        for e in range(E):
-            ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
-            tensors += ts
-            experts.append(params)
-        ts, shared = hf_swiglu(g, f"{p}.shared_expert", d, shared_ff, dtype)
-        tensors += ts
-        shared_gate = rand_linear(g, 1, d, dtype)
-        tensors.append((f"{p}.shared_expert_gate.weight", dtype, shared_gate))
-        spec = MoeSpec("softmax_topk", k, False, 1.0, router, experts=experts,
-                       shared=shared, shared_gate=shared_gate)
+    tensors, spec = softmax_swiglu_layers(g, d, ff, E, k, normalize=False, dtype=dtype, shared_ff=shared_ff)
     return config, tensors, spec
 
 
-def softmax_swiglu_layers(g, d, ff, E, k, normalize, dtype):
+def softmax_swiglu_layers(g, d, ff, E, k, normalize, dtype, shared_ff=0):
     """The unrelated embedding, then layers 0 and 1 with mlp.gate and mlp.experts.{e}.*_proj
-    (Qwen3-MoE and OLMoE names); returns the tensors and layer 1's MoeSpec (R1)."""
+    (Qwen2-MoE, Qwen3-MoE and OLMoE names) and, with shared_ff, mlp.shared_expert.*_proj and
+    mlp.shared_expert_gate [1, d] (Qwen2-MoE); returns the tensors and layer 1's MoeSpec (R1)."""
     tensors = embed_tensor(g, d, dtype)
     spec = None
     for layer in range(2):
@@ -106,7 +91,14 @@ def softmax_swiglu_layers(g, d, ff, E, k, normalize, dtype):
             ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
             tensors += ts
             experts.append(params)
-        spec = MoeSpec("softmax_topk", k, normalize, 1.0, router, experts=experts)
+        shared = shared_gate = None
+        if shared_ff:
+            ts, shared = hf_swiglu(g, f"{p}.shared_expert", d, shared_ff, dtype)
+            tensors += ts
+            shared_gate = rand_linear(g, 1, d, dtype)
+            tensors.append((f"{p}.shared_expert_gate.weight", dtype, shared_gate))
+        spec = MoeSpec("softmax_topk", k, normalize, 1.0, router, experts=experts, shared=shared,
+                       shared_gate=shared_gate)
     return tensors, spec
 
 
