@@ -8,7 +8,7 @@ import torch
 
 from files import round_to, write_safetensors
 from decisions import Decisions
-from routers import NEW_ROUTERS, TOPK_ROUTERS, route_sinkhorn, route_softmax_topk
+from routers import NEW_ROUTERS, ROUTERS, TOPK_ROUTERS
 from layer import (
     MoeSpec, loss_shares, max_abs, moe_backward, moe_forward, rand_grad_output,
     seq_len, with_trainable)
@@ -249,43 +249,8 @@ def router_features(spec, x, out, iteration_sensitive=False):
     when the draw misses the feature (the case is then re-drawn). With
     `iteration_sensitive`, a Sinkhorn case must also change some token's slots if one
     iteration fewer were run (so the iteration count is tested)."""
-    slots = out["slots"].tolist()
-    hist = {n: slots.count(n) for n in sorted(set(slots))}
-    if spec.router == "top_p":
-        capped = int(out["capped"].sum())
-        return (f"slots per token {hist}, tokens stopped by max_k={spec.max_k} before "
-                f"the threshold: {capped}"), {1, 2, spec.max_k} <= set(hist)
-    if spec.router == "null_experts":
-        nulls = (out["ids"] >= spec.E).sum(dim=1).tolist()
-        none, one, every = nulls.count(0), nulls.count(1), nulls.count(spec.k)
-        return (f"tokens with 0 null slots: {none}, 1 null slot: {one}, all {spec.k} "
-                f"slots null: {every}, load {out['load'].tolist()}"), one > 0 and every > 0 and none > 0
-    if spec.router == "sinkhorn" and spec.inference_topk:
-        return "inference_topk: plain softmax top-k", True
-    if spec.router == "sinkhorn":
-        plain, _ = route_softmax_topk(out["logits"], spec.k, True, 1.0, Decisions())
-        changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, out["ids"]))
-        early = spec.tolerance > 0 and out["iterations"] < spec.iterations
-        # sensitivity: what one iteration fewer would change (informational)
-        ids1, w1, _ = route_sinkhorn(out["logits"], spec.k, out["iterations"] - 1, 0.0,
-                                     spec.gates, spec.normalize, Decisions())
-        moved = int((ids1 != out["ids"]).any(dim=1).sum())
-        dw = (w1 - out["weights"]).abs().max().item()
-        return (f"iterations run {out['iterations']} of {spec.iterations}"
-                f"{' (stopped by tolerance)' if early else ''}, marginal_error "
-                f"{out['marginal_error'].item():.3e} (row marginals: max_t |T sum_e P_te - 1| = "
-                f"{out['row_error']:.3e}), tokens whose expert set differs from softmax "
-                f"top-k: {changed}, load {out['load'].tolist()}; with one iteration fewer: "
-                f"{moved} tokens change slots, max |dw| {dw:.1e}"), \
-            changed > 0 and (spec.tolerance == 0 or early) and (moved > 0 or not iteration_sensitive)
-    if spec.router == "expert_choice":
-        T, E = out["ids"].shape
-        C = min(T, math.ceil(Fraction(spec.capacity_factor) * T / E))
-        zero, multi = hist.get(0, 0), sum(c for n, c in hist.items() if n > 1)
-        return (f"C={C}, tokens with 0 experts: {zero}, with >1 experts: {multi}, "
-                f"slots per token {hist}, load {out['load'].tolist()}"), \
-            T == 1 or (zero > 0 and multi > 0)
-    return "", True
+    features = ROUTERS[spec.router].features
+    return features(spec, out, iteration_sensitive) if features else ("", True)
 
 
 def gen_layer_cases(root):

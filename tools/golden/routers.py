@@ -4,11 +4,11 @@ selection a constant."""
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from decisions import SINKHORN_STOP_MARGIN
+from decisions import SINKHORN_STOP_MARGIN, Decisions
 
 
 # Every router returns weights that are torch functions of the logits, so autograd
@@ -237,12 +237,68 @@ def route_expert_choice(logits, capacity_factor, dec):
     return ids, stack_rows(rows, E)
 
 
+# What a drawn case of R4-R7 must exercise: features(spec, out, iteration_sensitive) -> (text, ok),
+# ok False when the draw misses it (the case is then re-drawn; see layer_cases.router_features).
+
+def _slots_histogram(out):
+    slots = out["slots"].tolist()
+    return {n: slots.count(n) for n in sorted(set(slots))}
+
+
+def top_p_features(spec, out, iteration_sensitive):
+    hist = _slots_histogram(out)
+    capped = int(out["capped"].sum())
+    return (f"slots per token {hist}, tokens stopped by max_k={spec.max_k} before "
+            f"the threshold: {capped}"), {1, 2, spec.max_k} <= set(hist)
+
+
+def null_experts_features(spec, out, iteration_sensitive):
+    nulls = (out["ids"] >= spec.E).sum(dim=1).tolist()
+    none, one, every = nulls.count(0), nulls.count(1), nulls.count(spec.k)
+    return (f"tokens with 0 null slots: {none}, 1 null slot: {one}, all {spec.k} "
+            f"slots null: {every}, load {out['load'].tolist()}"), one > 0 and every > 0 and none > 0
+
+
+def sinkhorn_features(spec, out, iteration_sensitive):
+    """With `iteration_sensitive` a case must also change some token's slots if one iteration
+    fewer were run (so the iteration count is tested)."""
+    if spec.inference_topk:
+        return "inference_topk: plain softmax top-k", True
+    plain, _ = route_softmax_topk(out["logits"], spec.k, True, 1.0, Decisions())
+    changed = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, out["ids"]))
+    early = spec.tolerance > 0 and out["iterations"] < spec.iterations
+    # sensitivity: what one iteration fewer would change (informational)
+    ids1, w1, _ = route_sinkhorn(out["logits"], spec.k, out["iterations"] - 1, 0.0,
+                                 spec.gates, spec.normalize, Decisions())
+    moved = int((ids1 != out["ids"]).any(dim=1).sum())
+    dw = (w1 - out["weights"]).abs().max().item()
+    return (f"iterations run {out['iterations']} of {spec.iterations}"
+            f"{' (stopped by tolerance)' if early else ''}, marginal_error "
+            f"{out['marginal_error'].item():.3e} (row marginals: max_t |T sum_e P_te - 1| = "
+            f"{out['row_error']:.3e}), tokens whose expert set differs from softmax "
+            f"top-k: {changed}, load {out['load'].tolist()}; with one iteration fewer: "
+            f"{moved} tokens change slots, max |dw| {dw:.1e}"), \
+        changed > 0 and (spec.tolerance == 0 or early) and (moved > 0 or not iteration_sensitive)
+
+
+def expert_choice_features(spec, out, iteration_sensitive):
+    hist = _slots_histogram(out)
+    T, E = out["ids"].shape
+    C = min(T, math.ceil(Fraction(spec.capacity_factor) * T / E))
+    zero, multi = hist.get(0, 0), sum(c for n, c in hist.items() if n > 1)
+    return (f"C={C}, tokens with 0 experts: {zero}, with >1 experts: {multi}, "
+            f"slots per token {hist}, load {out['load'].tolist()}"), \
+        T == 1 or (zero > 0 and multi > 0)
+
+
 @dataclass(frozen=True)
 class RouterDef:
-    """A router of the registry: how a layer spec routes with it, and whether R3 capacity applies
-    after it (the top-k routers, whose L1 counts k slots per token, dropped ones included)."""
+    """A router of the registry: how a layer spec routes with it, whether R3 capacity applies
+    after it (the top-k routers, whose L1 counts k slots per token, dropped ones included), and
+    what a drawn case of it must exercise (None: nothing)."""
     route: Callable  # (logits, spec, dec) -> (ids, weights, extra outputs)
     takes_capacity: bool = False
+    features: Optional[Callable] = None
 
 
 # The routers by the name the C++ registry gives them (include/moe/routers/registry.hpp).
@@ -252,12 +308,16 @@ ROUTERS = {
     "sigmoid_topk": RouterDef(
         lambda z, s, dec: (*route_sigmoid_topk(z, s.router_bias, s.k, s.n_group, s.topk_group, s.normalize,
                                                s.scale, dec), {}), takes_capacity=True),
-    "top_p": RouterDef(lambda z, s, dec: _with_capped(route_top_p(z, s.threshold, s.max_k, s.normalize, dec))),
-    "null_experts": RouterDef(lambda z, s, dec: (*route_null_experts(z, s.k, s.E, s.normalize, dec), {})),
+    "top_p": RouterDef(lambda z, s, dec: _with_capped(route_top_p(z, s.threshold, s.max_k, s.normalize, dec)),
+                       features=top_p_features),
+    "null_experts": RouterDef(lambda z, s, dec: (*route_null_experts(z, s.k, s.E, s.normalize, dec), {}),
+                              features=null_experts_features),
     "sinkhorn": RouterDef(
         lambda z, s, dec: (*route_softmax_topk(z, s.k, s.normalize, 1.0, dec), {}) if s.inference_topk
-        else route_sinkhorn(z, s.k, s.iterations, s.tolerance, s.gates, s.normalize, dec)),
-    "expert_choice": RouterDef(lambda z, s, dec: (*route_expert_choice(z, s.capacity_factor, dec), {})),
+        else route_sinkhorn(z, s.k, s.iterations, s.tolerance, s.gates, s.normalize, dec),
+        features=sinkhorn_features),
+    "expert_choice": RouterDef(lambda z, s, dec: (*route_expert_choice(z, s.capacity_factor, dec), {}),
+                               features=expert_choice_features),
 }
 TOPK_ROUTERS = tuple(name for name, r in ROUTERS.items() if r.takes_capacity)  # R3 applies after them
 NEW_ROUTERS = tuple(name for name, r in ROUTERS.items() if not r.takes_capacity)  # R4-R7
