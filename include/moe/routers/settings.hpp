@@ -40,12 +40,13 @@ enum class setting_type {
     choice,   ///< one of `choices`
 };
 
-/// One setting a router takes: its key, how moe-run names it, what it means, its type and range
-/// (its default is the router's member initialiser). The registry's entries declare these; moe-run's options, their help and the checks of
-/// `setting_values` come from them.
+/// One setting a router takes: its key, how moe-run names it, what it means, its type and range (its
+/// default is the router's member initialiser). The registry's entries declare these; moe-run's
+/// options, their help and the checks of `setting_values` come from them.
 struct setting {
     std::string_view key{};       ///< the key in `setting_values` (and in the golden files' metadata)
-    std::string_view flag{};      ///< moe-run's option without "--"; empty: the model's config gives it
+    std::string_view flag{};      ///< moe-run's option without "--"; empty: not an option (`model_setting`s
+                                  ///< come from the model's config)
     std::string_view help{};
     setting_type type = setting_type::number;
     double min = -std::numeric_limits<double>::infinity();  ///< integer and number: the range
@@ -54,7 +55,7 @@ struct setting {
     std::string_view choices{};   ///< choice: the values, separated by '|'
     std::string_view example{};   ///< a valid value (the conformance tests build every router from these)
     std::string_view needs{};     ///< another key that must be given with this one
-    bool required = false;      ///< the router has no default for it
+    bool required = false;        ///< the router has no default for it
 
     /// The range or the choices, as moe-run's help and the errors write them.
     [[nodiscard]] std::string domain() const {
