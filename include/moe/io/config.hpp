@@ -41,7 +41,8 @@ struct family_names {
 
 /// One entry per family, in `family`'s order.
 inline constexpr std::array<family_names, 5> families{{
-    {family::mixtral, "mixtral", "llama", "intermediate_size", "num_local_experts", "block_sparse_moe.", "w1", "w3", "w2", ""},
+    {family::mixtral, "mixtral", "llama", "intermediate_size", "num_local_experts", "block_sparse_moe.", "w1", "w3",
+     "w2", ""},
     {family::qwen2_moe, "qwen2_moe", "qwen2moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
      "down_proj", "shared_expert."},
     {family::qwen3_moe, "qwen3_moe", "qwen3moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
@@ -208,7 +209,7 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
         r.fail("model_type", "= '" + c.model_type + "' is not a supported MoE family (" +
                                  family_list(&family_names::model_type) + ")");
     c.kind = f->kind;
-    c.expert_size = r.integer(f->expert_size_key.data());
+    c.expert_size = r.integer(f->expert_size_key.data());  // the table's keys are literals: null-terminated
     c.n_experts = r.integer(f->experts_key.data());
     switch (c.kind) {
         case family::mixtral: c.normalize = true; break;  // Mixtral always renormalises its top-k weights

@@ -4,7 +4,8 @@
 /// built from them (`name`, `settings` and `from` in its own header). `any_router` holds any of them,
 /// `make_router` builds one from text (moe-run's options, a golden file's metadata), moe-run declares
 /// its router options from it and the conformance tests check every router it lists. A new built-in
-/// router is its header, its test and one line in `builtin_routers`.
+/// router is its header, its test and one line in `builtin_routers` (and its README row, which a test
+/// checks).
 
 #include "moe/error.hpp"
 #include "moe/routers/capacity.hpp"
