@@ -146,30 +146,6 @@ TEST_CASE("make_router keeps defaults, ignores other keys and names what is wron
                        "expert_choice)");
 }
 
-TEST_CASE("a setting states its domain and what is wrong with a value", "[routers][registry]") {
-    const r::setting ratio{.key = "x", .min = 0, .max = 1, .open_min = true};
-    CHECK(ratio.domain() == "(0, 1]");
-    CHECK(ratio.problem("0.5").empty());
-    CHECK(ratio.problem("1").empty());
-    CHECK(ratio.problem("0") == "0 must be in (0, 1]");
-    CHECK(ratio.problem("1.0001") == "1.0001 must be in (0, 1]");
-    CHECK(ratio.problem("") == "expects a finite number (in (0, 1]), got ''");
-    CHECK(ratio.problem("0.5x") == "expects a finite number (in (0, 1]), got '0.5x'");
-    const r::setting count{.key = "n", .type = r::setting_type::integer, .min = 2};
-    CHECK(count.domain() == "[2, inf)");
-    CHECK(count.problem("2").empty());
-    CHECK(count.problem("1") == "1 must be in [2, inf)");
-    CHECK(count.problem("0x10") == "expects a decimal integer (in [2, inf)), got '0x10'");
-    const r::setting pick{.key = "p", .type = r::setting_type::choice, .choices = "a|bb|c"};
-    CHECK(pick.domain() == "a|bb|c");
-    CHECK((pick.problem("a").empty() && pick.problem("bb").empty() && pick.problem("c").empty()));
-    CHECK(pick.problem("b") == "expects one of a|bb|c, got 'b'");
-    CHECK(pick.problem("") == "expects one of a|bb|c, got ''");
-    CHECK(r::setting{.key = "f", .min = 0.25, .max = 2.5}.domain() == "[0.25, 2.5]");
-    CHECK(r::setting{.key = "tiny", .min = 1e-7}.domain() == "[1e-07, inf)");
-    CHECK(r::setting{.key = "tiny", .min = 1e-7}.problem("1e-8") == "1e-8 must be in [1e-07, inf)");
-}
-
 TEST_CASE("a model config gives the settings of its family's router", "[routers][registry][io]") {
     const auto config = moe::io::parse_config(nlohmann::json::parse(R"({
         "model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 4, "num_experts_per_tok": 3,

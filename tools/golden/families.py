@@ -21,6 +21,16 @@ def hf_swiglu(g, prefix, d, ff, dtype, names=("gate_proj", "up_proj", "down_proj
     return tensors, (gate, up, down)
 
 
+def hf_experts(g, prefix, E, d, ff, dtype, names=("gate_proj", "up_proj", "down_proj")):
+    """E SwiGLU experts under `prefix`.experts.{e}, HF names. Returns tensors, the experts' params."""
+    tensors, experts = [], []
+    for e in range(E):
+        ts, params = hf_swiglu(g, f"{prefix}.experts.{e}", d, ff, dtype, names)
+        tensors += ts
+        experts.append(params)
+    return tensors, experts
+
+
 def embed_tensor(g, d, dtype):
     return [("model.embed_tokens.weight", dtype, round_to(randn(g, 16, d), dtype))]
 
@@ -53,11 +63,8 @@ def build_mixtral(g, d, ff, E, k, dtype="F32", tied=False, null_experts=0, null_
         if null_experts:
             router[E:, 0] = round_to(router[E:, 0] + null_bias, dtype)
         tensors.append((f"{p}.gate.weight", dtype, router))
-        experts = []
-        for e in range(E):
-            ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype, names=("w1", "w3", "w2"))
-            tensors += ts
-            experts.append(params)
+        ts, experts = hf_experts(g, p, E, d, ff, dtype, names=("w1", "w3", "w2"))
+        tensors += ts
         spec = MoeSpec("softmax_topk", k, True, 1.0, router, experts=experts)
     return config, tensors, spec
 
@@ -86,11 +93,8 @@ def softmax_swiglu_layers(g, d, ff, E, k, normalize, dtype, shared_ff=0):
         p = f"model.layers.{layer}.mlp"
         router = rand_linear(g, E, d, dtype)
         tensors.append((f"{p}.gate.weight", dtype, router))
-        experts = []
-        for e in range(E):
-            ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
-            tensors += ts
-            experts.append(params)
+        ts, experts = hf_experts(g, p, E, d, ff, dtype)
+        tensors += ts
         shared = shared_gate = None
         if shared_ff:
             ts, shared = hf_swiglu(g, f"{p}.shared_expert", d, shared_ff, dtype)
@@ -145,11 +149,8 @@ def build_deepseek_v3(g, d, dense_ff, ff, E, k, n_shared, n_group, topk_group, d
     router = rand_linear(g, E, d, dtype)
     bias = round_to(randn(g, E, std=0.1), "F32")
     tensors.append((f"{p}.gate.weight", dtype, router))
-    experts = []
-    for e in range(E):
-        ts, params = hf_swiglu(g, f"{p}.experts.{e}", d, ff, dtype)
-        tensors += ts
-        experts.append(params)
+    ts, experts = hf_experts(g, p, E, d, ff, dtype)
+    tensors += ts
     ts, shared = hf_swiglu(g, f"{p}.shared_experts", d, n_shared * ff, dtype)
     tensors += ts
     # The bias goes last so that a sharded checkpoint splits gate.weight and its bias.
