@@ -1,10 +1,10 @@
 #pragma once
 /// \file
 /// z = x W^T with W stored [out_features, in_features] as checkpoints store it, computed as dot
-/// products along the rows of x and W: both are read contiguously, so nothing is packed and nothing is
-/// allocated, and the summation order of an output depends only on the length d (one SIMD accumulator
-/// over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in chunks of 5 to
-/// 8 KiB summed so, whose sums are added in order). Equal inputs therefore give bitwise equal
+/// products along the rows of x and W: both are read contiguously, so nothing is packed (and float
+/// rows allocate nothing), and the summation order of an output depends only on the length d (one
+/// SIMD accumulator over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in
+/// chunks of 5 to 8 KiB summed so, whose sums are added in order). Equal inputs therefore give bitwise equal
 /// outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
 /// logits do not change with the batch around it, and an expert's output for a row does not depend on
 /// which other rows it was computed with.
@@ -20,7 +20,10 @@
 /// products are exact and the sums float32. On the `avx512_bf16` family a tile takes `vdpbf16ps` steps
 /// of 32 values (16 pairs per accumulator lane), the last step masked instead of a scalar tail; like
 /// that instruction, it treats denormal inputs and sums as zero. The other families' float tiles widen
-/// each bf16 exactly to float.
+/// each bf16 exactly to float: as they load it for fewer than 16 rows of x (decoding reads half the
+/// bytes of float weights), else ahead, each value once, into a scratch of the calling thread (1088
+/// KiB, allocated at its first such product and kept) instead of once per tile; the same products
+/// summed in the same order, so the same bits either way.
 ///
 /// Each instruction-set family (`isa.hpp`, chosen at run time) keeps the properties above; two
 /// families differ in summation order, so in the last bits.

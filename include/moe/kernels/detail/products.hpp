@@ -24,6 +24,7 @@
 #include <bit>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(MOE_X86_DISPATCH)
 #include <immintrin.h>
@@ -97,6 +98,20 @@ index linear_chunk(index d) {
     if (d <= whole) return std::max<index>(d, 1);
     const index chunks = (d + most - 1) / most;
     return ((d + chunks - 1) / chunks + 63) / 64 * 64;
+}
+
+/// A float scratch of the calling thread, 64-byte aligned, for at least `count` values: the widened
+/// bf16 operands of `linear` (products_body.hpp's `linear_widened`: a group of x rows of at most 512
+/// KiB and a block of W rows of at most 16 rows of 8208 floats or 128 KiB, so at most 1037 KiB).
+/// Allocated at its full size (1088 KiB) the first time a thread needs it and kept, so a thread
+/// allocates once, whatever the sizes of the products it meets later.
+inline float* scratch_floats(index count) {
+    constexpr std::size_t size = 1088 * 1024 / sizeof(float);
+    thread_local std::vector<float> buffer;
+    const auto need = std::max(size, static_cast<std::size_t>(count)) + 16;
+    if (buffer.size() < need) buffer.resize(need);
+    const auto at = reinterpret_cast<std::uintptr_t>(buffer.data());
+    return reinterpret_cast<float*>((at + 63) & ~std::uintptr_t{63});
 }
 
 namespace portable {

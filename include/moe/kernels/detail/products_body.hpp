@@ -81,12 +81,12 @@ struct simd_tiles {
 };
 
 /// One register tile: z[r][j] = dot(x_r, w_j) for R rows of x and J rows of W (or z[r][j] + that,
-/// when `add`), by `Tiles::tile` chunk by chunk (`linear_chunk`), each chunk's sums added to z in
-/// order. Only tiles of fewer rows than a block's, which prefetch nothing, get more than one chunk.
+/// when `add`), by `Tiles::tile` chunk by chunk (`chunk`: `linear_chunk` of the rows' length and type),
+/// each chunk's sums added to z in order. Only tiles of fewer rows than a block's, which prefetch
+/// nothing, get more than one chunk.
 template <class Tiles, int R, int J, class In, class Scalar>
 MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d,
-                                   bool add, ahead next) {
-    const index chunk = linear_chunk<In>(d);
+                                   index chunk, bool add, ahead next) {
     if (d <= chunk) return Tiles::template tile<R, J>(x, ldx, w, ldw, z, ldz, d, add, next);
     for (index k = 0; k < d; k += chunk)
         Tiles::template tile<R, J>(x + k, ldx, w + k, ldw, z, ldz, std::min(chunk, d - k), add || k > 0, ahead{});
@@ -94,13 +94,13 @@ MOE_ALWAYS_INLINE void linear_tile(const In* x, index ldx, const In* w, index ld
 
 /// `linear_tile<Tiles, R, J>` for J = 1 to 4 rows of W chosen at run time (the edge of a block).
 template <class Tiles, int R, class In, class Scalar>
-void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, bool add,
-                 ahead next) {
+void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index d, index chunk,
+                 bool add, ahead next) {
     switch (j) {
-        case 1: return linear_tile<Tiles, R, 1>(x, ldx, w, ldw, z, ldz, d, add, next);
-        case 2: return linear_tile<Tiles, R, 2>(x, ldx, w, ldw, z, ldz, d, add, next);
-        case 3: return linear_tile<Tiles, R, 3>(x, ldx, w, ldw, z, ldz, d, add, next);
-        default: return linear_tile<Tiles, R, 4>(x, ldx, w, ldw, z, ldz, d, add, next);
+        case 1: return linear_tile<Tiles, R, 1>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 2: return linear_tile<Tiles, R, 2>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 3: return linear_tile<Tiles, R, 3>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        default: return linear_tile<Tiles, R, 4>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
     }
 }
 
@@ -108,11 +108,11 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
 /// family has 32 vector registers, 3 where it has 16, so that 4 J accumulators, J rows of W and a row
 /// of x fit), the W rows of a tile staying in L1 while the x rows pass; leftover rows of x in tiles of
 /// 2 or 3 rows, a single one in 1 x `vec::row_tile` tiles (a row against W streams W: more rows of W
-/// per tile hide the loads' latency). The tiles sum d values by `linear_tile` and add their sums to z
-/// when `add`.
+/// per tile hide the loads' latency). The tiles sum d values by `linear_tile` in chunks of `chunk` and
+/// add their sums to z when `add`.
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
-                  index j1, index m, index d, bool add) {
+                  index j1, index m, index d, index chunk, bool add) {
     constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
     const index full = r0 + (r1 - r0) / 4 * 4;
     for (index j = j0; j < j1; j += J) {
@@ -124,21 +124,81 @@ void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, ind
         for (index r = r0, t = 0; r < full; r += 4, ++t) {
             ahead next = ahead::of(wj + jn * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles);
             if (jn == J)
-                linear_tile<Tiles, 4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, add, next);
+                linear_tile<Tiles, 4, J>(x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
             else
-                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, add, next);
+                linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, wj, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
         }
         ahead none;
-        if (r1 - full == 2) linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, add, none);
-        if (r1 - full == 3) linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, add, none);
+        if (r1 - full == 2)
+            linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
+        if (r1 - full == 3)
+            linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, wj, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
     }
     if (r1 - full == 1) {
         const In* xr = x + full * ldx;
         Scalar* zr = z + full * ldz;
         index j = j0;
         ahead none;
-        for (; j + single <= j1; j += single) linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, add, none);
-        for (; j < j1; j += J) linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, add, none);
+        for (; j + single <= j1; j += single)
+            linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
+        for (; j < j1; j += J)
+            linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
+    }
+}
+
+/// Rows of W in a block of `linear` (rows of `per_row` bytes): about 128 KiB, a multiple of 4 tiles'
+/// rows of W so that no tile inside a block is an edge.
+template <class Scalar>
+index w_block_rows(index per_row) {
+    constexpr index unit = 4 * vec<Scalar>::tile_columns;
+    return std::max<index>(unit, 128 * 1024 / per_row / unit * unit);
+}
+
+/// Rows [0, rows) of `from` (row stride ld, `count` values each) widened into `to` (row stride ldt).
+template <class V>
+void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, index count) {
+    const index body = count / V::width * V::width;
+    for (index r = 0; r < rows; ++r) {
+        const bf16* f = from + r * ld;
+        float* t = to + r * ldt;
+        for (index i = 0; i < body; i += V::width) V::store(t + i, V::load(f + i));
+        for (index i = body; i < count; ++i) t[i] = widen(f[i]);
+    }
+}
+
+/// From this many rows of x, `linear` on bf16 rows widens them ahead (`linear_widened`) where the
+/// family's tiles widen each value they load.
+inline constexpr index widen_rows_from = 16;
+
+/// `linear` on bf16 rows by the float tiles, on copies widened ahead: where a family widens in its
+/// tiles, every value of W is widened once per 4 rows of x and x's once per tile of W rows; here
+/// groups of x rows (about 512 KiB of floats) are widened once and the blocks of W once per group,
+/// into a thread's scratch (`scratch_floats`). The tiles then sum the same exact products in the same order
+/// (the chunks are the bf16 rows'), so the bits are those of widening in the tiles.
+template <class Tiles, class Scalar>
+void linear_widened(const bf16* x, index ldx, const bf16* w, index ldw, Scalar* z, index ldz, index n, index m,
+                    index d, index chunk) {
+    using V = vec<Scalar>;
+    const index ldf = (chunk + 15) / 16 * 16;  // rows on cache lines
+    const index per_row = static_cast<index>(sizeof(float)) * ldf;
+    const index w_block = w_block_rows<Scalar>(per_row);
+    const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
+    const index group = std::min(n, std::max<index>(x_block, 512 * 1024 / per_row / x_block * x_block));
+    float* xf = scratch_floats((group + w_block) * ldf);
+    float* wf = xf + group * ldf;
+    for (index k = 0; k == 0 || k < d; k += chunk) {
+        const index kn = std::min(chunk, d - k);
+        for (index g0 = 0; g0 < n; g0 += group) {
+            const index gn = std::min(group, n - g0);
+            widen_rows<V>(x + g0 * ldx + k, ldx, xf, ldf, gn, kn);
+            for (index j0 = 0; j0 < m; j0 += w_block) {
+                const index jn = std::min(w_block, m - j0);
+                widen_rows<V>(w + j0 * ldw + k, ldw, wf, ldf, jn, kn);
+                for (index r0 = 0; r0 < gn; r0 += x_block)
+                    linear_block<Tiles>(xf, ldf, wf, ldf, z + g0 * ldz + j0, ldz, r0, std::min(gn, r0 + x_block), 0, jn,
+                                        jn, kn, chunk, k > 0);
+            }
+        }
     }
 }
 
@@ -147,20 +207,23 @@ void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, ind
 /// (`linear_chunk`) pass one chunk at a time, each chunk's sums added to z, so that a block still
 /// holds many rows (a row of 14336 floats would leave blocks of 4 rows of x, each reading its block of
 /// W from L3 again). Fewer rows than a tile stream W instead: each tile sums its chunks in turn, the
-/// same sums in the same order, without storing them between chunks.
+/// same sums in the same order, without storing them between chunks. bf16 rows on a family that
+/// widens them in its tiles are widened ahead when there are many (`linear_widened`).
 template <class Tiles, class In, class Scalar>
 void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
     const index chunk = linear_chunk<In>(d);
-    if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, false);
+    if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, chunk, false);
+    if constexpr (std::is_same_v<In, bf16> && parts<vec<Scalar>, In> == 1)
+        if (n >= widen_rows_from) return linear_widened<Tiles>(x, ldx, w, ldw, z, ldz, n, m, d, chunk);
     const index per_row = static_cast<index>(sizeof(In)) * chunk;
-    const index w_block = std::max<index>(16, 128 * 1024 / per_row / 16 * 16);
+    const index w_block = w_block_rows<Scalar>(per_row);
     const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
     for (index k = 0; k == 0 || k < d; k += chunk) {
         const index kn = std::min(chunk, d - k);
         for (index j0 = 0; j0 < m; j0 += w_block)
             for (index r0 = 0; r0 < n; r0 += x_block)
                 linear_block<Tiles>(x + k, ldx, w + k, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0,
-                                    std::min(m, j0 + w_block), m, kn, k > 0);
+                                    std::min(m, j0 + w_block), m, kn, chunk, k > 0);
     }
 }
 
