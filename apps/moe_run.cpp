@@ -200,9 +200,6 @@ arguments parse_arguments(int argc, char** argv) {
 
 /// The router the arguments ask for, with k, normalisation and scaling from the checkpoint's config.
 moe::routers::any_router make_router(const arguments& a, const moe::io::model_config& c) {
-    if (a.router == "sigmoid_topk" && !c.sigmoid_scoring)  // its correction bias is in DeepSeek-V3's files only
-        throw moe::config_error("--router sigmoid_topk needs a checkpoint with sigmoid scoring and a correction bias "
-                                "(DeepSeek-V3); this one is " + c.model_type);
     moe::routers::setting_values v = moe::io::router_settings(c);
     for (const auto& [key, text] : a.router_settings)
         if (!text.empty()) v.set(key, text);
@@ -340,7 +337,7 @@ void run(const arguments& a, const job& j) {
     const moe::io::model_config& c = model.config();
     const moe::routers::any_router router = make_router(a, c);
     router.validate(c.n_experts);
-    model.check_layer(a.layer, router.logit_rows(c.n_experts));  // before allocating the layer
+    model.check_layer(a.layer, router);  // before allocating the layer
     const moe_run::inputs in = moe_run::read_inputs(a, j, c.hidden_size);
     namespace ex = moe::experts;
     const std::string weights = a.weights.empty() ? model.own_weights(a.layer) : a.weights;

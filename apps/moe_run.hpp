@@ -57,9 +57,10 @@ public:
         }
     }
     [[nodiscard]] const moe::io::model_config& config() const { return config_; }
-    void check_layer(moe::index layer, moe::index router_rows) const {
-        if (gguf_) return moe::io::check_layer(*gguf_, layer, router_rows);
-        moe::io::check_layer(*ckpt_, layer, router_rows);
+    template <class Router>
+    void check_layer(moe::index layer, const Router& router) const {
+        if (gguf_) return moe::io::check_layer(*gguf_, layer, router);
+        moe::io::check_layer(*ckpt_, layer, router);
     }
     template <class Layer>
     void load_layer(moe::index layer, Layer& l) const {

@@ -114,8 +114,9 @@ TEST_CASE("load_layer names the missing layer, tensor or shard", "[io][checkpoin
 
 TEST_CASE("check_layer rejects wrong shapes and integer weights from the headers alone", "[io][checkpoint][errors]") {
     const moe::io::checkpoint mixtral(ckpt_dir / "mixtral_f32");
-    CHECK_NOTHROW(moe::io::check_layer(mixtral, 1, 4));
-    CHECK_THROWS_WITH(moe::io::check_layer(mixtral, 1, 6),
+    CHECK_NOTHROW(moe::io::check_layer(mixtral, 1, moe::routers::softmax_topk{}));
+    // A router with 2 null experts reads a router weight of 4 + 2 rows.
+    CHECK_THROWS_WITH(moe::io::check_layer(mixtral, 1, moe::routers::null_experts{.k = 2, .nulls = 2}),
                       Catch::Contains("'model.layers.1.block_sparse_moe.gate.weight' has shape [4, 32], expected [6, 32]"));
     const auto dir = std::filesystem::temp_directory_path() / ("moe_check_layer_" + std::to_string(::getpid()));
     std::filesystem::create_directories(dir);
@@ -126,8 +127,28 @@ TEST_CASE("check_layer rejects wrong shapes and integer weights from the headers
         {.name = "model.layers.1.block_sparse_moe.gate.weight", .shape = {4, 32}, .type = moe::io::dtype::i64, .integers = ints}};
     moe::io::write_safetensors(dir / "model.safetensors", router);
     const moe::io::checkpoint ints_ckpt(dir);
-    CHECK_THROWS_WITH(moe::io::check_layer(ints_ckpt, 1, 4), Catch::Contains("has dtype I64"));
+    CHECK_THROWS_WITH(moe::io::check_layer(ints_ckpt, 1, moe::routers::softmax_topk{}), Catch::Contains("has dtype I64"));
     std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("check_layer asks the router whether it reads a correction bias", "[io][checkpoint][errors]") {
+    // sigmoid_topk keeps one in its state (capacity around it too): DeepSeek-V3 has it, OLMoE not; a
+    // softmax router on DeepSeek-V3's layer reads none.
+    CHECK(moe::reads_correction_bias(moe::routers::sigmoid_topk{}));
+    CHECK(moe::reads_correction_bias(moe::routers::capacity<moe::routers::sigmoid_topk>{}));
+    CHECK(moe::reads_correction_bias(moe::routers::any_router(moe::routers::sigmoid_topk{})));
+    CHECK_FALSE(moe::reads_correction_bias(moe::routers::softmax_topk{}));
+    CHECK_FALSE(moe::reads_correction_bias(moe::routers::capacity<moe::routers::softmax_topk>{}));
+    CHECK_FALSE(moe::reads_correction_bias(moe::routers::any_router(moe::routers::expert_choice{})));
+    const moe::io::checkpoint deepseek(ckpt_dir / "deepseek_v3"), olmoe(ckpt_dir / "olmoe");
+    const moe::index layer = 1;
+    CHECK_NOTHROW(moe::io::check_layer(deepseek, layer, moe::routers::sigmoid_topk{}));
+    CHECK_NOTHROW(moe::io::check_layer(deepseek, layer, moe::routers::softmax_topk{}));
+    CHECK_NOTHROW(moe::io::check_layer(olmoe, layer, moe::routers::softmax_topk{}));
+    CHECK_THROWS_AS(moe::io::check_layer(olmoe, layer, moe::routers::sigmoid_topk{}), moe::config_error);
+    CHECK_THROWS_WITH(moe::io::check_layer(olmoe, layer, moe::routers::sigmoid_topk{}),
+                      Catch::Contains("the router reads a correction bias") &&
+                          Catch::Contains("olmoe checkpoint has no tensor 'model.layers.1.mlp.gate.e_score_correction_bias'"));
 }
 
 namespace {

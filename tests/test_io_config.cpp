@@ -84,14 +84,14 @@ TEST_CASE("broken config.json values are rejected naming the key", "[io][config]
 }
 
 TEST_CASE("the family table has one entry per family, found by each of its names", "[io][config]") {
-    using moe::io::family_names;
+    using moe::io::family_info;
     for (std::size_t i = 0; i < moe::io::families.size(); ++i) {
-        const family_names& f = moe::io::families[i];
+        const family_info& f = moe::io::families[i];
         INFO(f.model_type);
         CHECK(static_cast<std::size_t>(f.kind) == i);  // names_of indexes by the enum
         CHECK(&moe::io::names_of(f.kind) == &f);
-        CHECK(moe::io::find_family(&family_names::model_type, f.model_type) == &f);
-        CHECK(moe::io::find_family(&family_names::gguf_architecture, f.gguf_architecture) == &f);
+        CHECK(moe::io::find_family(&family_info::model_type, f.model_type) == &f);
+        CHECK(moe::io::find_family(&family_info::gguf_architecture, f.gguf_architecture) == &f);
         // A config with the family's keys parses as it.
         json j = {{"model_type", f.model_type}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"num_experts_per_tok", 2},
                   {f.expert_size_key, 32}, {f.experts_key, 8}, {"shared_expert_intermediate_size", 16},
@@ -100,6 +100,49 @@ TEST_CASE("the family table has one entry per family, found by each of its names
         CHECK(c.kind == f.kind);
         CHECK((c.expert_size == 32 && c.n_experts == 8));
     }
-    CHECK(moe::io::find_family(&family_names::model_type, "llama") == nullptr);
-    CHECK(moe::io::family_list(&family_names::gguf_architecture) == "llama, qwen2moe, qwen3moe, olmoe, deepseek2");
+    CHECK(moe::io::find_family(&family_info::model_type, "llama") == nullptr);
+    CHECK(moe::io::family_list(&family_info::gguf_architecture) == "llama, qwen2moe, qwen3moe, olmoe, deepseek2");
+}
+
+TEST_CASE("each family's entry gives what its HuggingFace configuration class defaults to", "[io][config]") {
+    // A config.json with only the required keys: the defaults below are written out from each family's
+    // configuration and modeling code in HuggingFace transformers, not read from the table.
+    struct expected {
+        const char* model_type;
+        const char* router;
+        bool normalize;
+        moe::index shared_size;
+        bool shared_gated;
+        bool moe_layer_2;  // with 5 layers: DeepSeek-V3's first_k_dense_replace defaults to 3
+    };
+    for (const expected& e : {expected{"mixtral", "softmax_topk", true, 0, false, true},
+                              expected{"qwen2_moe", "softmax_topk", false, 16, true, true},
+                              expected{"qwen3_moe", "softmax_topk", false, 0, false, true},
+                              expected{"olmoe", "softmax_topk", false, 0, false, true},
+                              expected{"deepseek_v3", "sigmoid_topk", true, 32, false, false}}) {
+        INFO(e.model_type);
+        const auto& f = *moe::io::find_family(&moe::io::family_info::model_type, e.model_type);
+        json j = {{"model_type", e.model_type}, {"hidden_size", 64}, {"num_hidden_layers", 5}, {"num_experts_per_tok", 2},
+                  {f.expert_size_key, 32}, {f.experts_key, 8}, {"n_group", 1}, {"topk_group", 1}};
+        if (e.shared_gated) j["shared_expert_intermediate_size"] = 16;
+        const auto c = moe::io::parse_config(j);
+        CHECK(c.router_name() == e.router);
+        CHECK(c.sigmoid_scoring == (std::string_view(e.router) == "sigmoid_topk"));
+        CHECK(c.normalize == e.normalize);
+        CHECK(c.shared_size == e.shared_size);
+        CHECK(c.shared_gated == e.shared_gated);
+        CHECK(c.is_moe_layer(2) == e.moe_layer_2);
+        CHECK(c.is_moe_layer(3));
+        CHECK(c.scale == (std::string_view(e.router) == "sigmoid_topk" ? 2.5 : 1.0));
+        // norm_topk_prob: read where the family reads it, ignored by Mixtral (always normalises).
+        j["norm_topk_prob"] = !e.normalize;
+        CHECK(moe::io::parse_config(j).normalize == (e.model_type == std::string_view("mixtral") ? true : !e.normalize));
+    }
+    // Qwen2-MoE needs its shared expert's width; DeepSeek-V3's shared experts x their width stay in range.
+    json q = {{"model_type", "qwen2_moe"}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"num_experts_per_tok", 2},
+              {"moe_intermediate_size", 32}, {"num_experts", 8}};
+    CHECK_THROWS_WITH(moe::io::parse_config(q), Catch::Contains("'shared_expert_intermediate_size' is missing"));
+    auto d = deepseek();
+    d["n_shared_experts"] = 1 << 22;
+    CHECK_THROWS_WITH(moe::io::parse_config(d), Catch::Contains("'n_shared_experts' = 4194304 times the expert size exceeds"));
 }

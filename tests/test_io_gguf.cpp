@@ -419,9 +419,16 @@ TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
     CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(no_scale.write())), Catch::Contains("no metadata key 'deepseek2.expert_weights_scale'"));
     // K-quants: named with the types that work, before a layer is allocated.
     const gguf_file k_quant(golden::data_dir / "gguf" / "olmoe_q4_k.gguf");
-    CHECK_THROWS_WITH(moe::io::check_layer(k_quant, 0, 2),
+    CHECK_THROWS_WITH(moe::io::check_layer(k_quant, 0, moe::routers::softmax_topk{}),
                       Catch::Contains("tensor 'blk.0.ffn_gate_exps.weight' has type Q4_K") &&
                           Catch::Contains("F32, F16, BF16, F64, Q8_0 and Q4_0"));
+    // The correction bias where the router reads one: DeepSeek-V3's file has it, OLMoE's not.
+    const gguf_file olmoe_file(ckpt_dir / "olmoe" / "model.gguf"), deepseek_file(ckpt_dir / "deepseek_v3" / "model.gguf");
+    CHECK_NOTHROW(moe::io::check_layer(deepseek_file, 1, moe::routers::sigmoid_topk{}));
+    CHECK_NOTHROW(moe::io::check_layer(deepseek_file, 1, moe::routers::softmax_topk{}));
+    CHECK_THROWS_WITH(moe::io::check_layer(olmoe_file, 1, moe::routers::sigmoid_topk{}),
+                      Catch::Contains("the router reads a correction bias") &&
+                          Catch::Contains("olmoe file has no tensor 'blk.1.exp_probs_b.bias'"));
     // A quantized storage of rows that are not a multiple of 32 (the checkpoint's sizes): the layer refuses.
     CHECK_THROWS_WITH(softmax_layer<moe::storages::q8_0>(moe::io::gguf_config(gguf_file(ckpt_dir / "olmoe" / "model.gguf"))),
                       Catch::Contains("not a multiple of 32"));

@@ -265,7 +265,8 @@ TEST_CASE("moe-run --router sigmoid_topk is a DeepSeek-V3 checkpoint's own route
     }
     const auto r = moe_run(case_args("mixtral_f32", tmp.path / "out.safetensors") + " --router sigmoid_topk", tmp);
     CHECK(r.status == 1);
-    CHECK_THAT(r.err, Catch::Contains("--router sigmoid_topk needs a checkpoint with sigmoid scoring"));
+    CHECK_THAT(r.err, Catch::Contains("the router reads a correction bias (DeepSeek-V3's sigmoid routing), and this "
+                                      "mixtral checkpoint has no tensor 'model.layers.1.block_sparse_moe.gate.e_score_correction_bias'"));
     CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
 }
 

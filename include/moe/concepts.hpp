@@ -120,6 +120,14 @@ vector<Scalar>* correction_bias(State& st) {
         return nullptr;
 }
 
+/// Whether router `r` keeps a correction bias in its state (`correction_bias`), which a layer's loader
+/// then reads from the checkpoint (and checks for before allocating the layer).
+template <class R>
+bool reads_correction_bias(const R& r) {
+    auto st = make_router_state<float>(r, 1);
+    return correction_bias<float>(st) != nullptr;
+}
+
 /// Calls the router with its state when it has one.
 template <class Scalar, router<Scalar> R>
 void route(const R& r, const matrix<Scalar>& logits, router_state_t<R, Scalar>& st, routing<Scalar>& out) {

@@ -23,7 +23,7 @@
 
 namespace moe::io {
 
-/// HuggingFace's tensor names of one MoE layer of a family (`family_names`).
+/// HuggingFace's tensor names of one MoE layer of a family (`family_info`).
 struct layer_tensor_names {
     std::string prefix;  ///< e.g. "model.layers.3.mlp."
     family kind;
@@ -143,10 +143,13 @@ inline layer_shape shape_of(const model_config& c) {
 }
 
 /// Checks, from the headers alone, that MoE layer `layer_index` of `ckpt` exists and that every tensor
-/// `load_layer` reads is present, floating-point and of the shape the config implies (the router with
-/// `router_rows` rows), so that a bad checkpoint fails before a layer is allocated. Throws
-/// `config_error` for a missing or dense layer, `io_error` / `shape_error` naming the tensor.
-inline void check_layer(const checkpoint& ckpt, index layer_index, index router_rows) {
+/// `load_layer` reads for a layer with `router` is present, floating-point and of the shape the config
+/// implies (the router weight with `logit_rows(router, E)` rows; the correction bias when the router
+/// reads one, whatever the family), so that a bad checkpoint fails before a layer is allocated. Throws
+/// `config_error` for a missing or dense layer, or a router that reads a correction bias the checkpoint
+/// does not have; `io_error` / `shape_error` naming the tensor.
+template <class Router>
+void check_layer(const checkpoint& ckpt, index layer_index, const Router& router) {
     const model_config& c = ckpt.config();
     if (layer_index < 0 || layer_index >= c.n_layers)
         throw config_error(ckpt.directory().string() + ": layer " + std::to_string(layer_index) +
@@ -165,7 +168,7 @@ inline void check_layer(const checkpoint& ckpt, index layer_index, index router_
             throw shape_error(ckpt.directory().string() + ": tensor '" + name + "' has shape " +
                               detail::format_shape(info.shape) + ", expected " + detail::format_shape(shape));
     };
-    expect(names.router(), {router_rows, d});
+    expect(names.router(), {logit_rows(router, c.n_experts), d});
     for (index e = 0; e < c.n_experts; ++e) {
         expect(names.expert_gate(e), {c.expert_size, d});
         expect(names.expert_up(e), {c.expert_size, d});
@@ -177,7 +180,13 @@ inline void check_layer(const checkpoint& ckpt, index layer_index, index router_
         expect(names.shared_down_proj(), {d, c.shared_size});
     }
     if (c.shared_gated) expect(names.shared_expert_gate(), {1, d});
-    if (c.sigmoid_scoring) expect(names.correction_bias(), {c.n_experts});
+    if (reads_correction_bias(router)) {
+        if (!ckpt.contains(names.correction_bias()))
+            throw config_error(ckpt.directory().string() + ": the router reads a correction bias (DeepSeek-V3's sigmoid "
+                               "routing), and this " + c.model_type + " checkpoint has no tensor '" +
+                               names.correction_bias() + "'");
+        expect(names.correction_bias(), {c.n_experts});
+    }
 }
 
 /// Loads MoE layer `layer_index` of `ckpt` into `layer`, whose shape must be `shape_of(ckpt.config())`.
@@ -188,7 +197,7 @@ template <class Layer>
 void load_layer(const checkpoint& ckpt, index layer_index, Layer& layer) {
     using Scalar = typename Layer::scalar_type;
     const model_config& c = ckpt.config();
-    check_layer(ckpt, layer_index, layer.router_weight().rows());
+    check_layer(ckpt, layer_index, layer.router());
     const layer_shape expected = shape_of(c), actual = layer.shape();
     if (actual.d_model != expected.d_model || actual.d_ff != expected.d_ff || actual.n_experts != expected.n_experts ||
         actual.d_shared != expected.d_shared)

@@ -24,49 +24,90 @@ namespace moe::io {
 /// The checkpoint families moe can load, by `model_type`.
 enum class family { mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 };
 
-/// How a family is named in its files: config.json's `model_type` and the keys of its expert sizes,
-/// llama.cpp's architecture (`general.architecture` of a GGUF file), and HuggingFace's tensor names of
-/// its MoE block in `model.layers.L.`. What a family computes beyond these (its router, shared
-/// experts, which layers are MoE) is read by `parse_config` and `gguf_config`.
-struct family_names {
-    family kind;
-    std::string_view model_type;         ///< config.json
-    std::string_view gguf_architecture;  ///< a GGUF file's `general.architecture`
-    std::string_view expert_size_key;    ///< config.json: the width of one routed expert
-    std::string_view experts_key;        ///< config.json: the number of routed experts
-    std::string_view block;              ///< the MoE block's prefix within a decoder layer
-    std::string_view gate, up, down;     ///< an expert's projections (`<name>.weight`)
-    std::string_view shared;             ///< the shared FFN's prefix within the block; empty without
+/// Which decoder layers of a family are MoE layers (the others are dense MLPs), by config.json's keys.
+enum class moe_layers {
+    every,        ///< all of them (Mixtral, OLMoE)
+    sparse_step,  ///< L with (L + 1) % `decoder_sparse_step` == 0, not in `mlp_only_layers` (Qwen-MoE)
+    after_dense,  ///< L >= `first_k_dense_replace` (default 3) with L % `moe_layer_freq` == 0 (DeepSeek-V3)
+};
+
+/// The shared FFN beside a family's routed experts.
+enum class shared_ffn {
+    none,
+    gated,    ///< one FFN of its own width, scaled by sigmoid(x . g) (Qwen2-MoE's `shared_expert_gate`)
+    experts,  ///< a number of routed experts' width (default 1), ungated (DeepSeek-V3)
+};
+
+/// Whether a family renormalises a token's top-k weights: fixed, or as a key says with a default.
+struct normalization {
+    bool from_key = false;  ///< read config.json's `norm_topk_prob` / GGUF's `<arch>.expert_weights_norm`
+    bool value = false;     ///< the value when fixed, the default when read from the key
+};
+
+/// A checkpoint family: how it is named in its files (config.json's `model_type` and the keys of its
+/// expert sizes, llama.cpp's architecture, HuggingFace's tensor names of its MoE block in
+/// `model.layers.L.`) and what its MoE layers compute (router, normalisation, shared FFN, which layers
+/// are MoE). `parse_config`, `gguf_config` and `layer_tensor_names` read nothing else of a family.
+struct family_info {
+    family kind = family::mixtral;
+    // Names.
+    std::string_view model_type{};         ///< config.json
+    std::string_view gguf_architecture{};  ///< a GGUF file's `general.architecture`
+    std::string_view expert_size_key{};    ///< config.json: the width of one routed expert
+    std::string_view experts_key{};        ///< config.json: the number of routed experts
+    std::string_view block{};              ///< the MoE block's prefix within a decoder layer
+    std::string_view gate{}, up{}, down{};  ///< an expert's projections (`<name>.weight`)
+    std::string_view shared{};             ///< the shared FFN's prefix within the block; empty without
+    // What it computes.
+    std::string_view router{};          ///< its router in the registry: `softmax_topk`, or `sigmoid_topk`
+                                        ///< with DeepSeek-V3's keys (scaling, groups) and correction bias
+    normalization config_normalize{};   ///< as HuggingFace's modeling code reads config.json
+    normalization gguf_normalize{};     ///< as llama.cpp computes the architecture
+    shared_ffn shared_kind = shared_ffn::none;
+    std::string_view shared_size_key{};  ///< config.json: the shared FFN's width (gated) or experts (experts)
+    moe_layers layers = moe_layers::every;
 };
 
 /// One entry per family, in `family`'s order.
-inline constexpr std::array<family_names, 5> families{{
-    {family::mixtral, "mixtral", "llama", "intermediate_size", "num_local_experts", "block_sparse_moe.", "w1", "w3",
-     "w2", ""},
-    {family::qwen2_moe, "qwen2_moe", "qwen2moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
-     "down_proj", "shared_expert."},
-    {family::qwen3_moe, "qwen3_moe", "qwen3moe", "moe_intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj",
-     "down_proj", ""},
-    {family::olmoe, "olmoe", "olmoe", "intermediate_size", "num_experts", "mlp.", "gate_proj", "up_proj", "down_proj", ""},
-    {family::deepseek_v3, "deepseek_v3", "deepseek2", "moe_intermediate_size", "n_routed_experts", "mlp.", "gate_proj",
-     "up_proj", "down_proj", "shared_experts."},
+inline constexpr std::array<family_info, 5> families{{
+    {.kind = family::mixtral, .model_type = "mixtral", .gguf_architecture = "llama",
+     .expert_size_key = "intermediate_size", .experts_key = "num_local_experts", .block = "block_sparse_moe.",
+     .gate = "w1", .up = "w3", .down = "w2", .shared = "", .router = "softmax_topk",
+     .config_normalize = {false, true}, .gguf_normalize = {false, true}},  // Mixtral always renormalises
+    {.kind = family::qwen2_moe, .model_type = "qwen2_moe", .gguf_architecture = "qwen2moe",
+     .expert_size_key = "moe_intermediate_size", .experts_key = "num_experts", .block = "mlp.", .gate = "gate_proj",
+     .up = "up_proj", .down = "down_proj", .shared = "shared_expert.", .router = "softmax_topk",
+     .config_normalize = {true, false}, .gguf_normalize = {false, false}, .shared_kind = shared_ffn::gated,
+     .shared_size_key = "shared_expert_intermediate_size", .layers = moe_layers::sparse_step},
+    {.kind = family::qwen3_moe, .model_type = "qwen3_moe", .gguf_architecture = "qwen3moe",
+     .expert_size_key = "moe_intermediate_size", .experts_key = "num_experts", .block = "mlp.", .gate = "gate_proj",
+     .up = "up_proj", .down = "down_proj", .shared = "", .router = "softmax_topk", .config_normalize = {true, false},
+     .gguf_normalize = {false, true}, .layers = moe_layers::sparse_step},
+    {.kind = family::olmoe, .model_type = "olmoe", .gguf_architecture = "olmoe", .expert_size_key = "intermediate_size",
+     .experts_key = "num_experts", .block = "mlp.", .gate = "gate_proj", .up = "up_proj", .down = "down_proj",
+     .shared = "", .router = "softmax_topk", .config_normalize = {true, false}, .gguf_normalize = {false, false}},
+    {.kind = family::deepseek_v3, .model_type = "deepseek_v3", .gguf_architecture = "deepseek2",
+     .expert_size_key = "moe_intermediate_size", .experts_key = "n_routed_experts", .block = "mlp.",
+     .gate = "gate_proj", .up = "up_proj", .down = "down_proj", .shared = "shared_experts.", .router = "sigmoid_topk",
+     .config_normalize = {true, true}, .gguf_normalize = {true, false}, .shared_kind = shared_ffn::experts,
+     .shared_size_key = "n_shared_experts", .layers = moe_layers::after_dense},
 }};
 
-/// The names of family `kind`.
-[[nodiscard]] inline const family_names& names_of(family kind) { return families[static_cast<std::size_t>(kind)]; }
+/// The entry of family `kind`.
+[[nodiscard]] inline const family_info& names_of(family kind) { return families[static_cast<std::size_t>(kind)]; }
 
-/// The family whose `member` (`&family_names::model_type` or `&family_names::gguf_architecture`) is
+/// The family whose `member` (`&family_info::model_type` or `&family_info::gguf_architecture`) is
 /// `name`; null when none is.
-[[nodiscard]] inline const family_names* find_family(std::string_view family_names::*member, std::string_view name) {
-    for (const family_names& f : families)
+[[nodiscard]] inline const family_info* find_family(std::string_view family_info::*member, std::string_view name) {
+    for (const family_info& f : families)
         if (f.*member == name) return &f;
     return nullptr;
 }
 
 /// Every family's `member`, "a, b, c" (for error messages).
-[[nodiscard]] inline std::string family_list(std::string_view family_names::*member) {
+[[nodiscard]] inline std::string family_list(std::string_view family_info::*member) {
     std::string s;
-    for (const family_names& f : families) s += (s.empty() ? "" : ", ") + std::string(f.*member);
+    for (const family_info& f : families) s += (s.empty() ? "" : ", ") + std::string(f.*member);
     return s;
 }
 
@@ -94,19 +135,17 @@ struct model_config {
     std::vector<index> mlp_only_layers;
 
     /// The family's own router in the router registry (routers/registry.hpp).
-    [[nodiscard]] std::string_view router_name() const { return sigmoid_scoring ? "sigmoid_topk" : "softmax_topk"; }
+    [[nodiscard]] std::string_view router_name() const { return names_of(kind).router; }
 
     /// Whether decoder layer `layer` (0-based) is an MoE layer, following the family's modeling code.
     [[nodiscard]] bool is_moe_layer(index layer) const {
         if (layer < 0 || layer >= n_layers) return false;
-        switch (kind) {
-            case family::qwen2_moe:
-            case family::qwen3_moe:
+        switch (names_of(kind).layers) {
+            case moe_layers::sparse_step:
                 return std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) == mlp_only_layers.end() &&
                        (layer + 1) % decoder_sparse_step == 0;
-            case family::deepseek_v3: return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
-            case family::mixtral:
-            case family::olmoe: break;
+            case moe_layers::after_dense: return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+            case moe_layers::every: break;
         }
         return true;
     }
@@ -204,40 +243,50 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
     c.hidden_size = r.integer("hidden_size");
     c.n_layers = r.integer("num_hidden_layers");
     c.top_k = r.integer("num_experts_per_tok");
-    const family_names* f = find_family(&family_names::model_type, c.model_type);
+    const family_info* f = find_family(&family_info::model_type, c.model_type);
     if (f == nullptr)
         r.fail("model_type", "= '" + c.model_type + "' is not a supported MoE family (" +
-                                 family_list(&family_names::model_type) + ")");
+                                 family_list(&family_info::model_type) + ")");
     c.kind = f->kind;
     c.expert_size = r.integer(f->expert_size_key.data());  // the table's keys are literals: null-terminated
     c.n_experts = r.integer(f->experts_key.data());
-    switch (c.kind) {
-        case family::mixtral: c.normalize = true; break;  // Mixtral always renormalises its top-k weights
-        case family::qwen2_moe:
-        case family::qwen3_moe:
-            c.normalize = r.boolean_or("norm_topk_prob", false);
+    c.normalize = f->config_normalize.from_key ? r.boolean_or("norm_topk_prob", f->config_normalize.value)
+                                                : f->config_normalize.value;
+    switch (f->shared_kind) {
+        case shared_ffn::none: break;
+        case shared_ffn::gated:
+            c.shared_size = r.integer(f->shared_size_key.data());
+            c.shared_gated = true;
+            break;
+        case shared_ffn::experts: {
+            const index count = r.integer_or(f->shared_size_key.data(), 1, 1);
+            if (count > detail::config_reader::largest / c.expert_size)
+                r.fail(f->shared_size_key.data(), "= " + std::to_string(count) + " times the expert size exceeds " +
+                                                      std::to_string(detail::config_reader::largest));
+            c.shared_size = count * c.expert_size;
+            break;
+        }
+    }
+    switch (f->layers) {
+        case moe_layers::every: break;
+        case moe_layers::sparse_step:
             c.decoder_sparse_step = r.integer_or("decoder_sparse_step", 1, 1);
             c.mlp_only_layers = r.integers_or_empty("mlp_only_layers");
-            if (c.kind == family::qwen2_moe) {
-                c.shared_size = r.integer("shared_expert_intermediate_size");
-                c.shared_gated = true;
-            }
             break;
-        case family::olmoe: c.normalize = r.boolean_or("norm_topk_prob", false); break;
-        case family::deepseek_v3:
-            c.sigmoid_scoring = true;
-            c.normalize = r.boolean_or("norm_topk_prob", true);
-            c.scale = r.number_or("routed_scaling_factor", 2.5);
-            c.n_group = r.integer_or("n_group", 8, 1);
-            c.topk_group = r.integer_or("topk_group", 4, 1);
-            c.shared_size = r.integer_or("n_shared_experts", 1, 1) * c.expert_size;
+        case moe_layers::after_dense:
             c.first_k_dense_replace = r.integer_or("first_k_dense_replace", 3);
             c.moe_layer_freq = r.integer_or("moe_layer_freq", 1, 1);
-            if (r.string_or("scoring_func", "sigmoid") != "sigmoid")
-                r.fail("scoring_func", "= '" + r.string_or("scoring_func", "") + "' is not supported (only 'sigmoid')");
-            if (r.string_or("topk_method", "noaux_tc") != "noaux_tc")
-                r.fail("topk_method", "= '" + r.string_or("topk_method", "") + "' is not supported (only 'noaux_tc')");
             break;
+    }
+    c.sigmoid_scoring = f->router == "sigmoid_topk";
+    if (c.sigmoid_scoring) {  // DeepSeek-V3's keys and defaults
+        c.scale = r.number_or("routed_scaling_factor", 2.5);
+        c.n_group = r.integer_or("n_group", 8, 1);
+        c.topk_group = r.integer_or("topk_group", 4, 1);
+        if (r.string_or("scoring_func", "sigmoid") != "sigmoid")
+            r.fail("scoring_func", "= '" + r.string_or("scoring_func", "") + "' is not supported (only 'sigmoid')");
+        if (r.string_or("topk_method", "noaux_tc") != "noaux_tc")
+            r.fail("topk_method", "= '" + r.string_or("topk_method", "") + "' is not supported (only 'noaux_tc')");
     }
     if (c.top_k > c.n_experts)
         r.fail("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the number of experts (" +

@@ -38,10 +38,10 @@ namespace moe::io {
 inline model_config gguf_config(const gguf_file& file) {
     const std::string where = file.path().string() + ": ";
     const std::string arch = file.contains_key("general.architecture") ? file.string("general.architecture") : "";
-    const family_names* f = find_family(&family_names::gguf_architecture, arch);
+    const family_info* f = find_family(&family_info::gguf_architecture, arch);
     if (f == nullptr)
         throw config_error(where + "architecture '" + arch + "' is not one of the MoE architectures this library reads (" +
-                           family_list(&family_names::gguf_architecture) + ")");
+                           family_list(&family_info::gguf_architecture) + ")");
     model_config c;
     c.kind = f->kind;
     c.model_type = arch;
@@ -67,31 +67,37 @@ inline model_config gguf_config(const gguf_file& file) {
     c.top_k = integer("expert_used_count", 1);
     c.expert_size = file.contains_key(key("expert_feed_forward_length")) ? integer("expert_feed_forward_length", 1)
                                                                          : integer("feed_forward_length", 1);
-    // What llama.cpp computes for each (src/llama-model.cpp): normalised top-k for Mixtral and
-    // Qwen3-MoE, not for Qwen2-MoE and OLMoE; DeepSeek-V3 as its keys say.
-    c.normalize = c.kind == family::mixtral || c.kind == family::qwen3_moe;
-    if (c.kind == family::qwen2_moe) {
-        c.shared_size = integer("expert_shared_feed_forward_length", 1);
-        c.shared_gated = true;
+    // What llama.cpp computes for each (src/llama-model.cpp), as the family's entry says.
+    c.normalize = f->gguf_normalize.value;
+    if (f->gguf_normalize.from_key && file.contains_key(key("expert_weights_norm")))
+        c.normalize = file.boolean(key("expert_weights_norm"));
+    switch (f->shared_kind) {
+        case shared_ffn::none: break;
+        case shared_ffn::gated:
+            c.shared_size = integer("expert_shared_feed_forward_length", 1);
+            c.shared_gated = true;
+            break;
+        case shared_ffn::experts: {
+            const index shared = integer("expert_shared_count", 0);
+            if (shared > largest / c.expert_size)
+                throw config_error(where + "'" + key("expert_shared_count") + "' x '" + key("expert_feed_forward_length") +
+                                   "' exceeds " + std::to_string(largest));
+            c.shared_size = shared * c.expert_size;
+            break;
+        }
     }
-    if (c.kind == family::deepseek_v3) {
+    if (f->layers == moe_layers::after_dense) c.first_k_dense_replace = integer("leading_dense_block_count", 0);
+    c.sigmoid_scoring = f->router == "sigmoid_topk";
+    if (c.sigmoid_scoring) {  // DeepSeek-V3's keys
         if (integer("expert_gating_func", 0, 1) != 2)
             throw config_error(where + "'" + key("expert_gating_func") +
                                "' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's softmax gating is not supported");
-        c.sigmoid_scoring = true;
-        const index shared = integer("expert_shared_count", 0);
-        if (shared > largest / c.expert_size)
-            throw config_error(where + "'" + key("expert_shared_count") + "' x '" + key("expert_feed_forward_length") +
-                               "' exceeds " + std::to_string(largest));
-        c.shared_size = shared * c.expert_size;
-        c.normalize = file.contains_key(key("expert_weights_norm")) && file.boolean(key("expert_weights_norm"));
         c.scale = file.number(key("expert_weights_scale"));
         if (!std::isfinite(c.scale) || c.scale <= 0)
             throw config_error(where + "'" + key("expert_weights_scale") + "' is " + std::to_string(c.scale) +
                                "; a finite value > 0 is needed");
         c.n_group = integer("expert_group_count", 1, 1);
         c.topk_group = integer("expert_group_used_count", 1, 1);
-        c.first_k_dense_replace = integer("leading_dense_block_count", 0);
     }
     return c;
 }
@@ -105,7 +111,8 @@ struct gguf_layer_names {
 };
 
 // check_layer with the file's configuration `c` already read.
-inline void check_layer(const gguf_file& file, const model_config& c, index layer_index, index router_rows) {
+template <class Router>
+void check_layer(const gguf_file& file, const model_config& c, index layer_index, const Router& router) {
     const std::string where = file.path().string() + ": ";
     const gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
     if (layer_index < 0 || layer_index >= c.n_layers)
@@ -126,7 +133,7 @@ inline void check_layer(const gguf_file& file, const model_config& c, index laye
     };
     const auto u = [](index v) { return static_cast<std::uint64_t>(v); };
     const index d = c.hidden_size, ff = c.expert_size, e_count = c.n_experts;
-    expect(name("ffn_gate_inp.weight"), {u(d), u(router_rows)});
+    expect(name("ffn_gate_inp.weight"), {u(d), u(logit_rows(router, e_count))});
     expect(name("ffn_gate_exps.weight"), {u(d), u(ff), u(e_count)});
     expect(name("ffn_up_exps.weight"), {u(d), u(ff), u(e_count)});
     expect(name("ffn_down_exps.weight"), {u(ff), u(d), u(e_count)});
@@ -136,17 +143,25 @@ inline void check_layer(const gguf_file& file, const model_config& c, index laye
         expect(name("ffn_down_shexp.weight"), {u(c.shared_size), u(d)});
     }
     if (c.shared_gated) expect(name("ffn_gate_inp_shexp.weight"), {u(d)});
-    if (c.sigmoid_scoring) expect(name("exp_probs_b.bias"), {u(e_count)});
+    if (reads_correction_bias(router)) {
+        if (!file.contains(name("exp_probs_b.bias")))
+            throw config_error(where + "the router reads a correction bias (DeepSeek-V3's sigmoid routing), and this " +
+                               c.model_type + " file has no tensor '" + name("exp_probs_b.bias") + "'");
+        expect(name("exp_probs_b.bias"), {u(e_count)});
+    }
 }
 
 }  // namespace detail
 
 /// Checks, from the tensor infos alone, that MoE layer `layer_index` of `file` exists and that every
-/// tensor `load_layer` reads is there, of a type it reads, with the dimensions the metadata implies (the router with
-/// `router_rows` rows), so that a bad file fails before a layer is allocated. config_error for a layer
-/// out of range or dense, io_error / shape_error naming the tensor.
-inline void check_layer(const gguf_file& file, index layer_index, index router_rows) {
-    detail::check_layer(file, gguf_config(file), layer_index, router_rows);
+/// tensor `load_layer` reads for a layer with `router` is there, of a type it reads, with the dimensions
+/// the metadata implies (the router weight with `logit_rows(router, E)` rows; the correction bias when
+/// the router reads one), so that a bad file fails before a layer is allocated. config_error for a
+/// layer out of range or dense, or a router that reads a correction bias the file does not have;
+/// io_error / shape_error naming the tensor.
+template <class Router>
+void check_layer(const gguf_file& file, index layer_index, const Router& router) {
+    detail::check_layer(file, gguf_config(file), layer_index, router);
 }
 
 /// Loads MoE layer `layer_index` of GGUF `file` into `layer`, whose shape must be
@@ -163,7 +178,7 @@ void load_layer(const gguf_file& file, index layer_index, Layer& layer) {
     const std::string where = file.path().string() + ": ";
     const detail::gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
     const index router_rows = layer.router_weight().rows();
-    detail::check_layer(file, c, layer_index, router_rows);
+    detail::check_layer(file, c, layer_index, layer.router());
     const layer_shape expected = shape_of(c), actual = layer.shape();
     if (actual.d_model != expected.d_model || actual.d_ff != expected.d_ff || actual.n_experts != expected.n_experts ||
         actual.d_shared != expected.d_shared)
