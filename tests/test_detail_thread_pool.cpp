@@ -80,3 +80,36 @@ TEST_CASE("a traced thread_pool records a time for every task of every run", "[t
         if (threads == 1) CHECK(sum >= 0.9 * run);
     }
 }
+
+namespace {
+std::atomic<int> started{0};
+std::atomic<int> throwing{0};
+void count_start() { started.fetch_add(1); }
+void throw_on_start() {
+    throwing.fetch_add(1);
+    throw std::runtime_error("no scratch");
+}
+}  // namespace
+
+TEST_CASE("each thread a thread_pool starts calls its on_start first; one that throws still works", "[thread_pool]") {
+    for (const moe::index threads : {1, 2, 5}) {
+        started = 0;
+        {
+            moe::detail::thread_pool pool(threads, &count_start);
+            std::atomic<int> ran{0};
+            auto f = [&](moe::index, moe::index) { ran.fetch_add(1); };
+            pool.run(64, f);
+            CHECK(ran == 64);
+        }
+        CHECK(started == threads - 1);  // the workers; the calling thread is the caller's to prepare
+    }
+    throwing = 0;
+    {
+        moe::detail::thread_pool pool(3, &throw_on_start);
+        std::atomic<int> ran{0};
+        auto f = [&](moe::index, moe::index) { ran.fetch_add(1); };
+        for (int run = 0; run < 20; ++run) pool.run(30, f);
+        CHECK(ran == 600);
+    }
+    CHECK(throwing == 2);  // counted once the workers are joined
+}

@@ -177,8 +177,8 @@ TEST_CASE("linear on bf16 sums exact products in float32", "[kernels][bf16]") {
     check_linear_bf16(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
     check_linear_bf16(4, 4, 0, 0);      // d = 0: zeros
     check_linear_bf16(9, 21, 8192 + 203, 3);  // rows over 16 KiB: in chunks
-    // 16 rows and more, where a family widens bf16 in its tiles: widened ahead, the same bits as the
-    // row alone (widened in the tiles). Rows of 6000 are one chunk of bf16 but would be two of float;
+    // Many rows, where a family widens bf16 in its tiles (16 on avx2, 4 on the portable family):
+    // widened ahead, the same bits as the row alone (widened in the tiles). Rows of 6000 are one chunk of bf16 but would be three of float;
     // 300 rows of 8395 (chunks of 2816) pass in several groups of rows.
     check_linear_bf16(16, 7, 203, 0);
     check_linear_bf16(50, 30, 6000, 1);

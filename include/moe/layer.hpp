@@ -242,7 +242,10 @@ public:
             throw value_error("layer: threads = " + std::to_string(threads) + " must be in [1, " +
                               std::to_string(max_threads) + "]");
         if (threads == pool_->size()) return;
-        pool_ = std::make_unique<detail::thread_pool>(threads);
+        // bf16 weights: each thread's scratch for the products that widen them, now (kernels/linear.hpp).
+        constexpr bool bf16_products = std::is_same_v<typename storage_type::input, bf16>;
+        if constexpr (bf16_products) kernels::reserve_bf16_scratch();
+        pool_ = std::make_unique<detail::thread_pool>(threads, bf16_products ? &kernels::reserve_bf16_scratch : nullptr);
         pool_->set_trace(trace_);
     }
     [[nodiscard]] index threads() const { return pool_->size(); }

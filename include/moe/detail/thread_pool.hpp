@@ -31,10 +31,22 @@ public:
     /// it sleeps.
     static constexpr std::chrono::microseconds spin_time{200};
 
-    /// `threads` workers in all, the calling thread included.
-    explicit thread_pool(index threads) {
+    /// `threads` workers in all, the calling thread included. Each started thread first calls
+    /// `on_start` when given (e.g. to allocate the thread-local scratch of the kernels it will run, so
+    /// that no later call allocates; should it throw, the thread works on and its first product
+    /// allocates instead).
+    explicit thread_pool(index threads, void (*on_start)() = nullptr) {
         try {
-            for (index w = 1; w < threads; ++w) workers_.emplace_back([this, w] { work(w); });
+            for (index w = 1; w < threads; ++w)
+                workers_.emplace_back([this, w, on_start] {
+                    if (on_start != nullptr) {
+                        try {
+                            on_start();
+                        } catch (...) {  // NOLINT(bugprone-empty-catch): see above
+                        }
+                    }
+                    work(w);
+                });
         } catch (...) {
             stop_and_join();  // no destructor runs for a half-built pool: stop the workers started
             throw;

@@ -20,10 +20,11 @@
 /// products are exact and the sums float32. On the `avx512_bf16` family a tile takes `vdpbf16ps` steps
 /// of 32 values (16 pairs per accumulator lane), the last step masked instead of a scalar tail; like
 /// that instruction, it treats denormal inputs and sums as zero. The other families' float tiles widen
-/// each bf16 exactly to float: as they load it for fewer than 16 rows of x (decoding reads half the
-/// bytes of float weights), else ahead, each value once, into a scratch of the calling thread (1088
-/// KiB, allocated at its first such product and kept) instead of once per tile; the same products
-/// summed in the same order, so the same bits either way.
+/// each bf16 exactly to float: as they load it for a few rows of x (under 16 on avx2, 4 on the
+/// portable family; decoding reads half the bytes of float weights), else ahead into a scratch of
+/// the calling thread (1088 KiB, allocated once: `reserve_bf16_scratch`), x's values once and W's once
+/// per group of up to 512 KiB of x rows instead of once per tile; the same products summed in the
+/// same order, so the same bits either way.
 ///
 /// Each instruction-set family (`isa.hpp`, chosen at run time) keeps the properties above; two
 /// families differ in summation order, so in the last bits.
@@ -71,6 +72,16 @@ void linear(const In* x, index ldx, const In* w, index ldw, Out* z, index ldz, i
 /// active family).
 inline void round_to_bf16(const float* x, bf16* out, index n) {
     detail::with_products<float>([&]<class P>() { P::round(x, out, n); });
+}
+
+/// Allocates the calling thread's scratch for the bf16 products that the active family widens ahead
+/// (see the top of this header; nothing where the family needs none), so that no later product on
+/// this thread allocates: a layer with bf16 weights calls it on each of its threads when it starts
+/// them.
+inline void reserve_bf16_scratch() {
+    detail::with_products<float>([]<class P>() {
+        if constexpr (P::widens_bf16_ahead) detail::scratch_floats(0);
+    });
 }
 
 /// The instantiations of this header the library uses, which a program may build once (`MOE_EXTERN_TEMPLATES`,

@@ -166,10 +166,6 @@ void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, in
     }
 }
 
-/// From this many rows of x, `linear` on bf16 rows widens them ahead (`linear_widened`) where the
-/// family's tiles widen each value they load.
-inline constexpr index widen_rows_from = 16;
-
 /// `linear` on bf16 rows by the float tiles, on copies widened ahead: where a family widens in its
 /// tiles, every value of W is widened once per 4 rows of x and x's once per tile of W rows; here
 /// groups of x rows (about 512 KiB of floats) are widened once and the blocks of W once per group,
@@ -214,7 +210,7 @@ void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
     const index chunk = linear_chunk<In>(d);
     if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, chunk, false);
     if constexpr (std::is_same_v<In, bf16> && parts<vec<Scalar>, In> == 1)
-        if (n >= widen_rows_from) return linear_widened<Tiles>(x, ldx, w, ldw, z, ldz, n, m, d, chunk);
+        if (n >= vec<Scalar>::widen_ahead_rows) return linear_widened<Tiles>(x, ldx, w, ldw, z, ldz, n, m, d, chunk);
     const index per_row = static_cast<index>(sizeof(In)) * chunk;
     const index w_block = w_block_rows<Scalar>(per_row);
     const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
@@ -368,6 +364,8 @@ struct products {
                          bool accumulate) {
         multiply_with(a, b, ldb, c, ldc, n, m, k, accumulate);
     }
+    /// Whether `linear` on bf16 widens many rows ahead into the thread's scratch (`linear_widened`).
+    static constexpr bool widens_bf16_ahead = parts<vec<float>, bf16> == 1;
     /// Values of `Scalar` in a vector.
     template <class Scalar>
     static constexpr index width = vec<Scalar>::width;
