@@ -138,6 +138,12 @@ TEST_CASE("each family's entry gives what its HuggingFace configuration class de
         j["norm_topk_prob"] = !e.normalize;
         CHECK(moe::io::parse_config(j).normalize == (e.model_type == std::string_view("mixtral") ? true : !e.normalize));
     }
+    // DeepSeek-V3's expert groups default to 8, 4 of them eligible.
+    auto groups = deepseek();
+    groups.erase("n_group");
+    groups.erase("topk_group");
+    const auto g = moe::io::parse_config(groups);
+    CHECK((g.n_group == 8 && g.topk_group == 4));
     // Qwen2-MoE needs its shared expert's width; DeepSeek-V3's shared experts x their width stay in range.
     json q = {{"model_type", "qwen2_moe"}, {"hidden_size", 64}, {"num_hidden_layers", 2}, {"num_experts_per_tok", 2},
               {"moe_intermediate_size", 32}, {"num_experts", 8}};

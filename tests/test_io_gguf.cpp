@@ -392,11 +392,11 @@ TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
     CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(other.write())),
                       Catch::Contains("architecture 'gemma' is not one of") && Catch::Contains("deepseek2"));
     // Metadata out of range or missing, named by key (a DeepSeek-V3 header with one defect each).
-    const auto deepseek_keys = [](builder& b, float scale, std::uint32_t shared) -> builder& {
+    const auto deepseek_keys = [](builder& b, float scale, std::uint32_t shared, std::uint32_t gating = 2) -> builder& {
         b.str("general.architecture").put<std::uint32_t>(8).str("deepseek2");
         for (const auto& [k, v] : {std::pair<const char*, std::uint32_t>{"deepseek2.expert_count", 8}, {"deepseek2.embedding_length", 64},
                                    {"deepseek2.block_count", 2}, {"deepseek2.expert_used_count", 2},
-                                   {"deepseek2.expert_feed_forward_length", 32}, {"deepseek2.expert_gating_func", 2},
+                                   {"deepseek2.expert_feed_forward_length", 32}, {"deepseek2.expert_gating_func", gating},
                                    {"deepseek2.leading_dense_block_count", 1}})
             b.key_u32(k, v);
         b.key_u32("deepseek2.expert_shared_count", shared);
@@ -413,6 +413,10 @@ TEST_CASE("load_layer from GGUF names what is wrong", "[io][gguf][errors]") {
     builder nan(0, 10);
     CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(deepseek_keys(nan, std::nanf(""), 1).write())),
                       Catch::Contains("'deepseek2.expert_weights_scale' is nan"));
+    builder v2(0, 10);
+    CHECK_THROWS_WITH(moe::io::gguf_config(gguf_file(deepseek_keys(v2, 2.5f, 1, 1).write())),
+                      Catch::Contains("'deepseek2.expert_gating_func' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's "
+                                      "softmax gating is not supported"));
     builder no_scale(0, 9);
     deepseek_keys(no_scale, 1.0f, 1);
     no_scale.bytes.resize(no_scale.bytes.size() - (8 + 30 + 4 + 4));  // the scale key (30 bytes) and value dropped

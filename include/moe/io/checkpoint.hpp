@@ -149,6 +149,7 @@ inline layer_shape shape_of(const model_config& c) {
 /// `config_error` for a missing or dense layer, or a router that reads a correction bias the checkpoint
 /// does not have; `io_error` / `shape_error` naming the tensor.
 template <class Router>
+    requires moe::router<Router, float>
 void check_layer(const checkpoint& ckpt, index layer_index, const Router& router) {
     const model_config& c = ckpt.config();
     if (layer_index < 0 || layer_index >= c.n_layers)

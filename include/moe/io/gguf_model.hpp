@@ -68,6 +68,10 @@ inline model_config gguf_config(const gguf_file& file) {
     c.expert_size = file.contains_key(key("expert_feed_forward_length")) ? integer("expert_feed_forward_length", 1)
                                                                          : integer("feed_forward_length", 1);
     // What llama.cpp computes for each (src/llama-model.cpp), as the family's entry says.
+    c.sigmoid_scoring = f->router == "sigmoid_topk";
+    if (c.sigmoid_scoring && integer("expert_gating_func", 0, 1) != 2)
+        throw config_error(where + "'" + key("expert_gating_func") +
+                           "' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's softmax gating is not supported");
     c.normalize = f->gguf_normalize.value;
     if (f->gguf_normalize.from_key && file.contains_key(key("expert_weights_norm")))
         c.normalize = file.boolean(key("expert_weights_norm"));
@@ -87,11 +91,7 @@ inline model_config gguf_config(const gguf_file& file) {
         }
     }
     if (f->layers == moe_layers::after_dense) c.first_k_dense_replace = integer("leading_dense_block_count", 0);
-    c.sigmoid_scoring = f->router == "sigmoid_topk";
     if (c.sigmoid_scoring) {  // DeepSeek-V3's keys
-        if (integer("expert_gating_func", 0, 1) != 2)
-            throw config_error(where + "'" + key("expert_gating_func") +
-                               "' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's softmax gating is not supported");
         c.scale = file.number(key("expert_weights_scale"));
         if (!std::isfinite(c.scale) || c.scale <= 0)
             throw config_error(where + "'" + key("expert_weights_scale") + "' is " + std::to_string(c.scale) +
@@ -112,6 +112,7 @@ struct gguf_layer_names {
 
 // check_layer with the file's configuration `c` already read.
 template <class Router>
+    requires moe::router<Router, float>
 void check_layer(const gguf_file& file, const model_config& c, index layer_index, const Router& router) {
     const std::string where = file.path().string() + ": ";
     const gguf_layer_names name{"blk." + std::to_string(layer_index) + "."};
@@ -160,6 +161,7 @@ void check_layer(const gguf_file& file, const model_config& c, index layer_index
 /// layer out of range or dense, or a router that reads a correction bias the file does not have;
 /// io_error / shape_error naming the tensor.
 template <class Router>
+    requires moe::router<Router, float>
 void check_layer(const gguf_file& file, index layer_index, const Router& router) {
     detail::check_layer(file, gguf_config(file), layer_index, router);
 }
