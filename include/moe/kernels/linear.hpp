@@ -4,8 +4,8 @@
 /// products along the rows of x and W: both are read contiguously, so nothing is packed (and float
 /// rows allocate nothing), and the summation order of an output depends only on the length d (one
 /// SIMD accumulator over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in
-/// chunks of 5 to 8 KiB summed so, whose sums are added in order). Equal inputs therefore give bitwise equal
-/// outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
+/// chunks of 5 to 8 KiB summed so, whose sums are added in order). Equal inputs therefore give
+/// bitwise equal outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
 /// logits do not change with the batch around it, and an expert's output for a row does not depend on
 /// which other rows it was computed with.
 ///

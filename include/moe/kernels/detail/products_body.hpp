@@ -169,8 +169,8 @@ void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, in
 /// `linear` on bf16 rows by the float tiles, on copies widened ahead: where a family widens in its
 /// tiles, every value of W is widened once per 4 rows of x and x's once per tile of W rows; here
 /// groups of x rows (about 512 KiB of floats) are widened once and the blocks of W once per group,
-/// into a thread's scratch (`scratch_floats`). The tiles then sum the same exact products in the same order
-/// (the chunks are the bf16 rows'), so the bits are those of widening in the tiles.
+/// into a thread's scratch (`scratch_floats`). The tiles then sum the same exact products in the same
+/// order (the chunks are the bf16 rows'), so the bits are those of widening in the tiles.
 template <class Tiles, class Scalar>
 void linear_widened(const bf16* x, index ldx, const bf16* w, index ldw, Scalar* z, index ldz, index n, index m,
                     index d, index chunk) {
