@@ -52,8 +52,9 @@ constexpr const char* footer =
     "Batch-dependent routers (capacity, expert choice, Sinkhorn) route the whole batch on every rank: the\n"
     "output does not depend on the number of ranks. --rebalance moves the rows of overloaded ranks'\n"
     "experts beyond ceil(rows / ranks), with a copy of the expert's weights, to the least-loaded ranks\n"
-    "(moves of at least --rebalance-min-rows rows); the output is the same bits. --stats also prints the rows each rank computed, their imbalance before and after\n"
-    "re-balancing, the rows moved, and the bytes of rows and of weights each rank sent.\n"
+    "(moves of at least --rebalance-min-rows rows); the output, and with --backward the gradients, are\n"
+    "the same bits. --stats also prints the rows each rank computed, their imbalance before and after\n"
+    "re-balancing, the rows moved, and the bytes of rows, of weights and of weight gradients each rank sent.\n"
     "Exit status: 0 on success, 2 for bad arguments, 1 for any other error (one line on stderr).";
 
 /// Bad command-line arguments: exit code 2.
@@ -147,8 +148,8 @@ arguments parse_arguments(int argc, char** argv) {
     CLI::Option* expert_parallel = app.add_flag("--expert-parallel", a.expert_parallel, "spread the routed experts over "
                                                 "the ranks of the mpirun job")->group(parallel);
     CLI::Option* rebalance = app.add_flag("--rebalance", a.rebalance,
-                                          "least-loaded re-balancing, in inference (below)")
-                                 ->group(parallel)->needs(expert_parallel)->excludes(backward);
+                                          "least-loaded re-balancing (below)")
+                                 ->group(parallel)->needs(expert_parallel);
     app.add_option("--rebalance-cap-mb", a.rebalance_cap_mb, "at most N MB of other ranks' weights per rank (default: no cap)")
         ->group(parallel)->needs(rebalance)->transform(in_range(moe::index{0}, moe::index{1} << 40, "[0, 2^40]"))->type_name("N");
     app.add_option("--rebalance-min-rows", a.rebalance_min_rows, "move no fewer than N rows with an expert (default 16)")

@@ -7,8 +7,9 @@
 // after a barrier). Counters (rank 0 prints): GFLOP/s on the whole batch's active FLOPs, and bytes of
 // rows that crossed between ranks per layer call (all ranks together, rows out and results back).
 // The skewed case routes every token to experts 0 and 1 (rank 0's at 2 ranks) and runs the forward
-// with and without least-loaded re-balancing (`/ranks_rebalanced`: also the imbalance before and
-// after, and the bytes of weights moved per call).
+// (and forward + backward) with and without least-loaded re-balancing (`/ranks_rebalanced`: also the
+// imbalance before and after, the bytes of weights moved per call and, with backward, of the
+// weight-gradient sums passed on).
 #include <moe/moe.hpp>
 #include <moe/parallel/mpi.hpp>
 
@@ -96,15 +97,18 @@ void run(benchmark::State& state, Layer& layer, const shape& s, mode m, bool bac
     state.counters["ranks"] = parallel ? comm->size() : 1;
     state.counters["threads"] = static_cast<double>(layer.threads());
     if (parallel) {
-        double bytes = 0, weight_bytes = 0;
         const auto load = layer.parallel_load();
-        for (const moe::index b : load.bytes_sent) bytes += static_cast<double>(b);
-        for (const moe::index b : load.weight_bytes_sent) weight_bytes += static_cast<double>(b);
-        state.counters["bytes_exchanged"] = bytes;
+        const auto total = [](const std::vector<moe::index>& per_rank) {
+            double sum = 0;
+            for (const moe::index b : per_rank) sum += static_cast<double>(b);
+            return sum;
+        };
+        state.counters["bytes_exchanged"] = total(load.bytes_sent);
         state.counters["imbalance"] = load.imbalance;
         if (m == mode::rebalanced) {
             state.counters["imbalance_before"] = load.imbalance_before;
-            state.counters["weight_bytes_moved"] = weight_bytes;
+            state.counters["weight_bytes_moved"] = total(load.weight_bytes_sent);
+            if (backward) state.counters["gradient_bytes_moved"] = total(load.gradient_bytes_sent);
         }
     }
 }
@@ -140,7 +144,7 @@ int main(int argc, char** argv) {
                  {std::pair{mode::one_thread, "/one_process"}, std::pair{mode::threads, "/one_process_threads"},
                   std::pair{mode::ranks, "/ranks"}, std::pair{mode::rebalanced, "/ranks_rebalanced"}}) {
                 if (m == mode::rebalanced && !s.skewed) continue;
-                if (s.skewed && (backward || m == mode::threads)) continue;  // re-balancing is for inference
+                if (s.skewed && m == mode::threads) continue;
                 benchmark::RegisterBenchmark(
                     (std::string("expert_parallel/") + s.name + (backward ? "/forward_backward" : "/forward") + name).c_str(),
                     expert_parallel, s, m, backward)

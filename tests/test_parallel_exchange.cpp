@@ -50,7 +50,7 @@ TEST_CASE("expert_exchange plans, sends and gives back the rows of a routing", "
     r.build_dispatch();
     auto comm = std::make_shared<loopback>();
     moe::parallel::expert_exchange<float> ex(moe::parallel::placement{.comm = comm}, 3);
-    ex.plan(r);
+    ex.plan(r, false);
     CHECK(ex.own_offsets() == std::vector<moe::index>{0, 2, 4, 6});
     moe::matrix<float> received;
     ex.send(2, [](moe::index row, float* to) { to[0] = static_cast<float>(row), to[1] = -static_cast<float>(row); },
@@ -63,7 +63,7 @@ TEST_CASE("expert_exchange plans, sends and gives back the rows of a routing", "
     const auto load = ex.load();
     CHECK(load.rows == std::vector<moe::index>{6});
     CHECK(load.bytes_sent == std::vector<moe::index>{0});  // rows a rank keeps cross nothing
-    CHECK(load.to_json() == R"({"ranks": 1, "rows": [6], "imbalance": 1, "imbalance_before": 1, "rows_moved": 0, "bytes_sent": [0], "bytes_received": [0], "weight_bytes_sent": [0]})");
+    CHECK(load.to_json() == R"({"ranks": 1, "rows": [6], "imbalance": 1, "imbalance_before": 1, "rows_moved": 0, "bytes_sent": [0], "bytes_received": [0], "weight_bytes_sent": [0], "gradient_bytes_sent": [0]})");
     CHECK_THROWS_AS(moe::parallel::expert_exchange<float>(moe::parallel::placement{}, 3), moe::value_error);
 }
 

@@ -19,9 +19,10 @@
 /// Expert parallelism: a layer built with a `parallel::placement` is one rank of a layer whose routed
 /// experts are spread over the ranks of a communicator. Every rank calls forward (and backward) with
 /// its own tokens; the rows of an expert go to its owner and come back (`parallel::expert_exchange`).
-/// With `placement::rebalance` on, an inference forward lets the least-loaded ranks compute the first
-/// rows of an overloaded rank's experts with a copy of their weights (`parallel/rebalance.hpp`); the
-/// outputs are the same bits.
+/// With `placement::rebalance` on, a forward lets the least-loaded ranks compute the first rows of an
+/// overloaded rank's experts with a copy of their weights (`parallel/rebalance.hpp`), and backward
+/// their gradients, each expert's weight gradient summed along its segments in row order; the outputs
+/// and gradients are the same bits.
 /// Router, shared experts and losses are replicated; their gradients are summed over the ranks.
 
 #include "moe/concepts.hpp"
@@ -363,6 +364,13 @@ private:
         return exchange_ && exchange_->helps(e) ? helped_[i] : experts_[i];
     }
 
+    // Where the weight gradient of routed expert e's rows goes here: the rank's own, or the sum it
+    // passes on when it helps another rank with e; empty for an expert held elsewhere.
+    [[nodiscard]] gradients_type& gradient_of(index e) {
+        const auto i = static_cast<std::size_t>(e);
+        return exchange_ && exchange_->helps(e) ? helped_grad_[i] : grad_experts_[i];
+    }
+
     // Input row `row` of the routed rows this rank computes.
     [[nodiscard]] const Scalar* routed_input(const const_matrix_ref<Scalar>& x, index row) const {
         return exchange_ ? received_x_.row(exchange_->received_row(row)).data() : x.row(token_of(row)).data();
@@ -461,6 +469,7 @@ private:
     // Expert parallelism (null exchange: one process).
     std::unique_ptr<parallel::expert_exchange<Scalar>> exchange_;
     std::vector<weights_type> helped_;  // copies of the experts this rank helps with in the last forward; empty when none
+    std::vector<gradients_type> helped_grad_;  // backward: their weight-gradient sums, passed on (empty when none)
     matrix<Scalar> received_x_;     // the input rows of the routed rows this rank computes
     matrix<Scalar> own_out_;        // their outputs
     matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight

@@ -112,31 +112,55 @@ void check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwi
     }
     CHECK(load.rows.size() == static_cast<std::size_t>(comm->size()));
     CHECK(rows == one.last_routing().rows());
-    // Bytes: every routed row whose expert is on another rank than its token crosses four times (out
-    // and back, forward and backward).
+    // Bytes: every routed row computed on another rank than its token's crosses four times (out and
+    // back, forward and backward). A row is computed by the rank of the segment of its expert's
+    // one-process block that holds it (the owner's, without re-balancing).
     const auto& r = one.last_routing();
+    const auto& plan = part.exchange()->last_plan();
     index crossing = 0;
     for (index row = 0; row < r.rows(); ++row) {
         const auto slot = static_cast<std::size_t>(r.row_slots[static_cast<std::size_t>(row)]);
         int home = 0;  // the rank whose slice holds the row's token
         while (r.slot_tokens[slot] >= moe::parallel::token_slice(tokens, home + 1, comm->size()).first) ++home;
-        crossing += part.exchange()->owner(r.expert_ids[slot]) != home;
+        const index e = r.expert_ids[slot], at = row - r.expert_offsets[static_cast<std::size_t>(e)];
+        int computer = -1;
+        for (const auto& seg : plan.experts[static_cast<std::size_t>(e)])
+            if (at >= seg.first && at < seg.first + seg.rows) computer = seg.rank;
+        CHECK(computer >= 0);
+        crossing += computer != home;
     }
     CHECK(sent == received);
     CHECK(sent == 4 * crossing * d * static_cast<index>(sizeof(float)));
+    // Each helped expert's weight-gradient sum crossed once per segment after the first on another rank.
+    index passed = 0, expected_passed = 0;
+    for (const index b : load.gradient_bytes_sent) passed += b;
+    for (index e = 0; e < one.shape().n_experts; ++e) {
+        const auto& segments = plan.experts[static_cast<std::size_t>(e)];
+        const auto& w = one.expert_weights(e);
+        for (std::size_t i = 1; i < segments.size(); ++i)
+            if (segments[i].rank != segments[i - 1].rank)
+                expected_passed += (w.in.size() + w.out.size()) * static_cast<index>(sizeof(float));
+    }
+    CHECK(passed == expected_passed);
 }
 
+/// `check_against_one_process` for the layer with `owners`, without and with least-loaded re-balancing
+/// (every move made: random routings are only mildly uneven).
 template <class Layer, class... Args>
 void compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owners, bool bitwise_output, Args... args) {
-    Layer one(shape, args...);
-    Layer part(shape, moe::parallel::placement{.comm = world(), .owners = std::move(owners)}, args...);
-    one.randomize(3);
-    part.randomize(3);
-    if (auto* bias = moe::correction_bias<float>(one.router_state())) {  // a bias that changes the selection
-        auto* same = moe::correction_bias<float>(part.router_state());
-        for (index e = 0; e < bias->size(); ++e) (*bias)[e] = (*same)[e] = 0.05f * static_cast<float>(e % 3);
+    for (const bool rebalance : {false, true}) {
+        INFO((rebalance ? "re-balanced" : "owners only"));
+        Layer one(shape, args...);
+        Layer part(shape, moe::parallel::placement{.comm = world(), .owners = owners, .rebalance = {.enabled = rebalance, .min_rows = 1}},
+                   args...);
+        one.randomize(3);
+        part.randomize(3);
+        if (auto* bias = moe::correction_bias<float>(one.router_state())) {  // a bias that changes the selection
+            auto* same = moe::correction_bias<float>(part.router_state());
+            for (index e = 0; e < bias->size(); ++e) (*bias)[e] = (*same)[e] = 0.05f * static_cast<float>(e % 3);
+        }
+        check_against_one_process(one, part, tokens, bitwise_output);
     }
-    check_against_one_process(one, part, tokens, bitwise_output);
 }
 
 /// What routing each rank's slice as a group of its own would change: the tokens (over all ranks) whose
@@ -352,15 +376,18 @@ TEST_CASE("re-balancing moves an overloaded rank's rows to the least-loaded rank
         CHECK(summed(load.weight_bytes_sent) == load.weight_bytes_sent[0]);  // and no other rank
     }
     // The plan changes from call to call (the hot pair, then none, a batch smaller than the ranks,
-    // T = 0, the hot pair again), and a training call between inference calls is not re-balanced.
+    // T = 0, the hot pair again, in training twice and in inference); training calls move the same rows
+    // and their expert gradients are bitwise those of one process.
     {
-        const auto loads = rebalanced_calls<f32>(shape, on, {{tokens, 0}, {tokens, std::nullopt}, {3, 0}, {0, 0}, {tokens, 0}, {tokens, 0}},
-                                                 {false, false, false, false, true, false});
+        const auto loads = rebalanced_calls<f32>(shape, on,
+                                                 {{tokens, 0}, {tokens, std::nullopt}, {3, 0}, {0, 0}, {tokens, 0}, {tokens, 0}, {tokens, 0}},
+                                                 {false, false, false, false, true, true, false});
         CHECK(loads[0].rows_moved > 0);
         CHECK(loads[2].rows_moved == (ranks > 1 ? 6 - (6 + ranks - 1) / ranks : 0));
         CHECK(loads[3].rows_moved == 0);
-        CHECK(loads[4].rows_moved == 0);  // training
-        CHECK(loads[5].rows_moved == loads[0].rows_moved);
+        for (const std::size_t i : {4, 5, 6}) CHECK(loads[i].rows_moved == loads[0].rows_moved);
+        CHECK(summed(loads[4].gradient_bytes_sent) > 0);  // the helpers' sums, passed on
+        CHECK(summed(loads[6].gradient_bytes_sent) == 0);
     }
     // The cap: none moves nothing; one expert's bytes lets each helper take one expert only (here no
     // helper needs two: tests/test_parallel_rebalance.cpp has a plan the cap changes).
@@ -380,6 +407,11 @@ TEST_CASE("re-balancing moves an overloaded rank's rows to the least-loaded rank
         const auto& plan = part.exchange()->last_plan();
         for (const moe::index h : plan.helped) CHECK(h <= 1);
         CHECK(plan.rows_moved > 0);
+        // In training a helper also holds the expert's weight gradient: one expert's bytes are half of
+        // what it needs.
+        part.set_training(true);
+        part.forward(x.middleRows(s.first, s.rows), y);
+        CHECK(part.exchange()->last_plan().rows_moved == 0);
     }
     // min_rows: a plan whose moves are all smaller moves nothing.
     CHECK(rebalanced_calls<f32>(shape, {.enabled = true, .min_rows = rows}, skewed)[0].rows_moved == 0);

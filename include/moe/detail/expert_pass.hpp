@@ -7,6 +7,8 @@
 // backward: 1. hidden columns: da = dout W_out, then a (recomputed) and dL/dh in place of h
 //           2. dW_out = dout^T a and dW_in = dh^T x by blocks of their rows and columns, each summed over
 //              all of the FFN's rows in order; dL/dx = dh W_in by blocks of rows and columns.
+//           `weight_gradients` runs the weight gradients of step 2 alone (expert parallelism: a segment
+//           of an expert's rows continuing the sum another rank began).
 // Every value is one whole sum whose order does not depend on the block (kernels/linear.hpp,
 // kernels/multiply.hpp): the results are the same bits at any thread count and for any plan.
 
@@ -46,7 +48,8 @@ struct ffn_block {
     // Backward.
     const Scalar* dout = nullptr;  // dL/d(out) per row
     index ldd = 0;
-    ffn_weights<storages::scalar<Scalar>>* grad = nullptr;  // dL/dW_in and dL/dW_out (empty: an expert held elsewhere)
+    ffn_weights<storages::scalar<Scalar>>* grad = nullptr;  // dL/dW_in and dL/dW_out (null or empty: none here)
+    bool grad_accumulate = false;         // add to the sums `grad` holds (else overwrite them)
     Scalar* dx = nullptr;                 // dL/dx per row
     index lddx = 0;
 };
@@ -116,29 +119,16 @@ public:
                                             b.lda, da);
             });
         });
-        // Stage 2: dW_out, dW_in (each value summed over all rows) and dx, three items per block.
-        items_.clear();
-        for (const block& b : blocks) {
-            const bool held = b.grad != nullptr && b.grad->in.size() > 0;  // else an expert held elsewhere
-            items_.push_back({held ? b.grad->out.rows() : 0, ff(b), b.rows});
-            items_.push_back({held ? b.grad->in.rows() : 0, d(b), b.rows});
-            items_.push_back({held ? b.rows : 0, d(b), held ? b.grad->in.rows() : 0});
-        }
-        run_plan(pool, plan_threads, plans_[3], {max_rows, 16, panel}, 0, [&](const work_task& tk, Scalar*) {
-            const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
-            const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
-            switch (tk.item % 3) {
-                case 0:
-                    ffn_weight_gradient(b.dout, b.ldd, b.act, b.lda, b.rows, r0, r1, c0, c1, b.grad->out.data(), ff(b));
-                    break;
-                case 1:
-                    ffn_weight_gradient(b.hidden, b.ldh, b.x, b.ldx, b.rows, r0, r1, c0, c1, b.grad->in.data(), d(b));
-                    break;
-                default:
-                    ffn_input_gradient(*b.weights, b.hidden + r0 * b.ldh, b.ldh, r1 - r0, c0, c1, b.dx + r0 * b.lddx + c0,
-                                       b.lddx);
-            }
-        });
+        // Stage 2: dW_out, dW_in (each value summed over all rows) and dx.
+        gradients(blocks, pool, plan_threads, plans_[3], true);
+    }
+
+    /// Stage 2 of `backward` without dx: the weight gradients of every block with a `grad`, added to
+    /// what it holds where `grad_accumulate`. The blocks are those `backward` ran (dout, hidden set).
+    void weight_gradients(std::span<const block> blocks, thread_pool& pool, index plan_threads)
+        requires Storage::trainable
+    {
+        gradients(blocks, pool, plan_threads, plans_[4], false);
     }
 
 private:
@@ -154,6 +144,36 @@ private:
             f(shared);
         else
             f(routed);
+    }
+
+    // Backward stage 2, three items per block: dW_out, dW_in (of blocks with a gradient here) and, with
+    // `dx`, dL/dx.
+    void gradients(std::span<const block> blocks, thread_pool& pool, index plan_threads, stage_plan& plan, bool dx) {
+        items_.clear();
+        for (const block& b : blocks) {
+            const bool here = b.grad != nullptr && b.grad->in.size() > 0;
+            items_.push_back({here ? b.grad->out.rows() : 0, ff(b), b.rows});
+            items_.push_back({here ? b.grad->in.rows() : 0, d(b), b.rows});
+            items_.push_back({dx ? b.rows : 0, d(b), b.weights ? b.weights->in.rows() : 0});
+        }
+        run_plan(pool, plan_threads, plan, {max_rows, 16, kernels::multiply_panel_width<Scalar>()}, 0,
+                 [&](const work_task& tk, Scalar*) {
+            const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
+            const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
+            switch (tk.item % 3) {
+                case 0:
+                    ffn_weight_gradient(b.dout, b.ldd, b.act, b.lda, b.rows, r0, r1, c0, c1, b.grad->out.data(), ff(b),
+                                        b.grad_accumulate);
+                    break;
+                case 1:
+                    ffn_weight_gradient(b.hidden, b.ldh, b.x, b.ldx, b.rows, r0, r1, c0, c1, b.grad->in.data(), d(b),
+                                        b.grad_accumulate);
+                    break;
+                default:
+                    ffn_input_gradient(*b.weights, b.hidden + r0 * b.ldh, b.ldh, r1 - r0, c0, c1, b.dx + r0 * b.lddx + c0,
+                                       b.lddx);
+            }
+        });
     }
 
     // Plans the tasks of `items_` (with the stage's `plan`) and runs f(task, scratch) for each on the
@@ -174,7 +194,7 @@ private:
     }
 
     std::vector<work_item> items_;
-    std::array<stage_plan, 4> plans_;  // forward stages 1 and 2, backward stages 1 and 2
+    std::array<stage_plan, 5> plans_;  // forward stages 1 and 2, backward stages 1 and 2, weight gradients alone
     std::vector<Scalar> scratch_;
 };
 

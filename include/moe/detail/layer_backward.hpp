@@ -1,7 +1,8 @@
 #pragma once
 // Internal: the definitions of `moe::layer`'s members for the backward path: the router's and the losses'
-// gradients, the expert pass backward (expert-parallel: gradients of the rows to their owners and back,
-// replicated gradients summed over the ranks), combine backward.
+// gradients, the expert pass backward (expert-parallel: gradients of the rows to the ranks that computed
+// them and back, re-balanced experts' weight gradients passed along their segments, replicated
+// gradients summed over the ranks), combine backward.
 // Included by moe/layer.hpp, after the class.
 
 #if !defined(MOE_LAYER_DEFINITIONS)
@@ -109,12 +110,27 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
     });
     matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
     routed_grad.resize(rows, d);
+    if (exchange_) {
+        helped_grad_.resize(experts_.size());
+        for (index ex = 0; ex < e; ++ex) {
+            gradients_type& g = helped_grad_[static_cast<std::size_t>(ex)];
+            if (!exchange_->helps(ex)) {
+                g = {};
+                continue;
+            }
+            const weights_type& w = helped_[static_cast<std::size_t>(ex)];
+            if (g.in.rows() != w.in.rows() || g.out.rows() != w.out.rows())
+                g = {matrix<Scalar>(w.in.rows(), w.in.cols()), matrix<Scalar>(w.out.rows(), w.out.cols())};
+        }
+    }
     for (index ex = 0; ex < e; ++ex) {
         const index first = offsets[static_cast<std::size_t>(ex)];
         auto& b = blocks_[static_cast<std::size_t>(ex)];
         b.dout = dout_.data() + first * d;
         b.ldd = d;
-        b.grad = &grad_experts_[static_cast<std::size_t>(ex)];
+        // Re-balanced: a segment after an expert's first continues the sum passed on to it (below).
+        b.grad = exchange_ && exchange_->segment_position(ex) > 0 ? nullptr : &gradient_of(ex);
+        b.grad_accumulate = false;
         b.dx = routed_grad.data() + first * d;
         b.lddx = d;
     }
@@ -139,9 +155,20 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
         sb.lddx = d;
     }
     pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
-    if (exchange_) {
-        row_grad_.resize(routing_.rows(), d);
-        exchange_->give_back(own_grad_, row_grad_);
+    if (!exchange_) return;
+    row_grad_.resize(routing_.rows(), d);
+    exchange_->give_back(own_grad_, row_grad_);
+    // Each helped expert's weight gradient, one sum over its block's rows in order: the rank of each
+    // segment passes the sum on to the next, which continues it; the owner's segment is last.
+    for (int round = 1; round <= exchange_->gradient_rounds(); ++round) {
+        exchange_->pass_gradients(round, [&](index ex) -> gradients_type& { return gradient_of(ex); });
+        for (index ex = 0; ex < e; ++ex) {
+            auto& b = blocks_[static_cast<std::size_t>(ex)];
+            b.grad_accumulate = exchange_->segment_position(ex) == round;
+            b.grad = b.grad_accumulate ? &gradient_of(ex) : nullptr;
+        }
+        blocks_.back().grad = nullptr;  // the shared FFN's are done
+        pass_.weight_gradients(std::span<const block>(blocks_), *pool_, plan_threads_);
     }
 }
 

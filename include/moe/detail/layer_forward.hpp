@@ -78,7 +78,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const con
         run_experts(x, routing_.expert_offsets, expert_out_);
         return;
     }
-    exchange_->plan(routing_, !training_);  // re-balanced in inference only: backward runs on the owners' rows
+    exchange_->plan(routing_, training_);  // backward runs on the same plan
     if (exchange_->last_plan().rows_moved > 0) {  // the same on every rank
         helped_.resize(experts_.size());
         for (index e = 0; e < shape_.n_experts; ++e) {
@@ -92,6 +92,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const con
     } else {
         helped_.clear();
     }
+    if (!training_) helped_grad_.clear();  // a training call's sums are passed on
     exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
     own_out_.resize(exchange_->own_offsets().back(), d);
     run_experts(x, exchange_->own_offsets(), own_out_);

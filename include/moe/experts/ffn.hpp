@@ -169,12 +169,13 @@ void ffn_hidden_columns_backward(const X& expert, const ffn_weights<storages::sc
 
 /// Rows [r0, r1) x columns [c0, c1) of a weight gradient, g = left^T right over n rows (rows of left
 /// ldl apart, of right ldr apart; g's rows ldg apart): dW_out = dout^T a, dW_in = dh^T x. Each value is
-/// summed over the rows in order (`kernels::multiply`), whatever the block.
+/// summed over the rows in order (`kernels::multiply`), whatever the block; with `accumulate` the sum
+/// continues from the value g holds.
 template <class Scalar>
 void ffn_weight_gradient(const Scalar* left, index ldl, const Scalar* right, index ldr, index n, index r0, index r1,
-                         index c0, index c1, Scalar* g, index ldg) {
+                         index c0, index c1, Scalar* g, index ldg, bool accumulate = false) {
     kernels::multiply(kernels::strided<Scalar>{left + r0, 1, ldl}, right + c0, ldr, g + r0 * ldg + c0, ldg, r1 - r0,
-                      c1 - c0, n, false);
+                      c1 - c0, n, accumulate);
 }
 
 /// Columns [c0, c1) of dL/dx = dh W_in for n rows of dh (rows ldh apart), at `dx` (the block's first

@@ -63,8 +63,8 @@ private:
 
 /// Which rank holds each routed expert: `owners[e]` for expert e. A layer given a placement with a
 /// communicator holds (and allocates) only the weights of the experts its rank owns; with `rebalance`
-/// on, an inference forward may have other ranks compute some of an overloaded rank's rows, with a
-/// copy of the expert's weights for that call (`rebalance.hpp`).
+/// on, a forward (and its backward) may have other ranks compute some of an overloaded rank's rows,
+/// with a copy of the expert's weights for that call (`rebalance.hpp`).
 struct placement {
     std::shared_ptr<communicator> comm = nullptr;  ///< null: one process, every expert local
     std::vector<int> owners = {};                 ///< per routed expert; empty: `blocks` of the experts

@@ -3,7 +3,9 @@
 /// `expert_exchange`: moves a rank's routed rows to the ranks that compute their experts and the
 /// results back, over a `communicator`: per forward one sum of every rank's row counts per expert,
 /// then one all-to-all of the rows each way (backward: one each way, with the forward's plan), and
-/// one of the weights of the experts that helpers compute rows of when the plan re-balances.
+/// one of the weights of the experts that helpers compute rows of when the plan re-balances; a
+/// re-balanced backward then hands each expert's weight-gradient sum along its segments
+/// (`pass_gradients`), one all-to-all per round.
 ///
 /// Every rank makes the same plan from the counts: each expert's rows go to its owner, or, re-balanced
 /// (`rebalance.hpp`), the first rows of an overloaded rank's expert to helpers, which receive the
@@ -42,9 +44,11 @@ struct load_statistics {
     double imbalance_before = 0;        ///< `imbalance` had every expert's owner computed all of its rows
     index rows_moved = 0;               ///< rows computed by another rank than their expert's owner (re-balancing)
     std::vector<index> weight_bytes_sent;  ///< bytes of expert weights (as stored) each rank sent to the ranks helping it
+    std::vector<index> gradient_bytes_sent;  ///< bytes of weight-gradient sums each rank passed on in backward
+                                             ///< (re-balanced training: a helper's to the next rank of the expert)
 
     /// {"ranks": P, "rows": [...], "imbalance": x, "imbalance_before": x, "rows_moved": n,
-    /// "bytes_sent": [...], "bytes_received": [...], "weight_bytes_sent": [...]}
+    /// "bytes_sent": [...], "bytes_received": [...], "weight_bytes_sent": [...], "gradient_bytes_sent": [...]}
     [[nodiscard]] std::string to_json() const {
         const auto list = [](const std::vector<index>& v) {
             std::string s = "[";
@@ -59,7 +63,8 @@ struct load_statistics {
         return "{\"ranks\": " + std::to_string(rows.size()) + ", \"rows\": " + list(rows) + ", \"imbalance\": " +
                number(imbalance) + ", \"imbalance_before\": " + number(imbalance_before) + ", \"rows_moved\": " +
                std::to_string(rows_moved) + ", \"bytes_sent\": " + list(bytes_sent) + ", \"bytes_received\": " +
-               list(bytes_received) + ", \"weight_bytes_sent\": " + list(weight_bytes_sent) + "}";
+               list(bytes_received) + ", \"weight_bytes_sent\": " + list(weight_bytes_sent) +
+               ", \"gradient_bytes_sent\": " + list(gradient_bytes_sent) + "}";
     }
 };
 
@@ -175,24 +180,25 @@ public:
 
     /// Plans the exchange of `r`'s routed rows (after `build_dispatch`): every rank's rows per expert
     /// are shared (one sum of P x E counts), then every rank makes the same plan of who computes which
-    /// rows (`rebalance.hpp`; re-balanced when the placement asks for it and `may_rebalance`, else each
-    /// expert's rows go to its owner). Collective.
-    void plan(const routing<Scalar>& r, bool may_rebalance = true) {
+    /// rows (`rebalance.hpp`; re-balanced when the placement asks for it, else each expert's rows go to
+    /// its owner). `training`: a helper also holds the gradient of the expert's weights until backward,
+    /// so a helped expert costs twice its weights' bytes against the cap. Collective.
+    void plan(const routing<Scalar>& r, bool training) {
         const int ranks = comm_->size(), me = comm_->rank();
         const auto nr = static_cast<std::size_t>(ranks), ne = static_cast<std::size_t>(experts_);
-        sent_bytes_ = received_bytes_ = weight_bytes_sent_ = 0;
-        rows_of_.assign(nr * ne + 1, 0);  // [rank][expert], then the ranks that may re-balance
+        sent_bytes_ = received_bytes_ = weight_bytes_sent_ = gradient_bytes_sent_ = 0;
+        rows_of_.assign(nr * ne + 1, 0);  // [rank][expert], then the ranks that train
         for (std::size_t e = 0; e < ne; ++e)
             rows_of_[static_cast<std::size_t>(me) * ne + e] = r.expert_offsets[e + 1] - r.expert_offsets[e];
-        rows_of_.back() = may_rebalance ? 1 : 0;
+        rows_of_.back() = training ? 1 : 0;
         comm_->all_sum(std::span<index>(rows_of_));
         if (rows_of_.back() != 0 && rows_of_.back() != ranks)  // the same on every rank: all throw
             throw error("expert parallelism: " + std::to_string(rows_of_.back()) + " of " + std::to_string(ranks) +
-                        " ranks may re-balance this forward (every rank must train, or not, alike)");
+                        " ranks train in this forward (every rank must train, or not, alike)");
         std::vector<index> rows(ne, 0);
         for (std::size_t q = 0; q < nr; ++q)
             for (std::size_t e = 0; e < ne; ++e) rows[e] += rows_of_[q * ne + e];
-        plan_ = plan_rebalance(rows, owners_, ranks, may_rebalance ? how_ : rebalancing{}, expert_bytes_);
+        plan_ = plan_rebalance(rows, owners_, ranks, how_, training ? 2 * expert_bytes_ : expert_bytes_);
         own_offsets_.assign(ne + 1, 0);
 
         // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block
@@ -244,6 +250,77 @@ public:
 
     /// The plan of the last `plan`.
     [[nodiscard]] const rebalance_plan& last_plan() const { return plan_; }
+
+    /// Where this rank's segment of expert e stands among the expert's segments under the last `plan`
+    /// (0: the first rows of its block), or -1 when it has none. An expert's weight gradient is one sum
+    /// over its block's rows in order (kernels/multiply.hpp), so the rank of segment 0 sums its rows
+    /// from zero and each later one continues from the sum its predecessor passes on
+    /// (`pass_gradients`): the owner, last, ends with the bits of one process.
+    [[nodiscard]] int segment_position(index e) const {
+        const auto& segments = plan_.experts[static_cast<std::size_t>(e)];
+        for (std::size_t i = 0; i < segments.size(); ++i)
+            if (segments[i].rank == comm_->rank()) return static_cast<int>(i);
+        return -1;
+    }
+
+    /// Rounds of `pass_gradients` the last `plan` needs: the most segments of an expert, less one (the
+    /// same on every rank).
+    [[nodiscard]] int gradient_rounds() const {
+        std::size_t most = 1;
+        for (const auto& segments : plan_.experts) most = std::max(most, segments.size());
+        return static_cast<int>(most) - 1;
+    }
+
+    /// Round `round` (1 to `gradient_rounds`) of the weight-gradient chain: for every expert with more
+    /// segments, the rank of segment round - 1 sends the gradient it holds, `grad(e)` (a struct of `in`
+    /// and `out` matrices), to the rank of segment `round`, whose `grad(e)` (allocated with the same
+    /// shapes) it overwrites. Collective.
+    template <class Grad>
+    void pass_gradients(int round, Grad&& grad) {
+        const int ranks = comm_->size(), me = comm_->rank();
+        const auto nr = static_cast<std::size_t>(ranks);
+        const auto link = [&](index e, std::size_t at) {  // the rank of segment `at` of e, or -1
+            const auto& segments = plan_.experts[static_cast<std::size_t>(e)];
+            return at < segments.size() ? segments[at].rank : -1;
+        };
+        const auto from = static_cast<std::size_t>(round - 1), to = static_cast<std::size_t>(round);
+        // By (destination, expert) out, (source, expert) in: the in matrix, then the out matrix.
+        values_out_.assign(nr, 0);
+        values_in_.assign(nr, 0);
+        gradients_.clear();
+        for (int q = 0; q < ranks; ++q)
+            for (index e = 0; e < experts_; ++e)
+                if (link(e, from) == me && link(e, to) == q) {
+                    auto& g = grad(e);
+                    for (const auto* m : {&g.in, &g.out}) {
+                        gradients_.insert(gradients_.end(), m->data(), m->data() + m->size());
+                        values_out_[static_cast<std::size_t>(q)] += m->size();
+                        if (q != me) gradient_bytes_sent_ += m->size() * static_cast<index>(sizeof(Scalar));
+                    }
+                }
+        index incoming = 0;
+        for (int q = 0; q < ranks; ++q)
+            for (index e = 0; e < experts_; ++e)
+                if (link(e, from) == q && link(e, to) == me) {
+                    auto& g = grad(e);
+                    values_in_[static_cast<std::size_t>(q)] += g.in.size() + g.out.size();
+                    incoming += g.in.size() + g.out.size();
+                }
+        received_gradients_.resize(static_cast<std::size_t>(incoming));
+        comm_->all_to_all(std::span<const Scalar>(gradients_), values_out_, std::span<Scalar>(received_gradients_), values_in_);
+        std::size_t at = 0;
+        for (int q = 0; q < ranks; ++q)
+            for (index e = 0; e < experts_; ++e)
+                if (link(e, from) == q && link(e, to) == me) {
+                    auto& g = grad(e);
+                    for (auto* m : {&g.in, &g.out}) {
+                        std::copy_n(received_gradients_.data() + at, m->size(), m->data());
+                        at += static_cast<std::size_t>(m->size());
+                    }
+                }
+        std::vector<Scalar>().swap(gradients_);  // transient, as the weights in `move_weights`
+        std::vector<Scalar>().swap(received_gradients_);
+    }
 
     /// Sends the weights of every expert this rank owns to the ranks that help it under the last
     /// `plan`, into their `helped[e]` (allocated with the owner's shapes by the caller: see `helps`);
@@ -322,11 +399,12 @@ public:
     [[nodiscard]] load_statistics load() {
         load_statistics s;
         const auto p = static_cast<std::size_t>(comm_->size()), me = static_cast<std::size_t>(comm_->rank());
-        std::vector<index> all(4 * p, 0);  // rows, bytes sent, bytes received, weight bytes sent per rank
+        std::vector<index> all(5 * p, 0);  // rows, bytes sent, bytes received, weight and gradient bytes sent per rank
         all[me] = own_offsets_.empty() ? 0 : own_offsets_.back();
         all[p + me] = sent_bytes_;
         all[2 * p + me] = received_bytes_;
         all[3 * p + me] = weight_bytes_sent_;
+        all[4 * p + me] = gradient_bytes_sent_;
         comm_->all_sum(std::span<index>(all));
         const auto part = [&](std::size_t i) {
             return std::vector<index>(all.begin() + static_cast<std::ptrdiff_t>(i * p), all.begin() + static_cast<std::ptrdiff_t>((i + 1) * p));
@@ -335,6 +413,7 @@ public:
         s.bytes_sent = part(1);
         s.bytes_received = part(2);
         s.weight_bytes_sent = part(3);
+        s.gradient_bytes_sent = part(4);
         s.imbalance = imbalance(s.rows);
         s.imbalance_before = plan_.rows_before.empty() ? 0 : imbalance(plan_.rows_before);
         s.rows_moved = plan_.rows_moved;
@@ -381,10 +460,11 @@ private:
     std::vector<index> received_at_;
     std::vector<index> values_out_, values_in_, totals_;
     std::vector<index> words_out_, words_in_;  // expert weights as words during move_weights, else empty
+    std::vector<Scalar> gradients_, received_gradients_;  // weight gradients during pass_gradients, else empty
     std::vector<index> first_tokens_;  // where each rank's tokens begin in the batch, and its end (gather_tokens)
 
     matrix<Scalar> buffer_, back_;
-    index sent_bytes_ = 0, received_bytes_ = 0, weight_bytes_sent_ = 0;
+    index sent_bytes_ = 0, received_bytes_ = 0, weight_bytes_sent_ = 0, gradient_bytes_sent_ = 0;
 };
 
 }  // namespace moe::parallel

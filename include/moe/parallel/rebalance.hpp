@@ -36,7 +36,8 @@ namespace moe::parallel {
 struct rebalancing {
     bool enabled = false;
     /// Bytes of other ranks' expert weights one rank may hold per forward (each helped expert's
-    /// routed weights, as stored). The default has no cap; 0 moves nothing.
+    /// routed weights, as stored; in training twice that, with the weight gradient the helper holds
+    /// until backward). The default has no cap; 0 moves nothing.
     std::size_t cap_bytes = std::numeric_limits<std::size_t>::max();
     /// The fewest rows worth moving to a helper with an expert's weights: a move of fewer is not made.
     /// A helper computes 2 x (in rows + d) x ff FLOPs per row with weights it received whole (3 x d x ff
