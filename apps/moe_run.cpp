@@ -150,7 +150,7 @@ arguments parse_arguments(int argc, char** argv) {
     CLI::Option* rebalance = app.add_flag("--rebalance", a.rebalance,
                                           "least-loaded re-balancing (below)")
                                  ->group(parallel)->needs(expert_parallel);
-    app.add_option("--rebalance-cap-mb", a.rebalance_cap_mb, "at most N MB of other ranks' weights per rank (default: no cap)")
+    app.add_option("--rebalance-cap-mb", a.rebalance_cap_mb, "at most N MB of other ranks' weights per rank (with --backward, each counts twice; default: no cap)")
         ->group(parallel)->needs(rebalance)->transform(in_range(moe::index{0}, moe::index{1} << 40, "[0, 2^40]"))->type_name("N");
     app.add_option("--rebalance-min-rows", a.rebalance_min_rows, "move no fewer than N rows with an expert (default 16)")
         ->group(parallel)->needs(rebalance)->transform(at_least(1))->type_name("N");

@@ -92,7 +92,7 @@ void run_layer(const arguments& a, const model_source& model, const moe::routers
     if (c.shared_size == 0) {
         moe::layer<float, any_router, Expert, se::none, lb, zl> layer(shape, where, router, {}, {}, losses);
         load_and_run(a, model, layer, j, in);
-    } else if (c.shared_gated) {
+    } else if (c.shared_gated()) {
         moe::layer<float, any_router, Expert, se::sigmoid_gated<>, lb, zl> layer(shape, where, router, {}, {}, losses);
         load_and_run(a, model, layer, j, in);
     } else {

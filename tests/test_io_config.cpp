@@ -25,7 +25,7 @@ TEST_CASE("config.json of each family maps to the layer's hyper-parameters", "[i
     CHECK(m.is_moe_layer(1));
     CHECK_FALSE(m.is_moe_layer(2));
     const auto d = moe::io::parse_config(deepseek());
-    CHECK(d.sigmoid_scoring);
+    CHECK(d.sigmoid_scoring());
     CHECK(d.scale == 2.5);  // HuggingFace's default routed_scaling_factor
     CHECK(d.shared_size == 32);
     CHECK_FALSE(d.is_moe_layer(0));
@@ -41,7 +41,7 @@ TEST_CASE("config.json of each family maps to the layer's hyper-parameters", "[i
     q["shared_expert_intermediate_size"] = 12;
     q["mlp_only_layers"] = {0};
     const auto qc = moe::io::parse_config(q);
-    CHECK(qc.shared_gated);
+    CHECK(qc.shared_gated());
     CHECK_FALSE(qc.normalize);
     CHECK_FALSE(qc.is_moe_layer(0));
 }
@@ -88,8 +88,8 @@ TEST_CASE("the family table has one entry per family, found by each of its names
     for (std::size_t i = 0; i < moe::io::families.size(); ++i) {
         const family_info& f = moe::io::families[i];
         INFO(f.model_type);
-        CHECK(static_cast<std::size_t>(f.kind) == i);  // names_of indexes by the enum
-        CHECK(&moe::io::names_of(f.kind) == &f);
+        CHECK(static_cast<std::size_t>(f.kind) == i);  // family_of indexes by the enum
+        CHECK(&moe::io::family_of(f.kind) == &f);
         CHECK(moe::io::find_family(&family_info::model_type, f.model_type) == &f);
         CHECK(moe::io::find_family(&family_info::gguf_architecture, f.gguf_architecture) == &f);
         // A config with the family's keys parses as it.
@@ -127,10 +127,10 @@ TEST_CASE("each family's entry gives what its HuggingFace configuration class de
         if (e.shared_gated) j["shared_expert_intermediate_size"] = 16;
         const auto c = moe::io::parse_config(j);
         CHECK(c.router_name() == e.router);
-        CHECK(c.sigmoid_scoring == (std::string_view(e.router) == "sigmoid_topk"));
+        CHECK(c.sigmoid_scoring() == (std::string_view(e.router) == "sigmoid_topk"));
         CHECK(c.normalize == e.normalize);
         CHECK(c.shared_size == e.shared_size);
-        CHECK(c.shared_gated == e.shared_gated);
+        CHECK(c.shared_gated() == e.shared_gated);
         CHECK(c.is_moe_layer(2) == e.moe_layer_2);
         CHECK(c.is_moe_layer(3));
         CHECK(c.scale == (std::string_view(e.router) == "sigmoid_topk" ? 2.5 : 1.0));

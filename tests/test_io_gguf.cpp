@@ -284,8 +284,8 @@ void check_gguf_case(const std::string& name, const std::string& gguf_name, cons
     CHECK(g.n_group == c.n_group);
     CHECK(g.topk_group == c.topk_group);
     CHECK(g.shared_size == c.shared_size);
-    CHECK(g.shared_gated == c.shared_gated);
-    CHECK(g.sigmoid_scoring == c.sigmoid_scoring);
+    CHECK(g.shared_gated() == c.shared_gated());
+    CHECK(g.sigmoid_scoring() == c.sigmoid_scoring());
     CHECK(g.n_layers == c.n_layers);
     auto from_gguf = make(g), from_ckpt = make(c);
     moe::io::load_layer(file, 1, from_gguf);

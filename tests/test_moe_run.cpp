@@ -614,12 +614,14 @@ TEST_CASE("moe-run --expert-parallel --rebalance writes the same output and brin
         REQUIRE(few.status == 0);
         CHECK(load_of(few.out)["rows_moved"] == 0);
         // Backward: every gradient the same bytes; the helpers passed their weight-gradient sums on.
-        const auto b_off = moe_run_parallel(ranks, case_args("mixtral_f32", off, skewed.string()) + " --backward", tmp);
-        const auto b_on = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --backward --stats --rebalance", tmp);
+        const fs::path trained_off = tmp.path / "trained_off.safetensors", trained_on = tmp.path / "trained_on.safetensors";
+        const auto b_off = moe_run_parallel(ranks, case_args("mixtral_f32", trained_off, skewed.string()) + " --backward", tmp);
+        const auto b_on = moe_run_parallel(ranks, case_args("mixtral_f32", trained_on, skewed.string()) + " --backward --stats --rebalance", tmp);
         INFO(b_off.err << b_on.err);
         REQUIRE(b_off.status == 0);
         REQUIRE(b_on.status == 0);
-        CHECK(slurp(on) == slurp(off));
+        CHECK(moe::io::safetensors_file(trained_on).contains("grad.model.layers.1.block_sparse_moe.experts.0.w1.weight"));
+        CHECK(slurp(trained_on) == slurp(trained_off));
         const auto trained = load_of(b_on.out);
         CHECK(most(trained) <= (rows + ranks - 1) / ranks);
         const auto passed = trained["gradient_bytes_sent"].get<std::vector<moe::index>>();

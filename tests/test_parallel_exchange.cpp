@@ -211,3 +211,76 @@ TEST_CASE("expert_exchange gathers the batch's logits, takes a rank's slots and 
     whole.tokens = 4;  // a router that lost a token
     CHECK_THROWS_WITH(ex.take_own(whole, own), Catch::Contains("routing of 4 tokens for the batch's 5"));
 }
+
+TEST_CASE("expert_exchange passes each re-balanced expert's weight-gradient sum along its segments", "[parallel]") {
+    // Rank 1 of 4, experts owned in pairs (0 0 1 1 2 2 3 3), no rows of its own; the other ranks' rows
+    // make the plan (rebalance.hpp's rule, min_rows 1):
+    //   expert 4: rank 0 (38 rows), rank 1 (12), its owner rank 2 (0)
+    //   expert 5: rank 1 (3), its owner rank 2 (41)      expert 6: rank 1 (1), its owner rank 3 (36)
+    // So in round 1 rank 1 sends its sums of experts 5 and 6 to ranks 2 and 3 and receives expert 4's
+    // from rank 0; in round 2 it sends expert 4's, continued, to rank 2.
+    struct rank_1_of_4 final : one_of_ranks {
+        rank_1_of_4() : one_of_ranks(1, 4) {}
+        using one_of_ranks::all_sum, one_of_ranks::all_to_all;
+        std::vector<moe::index> rows;                   // every expert's rows, as rank 0 holds them
+        std::vector<moe::index> sent_counts;            // of the last float all-to-all
+        std::vector<float> sent, from_rank_0;           // its values; what rank 0 sends in it
+        void all_sum(std::span<moe::index> v) override {
+            if (v.size() != 4 * rows.size() + 1) return;  // load(): the other ranks add nothing
+            std::copy(rows.begin(), rows.end(), v.begin());  // plan(): [rank][expert] rows, then the ranks that train
+            v.back() += 3;
+        }
+        void all_to_all(std::span<const float> send, std::span<const moe::index> send_counts, std::span<float> recv,
+                        std::span<const moe::index> recv_counts) override {
+            sent.assign(send.begin(), send.end());
+            sent_counts.assign(send_counts.begin(), send_counts.end());
+            REQUIRE(recv_counts[0] == static_cast<moe::index>(from_rank_0.size()));
+            for (const std::size_t q : {1, 2, 3}) REQUIRE(recv_counts[q] == 0);
+            std::copy(from_rank_0.begin(), from_rank_0.end(), recv.begin());
+        }
+    };
+    auto comm = std::make_shared<rank_1_of_4>();
+    comm->rows = {1, 2, 21, 2, 50, 44, 37, 5};
+    moe::parallel::expert_exchange<float> ex(
+        moe::parallel::placement{.comm = comm, .rebalance = {.enabled = true, .min_rows = 1}}, 8, 1);
+    moe::routing<float> none;
+    none.reset_fixed_k(0, 8, 2);
+    none.build_dispatch();
+    ex.plan(none, true);
+    const auto& plan = ex.last_plan();
+    REQUIRE(plan.experts[4].size() == 3);
+    CHECK(plan.experts[4][1].rank == 1);
+    CHECK(plan.experts[4][1].rows == 12);
+    CHECK(ex.gradient_rounds() == 2);
+    CHECK(ex.segment_position(4) == 1);
+    CHECK(ex.segment_position(5) == 0);
+    CHECK(ex.segment_position(6) == 0);
+    CHECK(ex.segment_position(0) == -1);
+
+    struct sums {
+        moe::matrix<float> in, out;
+    };
+    std::vector<sums> grads(8);
+    for (std::size_t e = 0; e < 8; ++e) {  // 2 x 3 and 3 x 1 values: 10 e + 0..5, 100 e + 0..2
+        grads[e].in.resize(2, 3);
+        grads[e].out.resize(3, 1);
+        for (moe::index i = 0; i < 6; ++i) grads[e].in.data()[i] = static_cast<float>(10 * e) + static_cast<float>(i);
+        for (moe::index i = 0; i < 3; ++i) grads[e].out.data()[i] = static_cast<float>(100 * e) + static_cast<float>(i);
+    }
+    const auto grad = [&](moe::index e) -> sums& { return grads[static_cast<std::size_t>(e)]; };
+    comm->from_rank_0 = {-1, -2, -3, -4, -5, -6, -7, -8, -9};  // expert 4's sum from rank 0
+    ex.pass_gradients(1, grad);
+    CHECK(comm->sent_counts == std::vector<moe::index>{0, 0, 9, 9});
+    CHECK(comm->sent == std::vector<float>{50, 51, 52, 53, 54, 55, 500, 501, 502,     // expert 5 to rank 2
+                                           60, 61, 62, 63, 64, 65, 600, 601, 602});  // expert 6 to rank 3
+    const auto values = [](const moe::matrix<float>& m) { return std::vector<float>(m.data(), m.data() + m.size()); };
+    CHECK(values(grads[4].in) == std::vector<float>{-1, -2, -3, -4, -5, -6});  // received in place
+    CHECK(values(grads[4].out) == std::vector<float>{-7, -8, -9});
+    CHECK(values(grads[5].in) == std::vector<float>{50, 51, 52, 53, 54, 55});  // sent: unchanged
+    comm->from_rank_0.clear();
+    grads[4].in(0, 0) = 42;  // as if this rank's rows continued the sum
+    ex.pass_gradients(2, grad);
+    CHECK(comm->sent_counts == std::vector<moe::index>{0, 0, 9, 0});
+    CHECK(comm->sent == std::vector<float>{42, -2, -3, -4, -5, -6, -7, -8, -9});
+    CHECK(ex.load().gradient_bytes_sent[1] == 27 * static_cast<moe::index>(sizeof(float)));  // 18 values, then 9
+}

@@ -403,6 +403,9 @@ private:
     // weight times dL/dy of its token) is gathered first. Expert-parallel: dL/d(out) of every routed row
     // goes to the row's owner, which returns dL/dx of the row.
     void backward_experts(const const_matrix_ref<Scalar>& x, const const_matrix_ref<Scalar>& grad_y);
+    // Routed expert e's block computes its weight gradient in round `round` of the chain along its
+    // segments (0: the pass itself, from zero; later: continuing the sum passed on).
+    void set_gradient_round(index e, int round);
 
     template <class M>
     void sum_over_ranks(M& m) {
@@ -469,7 +472,7 @@ private:
     // Expert parallelism (null exchange: one process).
     std::unique_ptr<parallel::expert_exchange<Scalar>> exchange_;
     std::vector<weights_type> helped_;  // copies of the experts this rank helps with in the last forward; empty when none
-    std::vector<gradients_type> helped_grad_;  // backward: their weight-gradient sums, passed on (empty when none)
+    std::vector<gradients_type> helped_grad_;  // during backward: their weight-gradient sums, passed on
     matrix<Scalar> received_x_;     // the input rows of the routed rows this rank computes
     matrix<Scalar> own_out_;        // their outputs
     matrix<Scalar> received_grad_;  // backward: their dL/d(output), scaled by the combine weight

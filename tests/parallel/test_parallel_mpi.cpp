@@ -47,13 +47,15 @@ bool bitwise(const A& a, const B& b) {
 }
 
 /// What may differ from one process: expert outputs and expert weight gradients are bitwise equal
-/// (an owner computes the rows of its experts in the one-process order); sums over ranks (router and
+/// (each row is computed alone, and each expert's weight gradient summed over its rows in the
+/// one-process order, along the ranks that computed them when re-balanced); sums over ranks (router and
 /// shared-expert gradients, loss values) and the shared FFN (other row blocks) within 1e-6.
 constexpr double tolerance = 1e-6;
 
 /// `one` on the whole batch and `part` (this rank's layer) on this rank's slice, forward and backward.
+/// Returns the rows `part` computed for other ranks' experts (re-balancing).
 template <class Layer>
-void check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwise_output) {
+index check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwise_output) {
     const auto comm = world();
     const index d = one.shape().d_model;
     const moe::matrix<float> x = random_matrix(tokens, d, 11), g = random_matrix(tokens, d, 12);
@@ -137,17 +139,18 @@ void check_against_one_process(Layer& one, Layer& part, index tokens, bool bitwi
     for (index e = 0; e < one.shape().n_experts; ++e) {
         const auto& segments = plan.experts[static_cast<std::size_t>(e)];
         const auto& w = one.expert_weights(e);
-        for (std::size_t i = 1; i < segments.size(); ++i)
-            if (segments[i].rank != segments[i - 1].rank)
-                expected_passed += (w.in.size() + w.out.size()) * static_cast<index>(sizeof(float));
+        // One sum per segment after the first (a rank has at most one segment of an expert).
+        expected_passed += static_cast<index>(segments.size() - 1) * (w.in.size() + w.out.size()) * static_cast<index>(sizeof(float));
     }
     CHECK(passed == expected_passed);
+    return load.rows_moved;
 }
 
 /// `check_against_one_process` for the layer with `owners`, without and with least-loaded re-balancing
-/// (every move made: random routings are only mildly uneven).
+/// (every move made: random routings are only mildly uneven). Returns the rows moved re-balanced.
 template <class Layer, class... Args>
-void compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owners, bool bitwise_output, Args... args) {
+index compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owners, bool bitwise_output, Args... args) {
+    index moved = 0;
     for (const bool rebalance : {false, true}) {
         INFO((rebalance ? "re-balanced" : "owners only"));
         Layer one(shape, args...);
@@ -159,8 +162,10 @@ void compare_layers(moe::layer_shape shape, index tokens, std::vector<int> owner
             auto* same = moe::correction_bias<float>(part.router_state());
             for (index e = 0; e < bias->size(); ++e) (*bias)[e] = (*same)[e] = 0.05f * static_cast<float>(e % 3);
         }
-        check_against_one_process(one, part, tokens, bitwise_output);
+        moved = check_against_one_process(one, part, tokens, bitwise_output);
+        if (!rebalance) CHECK(moved == 0);
     }
+    return moved;
 }
 
 /// What routing each rank's slice as a group of its own would change: the tokens (over all ranks) whose
@@ -201,7 +206,9 @@ TEST_CASE("expert-parallel top-k layers equal one process: outputs and expert gr
     const moe::routers::softmax_topk router{.k = 2};
     for (const moe::index tokens : {0, 3, 37, 300}) {  // 3 < 4 ranks: a rank without tokens; 300: several pieces
         INFO("T = " << tokens);
-        compare_layers<layer>(shape, tokens, {}, true, router, moe::experts::swiglu{}, moe::shared_experts::none{}, losses);
+        const moe::index moved =
+            compare_layers<layer>(shape, tokens, {}, true, router, moe::experts::swiglu{}, moe::shared_experts::none{}, losses);
+        if (tokens == 300) CHECK(moved > 0);  // re-balancing had work
     }
     const int ranks = world()->size();
     std::vector<int> interleaved(8), all_on_last(8, ranks - 1);

@@ -128,9 +128,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
         auto& b = blocks_[static_cast<std::size_t>(ex)];
         b.dout = dout_.data() + first * d;
         b.ldd = d;
-        // Re-balanced: a segment after an expert's first continues the sum passed on to it (below).
-        b.grad = exchange_ && exchange_->segment_position(ex) > 0 ? nullptr : &gradient_of(ex);
-        b.grad_accumulate = false;
+        set_gradient_round(ex, 0);
         b.dx = routed_grad.data() + first * d;
         b.lddx = d;
     }
@@ -162,14 +160,22 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
     // segment passes the sum on to the next, which continues it; the owner's segment is last.
     for (int round = 1; round <= exchange_->gradient_rounds(); ++round) {
         exchange_->pass_gradients(round, [&](index ex) -> gradients_type& { return gradient_of(ex); });
-        for (index ex = 0; ex < e; ++ex) {
-            auto& b = blocks_[static_cast<std::size_t>(ex)];
-            b.grad_accumulate = exchange_->segment_position(ex) == round;
-            b.grad = b.grad_accumulate ? &gradient_of(ex) : nullptr;
-        }
+        for (index ex = 0; ex < e; ++ex) set_gradient_round(ex, round);
         blocks_.back().grad = nullptr;  // the shared FFN's are done
         pass_.weight_gradients(std::span<const block>(blocks_), *pool_, plan_threads_);
     }
+    helped_grad_.clear();  // passed on
+}
+
+template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
+          loss_term<Scalar>... Losses>
+void layer<Scalar, Router, Expert, Shared, Losses...>::set_gradient_round(index e, int round) {
+    // Without expert parallelism every expert is one segment (position 0); an expert of which this
+    // rank computes no rows has none here (-1).
+    const int position = exchange_ ? exchange_->segment_position(e) : 0;
+    auto& b = blocks_[static_cast<std::size_t>(e)];
+    b.grad = position == round ? &gradient_of(e) : nullptr;
+    b.grad_accumulate = round > 0;
 }
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,

@@ -92,7 +92,6 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::compute_experts(const con
     } else {
         helped_.clear();
     }
-    if (!training_) helped_grad_.clear();  // a training call's sums are passed on
     exchange_->send(d, [&](index row, Scalar* to) { row_map(to, d) = x.row(token_of(row)); }, received_x_);
     own_out_.resize(exchange_->own_offsets().back(), d);
     run_experts(x, exchange_->own_offsets(), own_out_);

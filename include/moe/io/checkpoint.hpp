@@ -31,9 +31,9 @@ struct layer_tensor_names {
     [[nodiscard]] std::string router() const { return prefix + "gate.weight"; }
     [[nodiscard]] std::string correction_bias() const { return prefix + "gate.e_score_correction_bias"; }
     /// Gate, up and down projections of routed expert e.
-    [[nodiscard]] std::string expert_gate(index e) const { return expert(e, names_of(kind).gate); }
-    [[nodiscard]] std::string expert_up(index e) const { return expert(e, names_of(kind).up); }
-    [[nodiscard]] std::string expert_down(index e) const { return expert(e, names_of(kind).down); }
+    [[nodiscard]] std::string expert_gate(index e) const { return expert(e, family_of(kind).gate); }
+    [[nodiscard]] std::string expert_up(index e) const { return expert(e, family_of(kind).up); }
+    [[nodiscard]] std::string expert_down(index e) const { return expert(e, family_of(kind).down); }
     /// Gate, up and down projections of the shared FFN.
     [[nodiscard]] std::string shared_gate_proj() const { return shared() + "gate_proj.weight"; }
     [[nodiscard]] std::string shared_up_proj() const { return shared() + "up_proj.weight"; }
@@ -43,14 +43,14 @@ struct layer_tensor_names {
 
     /// The names for decoder layer `layer` of family `kind`.
     static layer_tensor_names of(family kind, index layer) {
-        return {"model.layers." + std::to_string(layer) + "." + std::string(names_of(kind).block), kind};
+        return {"model.layers." + std::to_string(layer) + "." + std::string(family_of(kind).block), kind};
     }
 
 private:
     [[nodiscard]] std::string expert(index e, std::string_view projection) const {
         return prefix + "experts." + std::to_string(e) + "." + std::string(projection) + ".weight";
     }
-    [[nodiscard]] std::string shared() const { return prefix + std::string(names_of(kind).shared); }
+    [[nodiscard]] std::string shared() const { return prefix + std::string(family_of(kind).shared); }
 };
 
 /// A checkpoint folder: its config and its tensors, wherever they are stored.
@@ -180,7 +180,7 @@ void check_layer(const checkpoint& ckpt, index layer_index, const Router& router
         expect(names.shared_up_proj(), {c.shared_size, d});
         expect(names.shared_down_proj(), {d, c.shared_size});
     }
-    if (c.shared_gated) expect(names.shared_expert_gate(), {1, d});
+    if (c.shared_gated()) expect(names.shared_expert_gate(), {1, d});
     if (reads_correction_bias(router)) {
         if (!ckpt.contains(names.correction_bias()))
             throw config_error(ckpt.directory().string() + ": the router reads a correction bias (DeepSeek-V3's sigmoid "

@@ -94,7 +94,7 @@ inline constexpr std::array<family_info, 5> families{{
 }};
 
 /// The entry of family `kind`.
-[[nodiscard]] inline const family_info& names_of(family kind) { return families[static_cast<std::size_t>(kind)]; }
+[[nodiscard]] inline const family_info& family_of(family kind) { return families[static_cast<std::size_t>(kind)]; }
 
 /// The family whose `member` (`&family_info::model_type` or `&family_info::gguf_architecture`) is
 /// `name`; null when none is.
@@ -120,13 +120,11 @@ struct model_config {
     index n_experts = 0;          ///< routed experts E
     index top_k = 0;              ///< `num_experts_per_tok`
     index n_layers = 0;           ///< `num_hidden_layers`
-    bool sigmoid_scoring = false; ///< R2 (DeepSeek-V3) instead of R1
     bool normalize = false;       ///< `norm_topk_prob` (always true for Mixtral)
     double scale = 1.0;           ///< `routed_scaling_factor`
     index n_group = 1;
     index topk_group = 1;
     index shared_size = 0;        ///< width of the shared FFN; 0 without
-    bool shared_gated = false;    ///< Qwen2-MoE's sigmoid `shared_expert_gate`
 
     // Which layers are MoE (the others are dense MLPs).
     index first_k_dense_replace = 0;
@@ -135,12 +133,16 @@ struct model_config {
     std::vector<index> mlp_only_layers;
 
     /// The family's own router in the router registry (routers/registry.hpp).
-    [[nodiscard]] std::string_view router_name() const { return names_of(kind).router; }
+    [[nodiscard]] std::string_view router_name() const { return family_of(kind).router; }
+    /// Whether the family scores with sigmoids (DeepSeek-V3's R2) instead of a softmax (R1).
+    [[nodiscard]] bool sigmoid_scoring() const { return router_name() == "sigmoid_topk"; }
+    /// Whether the shared FFN is scaled by a sigmoid gate (Qwen2-MoE's `shared_expert_gate`).
+    [[nodiscard]] bool shared_gated() const { return family_of(kind).shared_kind == shared_ffn::gated; }
 
     /// Whether decoder layer `layer` (0-based) is an MoE layer, following the family's modeling code.
     [[nodiscard]] bool is_moe_layer(index layer) const {
         if (layer < 0 || layer >= n_layers) return false;
-        switch (names_of(kind).layers) {
+        switch (family_of(kind).layers) {
             case moe_layers::sparse_step:
                 return std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) == mlp_only_layers.end() &&
                        (layer + 1) % decoder_sparse_step == 0;
@@ -256,7 +258,6 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
         case shared_ffn::none: break;
         case shared_ffn::gated:
             c.shared_size = r.integer(f->shared_size_key.data());
-            c.shared_gated = true;
             break;
         case shared_ffn::experts: {
             const index count = r.integer_or(f->shared_size_key.data(), 1, 1);
@@ -278,8 +279,7 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
             c.moe_layer_freq = r.integer_or("moe_layer_freq", 1, 1);
             break;
     }
-    c.sigmoid_scoring = f->router == "sigmoid_topk";
-    if (c.sigmoid_scoring) {  // DeepSeek-V3's keys and defaults
+    if (c.sigmoid_scoring()) {  // DeepSeek-V3's keys and defaults
         c.scale = r.number_or("routed_scaling_factor", 2.5);
         c.n_group = r.integer_or("n_group", 8, 1);
         c.topk_group = r.integer_or("topk_group", 4, 1);

@@ -68,8 +68,7 @@ inline model_config gguf_config(const gguf_file& file) {
     c.expert_size = file.contains_key(key("expert_feed_forward_length")) ? integer("expert_feed_forward_length", 1)
                                                                          : integer("feed_forward_length", 1);
     // What llama.cpp computes for each (src/llama-model.cpp), as the family's entry says.
-    c.sigmoid_scoring = f->router == "sigmoid_topk";
-    if (c.sigmoid_scoring && integer("expert_gating_func", 0, 1) != 2)
+    if (c.sigmoid_scoring() && integer("expert_gating_func", 0, 1) != 2)
         throw config_error(where + "'" + key("expert_gating_func") +
                            "' is not 2 (sigmoid, DeepSeek-V3): DeepSeek-V2's softmax gating is not supported");
     c.normalize = f->gguf_normalize.value;
@@ -79,7 +78,6 @@ inline model_config gguf_config(const gguf_file& file) {
         case shared_ffn::none: break;
         case shared_ffn::gated:
             c.shared_size = integer("expert_shared_feed_forward_length", 1);
-            c.shared_gated = true;
             break;
         case shared_ffn::experts: {
             const index shared = integer("expert_shared_count", 0);
@@ -91,7 +89,7 @@ inline model_config gguf_config(const gguf_file& file) {
         }
     }
     if (f->layers == moe_layers::after_dense) c.first_k_dense_replace = integer("leading_dense_block_count", 0);
-    if (c.sigmoid_scoring) {  // DeepSeek-V3's keys
+    if (c.sigmoid_scoring()) {  // DeepSeek-V3's keys
         c.scale = file.number(key("expert_weights_scale"));
         if (!std::isfinite(c.scale) || c.scale <= 0)
             throw config_error(where + "'" + key("expert_weights_scale") + "' is " + std::to_string(c.scale) +
@@ -143,7 +141,7 @@ void check_layer(const gguf_file& file, const model_config& c, index layer_index
         expect(name("ffn_up_shexp.weight"), {u(d), u(c.shared_size)});
         expect(name("ffn_down_shexp.weight"), {u(c.shared_size), u(d)});
     }
-    if (c.shared_gated) expect(name("ffn_gate_inp_shexp.weight"), {u(d)});
+    if (c.shared_gated()) expect(name("ffn_gate_inp_shexp.weight"), {u(d)});
     if (reads_correction_bias(router)) {
         if (!file.contains(name("exp_probs_b.bias")))
             throw config_error(where + "the router reads a correction bias (DeepSeek-V3's sigmoid routing), and this " +

@@ -181,8 +181,8 @@ public:
     /// Plans the exchange of `r`'s routed rows (after `build_dispatch`): every rank's rows per expert
     /// are shared (one sum of P x E counts), then every rank makes the same plan of who computes which
     /// rows (`rebalance.hpp`; re-balanced when the placement asks for it, else each expert's rows go to
-    /// its owner). `training`: a helper also holds the gradient of the expert's weights until backward,
-    /// so a helped expert costs twice its weights' bytes against the cap. Collective.
+    /// its owner). `training`: in backward a helper also holds the weight-gradient sum it passes on, so
+    /// a helped expert costs twice its weights' bytes against the cap. Collective.
     void plan(const routing<Scalar>& r, bool training) {
         const int ranks = comm_->size(), me = comm_->rank();
         const auto nr = static_cast<std::size_t>(ranks), ne = static_cast<std::size_t>(experts_);
@@ -200,6 +200,10 @@ public:
             for (std::size_t e = 0; e < ne; ++e) rows[e] += rows_of_[q * ne + e];
         plan_ = plan_rebalance(rows, owners_, ranks, how_, training ? 2 * expert_bytes_ : expert_bytes_);
         own_offsets_.assign(ne + 1, 0);
+        positions_.assign(ne, -1);
+        for (std::size_t e = 0; e < ne; ++e)
+            for (std::size_t i = 0; i < plan_.experts[e].size(); ++i)
+                if (plan_.experts[e][i].rank == me) positions_[e] = static_cast<int>(i);
 
         // The rows of rank `src` for expert e are [first_of(src, e), + rows_of) of the expert's block
         // (the sum of the earlier ranks' rows); those of them in rank q's segment go to q.
@@ -252,15 +256,12 @@ public:
     [[nodiscard]] const rebalance_plan& last_plan() const { return plan_; }
 
     /// Where this rank's segment of expert e stands among the expert's segments under the last `plan`
-    /// (0: the first rows of its block), or -1 when it has none. An expert's weight gradient is one sum
-    /// over its block's rows in order (kernels/multiply.hpp), so the rank of segment 0 sums its rows
-    /// from zero and each later one continues from the sum its predecessor passes on
-    /// (`pass_gradients`): the owner, last, ends with the bits of one process.
+    /// (0: the first rows of its block), or -1 when it has none (or before any plan). An expert's
+    /// weight gradient is one sum over its block's rows in order (kernels/multiply.hpp), so the rank of
+    /// segment 0 sums its rows from zero and each later one continues from the sum its predecessor
+    /// passes on (`pass_gradients`): the owner, whose segment is last, ends with the bits of one process.
     [[nodiscard]] int segment_position(index e) const {
-        const auto& segments = plan_.experts[static_cast<std::size_t>(e)];
-        for (std::size_t i = 0; i < segments.size(); ++i)
-            if (segments[i].rank == comm_->rank()) return static_cast<int>(i);
-        return -1;
+        return positions_.empty() ? -1 : positions_[static_cast<std::size_t>(e)];
     }
 
     /// Rounds of `pass_gradients` the last `plan` needs: the most segments of an expert, less one (the
@@ -457,6 +458,7 @@ private:
     std::vector<index> firsts_;            // [rank][expert] where the rank's rows begin in the expert's block
     rebalance_plan plan_;
     std::vector<index> own_offsets_;
+    std::vector<int> positions_;           // per expert: this rank's segment among the expert's, or -1
     std::vector<index> received_at_;
     std::vector<index> values_out_, values_in_, totals_;
     std::vector<index> words_out_, words_in_;  // expert weights as words during move_weights, else empty

@@ -6,7 +6,9 @@
 /// counts every rank knows every expert's rows, so every rank computes the same plan without talking.
 ///
 /// An expert's one-process row block (its rows in rank order, then token order) is cut into
-/// contiguous segments: its helpers' first, in the order they were chosen, its owner's last. A row's
+/// contiguous segments, at most one per rank: its helpers' first, in the order they were chosen, its
+/// owner's last (backward passes the expert's weight-gradient sum along them in this order and the
+/// owner must end with it: `expert_exchange::segment_position`). A row's
 /// output depends only on the row and the weights (kernels/linear.hpp), so the outputs are the same
 /// bits wherever a row is computed.
 ///
@@ -36,8 +38,8 @@ namespace moe::parallel {
 struct rebalancing {
     bool enabled = false;
     /// Bytes of other ranks' expert weights one rank may hold per forward (each helped expert's
-    /// routed weights, as stored; in training twice that, with the weight gradient the helper holds
-    /// until backward). The default has no cap; 0 moves nothing.
+    /// routed weights, as stored; in training twice that: in backward the helper also holds the
+    /// expert's weight-gradient sum). The default has no cap; 0 moves nothing.
     std::size_t cap_bytes = std::numeric_limits<std::size_t>::max();
     /// The fewest rows worth moving to a helper with an expert's weights: a move of fewer is not made.
     /// A helper computes 2 x (in rows + d) x ff FLOPs per row with weights it received whole (3 x d x ff
