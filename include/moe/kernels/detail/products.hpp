@@ -101,7 +101,7 @@ index linear_chunk(index d) {
 }
 
 /// A float scratch of the calling thread, 64-byte aligned, for at least `count` values: the widened
-/// bf16 operands of `linear` (products_body.hpp's `linear_widened`: a group of x rows of at most 512
+/// bf16 operands of `linear` (products_body.hpp's `widened_rows`: a group of x rows of at most 512
 /// KiB and a block of W rows of at most 512 KiB (16 rows of 8192 floats) or 128 KiB: 1 MiB at most).
 /// Allocated at its full size (1088 KiB) the first time a thread needs it and kept, so a thread
 /// allocates once, whatever the sizes of the products it meets later.

@@ -154,6 +154,55 @@ index w_block_rows(index per_row) {
     return std::max<index>(unit, 128 * 1024 / per_row / unit * unit);
 }
 
+/// Rows of x in a block of `linear` (rows of `per_row` bytes): about 256 KiB, a multiple of 4.
+inline index x_block_rows(index per_row) { return std::max<index>(4, 256 * 1024 / per_row / 4 * 4); }
+
+/// Rows of one operand of the tiles: at `data`, `ld` apart, of which `readable` may be read (the rows
+/// a tile asks for ahead stop there).
+template <class T>
+struct rows_at {
+    const T* data;
+    index ld;
+    index readable;
+};
+
+/// The blocking of `linear` (n >= 4 rows of x, m rows of W, d values each, `per_row` bytes per row
+/// of a chunk as the tiles read it): chunk by chunk of d, group by group of `group` x rows, block by
+/// block of W rows and of x rows, the sums of each chunk added to z. `rows.x(k, kn, g0, gn)` gives the
+/// tiles' operand for values [k, k + kn) of x rows [g0, g0 + gn), `rows.w(k, kn, j0, jn)` that of W
+/// rows [j0, j0 + jn): the rows as stored (`stored_rows`) or widened copies (`widened_rows`).
+template <class Tiles, class Scalar, class Rows>
+void linear_blocks(const Rows& rows, Scalar* z, index ldz, index n, index m, index d, index chunk, index per_row,
+                   index group) {
+    const index w_block = w_block_rows<Scalar>(per_row), x_block = x_block_rows(per_row);
+    for (index k = 0; k == 0 || k < d; k += chunk) {
+        const index kn = std::min(chunk, d - k);
+        for (index g0 = 0; g0 < n; g0 += group) {
+            const index gn = std::min(group, n - g0);
+            const auto x = rows.x(k, kn, g0, gn);
+            for (index j0 = 0; j0 < m; j0 += w_block) {
+                const index jn = std::min(w_block, m - j0);
+                const auto w = rows.w(k, kn, j0, jn);
+                for (index r0 = 0; r0 < gn; r0 += x_block)
+                    linear_block<Tiles>(x.data, x.ld, w.data, w.ld, z + g0 * ldz + j0, ldz, r0, std::min(gn, r0 + x_block),
+                                        0, jn, w.readable, kn, chunk, k > 0);
+            }
+        }
+    }
+}
+
+/// The operands of `linear_blocks` where they are stored.
+template <class In>
+struct stored_rows {
+    const In* xs;
+    index ldx;
+    const In* ws;
+    index ldw;
+    index m;
+    rows_at<In> x(index k, index, index g0, index gn) const { return {xs + g0 * ldx + k, ldx, gn}; }
+    rows_at<In> w(index k, index, index j0, index) const { return {ws + j0 * ldw + k, ldw, m - j0}; }
+};
+
 /// Rows [0, rows) of `from` (row stride ld, `count` values each) widened into `to` (row stride ldt).
 template <class V>
 void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, index count) {
@@ -166,61 +215,54 @@ void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, in
     }
 }
 
-/// `linear` on bf16 rows by the float tiles, on copies widened ahead: where a family widens in its
-/// tiles, every value of W is widened once per 4 rows of x and x's once per tile of W rows; here
-/// groups of x rows (about 512 KiB of floats) are widened once and the blocks of W once per group,
-/// into a thread's scratch (`scratch_floats`). The tiles then sum the same exact products in the same
-/// order (the chunks are the bf16 rows'), so the bits are those of widening in the tiles.
-template <class Tiles, class Scalar>
-void linear_widened(const bf16* x, index ldx, const bf16* w, index ldw, Scalar* z, index ldz, index n, index m,
-                    index d, index chunk) {
-    using V = vec<Scalar>;
-    const index ldf = (chunk + 15) / 16 * 16;  // rows on cache lines
-    const index per_row = static_cast<index>(sizeof(float)) * ldf;
-    const index w_block = w_block_rows<Scalar>(per_row);
-    const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
-    const index group = std::min(n, std::max<index>(x_block, 512 * 1024 / per_row / x_block * x_block));
-    float* xf = scratch_floats((group + w_block) * ldf);
-    float* wf = xf + group * ldf;
-    for (index k = 0; k == 0 || k < d; k += chunk) {
-        const index kn = std::min(chunk, d - k);
-        for (index g0 = 0; g0 < n; g0 += group) {
-            const index gn = std::min(group, n - g0);
-            widen_rows<V>(x + g0 * ldx + k, ldx, xf, ldf, gn, kn);
-            for (index j0 = 0; j0 < m; j0 += w_block) {
-                const index jn = std::min(w_block, m - j0);
-                widen_rows<V>(w + j0 * ldw + k, ldw, wf, ldf, jn, kn);
-                for (index r0 = 0; r0 < gn; r0 += x_block)
-                    linear_block<Tiles>(xf, ldf, wf, ldf, z + g0 * ldz + j0, ldz, r0, std::min(gn, r0 + x_block), 0, jn,
-                                        jn, kn, chunk, k > 0);
-            }
-        }
+/// The operands of `linear_blocks` for bf16 rows, widened into `xf` (a group of x rows) and `wf` (a
+/// block of W rows) as the blocking asks for them: x's once, W's once per group.
+template <class V>
+struct widened_rows {
+    const bf16* xs;
+    index ldx;
+    const bf16* ws;
+    index ldw;
+    float* xf;
+    float* wf;
+    index ldf;
+    rows_at<float> x(index k, index kn, index g0, index gn) const {
+        widen_rows<V>(xs + g0 * ldx + k, ldx, xf, ldf, gn, kn);
+        return {xf, ldf, gn};
     }
-}
+    rows_at<float> w(index k, index kn, index j0, index jn) const {
+        widen_rows<V>(ws + j0 * ldw + k, ldw, wf, ldf, jn, kn);
+        return {wf, ldf, jn};
+    }
+};
 
 /// `linear` by the tiles of `Tiles`. Blocks of W rows (about 128 KiB) and of x rows (about 256 KiB)
 /// stay in L2 together: W passes from memory once, each block of x once per block of W. Long rows
 /// (`linear_chunk`) pass one chunk at a time, each chunk's sums added to z, so that a block still
 /// holds many rows (a row of 14336 floats would leave blocks of 4 rows of x, each reading its block of
 /// W from L3 again). Fewer rows than a tile stream W instead: each tile sums its chunks in turn, the
-/// same sums in the same order, without storing them between chunks. bf16 rows on a family that
-/// widens them in its tiles are widened ahead when there are many (`linear_widened`).
+/// same sums in the same order, without storing them between chunks.
+///
+/// bf16 rows on a family that widens them in its tiles (every value of W once per 4 rows of x, x's
+/// once per tile of W rows) are widened ahead when there are many: groups of x rows (about 512 KiB of
+/// floats) once, and the blocks of W once per group, into the thread's scratch (`scratch_floats`). The
+/// float tiles then sum the same exact products in the same order (the chunks are the bf16 rows'), so
+/// the bits are those of widening in the tiles.
 template <class Tiles, class In, class Scalar>
 void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index n, index m, index d) {
     const index chunk = linear_chunk<In>(d);
     if (n < 4) return linear_block<Tiles>(x, ldx, w, ldw, z, ldz, 0, n, 0, m, m, d, chunk, false);
-    if constexpr (std::is_same_v<In, bf16> && parts<vec<Scalar>, In> == 1)
-        if (n >= vec<Scalar>::widen_ahead_rows) return linear_widened<Tiles>(x, ldx, w, ldw, z, ldz, n, m, d, chunk);
-    const index per_row = static_cast<index>(sizeof(In)) * chunk;
-    const index w_block = w_block_rows<Scalar>(per_row);
-    const index x_block = std::max<index>(4, 256 * 1024 / per_row / 4 * 4);
-    for (index k = 0; k == 0 || k < d; k += chunk) {
-        const index kn = std::min(chunk, d - k);
-        for (index j0 = 0; j0 < m; j0 += w_block)
-            for (index r0 = 0; r0 < n; r0 += x_block)
-                linear_block<Tiles>(x + k, ldx, w + k, ldw, z, ldz, r0, std::min(n, r0 + x_block), j0,
-                                    std::min(m, j0 + w_block), m, kn, chunk, k > 0);
+    if constexpr (std::is_same_v<In, bf16> && parts<vec<Scalar>, In> == 1) {
+        if (n >= vec<Scalar>::widen_ahead_rows) {
+            const index ldf = (chunk + 15) / 16 * 16;  // rows on cache lines
+            const index per_row = static_cast<index>(sizeof(float)) * ldf, x_block = x_block_rows(per_row);
+            const index group = std::min(n, std::max<index>(x_block, 512 * 1024 / per_row / x_block * x_block));
+            float* xf = scratch_floats((group + w_block_rows<Scalar>(per_row)) * ldf);
+            const widened_rows<vec<Scalar>> rows{x, ldx, w, ldw, xf, xf + group * ldf, ldf};
+            return linear_blocks<Tiles>(rows, z, ldz, n, m, d, chunk, per_row, group);
+        }
     }
+    linear_blocks<Tiles>(stored_rows<In>{x, ldx, w, ldw, m}, z, ldz, n, m, d, chunk, static_cast<index>(sizeof(In)) * chunk, n);
 }
 
 // ---- multiply: c = a b (or c += a b) for a row-major b -------------------------------------------------
@@ -364,7 +406,7 @@ struct products {
                          bool accumulate) {
         multiply_with(a, b, ldb, c, ldc, n, m, k, accumulate);
     }
-    /// Whether `linear` on bf16 widens many rows ahead into the thread's scratch (`linear_widened`).
+    /// Whether `linear` on bf16 widens many rows ahead into the thread's scratch (`widened_rows`).
     static constexpr bool widens_bf16_ahead = parts<vec<float>, bf16> == 1;
     /// Values of `Scalar` in a vector.
     template <class Scalar>
