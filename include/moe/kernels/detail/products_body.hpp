@@ -219,19 +219,18 @@ void widen_rows(const bf16* from, index ld, float* to, index ldt, index rows, in
 /// block of W rows) as the blocking asks for them: x's once, W's once per group.
 template <class V>
 struct widened_rows {
-    const bf16* xs;
-    index ldx;
-    const bf16* ws;
-    index ldw;
+    stored_rows<bf16> stored;
     float* xf;
     float* wf;
     index ldf;
     rows_at<float> x(index k, index kn, index g0, index gn) const {
-        widen_rows<V>(xs + g0 * ldx + k, ldx, xf, ldf, gn, kn);
+        const rows_at<bf16> from = stored.x(k, kn, g0, gn);
+        widen_rows<V>(from.data, from.ld, xf, ldf, gn, kn);
         return {xf, ldf, gn};
     }
     rows_at<float> w(index k, index kn, index j0, index jn) const {
-        widen_rows<V>(ws + j0 * ldw + k, ldw, wf, ldf, jn, kn);
+        const rows_at<bf16> from = stored.w(k, kn, j0, jn);
+        widen_rows<V>(from.data, from.ld, wf, ldf, jn, kn);
         return {wf, ldf, jn};
     }
 };
@@ -258,7 +257,7 @@ void linear_with(const In* x, index ldx, const In* w, index ldw, Scalar* z, inde
             const index per_row = static_cast<index>(sizeof(float)) * ldf, x_block = x_block_rows(per_row);
             const index group = std::min(n, std::max<index>(x_block, 512 * 1024 / per_row / x_block * x_block));
             float* xf = scratch_floats((group + w_block_rows<Scalar>(per_row)) * ldf);
-            const widened_rows<vec<Scalar>> rows{x, ldx, w, ldw, xf, xf + group * ldf, ldf};
+            const widened_rows<vec<Scalar>> rows{{x, ldx, w, ldw, m}, xf, xf + group * ldf, ldf};
             return linear_blocks<Tiles>(rows, z, ldz, n, m, d, chunk, per_row, group);
         }
     }
