@@ -587,14 +587,20 @@ TEST_CASE("moe-run --expert-parallel --rebalance writes the same output and brin
     };
     for (const int ranks : {2, 4}) {
         INFO(ranks << " ranks");
-        const fs::path off = tmp.path / "off.safetensors", on = tmp.path / "on.safetensors";
-        const auto r_off = moe_run_parallel(ranks, case_args("mixtral_f32", off, skewed.string()) + " --stats", tmp);
-        const auto r_on = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + " --stats --rebalance", tmp);
-        INFO(r_off.err << r_on.err);
-        REQUIRE(r_off.status == 0);
-        REQUIRE(r_on.status == 0);
-        CHECK(slurp(on) == slurp(off));  // the same bytes
-        const auto before = load_of(r_off.out), after = load_of(r_on.out);
+        // moe-run with `flags` (--stats among them) without and with --rebalance: both succeed and write
+        // the same bytes (to `name`_off and `name`_on); their load lines.
+        const auto off_and_on = [&](const std::string& name, const std::string& flags) {
+            const fs::path off = tmp.path / (name + "_off.safetensors"), on = tmp.path / (name + "_on.safetensors");
+            const auto r_off = moe_run_parallel(ranks, case_args("mixtral_f32", off, skewed.string()) + flags, tmp);
+            const auto r_on = moe_run_parallel(ranks, case_args("mixtral_f32", on, skewed.string()) + flags + " --rebalance", tmp);
+            INFO(r_off.err << r_on.err);
+            REQUIRE(r_off.status == 0);
+            REQUIRE(r_on.status == 0);
+            CHECK(slurp(on) == slurp(off));
+            return std::pair{load_of(r_off.out), load_of(r_on.out)};
+        };
+        const auto [before, after] = off_and_on("forward", " --stats");
+        const fs::path on = tmp.path / "capped.safetensors";
         const auto most = [](const nlohmann::json& j) {
             const auto v = j["rows"].get<std::vector<moe::index>>();
             return *std::max_element(v.begin(), v.end());
@@ -614,15 +620,9 @@ TEST_CASE("moe-run --expert-parallel --rebalance writes the same output and brin
         REQUIRE(few.status == 0);
         CHECK(load_of(few.out)["rows_moved"] == 0);
         // Backward: every gradient the same bytes; the helpers passed their weight-gradient sums on.
-        const fs::path trained_off = tmp.path / "trained_off.safetensors", trained_on = tmp.path / "trained_on.safetensors";
-        const auto b_off = moe_run_parallel(ranks, case_args("mixtral_f32", trained_off, skewed.string()) + " --backward", tmp);
-        const auto b_on = moe_run_parallel(ranks, case_args("mixtral_f32", trained_on, skewed.string()) + " --backward --stats --rebalance", tmp);
-        INFO(b_off.err << b_on.err);
-        REQUIRE(b_off.status == 0);
-        REQUIRE(b_on.status == 0);
-        CHECK(moe::io::safetensors_file(trained_on).contains("grad.model.layers.1.block_sparse_moe.experts.0.w1.weight"));
-        CHECK(slurp(trained_on) == slurp(trained_off));
-        const auto trained = load_of(b_on.out);
+        const auto trained = off_and_on("trained", " --backward --stats").second;
+        CHECK(moe::io::safetensors_file(tmp.path / "trained_on.safetensors")
+                  .contains("grad.model.layers.1.block_sparse_moe.experts.0.w1.weight"));
         CHECK(most(trained) <= (rows + ranks - 1) / ranks);
         const auto passed = trained["gradient_bytes_sent"].get<std::vector<moe::index>>();
         CHECK(std::accumulate(passed.begin(), passed.end(), moe::index{0}) > 0);

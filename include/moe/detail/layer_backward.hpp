@@ -111,17 +111,13 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
     matrix<Scalar>& routed_grad = exchange_ ? own_grad_ : row_grad_;
     routed_grad.resize(rows, d);
     if (exchange_) {
-        helped_grad_.resize(experts_.size());
-        for (index ex = 0; ex < e; ++ex) {
-            gradients_type& g = helped_grad_[static_cast<std::size_t>(ex)];
-            if (!exchange_->helps(ex)) {
-                g = {};
-                continue;
+        helped_grad_.assign(experts_.size(), gradients_type{});  // the sums of the experts this rank helps with
+        for (index ex = 0; ex < e; ++ex)
+            if (exchange_->helps(ex)) {
+                const weights_type& w = helped_[static_cast<std::size_t>(ex)];
+                helped_grad_[static_cast<std::size_t>(ex)] = {matrix<Scalar>(w.in.rows(), w.in.cols()),
+                                                              matrix<Scalar>(w.out.rows(), w.out.cols())};
             }
-            const weights_type& w = helped_[static_cast<std::size_t>(ex)];
-            if (g.in.rows() != w.in.rows() || g.out.rows() != w.out.rows())
-                g = {matrix<Scalar>(w.in.rows(), w.in.cols()), matrix<Scalar>(w.out.rows(), w.out.cols())};
-        }
     }
     for (index ex = 0; ex < e; ++ex) {
         const index first = offsets[static_cast<std::size_t>(ex)];

@@ -319,8 +319,10 @@ public:
                         at += static_cast<std::size_t>(m->size());
                     }
                 }
-        std::vector<Scalar>().swap(gradients_);  // transient, as the weights in `move_weights`
-        std::vector<Scalar>().swap(received_gradients_);
+        if (round == gradient_rounds()) {  // kept between the rounds of one backward, transient beyond it
+            std::vector<Scalar>().swap(gradients_);
+            std::vector<Scalar>().swap(received_gradients_);
+        }
     }
 
     /// Sends the weights of every expert this rank owns to the ranks that help it under the last
@@ -462,7 +464,7 @@ private:
     std::vector<index> received_at_;
     std::vector<index> values_out_, values_in_, totals_;
     std::vector<index> words_out_, words_in_;  // expert weights as words during move_weights, else empty
-    std::vector<Scalar> gradients_, received_gradients_;  // weight gradients during pass_gradients, else empty
+    std::vector<Scalar> gradients_, received_gradients_;  // weight gradients during a backward's rounds, else empty
     std::vector<index> first_tokens_;  // where each rank's tokens begin in the batch, and its end (gather_tokens)
 
     matrix<Scalar> buffer_, back_;
