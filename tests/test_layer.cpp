@@ -114,6 +114,34 @@ TEMPLATE_TEST_CASE("forward and backward are bitwise identical at 1, 2, 3, 7 and
     }
 }
 
+TEST_CASE("the router's products are cut into blocks of tokens and experts without changing a bit", "[layer][determinism]") {
+    // 64 experts: a decoding step's logits are cut along the router's rows, a batch's along both; the
+    // backward's dL/dW_router and dL/dx terms along their outputs too.
+    const moe::layer_shape shape{.d_model = 256, .d_ff = 32, .n_experts = 64};
+    moe::mixtral_layer<float> layer(shape, {.k = 2, .normalize = true});
+    layer.randomize(5);
+    for (const moe::index tokens : {1, 200}) {
+        const moe::matrix<float> x = moe::matrix<float>::Random(tokens, shape.d_model);
+        std::srand(4);
+        const auto want = training_step(layer, x, 1);
+        std::vector<std::vector<double>> runs;  // the task times of each pool run of a call planned for 64
+        layer.plan_for_threads(64, &runs);
+        moe::matrix<float> y(tokens, shape.d_model);
+        layer.forward(x, y);
+        REQUIRE(!runs.empty());
+        CHECK(runs.front().size() > 1);  // the logits' blocks
+        layer.plan_for_threads(0);
+        for (const auto& [threads, planned] : {std::pair<moe::index, moe::index>{1, 64}, {3, 0}, {7, 0}, {16, 0}}) {
+            std::srand(4);
+            const auto got = training_step(layer, x, threads, planned);
+            INFO("tokens " << tokens << ", threads " << threads << ", planned " << planned);
+            REQUIRE(got.size() == want.size());
+            for (std::size_t i = 0; i < got.size(); ++i) CHECK((got[i].array() == want[i].array()).all());
+        }
+        CHECK(layer.grad_router_weight().norm() > 0);
+    }
+}
+
 TEST_CASE("decoding token after token gives each token's output as a fresh layer does", "[layer][determinism]") {
     // One token a call: the plan made for the first token's experts is kept for the next ones, whose
     // experts differ and whose sizes do not; each output must be the bits a layer that never saw the

@@ -337,7 +337,19 @@ private:
         pool_->run((n + chunk - 1) / chunk, run);
     }
 
-    // Logits per token chunk; each is a fixed-order dot product (see kernels/linear.hpp).
+    // Calls f(task) on the pool for every block of `item` cut by `rules` for the planned threads
+    // (`detail::plan_tasks`; `plan` keeps the cut between calls). For the router's products, whose
+    // every output is one whole sum (kernels/linear.hpp, kernels/multiply.hpp): the cut changes no bit.
+    template <class F>
+    void for_blocks(detail::stage_plan& plan, const detail::work_item& item, const detail::split_rules& rules, F&& f) {
+        const std::vector<detail::work_task>& tasks =
+            plan.update(std::span(&item, 1), plan_threads_ > 0 ? plan_threads_ : pool_->size(), rules);
+        auto run = [&](index i, index) { f(tasks[static_cast<std::size_t>(i)]); };
+        pool_->run(static_cast<index>(tasks.size()), run);
+    }
+
+    // Logits by blocks of tokens and of experts (a decoding step's router is cut along its rows, as the
+    // experts' weights are); each is a fixed-order dot product (see kernels/linear.hpp).
     void compute_logits(const const_matrix_ref<Scalar>& x);
 
     // `routing_` from `logits_`; expert-parallel with a batch-dependent router, this rank's part of the
@@ -437,6 +449,7 @@ private:
     // Workspace, reused between calls.
     matrix<Scalar> logits_;
     routing<Scalar> routing_;
+    std::array<detail::stage_plan, 3> router_plans_;  // the router's products: logits, dW_router, its dL/dx term
     index plan_threads_ = 0;                          // see plan_for_threads
     std::vector<std::vector<double>>* trace_ = nullptr;  // see plan_for_threads
     using block = detail::ffn_block<Scalar, storage_type>;

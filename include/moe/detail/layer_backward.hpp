@@ -39,14 +39,16 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref
     check_weights();
     saved_tokens_ = -1;
 
-    // dL/dw per slot, then dL/dz through the router and the loss terms.
-    grad_weights_.assign(static_cast<std::size_t>(routing_.slots()), Scalar(0));
-    for (index s = 0; s < routing_.slots(); ++s) {
-        const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
-        if (row >= 0)
+    // dL/dw per slot (by chunks of slots), then dL/dz through the router and the loss terms.
+    grad_weights_.resize(static_cast<std::size_t>(routing_.slots()));
+    for_row_chunks(routing_.slots(), [&](index begin, index end) {
+        for (index s = begin; s < end; ++s) {
+            const index row = routing_.slot_rows[static_cast<std::size_t>(s)];
             grad_weights_[static_cast<std::size_t>(s)] =
-                grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row));
-    }
+                row >= 0 ? grad_y.row(routing_.slot_tokens[static_cast<std::size_t>(s)]).dot(expert_out_.row(row))
+                         : Scalar(0);
+        }
+    });
     grad_logits_.resize(logits_.rows(), logits_.cols());
     if (routed_batch_) {
         // The router differentiates the routing it made, of the whole batch; this rank keeps its tokens' rows.
@@ -60,12 +62,21 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref
         route_backward(router_, logits_, routing_, router_state_, std::span<const Scalar>(grad_weights_), grad_logits_);
     }
     std::apply([&](const auto&... l) { (l.gradient(routing_, logits_, grad_logits_), ...); }, losses_);
-    // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added).
+    // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added), by blocks
+    // of their outputs, each summed whole (over the tokens, over the experts) in order.
     const index e = logits_.cols();
-    kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), 1, e}, x.data(), x.outerStride(),
-                      grad_router_weight_.data(), d, e, d, t, false);
-    kernels::multiply(kernels::strided<Scalar>{grad_logits_.data(), e, 1}, router_weight_.data(), d, grad_x.data(),
-                      grad_x.outerStride(), t, d, e, false);
+    const detail::split_rules rules{.max_rows = 256, .row_unit = 16, .column_unit = 16};
+    for_blocks(router_plans_[1], {e, d, t}, rules, [&](const detail::work_task& b) {
+        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data() + b.row_begin, 1, e}, x.data() + b.column_begin,
+                          x.outerStride(), grad_router_weight_.data() + b.row_begin * d + b.column_begin, d,
+                          b.row_end - b.row_begin, b.column_end - b.column_begin, t, false);
+    });
+    for_blocks(router_plans_[2], {t, d, e}, rules, [&](const detail::work_task& b) {
+        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data() + b.row_begin * e, e, 1},
+                          router_weight_.data() + b.column_begin, d,
+                          grad_x.data() + b.row_begin * grad_x.outerStride() + b.column_begin, grad_x.outerStride(),
+                          b.row_end - b.row_begin, b.column_end - b.column_begin, e, false);
+    });
     if (exchange_) sum_over_ranks(grad_router_weight_);
 
     if constexpr (Shared::gated) {

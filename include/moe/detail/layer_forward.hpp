@@ -49,10 +49,12 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::compute_logits(const const_matrix_ref<Scalar>& x) {
     const index e = router_weight_.rows(), d = shape_.d_model;
-    for_row_chunks(x.rows(), [&](index begin, index end) {
-        kernels::linear(x.row(begin).data(), x.outerStride(), router_weight_.data(), d, logits_.row(begin).data(), e,
-                        end - begin, e, d);
-    });
+    for_blocks(router_plans_[0], {x.rows(), e, d}, {.max_rows = 256, .row_unit = 16, .column_unit = 8},
+               [&](const detail::work_task& b) {
+                   kernels::linear(x.row(b.row_begin).data(), x.outerStride(), router_weight_.row(b.column_begin).data(), d,
+                                   logits_.row(b.row_begin).data() + b.column_begin, e, b.row_end - b.row_begin,
+                                   b.column_end - b.column_begin, d);
+               });
 }
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
