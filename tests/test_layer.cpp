@@ -140,6 +140,11 @@ TEST_CASE("the router's products are cut into blocks of tokens and experts witho
         }
         CHECK(layer.grad_router_weight().norm() > 0);
     }
+    // An empty batch (an expert-parallel rank may have no tokens): nothing to cut, dL/dW_router zero.
+    const auto empty = training_step(layer, moe::matrix<float>(0, shape.d_model), 7, 64);
+    CHECK(empty[1].rows() == 0);
+    CHECK(layer.grad_router_weight().rows() == shape.n_experts);
+    CHECK((layer.grad_router_weight().array() == 0).all());
 }
 
 TEST_CASE("decoding token after token gives each token's output as a fresh layer does", "[layer][determinism]") {

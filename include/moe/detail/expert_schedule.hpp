@@ -186,7 +186,7 @@ private:
     index plans_ = 0;
 };
 
-/// Rows per chunk of the token-wise passes (logits, gathering rows, combine) over n rows: about
+/// Rows per chunk of the row-wise passes (gathering rows, combine, the gates' gradients) over n rows: about
 /// `tasks_per_thread` chunks per thread, between 16 and 64 rows each.
 inline index chunk_rows(index n, index threads) {
     const index per = (n + tasks_per_thread * threads - 1) / std::max<index>(1, tasks_per_thread * threads);

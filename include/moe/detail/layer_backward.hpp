@@ -65,12 +65,17 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref
     // dL/dW_router = dL/dz^T x and dL/dx = dL/dz W_router (then the experts' terms are added), by blocks
     // of their outputs, each summed whole (over the tokens, over the experts) in order.
     const index e = logits_.cols();
-    const detail::split_rules rules{.max_rows = 256, .row_unit = 16, .column_unit = 16};
-    for_blocks(router_plans_[1], {e, d, t}, rules, [&](const detail::work_task& b) {
-        kernels::multiply(kernels::strided<Scalar>{grad_logits_.data() + b.row_begin, 1, e}, x.data() + b.column_begin,
-                          x.outerStride(), grad_router_weight_.data() + b.row_begin * d + b.column_begin, d,
-                          b.row_end - b.row_begin, b.column_end - b.column_begin, t, false);
-    });
+    const detail::split_rules rules{
+        .max_rows = 256, .row_unit = 16, .column_unit = kernels::multiply_panel_width<Scalar>()};
+    if (t == 0) {
+        grad_router_weight_.setZero();  // an empty batch has no rows to offset into
+    } else {
+        for_blocks(router_plans_[1], {e, d, t}, rules, [&](const detail::work_task& b) {
+            kernels::multiply(kernels::strided<Scalar>{grad_logits_.data() + b.row_begin, 1, e}, x.data() + b.column_begin,
+                              x.outerStride(), grad_router_weight_.data() + b.row_begin * d + b.column_begin, d,
+                              b.row_end - b.row_begin, b.column_end - b.column_begin, t, false);
+        });
+    }
     for_blocks(router_plans_[2], {t, d, e}, rules, [&](const detail::work_task& b) {
         kernels::multiply(kernels::strided<Scalar>{grad_logits_.data() + b.row_begin * e, e, 1},
                           router_weight_.data() + b.column_begin, d,
