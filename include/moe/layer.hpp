@@ -328,11 +328,14 @@ private:
         w.out = typename storage_type::matrix(shape_.d_model, ff);
     }
 
+    // The threads the work is cut for: plan_for_threads's, or the pool's own.
+    [[nodiscard]] index planned_threads() const { return plan_threads_ > 0 ? plan_threads_ : pool_->size(); }
+
     // Calls f(begin, end) for chunks of the n rows (`detail::chunk_rows`) on the pool. Each row's result
     // is computed by itself, so the chunking does not change it.
     template <class F>
     void for_row_chunks(index n, F&& f) {
-        const index chunk = detail::chunk_rows(n, plan_threads_ > 0 ? plan_threads_ : pool_->size());
+        const index chunk = detail::chunk_rows(n, planned_threads());
         auto run = [&](index c, index) { f(c * chunk, std::min(n, (c + 1) * chunk)); };
         pool_->run((n + chunk - 1) / chunk, run);
     }
@@ -343,7 +346,7 @@ private:
     template <class F>
     void for_blocks(detail::stage_plan& plan, const detail::work_item& item, const detail::split_rules& rules, F&& f) {
         const std::vector<detail::work_task>& tasks =
-            plan.update(std::span(&item, 1), plan_threads_ > 0 ? plan_threads_ : pool_->size(), rules);
+            plan.update(std::span(&item, 1), planned_threads(), rules);
         auto run = [&](index i, index) { f(tasks[static_cast<std::size_t>(i)]); };
         pool_->run(static_cast<index>(tasks.size()), run);
     }

@@ -63,9 +63,10 @@ public:
     /// Row blocks of the projections: at most this many rows.
     static constexpr index max_rows = 256;
 
-    /// out of every block (and, with `hidden` set, h), by the routed policy `routed` or the shared one.
+    /// out of every block (and, with `hidden` set, h), by the routed policy `routed` or the shared one, the
+    /// work cut into tasks for `threads` threads and run on `pool` (the same bits for any of either).
     template <class X, class S>
-    void forward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads) {
+    void forward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index threads) {
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), ff(b) > 0 ? b.weights->in.rows() / ff(b) * d(b) : 0});
         // Stage 1: hidden columns, by blocks of columns that convert whole (a multiple of the storage's
@@ -74,7 +75,7 @@ public:
         const bool keep_h = !blocks.empty() && blocks.front().hidden != nullptr;
         const index scratch = (keep_h ? 0 : 2) + (converts ? 1 : 0);
         constexpr index hidden_unit = std::lcm<index>(16, Storage::unit);
-        run_plan(pool, plan_threads, plans_[0], {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
+        run_plan(pool, threads, plans_[0], {max_rows, 16, hidden_unit}, scratch, [&](const work_task& tk, Scalar* scratch) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index n = tk.row_end - tk.row_begin, c0 = tk.column_begin, c1 = tk.column_end, cols = c1 - c0;
             Scalar* h = b.hidden ? b.hidden + tk.row_begin * b.ldh + c0 : scratch;
@@ -94,7 +95,7 @@ public:
         // Stage 2: output columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, d(b), ff(b)});
-        run_plan(pool, plan_threads, plans_[1], {max_rows, 16, 16}, 0, [&](const work_task& tk, Scalar*) {
+        run_plan(pool, threads, plans_[1], {max_rows, 16, 16}, 0, [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             ffn_output_columns(*b.weights, b.act + tk.row_begin * b.lda, b.lda, tk.row_end - tk.row_begin, tk.column_begin,
                                tk.column_end, b.out + tk.row_begin * b.ldo + tk.column_begin, b.ldo);
@@ -103,14 +104,14 @@ public:
 
     /// Backward of `forward` (which ran with `hidden` set): every block's gradients and dx.
     template <class X, class S>
-    void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index plan_threads)
+    void backward(const X& routed, const S& shared, std::span<const block> blocks, thread_pool& pool, index threads)
         requires Storage::trainable
     {
         const index panel = kernels::multiply_panel_width<Scalar>();
         // Stage 1: da, a and dh by hidden columns.
         items_.clear();
         for (const block& b : blocks) items_.push_back({b.rows, ff(b), d(b)});
-        run_plan(pool, plan_threads, plans_[2], {max_rows, 16, panel}, 1, [&](const work_task& tk, Scalar* da) {
+        run_plan(pool, threads, plans_[2], {max_rows, 16, panel}, 1, [&](const work_task& tk, Scalar* da) {
             const block& b = blocks[static_cast<std::size_t>(tk.item)];
             const index r0 = tk.row_begin, c0 = tk.column_begin;
             with_policy(b, routed, shared, [&](const auto& policy) {
@@ -120,15 +121,15 @@ public:
             });
         });
         // Stage 2: dW_out, dW_in (each value summed over all rows) and dx.
-        gradients(blocks, pool, plan_threads, plans_[3], true);
+        gradients(blocks, pool, threads, plans_[3], true);
     }
 
     /// Stage 2 of `backward` without dx: the weight gradients of every block with a `grad`, added to
     /// what it holds where `grad_accumulate`. The blocks are those `backward` ran (dout, hidden set).
-    void weight_gradients(std::span<const block> blocks, thread_pool& pool, index plan_threads)
+    void weight_gradients(std::span<const block> blocks, thread_pool& pool, index threads)
         requires Storage::trainable
     {
-        gradients(blocks, pool, plan_threads, plans_[4], false);
+        gradients(blocks, pool, threads, plans_[4], false);
     }
 
 private:
@@ -148,7 +149,7 @@ private:
 
     // Backward stage 2, three items per block: dW_out, dW_in (of blocks with a gradient here) and, with
     // `dx`, dL/dx.
-    void gradients(std::span<const block> blocks, thread_pool& pool, index plan_threads, stage_plan& plan, bool dx) {
+    void gradients(std::span<const block> blocks, thread_pool& pool, index threads, stage_plan& plan, bool dx) {
         items_.clear();
         for (const block& b : blocks) {
             const bool here = b.grad != nullptr && b.grad->in.size() > 0;
@@ -156,7 +157,7 @@ private:
             items_.push_back({here ? b.grad->in.rows() : 0, d(b), b.rows});
             items_.push_back({dx ? b.rows : 0, d(b), b.weights ? b.weights->in.rows() : 0});
         }
-        run_plan(pool, plan_threads, plan, {max_rows, 16, kernels::multiply_panel_width<Scalar>()}, 0,
+        run_plan(pool, threads, plan, {max_rows, 16, kernels::multiply_panel_width<Scalar>()}, 0,
                  [&](const work_task& tk, Scalar*) {
             const block& b = blocks[static_cast<std::size_t>(tk.item / 3)];
             const index r0 = tk.row_begin, r1 = tk.row_end, c0 = tk.column_begin, c1 = tk.column_end;
@@ -176,12 +177,12 @@ private:
         });
     }
 
-    // Plans the tasks of `items_` (with the stage's `plan`) and runs f(task, scratch) for each on the
-    // pool, the task's item an index of `items_`, with `per_output` values of scratch per output of the
-    // task (sized for the largest task, per thread).
+    // Plans the tasks of `items_` for `threads` threads (with the stage's `plan`) and runs f(task, scratch)
+    // for each on the pool, the task's item an index of `items_`, with `per_output` values of scratch per
+    // output of the task (sized for the largest task, per thread).
     template <class F>
-    void run_plan(thread_pool& pool, index plan_threads, stage_plan& plan, const split_rules& rules, index per_output, F&& f) {
-        const std::vector<work_task>& tasks = plan.update(items_, plan_threads > 0 ? plan_threads : pool.size(), rules);
+    void run_plan(thread_pool& pool, index threads, stage_plan& plan, const split_rules& rules, index per_output, F&& f) {
+        const std::vector<work_task>& tasks = plan.update(items_, threads, rules);
         const index per_thread = per_output * plan.largest();
         if (scratch_.size() < static_cast<std::size_t>(per_thread * pool.size()))
             scratch_.resize(static_cast<std::size_t>(per_thread * pool.size()));

@@ -164,7 +164,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
         sb.dx = shared_grad_.data();
         sb.lddx = d;
     }
-    pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
+    pass_.backward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, planned_threads());
     if (!exchange_) return;
     row_grad_.resize(routing_.rows(), d);
     exchange_->give_back(own_grad_, row_grad_);
@@ -174,7 +174,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward_experts(const co
         exchange_->pass_gradients(round, [&](index ex) -> gradients_type& { return gradient_of(ex); });
         for (index ex = 0; ex < e; ++ex) set_gradient_round(ex, round);
         blocks_.back().grad = nullptr;  // the shared FFN's are done
-        pass_.weight_gradients(std::span<const block>(blocks_), *pool_, plan_threads_);
+        pass_.weight_gradients(std::span<const block>(blocks_), *pool_, planned_threads());
     }
     helped_grad_.clear();  // passed on
 }

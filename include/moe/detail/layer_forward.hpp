@@ -157,7 +157,7 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::run_experts(const const_m
         sb.out = shared_out_.data();
         sb.ldo = d;
     }
-    pass_.forward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, plan_threads_);
+    pass_.forward(expert_, shared_policy(), std::span<const block>(blocks_), *pool_, planned_threads());
 }
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
