@@ -131,6 +131,23 @@ TEST_CASE("plan_tasks does not cut below the smallest useful task", "[schedule]"
     CHECK(tasks.size() <= 16);
 }
 
+TEST_CASE("a stage's own smallest task lets a decoding step's router logits go one router row a task",
+          "[schedule]") {
+    // One token's logits of 8 experts of d = 1024: as a batch's are cut (blocks of 8 experts), one
+    // task; with a unit of one router row, about the default smallest task, two; with the layer's
+    // decoding rules (one router row, tasks of at least one row's reads), eight.
+    const std::vector<work_item> logits{{1, 8, 1024}};
+    CHECK(plan(logits, 64, {.max_rows = 256, .row_unit = 16, .column_unit = 8}).size() == 1);
+    CHECK(plan(logits, 64, {.max_rows = 256, .row_unit = 16, .column_unit = 1}).size() == 2);
+    const auto tasks = plan(logits, 64, {.max_rows = 256, .row_unit = 16, .column_unit = 1, .min_cost = 16.0 * 1024});
+    REQUIRE(tasks.size() == 8);
+    CHECK(exact_cover(logits, tasks));
+    // 2 threads: 4 tasks a thread. Never below the stage's smallest task: of about four rows' cost
+    // (17 * 1024 multiply-adds a row, its reads counted), the eight rows go in two tasks.
+    CHECK(plan(logits, 2, {.max_rows = 256, .row_unit = 16, .column_unit = 1, .min_cost = 16.0 * 1024}).size() == 8);
+    CHECK(plan(logits, 64, {.max_rows = 256, .row_unit = 16, .column_unit = 1, .min_cost = 70000}).size() == 2);
+}
+
 TEST_CASE("list_schedule gives each task, in order, to the first worker free", "[schedule]") {
     const std::vector<double> times{3, 3, 2, 2, 2};
     // Two workers: 3 | 3, then 2 on each (5 | 5), then the last on the first (7).

@@ -5,7 +5,7 @@
 // is a list of items, one or more per FFN (the routed experts, then the shared FFN): an output of
 // `rows` x `columns` values, each a sum of `depth` products. `plan_tasks` cuts every item into blocks
 // of rows x columns so that P threads stay busy when the work allows (about `tasks_per_thread` P tasks
-// of similar cost, never cheaper than `min_task_cost` multiply-adds) and orders them largest first,
+// of similar cost, never cheaper than `split_rules::min_cost` multiply-adds) and orders them largest first,
 // which is what a pool pulling tasks from a shared counter needs to finish together. A decoding step
 // (one to a few rows per expert) is cut along the columns, so every thread streams its own slice of
 // each active expert's weights; a hot expert is cut along rows and columns like any other work.
@@ -34,12 +34,18 @@ struct work_item {
     bool operator==(const work_item&) const = default;
 };
 
+/// Tasks a stage aims at per thread, and the smallest task worth its scheduling (multiply-adds).
+inline constexpr index tasks_per_thread = 4;
+inline constexpr double min_task_cost = 1 << 17;
+
 /// How finely a stage may be cut: blocks have at most `max_rows` rows and at least `row_unit` (unless
-/// the item has fewer), columns in multiples of `column_unit` (the last block takes the rest).
+/// the item has fewer), columns in multiples of `column_unit` (the last block takes the rest), and no
+/// task costs less than `min_cost` unless the stage as a whole does.
 struct split_rules {
     index max_rows = 256;
     index row_unit = 16;
     index column_unit = 16;
+    double min_cost = min_task_cost;
     bool operator==(const split_rules&) const = default;
 };
 
@@ -50,10 +56,6 @@ struct work_task {
     index column_begin, column_end;
     double cost;  // estimated multiply-adds, with the reads of the right operand (see `task_cost`)
 };
-
-/// Tasks a stage aims at per thread, and the smallest task worth its scheduling (multiply-adds).
-inline constexpr index tasks_per_thread = 4;
-inline constexpr double min_task_cost = 1 << 17;
 
 /// Estimated cost of a block in multiply-adds: the products, plus the right operand's values (a
 /// weight slice, read once per block whatever its rows: a memory read costs about as much as 16
@@ -109,7 +111,7 @@ inline void plan_tasks(std::span<const work_item> items, index threads, const sp
     double total = 0;
     for (const work_item& it : items)
         if (it.rows > 0 && it.columns > 0) total += task_cost(it.rows, it.columns, it.depth);
-    const double target = threads > 1 ? std::max(total / static_cast<double>(tasks_per_thread * threads), min_task_cost)
+    const double target = threads > 1 ? std::max(total / static_cast<double>(tasks_per_thread * threads), rules.min_cost)
                                        : total + 1;
     const auto ceil_div = [](index a, index b) { return (a + b - 1) / b; };
     for (index i = 0; i < static_cast<index>(items.size()); ++i) {

@@ -49,7 +49,13 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::compute_logits(const const_matrix_ref<Scalar>& x) {
     const index e = router_weight_.rows(), d = shape_.d_model;
-    for_blocks(router_plans_[0], {x.rows(), e, d}, {.max_rows = 256, .row_unit = 16, .column_unit = 8},
+    // A batch's logits in blocks of 8 experts. A decoding step's (rows fewer than a row block) are one
+    // router row at a time: the router's weights, read cold after the experts' streamed through the
+    // caches, were one task of some microseconds (E = 8, d = 1024) while the other threads waited.
+    const bool decoding = x.rows() < 16;
+    for_blocks(router_plans_[0], {x.rows(), e, d},
+               {.max_rows = 256, .row_unit = 16, .column_unit = decoding ? 1 : 8,
+                .min_cost = decoding ? 16.0 * static_cast<double>(d) : detail::min_task_cost},
                [&](const detail::work_task& b) {
                    kernels::linear(x.row(b.row_begin).data(), x.outerStride(), router_weight_.row(b.column_begin).data(), d,
                                    logits_.row(b.row_begin).data() + b.column_begin, e, b.row_end - b.row_begin,
