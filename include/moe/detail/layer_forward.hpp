@@ -49,18 +49,19 @@ template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, 
           loss_term<Scalar>... Losses>
 void layer<Scalar, Router, Expert, Shared, Losses...>::compute_logits(const const_matrix_ref<Scalar>& x) {
     const index e = router_weight_.rows(), d = shape_.d_model;
-    // A batch's logits in blocks of 8 experts. A decoding step's (rows fewer than a row block) are one
-    // router row at a time: the router's weights, read cold after the experts' streamed through the
+    // A batch's logits in blocks of 8 experts. A decoding step's (fewer rows than a row block) go one
+    // router row a task: the router's weights, read cold after the experts' streamed through the
     // caches, were one task of some microseconds (E = 8, d = 1024) while the other threads waited.
-    const bool decoding = x.rows() < 16;
-    for_blocks(router_plans_[0], {x.rows(), e, d},
-               {.max_rows = 256, .row_unit = 16, .column_unit = decoding ? 1 : 8,
-                .min_cost = decoding ? 16.0 * static_cast<double>(d) : detail::min_task_cost},
-               [&](const detail::work_task& b) {
-                   kernels::linear(x.row(b.row_begin).data(), x.outerStride(), router_weight_.row(b.column_begin).data(), d,
-                                   logits_.row(b.row_begin).data() + b.column_begin, e, b.row_end - b.row_begin,
-                                   b.column_end - b.column_begin, d);
-               });
+    detail::split_rules rules{.max_rows = 256, .row_unit = 16, .column_unit = 8};
+    if (x.rows() < rules.row_unit) {
+        rules.column_unit = 1;
+        rules.min_cost = detail::task_cost(x.rows(), 1, d);
+    }
+    for_blocks(router_plans_[0], {x.rows(), e, d}, rules, [&](const detail::work_task& b) {
+        kernels::linear(x.row(b.row_begin).data(), x.outerStride(), router_weight_.row(b.column_begin).data(), d,
+                        logits_.row(b.row_begin).data() + b.column_begin, e, b.row_end - b.row_begin,
+                        b.column_end - b.column_begin, d);
+    });
 }
 
 template <std::floating_point Scalar, router<Scalar> Router, expert_ffn Expert, shared_expert Shared,
