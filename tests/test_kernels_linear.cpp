@@ -73,6 +73,8 @@ TEST_CASE("linear computes x W^T with every output equal to dot of its rows", "[
         check_linear<float>(3, 19, 17, 1);
         check_linear<float>(11, 23, 203, 5);   // 4 x 4 tiles, a 3-row edge, partial groups of W
         check_linear<float>(70, 40, 1000, 0);  // more rows than one block of x (256 KiB / 4 kB)
+        check_linear<float>(35, 29, 300, 2);   // 32 rows or more: x's tiles outside W's (where J < 4), a 3-row edge
+        check_linear<float>(38, 14, 203, 0);   // the same with a 2-row edge
         check_linear<float>(5, 90, 2000, 2);   // more W rows than one block of W (128 KiB / 8 kB)
         check_linear<float>(4, 4, 0, 0);       // d = 0: zeros
         // Rows over 16 KiB, summed in chunks: by blocks chunk after chunk, and for fewer rows than a
@@ -174,6 +176,7 @@ TEST_CASE("linear on bf16 sums exact products in float32", "[kernels][bf16]") {
     check_linear_bf16(3, 19, 17, 1);    // d shorter than one step
     check_linear_bf16(11, 23, 203, 5);  // 4 x 4 tiles, a 3-row edge, partial groups of W
     check_linear_bf16(70, 40, 2000, 0); // more rows than one block of x (256 KiB / 4 kB)
+    check_linear_bf16(34, 26, 300, 2);  // 32 rows or more: x's tiles outside W's (where J < 4), a 2-row edge
     check_linear_bf16(5, 90, 4000, 2);  // more W rows than one block of W (128 KiB / 8 kB)
     check_linear_bf16(4, 4, 0, 0);      // d = 0: zeros
     check_linear_bf16(9, 21, 8192 + 203, 3);  // rows over 16 KiB: in chunks
