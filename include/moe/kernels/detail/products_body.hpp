@@ -104,76 +104,74 @@ void linear_edge(index j, const In* x, index ldx, const In* w, index ldw, Scalar
     }
 }
 
-/// Rows of x in a block from which `linear_full_tiles` puts x's tiles outside W's (where J < 4).
-inline constexpr index x_outer_rows = 32;
+/// Rows of x in a block from which `linear_block` puts x's tiles outside W's (where J < 4), and the
+/// most bytes of a tile's rows of x for it (half of a 32 KiB L1).
+inline constexpr index x_outer_rows = 32, x_outer_bytes = 16384;
 
-/// The 4 x J tile of rows [r, r + 4) of x and [j, min(j + J, j1)) of W.
+/// The tiles of rows [r, r1) of x (4 at most; 4 is a full tile) against the tile of W rows [j,
+/// min(j + J, j1)).
 template <class Tiles, int J, class In, class Scalar>
-MOE_ALWAYS_INLINE void linear_full_tile(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r,
-                                        index j, index j1, index d, index chunk, bool add, ahead next) {
+MOE_ALWAYS_INLINE void linear_tiles_at(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r,
+                                       index r1, index j, index j1, index d, index chunk, bool add, ahead next) {
     const index jn = std::min<index>(J, j1 - j);
-    if (jn == J)
-        linear_tile<Tiles, 4, J>(x + r * ldx, ldx, w + j * ldw, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
-    else
-        linear_edge<Tiles, 4>(jn, x + r * ldx, ldx, w + j * ldw, ldw, z + r * ldz + j, ldz, d, chunk, add, next);
-}
-
-/// The full 4 x J tiles of rows [r0, full) of x against rows [j0, j1) of W: all of x's tiles against
-/// one tile of W rows before the next (W's rows stay in L1 while x's pass from L2), or, where a tile
-/// holds fewer rows of W than of x and the block has `x_outer_rows` rows of x or more, all of W's tiles
-/// against one tile of x rows before the next (x's rows stay in L1 and the fewer rows of W pass from
-/// L2: at J = 3 a quarter fewer loads from L2). Each tile asks for a share of the lines of the rows of
-/// W that come next (the next tile's, or with x outside the next block's), so that they wait in L2.
-/// Both orders sum every output in the same order: the same bits.
-template <class Tiles, int J, class In, class Scalar>
-void linear_full_tiles(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index full,
-                       index j0, index j1, index m, index d, index chunk, bool add) {
-    const index x_tiles = (full - r0) / 4, w_tiles = (j1 - j0 + J - 1) / J, per_row = ahead::lines_per_row<In>(d);
-    if (J < 4 && full - r0 >= x_outer_rows) {
-        const index lines = std::min<index>(j1 - j0, m - j1) * per_row, tiles = x_tiles * w_tiles;
-        for (index r = r0, t = 0; r < full; r += 4)
-            for (index j = j0; j < j1; j += J, ++t)
-                linear_full_tile<Tiles, J>(x, ldx, w, ldw, z, ldz, r, j, j1, d, chunk, add,
-                                           ahead::of(w + j1 * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles));
-        return;
-    }
-    for (index j = j0; j < j1; j += J) {
-        const index jn = std::min<index>(J, j1 - j), lines = std::min<index>(J, m - j - jn) * per_row;
-        for (index r = r0, t = 0; r < full; r += 4, ++t)
-            linear_full_tile<Tiles, J>(x, ldx, w, ldw, z, ldz, r, j, j1, d, chunk, add,
-                                       ahead::of(w + (j + jn) * ldw, ldw, d, lines * t / x_tiles, lines * (t + 1) / x_tiles));
+    x += r * ldx;
+    w += j * ldw;
+    z += r * ldz + j;
+    if (r1 - r == 4 && jn == J) return linear_tile<Tiles, 4, J>(x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+    switch (r1 - r) {
+        case 4: return linear_edge<Tiles, 4>(jn, x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 3: return linear_edge<Tiles, 3>(jn, x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        case 2: return linear_edge<Tiles, 2>(jn, x, ldx, w, ldw, z, ldz, d, chunk, add, next);
+        default: return;
     }
 }
 
 /// Rows [r0, r1) of x against rows [j0, j1) of W: 4 x J tiles (J = `vec::tile_columns`: 4 where the
 /// family has 32 vector registers, 3 where it has 16, so that 4 J accumulators, J rows of W and a row
-/// of x fit) by `linear_full_tiles`; leftover rows of x in tiles of 2 or 3 rows, a single one in 1 x
-/// `vec::row_tile` tiles (a row against W streams W: more rows of W per tile hide the loads' latency).
-/// The tiles sum d values by `linear_tile` in chunks of `chunk` and add their sums to z when `add`.
+/// of x fit); leftover rows of x in tiles of 2 or 3 rows, a single one in 1 x `vec::row_tile` tiles (a
+/// row against W streams W: more rows of W per tile hide the loads' latency). The tiles sum d values by
+/// `linear_tile` in chunks of `chunk` and add their sums to z when `add`.
+///
+/// All of x's tiles pass one tile of W rows before the next (W's rows stay in L1 while x's come from
+/// L2), or, where a tile holds fewer rows of W than of x, the block has `x_outer_rows` rows of x or more
+/// and a tile's rows of x fit in half of L1, all of W's tiles pass one tile of x rows before the next
+/// (x's rows stay in L1 and the fewer rows of W come from L2: at J = 3 a quarter fewer loads from L2).
+/// Each full tile asks for a share of the lines of the rows of W that come next (the next tile's, or
+/// with x outside the next block's), so that they wait in L2. Both orders sum every output in the same
+/// order: the same bits.
 template <class Tiles, class In, class Scalar>
 void linear_block(const In* x, index ldx, const In* w, index ldw, Scalar* z, index ldz, index r0, index r1, index j0,
                   index j1, index m, index d, index chunk, bool add) {
     constexpr int J = vec<Scalar>::tile_columns, single = vec<Scalar>::row_tile;
-    const index full = r0 + (r1 - r0) / 4 * 4;
-    linear_full_tiles<Tiles, J>(x, ldx, w, ldw, z, ldz, r0, full, j0, j1, m, d, chunk, add);
+    const index full = r0 + (r1 - r0) / 4 * 4, x_tiles = (full - r0) / 4, per_row = ahead::lines_per_row<In>(d);
+    const index edge = r1 - full == 1 ? full : r1;  // the rows of x in tiles of 2 to 4 rows end there
     ahead none;
-    if (r1 - full == 2 || r1 - full == 3)
+    if (J < 4 && full - r0 >= x_outer_rows && 4 * d * static_cast<index>(sizeof(In)) <= x_outer_bytes) {
+        const index lines = std::min<index>(j1 - j0, m - j1) * per_row, tiles = x_tiles * ((j1 - j0 + J - 1) / J);
+        for (index r = r0, t = 0; r < full; r += 4)
+            for (index j = j0; j < j1; j += J, ++t)
+                linear_tiles_at<Tiles, J>(x, ldx, w, ldw, z, ldz, r, r + 4, j, j1, d, chunk, add,
+                                          ahead::of(w + j1 * ldw, ldw, d, lines * t / tiles, lines * (t + 1) / tiles));
+        for (index j = j0; j < j1; j += J)
+            linear_tiles_at<Tiles, J>(x, ldx, w, ldw, z, ldz, full, edge, j, j1, d, chunk, add, none);
+    } else {
         for (index j = j0; j < j1; j += J) {
-            const index jn = std::min<index>(J, j1 - j);
-            if (r1 - full == 2)
-                linear_edge<Tiles, 2>(jn, x + full * ldx, ldx, w + j * ldw, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
-            else
-                linear_edge<Tiles, 3>(jn, x + full * ldx, ldx, w + j * ldw, ldw, z + full * ldz + j, ldz, d, chunk, add, none);
+            const index jn = std::min<index>(J, j1 - j), lines = std::min<index>(J, m - j - jn) * per_row;
+            const In* after = w + (j + jn) * ldw;  // the next tile's rows
+            for (index r = r0, t = 0; r < full; r += 4, ++t)
+                linear_tiles_at<Tiles, J>(x, ldx, w, ldw, z, ldz, r, r + 4, j, j1, d, chunk, add,
+                                          ahead::of(after, ldw, d, lines * t / x_tiles, lines * (t + 1) / x_tiles));
+            linear_tiles_at<Tiles, J>(x, ldx, w, ldw, z, ldz, full, edge, j, j1, d, chunk, add, none);
         }
-    if (r1 - full == 1) {
-        const In* xr = x + full * ldx;
-        Scalar* zr = z + full * ldz;
-        index j = j0;
-        for (; j + single <= j1; j += single)
-            linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
-        for (; j < j1; j += J)
-            linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
     }
+    if (edge == r1) return;
+    const In* xr = x + full * ldx;
+    Scalar* zr = z + full * ldz;
+    index j = j0;
+    for (; j + single <= j1; j += single)
+        linear_tile<Tiles, 1, single>(xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
+    for (; j < j1; j += J)
+        linear_edge<Tiles, 1>(std::min<index>(J, j1 - j), xr, ldx, w + j * ldw, ldw, zr + j, ldz, d, chunk, add, none);
 }
 
 /// Rows of W in a block of `linear` (rows of `per_row` bytes): about 128 KiB, a multiple of 4 tiles'
