@@ -238,13 +238,15 @@ void memory_read(benchmark::State& state) {
 }
 
 // What the layer's task lists would do on P cores, for P = 1 to 64, measured on one thread: the call
-// runs 5 times with the tasks planned for P threads (`layer::plan_for_threads`); each pool run's tasks
+// runs 7 times with the tasks planned for P threads (`layer::plan_for_threads`), each in turn with a
+// call with the one-thread plan (a machine whose speed drifts slows both alike). Each pool run's tasks
 // are list-scheduled on P workers with their median measured times (a task's time includes taking it
 // from the pool's counter and one clock read, which the thread running it pays), and the rest of the
 // call (routing, planning, starting each pool run) counts as serial, at its median. Counter `P<n>`:
-// the parallel efficiency T1 / (P T_P), T1 the median call on one thread with the one-thread plan,
-// timed just before. It shows load balance and the cost of the finer cut;
-// not memory bandwidth shared by the cores, nor the time P threads take to wake.
+// the parallel efficiency T1 / (P T_P), T1 the one-thread plan's calls estimated alike on one worker
+// (a sum of medians is not the median of the sums: set against the median one-thread call, P = 1 read
+// 0.93-1.11 on a noisy VM). It shows load balance and the cost of the finer cut; not memory
+// bandwidth shared by the cores, nor the time P threads take to wake.
 template <class Layer>
 void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool backward) {
     fill(layer, s);
@@ -258,52 +260,59 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
         std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
         return v[v.size() / 2];
     };
-    constexpr int calls = 5;
-    // The wall times of `calls` calls with the tasks of P threads, and (with `trace`) their task times.
-    const auto time_calls = [&](moe::index p, std::vector<std::vector<std::vector<double>>>* traces) {
-        std::vector<double> walls;
-        for (int c = 0; c < calls; ++c) {
-            layer.plan_for_threads(p);
-            if (backward) layer.forward(x, y);
-            if (traces) layer.plan_for_threads(p, &traces->emplace_back());
-            const auto start = std::chrono::steady_clock::now();
-            if constexpr (Layer::trainable) {
-                if (backward)
-                    layer.backward(x, grad_y, grad_x);
-                else
-                    layer.forward(x, y);
-            } else {
+    constexpr int calls = 7;
+    // One call's wall time with the tasks of P threads (with `trace`, its pool runs' task times).
+    const auto time_call = [&](moe::index p, std::vector<std::vector<double>>* trace) {
+        layer.plan_for_threads(p);
+        if (backward) layer.forward(x, y);
+        if (trace) layer.plan_for_threads(p, trace);
+        const auto start = std::chrono::steady_clock::now();
+        if constexpr (Layer::trainable) {
+            if (backward)
+                layer.backward(x, grad_y, grad_x);
+            else
                 layer.forward(x, y);
-            }
-            walls.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-            layer.plan_for_threads(0);
+        } else {
+            layer.forward(x, y);
         }
-        return walls;
+        const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        layer.plan_for_threads(0);
+        return wall;
     };
-    time_calls(1, nullptr);  // warm: the weights as far in the caches as they will be
+    time_call(1, nullptr);  // warm: the weights as far in the caches as they will be
+    // A call's time on P workers, from `calls` traced calls with the tasks of P threads: the median of
+    // what is not in a pool run (serial) plus each pool run's tasks, at their median times, list-scheduled.
+    const auto on_workers = [&](const std::vector<double>& walls,
+                                const std::vector<std::vector<std::vector<double>>>& traces, moe::index p) {
+        std::vector<double> serial;
+        for (int c = 0; c < calls; ++c) {
+            double tasks = 0;
+            for (const auto& run : traces[static_cast<std::size_t>(c)])
+                for (const double t : run) tasks += t;
+            serial.push_back(walls[static_cast<std::size_t>(c)] - tasks);
+        }
+        double time = median(serial);
+        for (std::size_t r = 0; r < traces[0].size(); ++r) {  // the same runs and tasks in every call
+            std::vector<double> times(traces[0][r].size());
+            for (std::size_t t = 0; t < times.size(); ++t) {
+                std::vector<double> per_call;
+                for (const auto& call : traces) per_call.push_back(call[r][t]);
+                times[t] = median(per_call);
+            }
+            time += moe::detail::list_schedule(times, p);
+        }
+        return time;
+    };
     for (auto _ : state) {
         for (const moe::index p : {1, 2, 4, 8, 16, 32, 64}) {
-            const double one = median(time_calls(1, nullptr));  // next to the calls it is set against
-            std::vector<std::vector<std::vector<double>>> traces;  // call, pool run, task
-            const std::vector<double> walls = time_calls(p, &traces);
-            std::vector<double> serial;
+            std::vector<double> ones, walls;  // call times with the one-thread plan, with P threads' plan
+            std::vector<std::vector<std::vector<double>>> one_traces(calls), traces(calls);  // call, pool run, task
             for (int c = 0; c < calls; ++c) {
-                double tasks = 0;
-                for (const auto& run : traces[static_cast<std::size_t>(c)])
-                    for (const double t : run) tasks += t;
-                serial.push_back(walls[static_cast<std::size_t>(c)] - tasks);
+                ones.push_back(time_call(1, &one_traces[static_cast<std::size_t>(c)]));
+                walls.push_back(time_call(p, &traces[static_cast<std::size_t>(c)]));
             }
-            double simulated = median(serial);
-            for (std::size_t r = 0; r < traces[0].size(); ++r) {  // the same runs and tasks in every call
-                std::vector<double> times(traces[0][r].size());
-                for (std::size_t t = 0; t < times.size(); ++t) {
-                    std::vector<double> per_call;
-                    for (const auto& call : traces) per_call.push_back(call[r][t]);
-                    times[t] = median(per_call);
-                }
-                simulated += moe::detail::list_schedule(times, p);
-            }
-            state.counters["P" + std::to_string(p)] = one / (static_cast<double>(p) * simulated);
+            state.counters["P" + std::to_string(p)] =
+                on_workers(ones, one_traces, 1) / (static_cast<double>(p) * on_workers(walls, traces, p));
         }
     }
 }
