@@ -242,7 +242,7 @@ void memory_read(benchmark::State& state) {
 // call with the one-thread plan (a machine whose speed drifts slows both alike). Each pool run's tasks
 // are list-scheduled on P workers with their median measured times (a task's time includes taking it
 // from the pool's counter and one clock read, which the thread running it pays), and the rest of the
-// call (routing, planning, starting each pool run) counts as serial, at its median. Counter `P<n>`:
+// call (routing, starting each pool run) counts as serial, at its median. Counter `P<n>`:
 // the parallel efficiency T1 / (P T_P), T1 the one-thread plan's calls estimated alike on one worker
 // (a sum of medians is not the median of the sums: set against the median one-thread call, P = 1 read
 // 0.93-1.11 on a noisy VM). It shows load balance and the cost of the finer cut; not memory
@@ -261,10 +261,14 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
         return v[v.size() / 2];
     };
     constexpr int calls = 7;
-    // One call's wall time with the tasks of P threads (with `trace`, its pool runs' task times).
+    // One call's wall time with the tasks of P threads (with `trace`, its pool runs' task times). A call
+    // with other threads than the last plans its stages again (microseconds: at P = 64 it doubled a
+    // decoding step's serial part), which a program running on the same threads does once; so a timed
+    // forward follows an untimed one with the same plan. (A backward follows its forward; its own stages
+    // plan again in the timed call, which takes tens of milliseconds or more at those shapes.)
     const auto time_call = [&](moe::index p, std::vector<std::vector<double>>* trace) {
         layer.plan_for_threads(p);
-        if (backward) layer.forward(x, y);
+        layer.forward(x, y);
         if (trace) layer.plan_for_threads(p, trace);
         const auto start = std::chrono::steady_clock::now();
         if constexpr (Layer::trainable) {
