@@ -266,10 +266,13 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
     // decoding step's serial part), which a program running on the same threads does once; so a timed
     // forward follows an untimed one with the same plan. (A backward follows its forward; its own stages
     // plan again in the timed call, which takes tens of milliseconds or more at those shapes.)
-    const auto time_call = [&](moe::index p, std::vector<std::vector<double>>* trace) {
+    const auto time_call = [&](moe::index p, moe::detail::run_trace* trace) {
         layer.plan_for_threads(p);
         layer.forward(x, y);
-        if (trace) layer.plan_for_threads(p, trace);
+        if (trace) {
+            trace->clear();  // its storage kept from an earlier call: tracing allocates nothing in the call
+            layer.plan_for_threads(p, trace);
+        }
         const auto start = std::chrono::steady_clock::now();
         if constexpr (Layer::trainable) {
             if (backward)
@@ -286,31 +289,35 @@ void run_efficiency(benchmark::State& state, Layer& layer, const shape& s, bool 
     time_call(1, nullptr);  // warm: the weights as far in the caches as they will be
     // A call's time on P workers, from `calls` traced calls with the tasks of P threads: the median of
     // what is not in a pool run (serial) plus each pool run's tasks, at their median times, list-scheduled.
-    const auto on_workers = [&](const std::vector<double>& walls,
-                                const std::vector<std::vector<std::vector<double>>>& traces, moe::index p) {
+    const auto on_workers = [&](const std::vector<double>& walls, const std::vector<moe::detail::run_trace>& traces,
+                                moe::index p) {
         std::vector<double> serial;
         for (int c = 0; c < calls; ++c) {
             double tasks = 0;
-            for (const auto& run : traces[static_cast<std::size_t>(c)])
-                for (const double t : run) tasks += t;
+            for (const double t : traces[static_cast<std::size_t>(c)].times) tasks += t;
             serial.push_back(walls[static_cast<std::size_t>(c)] - tasks);
         }
         double time = median(serial);
-        for (std::size_t r = 0; r < traces[0].size(); ++r) {  // the same runs and tasks in every call
-            std::vector<double> times(traces[0][r].size());
+        for (std::size_t r = 0; r < traces[0].runs(); ++r) {  // the same runs and tasks in every call
+            std::vector<double> times(traces[0].run(r).size());
             for (std::size_t t = 0; t < times.size(); ++t) {
                 std::vector<double> per_call;
-                for (const auto& call : traces) per_call.push_back(call[r][t]);
+                for (const auto& call : traces) per_call.push_back(call.run(r)[t]);
                 times[t] = median(per_call);
             }
             time += moe::detail::list_schedule(times, p);
         }
         return time;
     };
+    std::vector<moe::detail::run_trace> one_traces(calls), traces(calls);  // by call
+    for (auto* set : {&one_traces, &traces})
+        for (auto& trace : *set) {  // more than a call's tasks and runs at P = 64
+            trace.times.reserve(1 << 16);
+            trace.starts.reserve(64);
+        }
     for (auto _ : state) {
         for (const moe::index p : {1, 2, 4, 8, 16, 32, 64}) {
             std::vector<double> ones, walls;  // call times with the one-thread plan, with P threads' plan
-            std::vector<std::vector<std::vector<double>>> one_traces(calls), traces(calls);  // call, pool run, task
             for (int c = 0; c < calls; ++c) {
                 ones.push_back(time_call(1, &one_traces[static_cast<std::size_t>(c)]));
                 walls.push_back(time_call(p, &traces[static_cast<std::size_t>(c)]));

@@ -59,7 +59,7 @@ TEST_CASE("a traced thread_pool records a time for every task of every run", "[t
     // less the pool's own start and end. Tasks of 2 ms keep that below 10% even under an emulator.
     for (const moe::index threads : {1, 3}) {
         moe::detail::thread_pool pool(threads);
-        std::vector<std::vector<double>> trace;
+        moe::detail::run_trace trace;
         pool.set_trace(&trace);
         auto f = [](moe::index, moe::index) { std::this_thread::sleep_for(std::chrono::milliseconds(2)); };
         const auto start = std::chrono::steady_clock::now();
@@ -68,17 +68,26 @@ TEST_CASE("a traced thread_pool records a time for every task of every run", "[t
         pool.run(1, f);
         pool.set_trace(nullptr);
         pool.run(2, f);
-        REQUIRE(trace.size() == 2);
-        REQUIRE(trace[0].size() == 12);
-        REQUIRE(trace[1].size() == 1);
+        REQUIRE(trace.runs() == 2);
+        REQUIRE(trace.run(0).size() == 12);
+        REQUIRE(trace.run(1).size() == 1);
         double sum = 0;
-        for (const double t : trace[0]) {
+        for (const double t : trace.run(0)) {
             CHECK(t >= 2e-3);
             sum += t;
         }
-        CHECK(trace[1][0] >= 2e-3);
+        CHECK(trace.run(1)[0] >= 2e-3);
         CHECK(sum <= static_cast<double>(threads) * run);
         if (threads == 1) CHECK(sum >= 0.9 * run);
+        // Cleared, the trace keeps its storage: tracing the same runs again allocates nothing.
+        const double* storage = trace.times.data();
+        trace.clear();
+        pool.set_trace(&trace);
+        pool.run(12, f);
+        pool.set_trace(nullptr);
+        CHECK(trace.runs() == 1);
+        CHECK(trace.run(0).size() == 12);
+        CHECK(trace.times.data() == storage);
     }
 }
 

@@ -124,12 +124,12 @@ TEST_CASE("the router's products are cut into blocks of tokens and experts witho
         const moe::matrix<float> x = moe::matrix<float>::Random(tokens, shape.d_model);
         std::srand(4);
         const auto want = training_step(layer, x, 1);
-        std::vector<std::vector<double>> runs;  // the task times of each pool run of a call planned for 64
+        moe::detail::run_trace runs;  // the task times of each pool run of a call planned for 64
         layer.plan_for_threads(64, &runs);
         moe::matrix<float> y(tokens, shape.d_model);
         layer.forward(x, y);
-        REQUIRE(!runs.empty());
-        CHECK(runs.front().size() > 1);  // the logits' blocks
+        REQUIRE(runs.runs() > 0);
+        CHECK(runs.run(0).size() > 1);  // the logits' blocks
         layer.plan_for_threads(0);
         for (const auto& [threads, planned] : {std::pair<moe::index, moe::index>{1, 64}, {3, 0}, {7, 0}, {16, 0}}) {
             std::srand(4);

@@ -254,7 +254,7 @@ public:
     /// Benchmarks: cut the work into the tasks planned for `threads` threads (0: the pool's own size),
     /// whatever runs them, and (with `trace` set) record each pool run's task times: so one thread can
     /// time the task list of a larger machine. Results do not depend on either.
-    void plan_for_threads(index threads, std::vector<std::vector<double>>* trace = nullptr) {
+    void plan_for_threads(index threads, detail::run_trace* trace = nullptr) {
         if (threads < 0 || threads > max_threads)
             throw value_error("layer: planned threads = " + std::to_string(threads) + " must be in [0, " +
                               std::to_string(max_threads) + "]");
@@ -454,7 +454,7 @@ private:
     routing<Scalar> routing_;
     std::array<detail::stage_plan, 3> router_plans_;  // the router's products: logits, dW_router, its dL/dx term
     index plan_threads_ = 0;                          // see plan_for_threads
-    std::vector<std::vector<double>>* trace_ = nullptr;  // see plan_for_threads
+    detail::run_trace* trace_ = nullptr;  // see plan_for_threads
     using block = detail::ffn_block<Scalar, storage_type>;
     std::vector<block> blocks_;    // routed experts, then the shared FFN (see detail/expert_pass.hpp)
     detail::expert_pass<Scalar, storage_type> pass_;

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -24,6 +25,24 @@
 #endif
 
 namespace moe::detail {
+
+/// Benchmarks: the seconds each task of each traced pool run took (`thread_pool::set_trace`), in one
+/// array, so that tracing allocates nothing once `clear` has kept an earlier call's storage.
+struct run_trace {
+    std::vector<double> times;        // by run, then by task index
+    std::vector<std::size_t> starts;  // where each run's tasks begin in `times`
+
+    [[nodiscard]] std::size_t runs() const { return starts.size(); }
+    /// The task times of run `r`.
+    [[nodiscard]] std::span<const double> run(std::size_t r) const {
+        const std::size_t end = r + 1 < starts.size() ? starts[r + 1] : times.size();
+        return std::span<const double>(times).subspan(starts[r], end - starts[r]);
+    }
+    void clear() {  // keeps the storage
+        times.clear();
+        starts.clear();
+    }
+};
 
 class thread_pool {
 public:
@@ -63,7 +82,10 @@ public:
     /// throws is rethrown here.
     template <class F>
     void run(index tasks, F& f) {
-        if (trace_ != nullptr) trace_->emplace_back(static_cast<std::size_t>(tasks), 0.0);
+        if (trace_ != nullptr) {
+            trace_->starts.push_back(trace_->times.size());
+            trace_->times.resize(trace_->times.size() + static_cast<std::size_t>(tasks), 0.0);
+        }
         error_ = nullptr;
         if (workers_.empty() || tasks <= 1) {
             clock last = start_clock();
@@ -97,11 +119,11 @@ public:
         if (error_) std::rethrow_exception(error_);
     }
 
-    /// Benchmarks: while `trace` is set, every `run` appends the seconds each of its tasks took, by task
-    /// index (to list-schedule a task list for more threads than run it). A task's time runs from the end
-    /// of the task its thread ran before (or from the thread's start on the run) to its own end: taking
-    /// it from the counter and calling it are its cost, which the thread that runs it pays.
-    void set_trace(std::vector<std::vector<double>>* trace) { trace_ = trace; }
+    /// Benchmarks: while `trace` is set, every `run` appends the seconds each of its tasks took as one more
+    /// run of `trace` (to list-schedule a task list for more threads than run it). A task's time runs from
+    /// the end of the task its thread ran before (or from the thread's start on the run) to its own end:
+    /// taking it from the counter and calling it are its cost, which the thread that runs it pays.
+    void set_trace(run_trace* trace) { trace_ = trace; }
 
 private:
     using clock = std::chrono::steady_clock::time_point;
@@ -112,7 +134,8 @@ private:
     void record(index task, clock& last) {
         if (trace_ == nullptr) return;
         const clock end = std::chrono::steady_clock::now();
-        trace_->back()[static_cast<std::size_t>(task)] = std::chrono::duration<double>(end - last).count();
+        trace_->times[trace_->starts.back() + static_cast<std::size_t>(task)] =
+            std::chrono::duration<double>(end - last).count();
         last = end;
     }
 
@@ -190,7 +213,7 @@ private:
     std::atomic<index> next_{0};
     std::atomic<index> busy_{0};  // workers not done with the current run
     std::exception_ptr error_;
-    std::vector<std::vector<double>>* trace_ = nullptr;
+    run_trace* trace_ = nullptr;
 };
 
 }  // namespace moe::detail
