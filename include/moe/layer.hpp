@@ -452,7 +452,8 @@ private:
     // Workspace, reused between calls.
     matrix<Scalar> logits_;
     routing<Scalar> routing_;
-    std::array<detail::stage_plan, 3> router_plans_;  // the router's products: logits, dW_router, its dL/dx term
+    // The router's products (logits, dW_router, its dL/dx term) and the shared gate's dL/dw_g.
+    std::array<detail::stage_plan, 4> router_plans_;
     index plan_threads_ = 0;                          // see plan_for_threads
     detail::run_trace* trace_ = nullptr;  // see plan_for_threads
     using block = detail::ffn_block<Scalar, storage_type>;

@@ -85,13 +85,25 @@ void layer<Scalar, Router, Expert, Shared, Losses...>::backward(const_matrix_ref
     if (exchange_) sum_over_ranks(grad_router_weight_);
 
     if constexpr (Shared::gated) {
-        // y += sigma(g_t) * shared_t with g_t = w_g . x_t.
+        // y += sigma(g_t) * shared_t with g_t = w_g . x_t: dL/dg_t by chunks of tokens, then dL/dw_g = x^T dL/dg
+        // by blocks of its values, each summed over the tokens in order.
         shared_gate_grad_.resize(t);
-        for (index i = 0; i < t; ++i) {
-            const Scalar sg = shared_gate_values_[i];
-            shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
+        for_row_chunks(t, [&](index begin, index end) {
+            for (index i = begin; i < end; ++i) {
+                const Scalar sg = shared_gate_values_[i];
+                shared_gate_grad_[i] = grad_y.row(i).dot(shared_out_.row(i)) * sg * (Scalar(1) - sg);
+            }
+        });
+        grad_shared_gate_.resize(d);
+        if (t == 0) {
+            grad_shared_gate_.setZero();
+        } else {
+            for_blocks(router_plans_[3], {1, d, t}, rules, [&](const detail::work_task& b) {
+                kernels::multiply(kernels::strided<Scalar>{shared_gate_grad_.data(), 0, 1}, x.data() + b.column_begin,
+                                  x.outerStride(), grad_shared_gate_.data() + b.column_begin, d, 1,
+                                  b.column_end - b.column_begin, t, false);
+            });
         }
-        grad_shared_gate_.noalias() = x.transpose() * shared_gate_grad_;
         if (exchange_) sum_over_ranks(grad_shared_gate_);
     }
     backward_experts(x, grad_y);
