@@ -242,7 +242,8 @@ void memory_read(benchmark::State& state) {
 // call with the one-thread plan (a machine whose speed drifts slows both alike). Each pool run's tasks
 // are list-scheduled on P workers with their median measured times (a task's time includes taking it
 // from the pool's counter and one clock read, which the thread running it pays), and the rest of the
-// call (routing, starting each pool run) counts as serial, at its median. Counter `P<n>`:
+// call (routing, starting each pool run; a backward's planning, see time_call) counts as serial, at its
+// median. Counter `P<n>`:
 // the parallel efficiency T1 / (P T_P), T1 the one-thread plan's calls estimated alike on one worker
 // (a sum of medians is not the median of the sums: set against the median one-thread call, P = 1 read
 // 0.93-1.11 on a noisy VM). It shows load balance and the cost of the finer cut; not memory
