@@ -77,10 +77,11 @@ TEST_CASE("multiply computes a b term by term in k order", "[kernels]") {
         for (const bool accumulate : {false, true}) {
             CAPTURE(transposed, accumulate);
             check_multiply<float>(8, 64, 40, transposed, accumulate);    // whole tiles and panels
-            check_multiply<float>(19, 37, 300, transposed, accumulate);  // edge rows and columns, 3 k-blocks
+            // Edge rows and columns over several k-blocks (32 KiB panels: 256 to 1024 rows by family).
+            check_multiply<float>(19, 37, 2100, transposed, accumulate);
             check_multiply<float>(1, 5, 129, transposed, accumulate);    // one row, a partial panel only
             check_multiply<float>(3, 7, 0, transposed, accumulate);      // k = 0: c = 0, or c unchanged
-            check_multiply<double>(11, 21, 150, transposed, accumulate);
+            check_multiply<double>(11, 21, 1100, transposed, accumulate);
         }
     }
 }
