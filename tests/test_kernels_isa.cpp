@@ -30,14 +30,21 @@ TEST_CASE("the kernels run on the best family, or on the one MOE_ISA names", "[k
     const isa want = named != nullptr && *named != '\0' ? moe::kernels::parse_isa(named) : moe::kernels::best_isa();
     CHECK(moe::kernels::active_isa() == want);
     CHECK(moe::kernels::isa_supported(isa::portable));
+    const isa best = moe::kernels::best_isa();
+    CHECK(moe::kernels::isa_supported(best));
+    // The highest family this CPU runs, but avx512_bf16 only where its dot product pays.
+    const double ratio = moe::kernels::bf16_dot_ratio();
+    CHECK((ratio > 0) == moe::kernels::isa_supported(isa::avx512_bf16));
     for (const isa which : families) {
         if (!moe::kernels::isa_supported(which)) continue;
-        CHECK(moe::kernels::isa_supported(moe::kernels::best_isa()));
-        CHECK(static_cast<int>(which) <= static_cast<int>(moe::kernels::best_isa()));
         CHECK(moe::kernels::parse_isa(moe::kernels::isa_name(which)) == which);
+        if (which == isa::avx512_bf16)
+            CHECK((best == which) == (ratio >= 0.75));
+        else
+            CHECK(static_cast<int>(which) <= static_cast<int>(best));
     }
-    WARN("best instruction set: " << moe::kernels::isa_name(moe::kernels::best_isa())
-                                  << "; portable vectors: " << moe::kernels::portable_vectors());
+    WARN("best instruction set: " << moe::kernels::isa_name(best) << "; portable vectors: " << moe::kernels::portable_vectors()
+                                  << "; bf16 dot products against float FMAs: " << ratio);
 }
 
 TEST_CASE("an unknown or unavailable instruction set is a value_error naming it", "[kernels][isa]") {
