@@ -77,10 +77,10 @@ TEST_CASE("linear computes x W^T with every output equal to dot of its rows", "[
         check_linear<float>(38, 14, 203, 0);   // the same with a 2-row edge
         check_linear<float>(5, 90, 2000, 2);   // more W rows than one block of W (128 KiB / 8 kB)
         check_linear<float>(4, 4, 0, 0);       // d = 0: zeros
-        // Rows over 16 KiB, summed in chunks: by blocks chunk after chunk, and for fewer rows than a
+        // Rows over 4 KiB, summed in chunks: by blocks chunk after chunk, and for fewer rows than a
         // tile within each tile, the same bits (dot takes the second way).
-        check_linear<float>(5, 7, 4096, 0);  // 16 KiB: whole
-        check_linear<float>(5, 7, 4097, 1);  // just over: chunks of 1408 values
+        check_linear<float>(5, 7, 1024, 0);  // 4 KiB: whole
+        check_linear<float>(5, 7, 1025, 1);  // just over: chunks of 576 values
         check_linear<float>(9, 21, 4096 + 203, 3);
         check_linear<float>(2, 19, 3 * 4096 + 5, 0);
     }

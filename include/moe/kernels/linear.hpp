@@ -3,8 +3,9 @@
 /// z = x W^T with W stored [out_features, in_features] as checkpoints store it, computed as dot
 /// products along the rows of x and W: both are read contiguously, so nothing is packed (and float
 /// rows allocate nothing), and the summation order of an output depends only on the length d (one
-/// SIMD accumulator over the body, a horizontal sum, then the scalar tail; rows longer than 16 KiB in
-/// chunks of 5 to 8 KiB summed so, whose sums are added in order). Equal inputs therefore give
+/// SIMD accumulator over the body, a horizontal sum, then the scalar tail; float rows longer than 4 KiB
+/// in chunks of up to 4 KiB summed so, bf16 rows longer than 16 KiB in chunks of up to 8 KiB, whose sums
+/// are added in order). Equal inputs therefore give
 /// bitwise equal outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
 /// logits do not change with the batch around it, and an expert's output for a row does not depend on
 /// which other rows it was computed with.
@@ -38,7 +39,7 @@
 namespace moe::kernels {
 
 /// sum_i a[i] * b[i] in a fixed order: one SIMD accumulator over the body, its horizontal sum, then the
-/// scalar tail (for n over 16 KiB, so per chunk, the chunks' sums added in order), on the active
+/// scalar tail (for n over 4 KiB, so per chunk, the chunks' sums added in order), on the active
 /// family's vectors. `linear` on float or double computes exactly this for
 /// every output, so equal inputs give equal bits.
 template <std::floating_point Scalar>
