@@ -161,6 +161,10 @@ void register_products(const std::string& who, engine how) {
 
 const bool registered = [] {
     openblas_set_num_threads(1);
+    // OpenBLAS picks its kernels by CPU model, and one it does not know gets old ones (0.3.21 ran SSE3
+    // kernels on an Emerald Rapids Xeon at a fifth of its AVX-512 ones): say which ran.
+    benchmark::AddCustomContext("openblas_kernels", openblas_get_corename());
+    benchmark::AddCustomContext("moe_best_isa", std::string(moe::kernels::isa_name(moe::kernels::best_isa())));
     for (const isa family : moe::kernels::all_isas) {
         if (!moe::kernels::isa_supported(family)) continue;
         const std::string name(moe::kernels::isa_name(family));
