@@ -93,6 +93,13 @@ namespace detail {
 #define MOE_STEPS(op)                                                                                                \
     MOE_STEP(op, "c0") MOE_STEP(op, "c1") MOE_STEP(op, "c2") MOE_STEP(op, "c3") MOE_STEP(op, "c4") MOE_STEP(op, "c5") \
     MOE_STEP(op, "c6") MOE_STEP(op, "c7") MOE_STEP(op, "c8") MOE_STEP(op, "c9") MOE_STEP(op, "c10") MOE_STEP(op, "c11")
+#define MOE_LOOP(op)                                                                                                  \
+    asm volatile("1:\n\t" MOE_STEPS(op) "dec %[n]\n\tjnz 1b"                                                          \
+                 : [n] "+r"(rounds), [c0] "+&v"(c0), [c1] "+&v"(c1), [c2] "+&v"(c2), [c3] "+&v"(c3), [c4] "+&v"(c4), \
+                   [c5] "+&v"(c5), [c6] "+&v"(c6), [c7] "+&v"(c7), [c8] "+&v"(c8), [c9] "+&v"(c9),                  \
+                   [c10] "+&v"(c10), [c11] "+&v"(c11)                                                                 \
+                 : [a] "v"(a), [b] "v"(b)                                                                             \
+                 : "cc")
 template <bool Dot>
 __attribute__((target("avx512f,avx512bf16"), noinline)) inline double avx512_steps(long rounds) {
     // 1 and 2^-20 as bf16 pairs, or as floats: the sums grow slowly, never denormal nor infinite.
@@ -101,21 +108,12 @@ __attribute__((target("avx512f,avx512bf16"), noinline)) inline double avx512_ste
     __m512 c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
     const auto start = std::chrono::steady_clock::now();
     if constexpr (Dot)
-        asm volatile("1:\n\t" MOE_STEPS("vdpbf16ps") "dec %[n]\n\tjnz 1b"
-                     : [n] "+r"(rounds), [c0] "+&v"(c0), [c1] "+&v"(c1), [c2] "+&v"(c2), [c3] "+&v"(c3), [c4] "+&v"(c4),
-                       [c5] "+&v"(c5), [c6] "+&v"(c6), [c7] "+&v"(c7), [c8] "+&v"(c8), [c9] "+&v"(c9), [c10] "+&v"(c10),
-                       [c11] "+&v"(c11)
-                     : [a] "v"(a), [b] "v"(b)
-                     : "cc");
+        MOE_LOOP("vdpbf16ps");
     else
-        asm volatile("1:\n\t" MOE_STEPS("vfmadd231ps") "dec %[n]\n\tjnz 1b"
-                     : [n] "+r"(rounds), [c0] "+&v"(c0), [c1] "+&v"(c1), [c2] "+&v"(c2), [c3] "+&v"(c3), [c4] "+&v"(c4),
-                       [c5] "+&v"(c5), [c6] "+&v"(c6), [c7] "+&v"(c7), [c8] "+&v"(c8), [c9] "+&v"(c9), [c10] "+&v"(c10),
-                       [c11] "+&v"(c11)
-                     : [a] "v"(a), [b] "v"(b)
-                     : "cc");
+        MOE_LOOP("vfmadd231ps");
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+#undef MOE_LOOP
 #undef MOE_STEPS
 #undef MOE_STEP
 }  // namespace detail
