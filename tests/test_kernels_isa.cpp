@@ -35,6 +35,9 @@ TEST_CASE("the kernels run on the best family, or on the one MOE_ISA names", "[k
     // The highest family this CPU runs, but avx512_bf16 only where its dot product pays.
     const double ratio = moe::kernels::bf16_dot_ratio();
     CHECK((ratio > 0) == moe::kernels::isa_supported(isa::avx512_bf16));
+    // A timing that went wrong (a loop the compiler dropped, a clock that did not move) reads far off:
+    // the CPUs we know run vdpbf16ps at 0.4-2.5 of the FMA's rate.
+    if (ratio > 0) CHECK((ratio > 0.1 && ratio < 10));
     for (const isa which : families) {
         if (!moe::kernels::isa_supported(which)) continue;
         CHECK(moe::kernels::parse_isa(moe::kernels::isa_name(which)) == which);

@@ -181,7 +181,7 @@ TEST_CASE("linear on bf16 sums exact products in float32", "[kernels][bf16]") {
     check_linear_bf16(4, 4, 0, 0);      // d = 0: zeros
     check_linear_bf16(9, 21, 8192 + 203, 3);  // rows over 16 KiB: in chunks
     // Many rows, where a family widens bf16 in its tiles (16 on avx2, 4 on the portable family):
-    // widened ahead, the same bits as the row alone (widened in the tiles). Rows of 6000 are one chunk of bf16 but would be three of float;
+    // widened ahead, the same bits as the row alone (widened in the tiles). Rows of 6000 are one chunk of bf16 but would be six of float;
     // 300 rows of 8395 (chunks of 2816) pass in several groups of rows.
     check_linear_bf16(16, 7, 203, 0);
     check_linear_bf16(50, 30, 6000, 1);

@@ -4,8 +4,9 @@
 ///
 /// The headers build the products (`linear`, `dot`, `multiply`) once per instruction-set family, each
 /// in functions of its own compiled for that family whatever the program's flags, and pick one on
-/// first use: the best this CPU runs, or a lower one named by the environment variable `MOE_ISA` (for
-/// tests and comparisons) or by `set_active_isa`. A program built without `-march` thus runs the
+/// first use: the best this CPU runs, or another one named by the environment variable `MOE_ISA` (for
+/// tests and comparisons, or to pin the family, and so the bits, across machines and processes) or by
+/// `set_active_isa`. A program built without `-march` thus runs the
 /// AVX-512 or AVX2 products where the CPU has them.
 ///
 /// | isa           | vectors                                      | built where                 |
@@ -94,7 +95,7 @@ namespace detail {
     MOE_STEP(op, "c0") MOE_STEP(op, "c1") MOE_STEP(op, "c2") MOE_STEP(op, "c3") MOE_STEP(op, "c4") MOE_STEP(op, "c5") \
     MOE_STEP(op, "c6") MOE_STEP(op, "c7") MOE_STEP(op, "c8") MOE_STEP(op, "c9") MOE_STEP(op, "c10") MOE_STEP(op, "c11")
 #define MOE_LOOP(op)                                                                                                  \
-    asm volatile("1:\n\t" MOE_STEPS(op) "dec %[n]\n\tjnz 1b"                                                          \
+    asm volatile("moe_steps%=:\n\t" MOE_STEPS(op) "dec %[n]\n\tjnz moe_steps%="                                       \
                  : [n] "+r"(rounds), [c0] "+&v"(c0), [c1] "+&v"(c1), [c2] "+&v"(c2), [c3] "+&v"(c3), [c4] "+&v"(c4), \
                    [c5] "+&v"(c5), [c6] "+&v"(c6), [c7] "+&v"(c7), [c8] "+&v"(c8), [c9] "+&v"(c9),                  \
                    [c10] "+&v"(c10), [c11] "+&v"(c11)                                                                 \
@@ -106,6 +107,7 @@ __attribute__((target("avx512f,avx512bf16"), noinline)) inline double avx512_ste
     const __m512 a = Dot ? _mm512_castsi512_ps(_mm512_set1_epi32(0x3F803F80)) : _mm512_set1_ps(1.0f);
     const __m512 b = Dot ? _mm512_castsi512_ps(_mm512_set1_epi32(0x35803580)) : _mm512_set1_ps(0x1p-20f);
     __m512 c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
+    if (rounds <= 0) return 0;  // the loop runs at least once
     const auto start = std::chrono::steady_clock::now();
     if constexpr (Dot)
         MOE_LOOP("vdpbf16ps");
@@ -120,7 +122,7 @@ __attribute__((target("avx512f,avx512bf16"), noinline)) inline double avx512_ste
 #endif
 
 /// The FLOPs per second of AVX-512 BF16 dot products (`vdpbf16ps`: 64 a step) over those of float
-/// fused multiply-adds (32 a step) on this CPU: measured once, on first use (about 0.2 ms: the
+/// fused multiply-adds (32 a step) on this CPU: measured once, on first use (about 0.3 ms: the
 /// fastest of 5 alternating timings of each, after a warm-up); 0 where the CPU or the build lacks them.
 inline double bf16_dot_ratio() {
     static const double ratio = [] {

@@ -88,8 +88,8 @@ struct ahead {
     }
 };
 
-/// The values of a row that `linear` sums at a time: all of a row of up to 4 KiB of float (16 KiB of
-/// bf16), else equal chunks of at most 4 KiB of float (8 KiB of bf16; multiples of 64 values, the last
+/// The values of a row that `linear` sums at a time: all of a row of up to 4 KiB of float or double (16
+/// KiB of bf16), else equal chunks of at most 4 KiB (8 KiB of bf16; multiples of 64 values, the last
 /// one shorter or equal) whose sums are added in order. The chunks depend on d only, so an output's bits
 /// do not depend on its place in a block or on the rows it is computed with. A float tile's 8 rows of
 /// a chunk (4 of x, 4 of W) then stay in L1: x W_out^T at the mixtral shape (rows of 2816 floats, not
