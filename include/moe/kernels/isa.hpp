@@ -18,8 +18,9 @@
 ///
 /// The best family is the highest the CPU runs, except that `avx512_bf16` is best only where its dot
 /// product pays (`bf16_dot_ratio`): on AMD Zen 4 `vdpbf16ps` does about twice the float FMA's work per
-/// second, on an Intel Xeon of the Sapphire Rapids class half of it, and there `avx512`'s widened bf16
-/// ran a bf16-weight layer 1.35-1.45x faster.
+/// second, on an Intel Xeon of the Emerald Rapids generation half of it, and there `avx512`'s widened
+/// bf16 ran a bf16-weight layer 1.35-1.45x faster. (The timing is its own assembly, not the benchmarks'
+/// `fma_peak`, so that it reads the same at -O0.)
 ///
 /// Every family keeps the products' guarantees (an output's bits depend only on its two rows, or on
 /// its k terms in order), so results are bitwise identical at any thread count on one family. Two

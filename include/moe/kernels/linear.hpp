@@ -5,10 +5,10 @@
 /// rows allocate nothing), and the summation order of an output depends only on the length d (one
 /// SIMD accumulator over the body, a horizontal sum, then the scalar tail; float rows longer than 4 KiB
 /// in chunks of up to 4 KiB summed so, bf16 rows longer than 16 KiB in chunks of up to 8 KiB, whose sums
-/// are added in order). Equal inputs therefore give
-/// bitwise equal outputs wherever they sit in the block: identical router rows give exactly tied logits, a token's
-/// logits do not change with the batch around it, and an expert's output for a row does not depend on
-/// which other rows it was computed with.
+/// are added in order). Equal inputs therefore give bitwise equal outputs wherever they sit in the
+/// block: identical router rows give exactly tied logits, a token's logits do not change with the
+/// batch around it, and an expert's output for a row does not depend on which other rows it was
+/// computed with.
 ///
 /// The register tile is up to 4 rows of x times 4 rows of W (16 accumulators; 8 loads per 16 FMAs);
 /// its sums are reduced in a tree that is the same for every output (and the same for `dot`): on

@@ -6,8 +6,9 @@
 ///
 /// b is copied, 32 KiB at a time, into panels two SIMD vectors wide that stay in L1 while every row of
 /// a passes; a register tile is 8 rows of a (broadcast) times one panel (16 accumulators, 10 loads per
-/// 16 FMAs; 6 rows with 16 vector registers). Each output is summed in k order, one term at a time (a k-block continues from the value
-/// the previous one stored), so its bits do not depend on its place in a tile, nor on the family
+/// 16 FMAs; 6 rows with 16 vector registers). Each output is summed in k order, one term at a time (a
+/// k-block continues from the value the previous one stored), so its bits do not depend on its place
+/// in a tile, nor on the panel's length, nor on the family
 /// (`isa.hpp`) where every family fuses its multiply-adds. The panel lives on the stack: nothing is
 /// allocated.
 
